@@ -1,0 +1,44 @@
+# contentml: one entry point per job. `make demo` and `make test` install on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PORT ?= 8080
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test compile serve bench lint constraints
+
+install: $(INSTALLED)
+
+# Rebuilt only when the pins change. torch comes first so that deepspeed, which builds from
+# source and imports torch in its setup.py, finds it (DS_BUILD_OPS=0: no CUDA ops at install).
+$(INSTALLED): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q pip==25.3 setuptools==80.9.0 wheel==0.45.1
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -c constraints.txt deepspeed==0.19.8
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/contentml demo
+
+test: install
+	$(PY) -m pytest -q
+
+compile: install
+	$(VENV)/bin/contentml pipeline compile
+
+serve: install
+	$(VENV)/bin/contentml serve --port $(PORT)
+
+bench: install
+	$(PY) -m benchmarks.serving
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Refresh the lock after changing pyproject.toml's pins (run inside a working install).
+constraints:
+	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' > constraints.txt

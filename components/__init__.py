@@ -1,0 +1,1 @@
+"""KFP components: thin wiring around `training.steps`; no logic lives here."""

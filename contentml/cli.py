@@ -1,0 +1,210 @@
+"""`contentml`: the command line. Each command parses arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from contentml.errors import UserError
+from contentml.settings import Settings
+
+USAGE_ERROR = 2
+"""Exit status for bad arguments or requests, as argparse uses."""
+
+
+class UsageError(Exception):
+    """Bad arguments: reported on one line with exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=None, default=str))
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml.demo import run_demo
+
+    summary = run_demo(settings, max_series=args.max_series)
+    _print_json(summary)
+    return 0
+
+
+def cmd_pipeline_compile(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml import pipelines
+
+    for path in pipelines.compile_all(Path(args.output_dir)):
+        print(path)
+    return 0
+
+
+def cmd_pipeline_run(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml import pipelines
+
+    arguments = pipelines.parse_arguments(args.name, args.param)
+    if args.local:
+        _print_json(pipelines.run_local(settings, args.name, arguments))
+    elif settings.kfp_host:
+        _print_json(
+            {"run_id": pipelines.submit(settings, args.name, arguments), "host": settings.kfp_host}
+        )
+    else:
+        raise UsageError("pipeline run: pass --local, or set KFP_HOST to run on the cluster")
+    return 0
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.server import serve
+
+    names = args.models.split(",") if args.models else None
+    serve(settings, args.port, args.grpc_port, names)
+    return 0
+
+
+def cmd_models_list(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml import registry
+
+    listing = registry.list_models(registry.connect(settings))
+    if args.json:
+        _print_json(listing)
+    else:
+        for model in listing:
+            aliases = ", ".join(f"{a}=v{v}" for a, v in model["aliases"].items()) or "no aliases"
+            print(f"{model['name']}: {len(model['versions'])} versions ({aliases})")
+    return 0
+
+
+def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml import registry
+
+    event = registry.promote(
+        registry.connect(settings),
+        args.model,
+        args.version,
+        registry.Alias(args.to),
+        reason=args.reason,
+    )
+    _print_json(asdict(event))
+    return 0
+
+
+def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml import registry
+
+    event = registry.rollback(registry.connect(settings), args.model, reason=args.reason)
+    _print_json(asdict(event))
+    return 0
+
+
+def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml import registry
+
+    events = registry.history(registry.connect(settings), args.model)
+    if args.json:
+        _print_json([asdict(e) for e in events])
+    else:
+        for e in events:
+            print(
+                f"{e.time:.0f} {e.alias}: v{e.from_version or '-'} -> v{e.to_version} "
+                f"({e.action} by {e.actor}: {e.reason})"
+            )
+    return 0
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535, not {port}")
+    return port
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from contentml.registry import Alias
+
+    parser = OneLineParser(prog="contentml", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    demo = commands.add_parser("demo", help="train, register, promote and serve the trend model")
+    demo.add_argument("--max-series", type=_positive, default=24)
+    demo.set_defaults(handler=cmd_demo)
+
+    pipeline = commands.add_parser("pipeline", help="compile or run KFP pipelines")
+    pipeline_commands = pipeline.add_subparsers(
+        dest="action", required=True, parser_class=OneLineParser
+    )
+    compile_ = pipeline_commands.add_parser("compile", help="write pipeline YAML for the KFP UI")
+    compile_.add_argument("--output-dir", default=str(Path("pipelines") / "compiled"))
+    compile_.set_defaults(handler=cmd_pipeline_compile)
+    run = pipeline_commands.add_parser("run", help="run a pipeline locally or on the cluster")
+    run.add_argument("name")
+    run.add_argument("--local", action="store_true", help="run with kfp.local on this machine")
+    run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    run.set_defaults(handler=cmd_pipeline_run)
+
+    serve = commands.add_parser("serve", help="serve every champion model with KServe")
+    serve.add_argument("--port", type=_port, default=8080)
+    serve.add_argument("--grpc-port", type=_port, default=None)
+    serve.add_argument("--models", default=None, help="comma-separated model names")
+    serve.set_defaults(handler=cmd_serve)
+
+    models = commands.add_parser("models", help="registered models")
+    models_commands = models.add_subparsers(
+        dest="action", required=True, parser_class=OneLineParser
+    )
+    listing = models_commands.add_parser("list", help="models, versions and aliases")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_models_list)
+
+    promote = commands.add_parser("promote", help="point an alias at a model version")
+    promote.add_argument("model")
+    promote.add_argument("version", type=_positive)
+    promote.add_argument("--to", choices=[a.value for a in Alias], default=Alias.CHAMPION.value)
+    promote.add_argument("--reason", default="manual promotion")
+    promote.set_defaults(handler=cmd_promote)
+
+    rollback = commands.add_parser("rollback", help="champion back to the previous champion")
+    rollback.add_argument("model")
+    rollback.add_argument("--reason", default="manual rollback")
+    rollback.set_defaults(handler=cmd_rollback)
+
+    history = commands.add_parser("history", help="every alias change of a model")
+    history.add_argument("model")
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(handler=cmd_history)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(Settings.from_env(), args)
+    except (UsageError, UserError) as e:
+        print(f"contentml: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except RuntimeError as e:
+        # Failures of a run (a pipeline task, the model server) that were already logged.
+        print(f"contentml: failed: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

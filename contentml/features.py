@@ -1,0 +1,302 @@
+"""The feature step: build the Feast store from settings, write its sources, serve its features.
+
+Typical flow (the training pipeline's "features" step, then serving):
+
+    store = feature_store(settings)
+    write_sources(settings, load_m4_hourly(...), load_youtube_trending(...))
+    apply_definitions(store)
+    materialize(store, end=SERIES_END)
+    trend_training_frame(store, ["H1"], start, end)   # offline, point-in-time correct
+    online_history(store, ["H1"])                     # online, what the model server reads
+
+Every step overwrites what a previous run wrote, so running the flow twice is safe.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from feast import Entity, FeatureService, FeatureStore, FeatureView, FileSource, RepoConfig
+from feast.data_source import DataSource
+
+from contentml.settings import Settings
+from feature_repo import data_sources, entities, feature_services
+from feature_repo import features as feature_views
+from feature_repo.data_sources import (
+    channel_stats_source,
+    niche_stats_source,
+    topic_interest_source,
+    topic_recent_source,
+    video_stats_source,
+)
+from feature_repo.feature_services import trend_serving_v1, trend_training_v1
+
+RECENT_HOURS = 168
+"""Length of the history the model server gets per series: one week of hourly values."""
+
+MATERIALIZE_START = datetime(1970, 1, 1, tzinfo=UTC)
+"""Materialization reads from here: the sources are small and rewritten whole on every run."""
+
+TRAINING_DTYPES = {
+    "series_id": "object",
+    "event_timestamp": "datetime64[ns, UTC]",
+    "interest": "float64",
+    "interest_mean_24h": "float64",
+    "interest_mean_168h": "float64",
+}
+"""Columns of `trend_training_frame`, in order, with their dtypes."""
+
+TRAINING_COLUMNS = list(TRAINING_DTYPES)
+
+MAX_JOIN_ROWS = 4_000_000
+"""Upper bound on the rows of one historical join; see `trend_training_frame`."""
+
+# Feast's file offline store is Dask; its point-in-time join merges every entity row with every
+# source row of the same key before filtering, so a join costs entity rows x source rows per key.
+_SOURCE_ROWS_PER_SERIES = 960  # M4's longest hourly series
+
+_DEFINITION_MODULES = (entities, data_sources, feature_views, feature_services)
+_DEFINITION_TYPES = (Entity, DataSource, FeatureView, FeatureService)
+
+
+def _sqlite_online_store(settings: Settings) -> dict[str, Any]:
+    return {"type": "sqlite", "path": str(settings.home / "feast" / "online.db")}
+
+
+def _redis_online_store(settings: Settings) -> dict[str, Any]:
+    return {"type": "redis", "connection_string": settings.feast_redis_url}
+
+
+ONLINE_STORES: dict[str, Callable[[Settings], dict[str, Any]]] = {
+    "sqlite": _sqlite_online_store,
+    "redis": _redis_online_store,
+}
+"""Feast online store config per `settings.feast_online_store`."""
+
+
+def _registry_config(registry: str) -> dict[str, Any]:
+    if registry.startswith("postgresql"):
+        # Name the psycopg 3 driver that the platform installs (Feast warns on a bare URL).
+        if registry.startswith("postgresql://"):
+            registry = "postgresql+psycopg://" + registry.removeprefix("postgresql://")
+        return {"registry_type": "sql", "path": registry, "cache_ttl_seconds": 60}
+    return {"registry_type": "file", "path": str(Path(registry)), "cache_ttl_seconds": 60}
+
+
+def repo_config(settings: Settings) -> RepoConfig:
+    """Feast's repo config for the settings, built in code (there is no feature_store.yaml).
+
+    `repo_path` is `settings.feast_data_dir`: Feast resolves the sources' relative parquet paths
+    against it, for historical retrieval and materialization alike.
+    """
+    return RepoConfig(
+        project=settings.feast_project,
+        provider="local",
+        registry=_registry_config(settings.feast_registry),
+        online_store=ONLINE_STORES[settings.feast_online_store](settings),
+        offline_store={"type": "file"},
+        repo_path=settings.feast_data_dir,
+        # Version 3 is the only scheme Feast 0.67 does not deprecate (Redis keys depend on it).
+        entity_key_serialization_version=3,
+    )
+
+
+def feature_store(settings: Settings) -> FeatureStore:
+    """The Feast store the settings describe; creates the local folders its SQLite files need."""
+    config = repo_config(settings)
+    # SQLite creates neither the folder of its database nor that of a file registry.
+    if config.registry.registry_type == "file":
+        Path(config.registry.path).parent.mkdir(parents=True, exist_ok=True)
+    if settings.feast_online_store == "sqlite":
+        Path(config.online_store.path).parent.mkdir(parents=True, exist_ok=True)
+    return FeatureStore(repo_path=str(settings.feast_data_dir), config=config)
+
+
+def topic_interest_frame(series: pd.DataFrame) -> pd.DataFrame:
+    """Per series and hour: `interest` and its trailing means over the last 24 and 168 hours.
+
+    The windows are time-based and right-closed, `(t - window, t]`: a mean at `t` uses the
+    value at `t` and earlier values only. Early hours average over the hours that exist.
+    """
+    frame = series.sort_values(["series_id", "event_timestamp"]).reset_index(drop=True)
+    by_series = frame.set_index("event_timestamp").groupby("series_id", sort=False)["interest"]
+    for hours in (24, 168):
+        # groupby(sort=False) keeps the frame's order, so the values line up positionally.
+        means = by_series.rolling(f"{hours}h").mean()
+        frame[f"interest_mean_{hours}h"] = means.to_numpy()
+    return frame[TRAINING_COLUMNS]
+
+
+def topic_recent_frame(series: pd.DataFrame) -> pd.DataFrame:
+    """One row per series at its last hour; `interest_recent` its last `RECENT_HOURS` values."""
+    frame = series.sort_values(["series_id", "event_timestamp"])
+    tail = frame.groupby("series_id", sort=False).tail(RECENT_HOURS)
+    recent = tail.groupby("series_id", sort=False).agg(
+        event_timestamp=("event_timestamp", "max"),
+        interest_recent=("interest", lambda values: [float(v) for v in values]),
+    )
+    return recent.reset_index()
+
+
+def _daily_videos(videos: pd.DataFrame) -> pd.DataFrame:
+    # A video trending in both countries on one day counts once, with its larger (later) counts.
+    daily = videos.sort_values("views", kind="stable")
+    daily = daily.drop_duplicates(["video_id", "event_timestamp"], keep="last")
+    daily = daily.sort_values(["video_id", "event_timestamp"]).reset_index(drop=True)
+    views = daily["views"].astype("float64")
+    daily["like_rate"] = (daily["likes"] / views.where(views > 0)).fillna(0.0)
+    return daily
+
+
+def video_stats_frame(videos: pd.DataFrame) -> pd.DataFrame:
+    """Per video and snapshot day: counts, likes per view, days on trending so far (this one
+    included)."""
+    daily = _daily_videos(videos)
+    daily["days_on_trending"] = daily.groupby("video_id").cumcount().astype("int64") + 1
+    columns = ["video_id", "event_timestamp", "views", "likes", "dislikes", "comment_total"]
+    return daily[[*columns, "like_rate", "days_on_trending"]]
+
+
+def channel_stats_frame(videos: pd.DataFrame) -> pd.DataFrame:
+    """Per channel and snapshot day: trending videos, their mean and total views, mean like rate."""
+    stats = (
+        _daily_videos(videos)
+        .groupby(["channel_id", "event_timestamp"])
+        .agg(
+            videos_trending=("video_id", "nunique"),
+            mean_views=("views", "mean"),
+            total_views=("views", "sum"),
+            mean_like_rate=("like_rate", "mean"),
+        )
+    )
+    return stats.reset_index().astype({"videos_trending": "int64", "total_views": "int64"})
+
+
+def niche_stats_frame(videos: pd.DataFrame) -> pd.DataFrame:
+    """Per category and snapshot day: its title, trending videos and channels, mean views and
+    like rate."""
+    stats = (
+        _daily_videos(videos)
+        .groupby(["category_id", "event_timestamp"])
+        .agg(
+            category=("category", "first"),
+            videos_trending=("video_id", "nunique"),
+            channels_trending=("channel_id", "nunique"),
+            mean_views=("views", "mean"),
+            mean_like_rate=("like_rate", "mean"),
+        )
+    )
+    return stats.reset_index().astype({"videos_trending": "int64", "channels_trending": "int64"})
+
+
+SERIES_SOURCES: list[tuple[FileSource, Callable[[pd.DataFrame], pd.DataFrame]]] = [
+    (topic_interest_source, topic_interest_frame),
+    (topic_recent_source, topic_recent_frame),
+]
+"""Sources built from `training.data.load_m4_hourly`'s frame, and how."""
+
+VIDEO_SOURCES: list[tuple[FileSource, Callable[[pd.DataFrame], pd.DataFrame]]] = [
+    (video_stats_source, video_stats_frame),
+    (channel_stats_source, channel_stats_frame),
+    (niche_stats_source, niche_stats_frame),
+]
+"""Sources built from `training.data.load_youtube_trending`'s frame, and how."""
+
+
+def write_sources(settings: Settings, series: pd.DataFrame, videos: pd.DataFrame) -> None:
+    """Turn the loaders' frames into the parquet files behind every Feast source, replacing
+    what a previous run wrote."""
+    for source, build in SERIES_SOURCES:
+        _write_parquet(build(series), settings.feast_data_dir / source.path)
+    for source, build in VIDEO_SOURCES:
+        _write_parquet(build(videos), settings.feast_data_dir / source.path)
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a concurrent reader sees the old file or the new one, never half.
+    partial = path.with_name(f".{path.name}.partial")
+    frame.to_parquet(partial, index=False)
+    os.replace(partial, path)
+
+
+def _definitions() -> list[Any]:
+    found: dict[int, Any] = {}
+    for module in _DEFINITION_MODULES:
+        for value in vars(module).values():
+            # Modules import each other's objects; count each object once.
+            if isinstance(value, _DEFINITION_TYPES):
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def apply_definitions(store: FeatureStore) -> None:
+    """Register every entity, source, feature view and service of `feature_repo`."""
+    store.apply(_definitions())
+
+
+def materialize(store: FeatureStore, end: datetime) -> None:
+    """Load the latest value per entity with a timestamp at or before `end` (inclusive) into
+    the online store; a later run overwrites what an earlier one wrote."""
+    store.materialize(start_date=MATERIALIZE_START, end_date=_utc(end))
+
+
+def trend_training_frame(
+    store: FeatureStore, series_ids: list[str], start: datetime, end: datetime
+) -> pd.DataFrame:
+    """Point-in-time correct training rows: every hour of `[start, end]` for every series.
+
+    Columns `TRAINING_COLUMNS`, sorted by series and time. An hour a series has no observation
+    for gets NaN features (Feast's Dask store drops such entity rows; they are put back here).
+    Series are joined in chunks to keep Dask's join (entity rows x source rows per key) under
+    `MAX_JOIN_ROWS`.
+    """
+    hours = pd.date_range(_utc(start), _utc(end), freq="h")
+    if not series_ids or hours.empty:
+        return pd.DataFrame({c: pd.Series(dtype=d) for c, d in TRAINING_DTYPES.items()})
+    service = store.get_feature_service(trend_training_v1.name)
+    chunk = max(1, MAX_JOIN_ROWS // (len(hours) * _SOURCE_ROWS_PER_SERIES))
+    parts = []
+    for ids in _chunks(list(dict.fromkeys(series_ids)), chunk):
+        entity_df = pd.DataFrame(
+            {
+                "series_id": [s for s in ids for _ in hours],
+                "event_timestamp": list(hours) * len(ids),
+            }
+        )
+        joined = store.get_historical_features(entity_df, features=service).to_df()
+        joined["event_timestamp"] = pd.to_datetime(joined["event_timestamp"], utc=True)
+        keys = ["series_id", "event_timestamp"]
+        parts.append(entity_df.merge(joined[TRAINING_COLUMNS], on=keys, how="left"))
+    frame = pd.concat(parts, ignore_index=True).astype(TRAINING_DTYPES)
+    return frame.sort_values(["series_id", "event_timestamp"]).reset_index(drop=True)
+
+
+def online_history(store: FeatureStore, series_ids: list[str]) -> dict[str, list[float] | None]:
+    """The recent hourly history per series from the online store; None for an unknown id."""
+    if not series_ids:
+        return {}
+    response = store.get_online_features(
+        features=store.get_feature_service(trend_serving_v1.name),
+        entity_rows=[{"series_id": series_id} for series_id in series_ids],
+    ).to_dict()
+    return {
+        series_id: None if values is None else [float(v) for v in values]
+        for series_id, values in zip(series_ids, response["interest_recent"], strict=True)
+    }
+
+
+def _utc(moment: datetime) -> pd.Timestamp:
+    # Naive datetimes are taken as UTC, the only zone the sources use.
+    stamp = pd.Timestamp(moment)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,111 @@
+"""The one settings object: embedded defaults under `.contentml/`, every value overridable
+from the environment so the same code runs on a laptop and in the cluster."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contentml.errors import UserError
+
+
+class SettingsError(UserError):
+    """A setting has a value the platform cannot use."""
+
+
+def _env(name: str) -> dict[str, str]:
+    return {"env": name}
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(metadata=_env("CONTENTML_HOME"))
+    """Folder holding all embedded state (MLflow, Feast, Optuna, KFP outputs)."""
+
+    data_dir: Path = field(metadata=_env("CONTENTML_DATA_DIR"))
+    """Folder with the reference data sets (`m4-hourly/`, `youtube-trending/`, `toxicity/`)."""
+
+    mlflow_tracking_uri: str = field(metadata=_env("MLFLOW_TRACKING_URI"))
+    """MLflow backend: SQLite locally, `http(s)://` server or `postgresql://` in the cluster."""
+
+    mlflow_artifact_root: str = field(metadata=_env("CONTENTML_MLFLOW_ARTIFACT_ROOT"))
+    """Where new experiments store artifacts: a local folder or `s3://bucket/prefix`."""
+
+    mlflow_experiment: str = field(metadata=_env("CONTENTML_MLFLOW_EXPERIMENT"))
+    """Experiment that training runs log to."""
+
+    feast_project: str = field(metadata=_env("CONTENTML_FEAST_PROJECT"))
+    """Feast project name; separates registries that share one store."""
+
+    feast_registry: str = field(metadata=_env("CONTENTML_FEAST_REGISTRY"))
+    """Feast registry: a file path locally, a `postgresql://` URL in the cluster."""
+
+    feast_online_store: str = field(metadata=_env("CONTENTML_FEAST_ONLINE_STORE"))
+    """Online store kind: `sqlite` (embedded) or `redis` (cluster)."""
+
+    feast_redis_url: str = field(metadata=_env("CONTENTML_FEAST_REDIS_URL"))
+    """Redis connection string (`host:port[,db=N]`) used when the online store is `redis`."""
+
+    feast_data_dir: Path = field(metadata=_env("CONTENTML_FEAST_DATA_DIR"))
+    """Folder of the parquet files behind Feast's file offline store."""
+
+    optuna_storage: str = field(metadata=_env("CONTENTML_OPTUNA_STORAGE"))
+    """Optuna RDB storage URL: SQLite locally, PostgreSQL in the cluster."""
+
+    kfp_host: str = field(metadata=_env("KFP_HOST"))
+    """KFP API endpoint for cluster runs; empty means pipelines run through `kfp.local`."""
+
+    platform_image: str = field(metadata=_env("CONTENTML_IMAGE"))
+    """Container image the KFP components and predictors run in on the cluster."""
+
+    serving_url: str = field(metadata=_env("CONTENTML_SERVING_URL"))
+    """Base URL of the model server the content pipeline's client calls."""
+
+    def __post_init__(self) -> None:
+        if self.feast_online_store not in ("sqlite", "redis"):
+            raise SettingsError(
+                f"CONTENTML_FEAST_ONLINE_STORE must be 'sqlite' or 'redis', "
+                f"not {self.feast_online_store!r}"
+            )
+        for name in ("mlflow_tracking_uri", "feast_project", "optuna_storage", "serving_url"):
+            if not getattr(self, name):
+                raise SettingsError(f"setting {name} must not be empty")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from the environment; unset values take the embedded defaults."""
+        environ = os.environ if environ is None else environ
+        home = Path(environ.get("CONTENTML_HOME", ".contentml")).resolve()
+        defaults = {
+            "home": home,
+            "data_dir": Path("../shared/data").resolve(),
+            "mlflow_tracking_uri": f"sqlite:///{home / 'mlflow.db'}",
+            "mlflow_artifact_root": str(home / "mlartifacts"),
+            "mlflow_experiment": "contentml",
+            "feast_project": "contentml",
+            "feast_registry": str(home / "feast" / "registry.db"),
+            "feast_online_store": "sqlite",
+            "feast_redis_url": "127.0.0.1:6379",
+            "feast_data_dir": home / "feast" / "data",
+            "optuna_storage": f"sqlite:///{home / 'optuna.db'}",
+            "kfp_host": "",
+            "platform_image": "ghcr.io/contentml/platform:0.1.0",
+            "serving_url": "http://127.0.0.1:8080",
+        }
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is None:
+                values[f.name] = defaults[f.name]
+            elif f.type == "Path":
+                values[f.name] = Path(raw).resolve()
+            else:
+                values[f.name] = raw
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process (KFP tasks)."""
+        return {f.metadata["env"]: str(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -1,0 +1,1 @@
+"""KFP pipelines, compiled by `contentml pipeline compile` for the KFP UI."""

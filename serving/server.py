@@ -1,0 +1,54 @@
+"""One KServe ModelServer process hosting every model that has a champion."""
+
+from __future__ import annotations
+
+import logging
+
+from kserve import Model, ModelServer
+
+from contentml.registry import RegistryError
+from contentml.settings import Settings
+from serving.trend_model import TrendModel
+
+PREDICTORS: dict[str, type[Model]] = {"trend": TrendModel}
+"""Registered model name -> the predictor class that serves it."""
+
+logger = logging.getLogger(__name__)
+
+
+class NothingToServe(RegistryError):
+    """No model could be loaded: nothing has been promoted to champion yet."""
+
+
+def load_models(settings: Settings, names: list[str] | None = None) -> list[Model]:
+    """Load the champion of each named model; a model without a champion is skipped."""
+    names = names or list(PREDICTORS)
+    unknown = sorted(set(names) - set(PREDICTORS))
+    if unknown:
+        raise ValueError(f"no predictor for {', '.join(unknown)}; known: {', '.join(PREDICTORS)}")
+    models = []
+    for name in names:
+        model = PREDICTORS[name](name, settings)
+        try:
+            model.load()
+        except RegistryError as e:
+            logger.warning("not serving %s: %s", name, e)
+            continue
+        models.append(model)
+    if not models:
+        raise NothingToServe(
+            "no model has a champion yet: run `contentml demo` or "
+            "`contentml pipeline run training --local` first"
+        )
+    return models
+
+
+def serve(
+    settings: Settings, port: int, grpc_port: int | None = None, names: list[str] | None = None
+) -> None:
+    """Serve V1, V2 (Open Inference Protocol), health and /metrics on `port` until stopped."""
+    models = load_models(settings, names)
+    server = ModelServer(
+        http_port=port, grpc_port=grpc_port or 0, enable_grpc=grpc_port is not None, workers=1
+    )
+    server.start(models)

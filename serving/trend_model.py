@@ -1,0 +1,153 @@
+"""KServe predictor for the trend forecaster (`/v1/models/trend:predict`, V2 `infer`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlflow
+import numpy as np
+import pydantic
+from kserve import Model
+from kserve.errors import InferenceError, InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from contentml import features, registry
+from contentml.settings import Settings
+from training.trend.model import TrendRequest, UnknownSeries
+
+MAX_INSTANCES = 1_000
+"""A larger batch belongs in a batch job, not a synchronous call."""
+
+
+class TrendModel(Model):
+    def __init__(self, name: str, settings: Settings):
+        super().__init__(name)
+        self.settings = settings
+        self.version: str | None = None
+
+    def load(self) -> bool:
+        client = registry.connect(self.settings)
+        self.version = registry.alias_version(client, self.name, registry.Alias.CHAMPION)
+        if self.version is None:
+            raise registry.RegistryError(f"model {self.name!r} has no champion to serve")
+        self.forecaster = mlflow.pyfunc.load_model(f"models:/{self.name}/{self.version}")
+        self.store = features.feature_store(self.settings)
+        self.ready = True
+        return self.ready
+
+    def predict(
+        self, payload: dict | InferRequest, headers: dict[str, str] | None = None
+    ) -> dict | InferResponse:
+        if isinstance(payload, InferRequest):
+            requests = _requests_from_v2(payload)
+        else:
+            requests = _requests_from_v1(payload)
+        forecasts = self._forecast(requests)
+        if isinstance(payload, InferRequest):
+            return _v2_response(self.name, self.version, payload.id, forecasts)
+        return {"predictions": [{**f, "model_version": self.version} for f in forecasts]}
+
+    def _forecast(self, requests: list[TrendRequest]) -> list[dict[str, Any]]:
+        # Series known to the feature store are forecast from their online history, so a
+        # cached forecast is only served while it matches the latest data.
+        by_id = [r.series_id for r in requests if r.series_id and r.history is None]
+        histories = features.online_history(self.store, by_id) if by_id else {}
+        inputs = []
+        for request in requests:
+            item = request.model_dump(exclude_none=True)
+            if request.series_id in histories and histories[request.series_id] is not None:
+                item.setdefault("history", histories[request.series_id])
+            inputs.append(item)
+        try:
+            return [f.model_dump() for f in self.forecaster.predict(inputs)]
+        except UnknownSeries as e:
+            raise InvalidInput(str(e)) from e
+        except Exception as e:
+            raise InferenceError(f"trend forecast failed: {e}") from e
+
+
+def _parse(instances: list[Any]) -> list[TrendRequest]:
+    if not instances:
+        raise InvalidInput("'instances' must hold at least one instance")
+    if len(instances) > MAX_INSTANCES:
+        raise InvalidInput(f"at most {MAX_INSTANCES} instances per call, got {len(instances)}")
+    requests = []
+    for index, instance in enumerate(instances):
+        try:
+            requests.append(TrendRequest.model_validate(instance))
+        except pydantic.ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or 'instance'}: {err['msg']}"
+                for err in e.errors()
+            )
+            raise InvalidInput(f"instance {index}: {problems}") from e
+    return requests
+
+
+def _requests_from_v1(payload: Any) -> list[TrendRequest]:
+    if isinstance(payload, bytes):
+        # KServe hands over the raw body when the client sent no JSON content type.
+        try:
+            payload = json.loads(payload)
+        except ValueError as e:
+            raise InvalidInput(f"request body is not valid JSON: {e}") from e
+    if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
+        raise InvalidInput('expected a JSON object {"instances": [...]}')
+    return _parse(payload["instances"])
+
+
+def _requests_from_v2(request: InferRequest) -> list[TrendRequest]:
+    """V2 inputs: `series_id` (BYTES [n]) or `history` (FP32/FP64 [n, length]), and optional
+    `horizon` (INT [1] or [n])."""
+    columns: dict[str, list] = {}
+    for tensor in request.inputs:
+        try:
+            values = tensor.as_numpy()
+        except Exception as e:
+            raise InvalidInput(f"input {tensor.name!r} cannot be decoded: {e}") from e
+        if tensor.name == "series_id":
+            columns["series_id"] = [
+                v.decode() if isinstance(v, bytes) else str(v) for v in values.reshape(-1)
+            ]
+        elif tensor.name == "history":
+            columns["history"] = np.atleast_2d(values).astype(float).tolist()
+        elif tensor.name == "horizon":
+            columns["horizon"] = [int(v) for v in values.reshape(-1)]
+        else:
+            raise InvalidInput(
+                f"unknown input {tensor.name!r}; expected series_id, history, horizon"
+            )
+    rows = len(columns.get("series_id") or columns.get("history") or [])
+    if "horizon" in columns and len(columns["horizon"]) == 1:
+        columns["horizon"] = columns["horizon"] * rows
+    if any(len(v) != rows for v in columns.values()):
+        raise InvalidInput("inputs series_id, history and horizon must have the same length")
+    return _parse([{name: values[i] for name, values in columns.items()} for i in range(rows)])
+
+
+def _v2_response(
+    name: str, version: str | None, request_id: str | None, forecasts: list[dict[str, Any]]
+) -> InferResponse:
+    if len({len(f["forecast"]) for f in forecasts}) != 1:
+        raise InvalidInput("a V2 request must use one horizon for every row")
+    outputs = [
+        InferOutput(
+            name=key,
+            shape=[len(forecasts), len(forecasts[0][key])],
+            datatype="FP64",
+            data=np.asarray([f[key] for f in forecasts]),
+        )
+        for key in ("forecast", "lower", "upper")
+    ]
+    outputs.append(
+        InferOutput(
+            name="direction",
+            shape=[len(forecasts)],
+            datatype="BYTES",
+            data=[f["direction"] for f in forecasts],
+        )
+    )
+    return InferResponse(
+        response_id=request_id or "", model_name=name, model_version=version, infer_outputs=outputs
+    )

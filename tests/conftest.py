@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated state folder per test, and the real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from contentml.settings import Settings
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def reachable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0
+
+
+requires_postgres = pytest.mark.skipif(
+    not reachable("127.0.0.1", 5432),
+    reason="PostgreSQL is not running on 127.0.0.1:5432 (CI and developer machines have it)",
+)
+requires_redis = pytest.mark.skipif(
+    not reachable("127.0.0.1", 6379),
+    reason="Redis is not running on 127.0.0.1:6379 (CI and developer machines have it)",
+)
+
+
+def make_settings(home: Path, **overrides: str) -> Settings:
+    """Embedded settings rooted in `home`, with environment-style overrides."""
+    environ = {"CONTENTML_HOME": str(home), "CONTENTML_DATA_DIR": str(DATA_DIR), **overrides}
+    return Settings.from_env(environ)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path / "state")
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test module, dropped afterwards."""
+    import sqlalchemy
+
+    if not reachable("127.0.0.1", 5432):
+        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
+    name = f"contentml_test_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
