@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library INFO chatter (database migrations, registry refreshes) is not the user's news.
+    for library in ("mlflow", "feast", "alembic"):
+        logging.getLogger(library).setLevel(logging.WARNING)
     try:
         args = build_parser().parse_args(argv)
         return args.handler(Settings.from_env(), args)

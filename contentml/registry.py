@@ -73,6 +73,7 @@ class AliasEvent:
 
 
 def _model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
+    version = str(version)
     try:
         return client.get_model_version(name, str(version))
     except MlflowException as e:
