@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from collections.abc import Iterator
@@ -35,6 +36,16 @@ def make_settings(home: Path, **overrides: str) -> Settings:
     """Embedded settings rooted in `home`, with environment-style overrides."""
     environ = {"CONTENTML_HOME": str(home), "CONTENTML_DATA_DIR": str(DATA_DIR), **overrides}
     return Settings.from_env(environ)
+
+
+@pytest.fixture(autouse=True)
+def restore_environment() -> Iterator[None]:
+    """`mlflow.set_tracking_uri` (and kfp.local runs) write to os.environ; without this, one
+    test's tracking URI would leak into the next test and its child processes."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ MAX_SERIES = "2"
 
 
 def contentml(home: Path, *argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CONTENTML_HOME": str(home)}
+    env = {**os.environ, **make_settings(home).to_env()}
     return subprocess.run(
         [sys.executable, "-m", "contentml.cli", *argv],
         env=env,
