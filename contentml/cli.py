@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -118,6 +119,15 @@ def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trend_backtest(settings: Settings, args: argparse.Namespace) -> int:
+    from training.trend.backtest import run_backtest
+
+    started = time.monotonic()
+    run_backtest(Path(args.train), args.horizon, Path(args.output), workers=args.workers)
+    _print_json({"output": args.output, "seconds": round(time.monotonic() - started, 1)})
+    return 0
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -186,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("model")
     rollback.add_argument("--reason", default="manual rollback")
     rollback.set_defaults(handler=cmd_rollback)
+
+    trend = commands.add_parser("trend", help="the trend forecaster")
+    trend_commands = trend.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
+    backtest = trend_commands.add_parser(
+        "backtest", help="fit every series of an M4-format CSV and write its forecasts"
+    )
+    backtest.add_argument("--train", required=True, help="M4 wide CSV: id, then values")
+    backtest.add_argument("--horizon", type=_positive, default=48)
+    backtest.add_argument("--output", required=True, help="forecasts CSV, M4 format")
+    backtest.add_argument("--workers", type=_positive, default=2)
+    backtest.set_defaults(handler=cmd_trend_backtest)
 
     history = commands.add_parser("history", help="every alias change of a model")
     history.add_argument("model")

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from contentml.errors import UserError
+
 # M4 carries no timestamps, so every series is aligned to end at this hour: the last observation
 # of every series is at SERIES_END - 1 h and SERIES_END is the first hour of the forecast horizon.
 SERIES_END = pd.Timestamp("2025-01-01 00:00", tz="UTC")
@@ -54,7 +56,7 @@ _THUMBNAIL_ID = re.compile(r"/vi/([A-Za-z0-9_-]{11})/")
 _SNAPSHOT_DATE = re.compile(r"^(\d{1,2})\.(\d{1,2})")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file is missing or does not have the shape and content the loaders expect."""
 
 
