@@ -47,31 +47,29 @@ def build_features(
 def train(
     training_frame: Input[Dataset],
     horizon: int,
-    seasonality_mode: str,
-    changepoint_prior_scale: float,
+    members: str,
+    validation_origins: int,
+    workers: int,
     model: Output[Model],
 ):
     from pathlib import Path
 
     from training import steps
-    from training.trend.model import ProphetConfig
 
-    config = ProphetConfig(
-        seasonality_mode=seasonality_mode, changepoint_prior_scale=changepoint_prior_scale
-    )
-    params = steps.train_trend(Path(training_frame.path), Path(model.path), horizon, config)
+    config = steps.ensemble_config(horizon, members, validation_origins)
+    params = steps.train_trend(Path(training_frame.path), Path(model.path), config, workers)
     model.metadata.update(params)
 
 
 @dsl.component(base_image=PLATFORM_IMAGE)
 def evaluate(
-    model: Input[Model], training_frame: Input[Dataset], horizon: int, metrics: Output[Metrics]
+    model: Input[Model], training_frame: Input[Dataset], workers: int, metrics: Output[Metrics]
 ) -> dict:
     from pathlib import Path
 
     from training import steps
 
-    scores = steps.evaluate_trend(model.path, Path(training_frame.path), horizon)
+    scores = steps.evaluate_trend(model.path, Path(training_frame.path), workers)
     for name, value in scores.items():
         metrics.log_metric(name, value)
     return scores
@@ -101,7 +99,7 @@ def promotion_gate(
     model_name: str,
     version: str,
     training_frame: Input[Dataset],
-    horizon: int,
+    workers: int,
     scores: dict,
     margin: float,
 ) -> dict:
@@ -112,6 +110,6 @@ def promotion_gate(
     from training import steps
 
     decision = steps.promotion_gate(
-        Settings.from_env(), model_name, version, Path(training_frame.path), horizon, scores, margin
+        Settings.from_env(), model_name, version, Path(training_frame.path), workers, scores, margin
     )
     return asdict(decision)

@@ -3,20 +3,24 @@
 from kfp import dsl
 
 from components.training import build_features, evaluate, ingest, promotion_gate, register, train
+from training.trend.ensemble import DEFAULT_MEMBERS as ENSEMBLE_MEMBERS
+
+DEFAULT_MEMBERS = ",".join(member.value for member in ENSEMBLE_MEMBERS)
 
 
 @dsl.pipeline(
     name="training",
-    description="Train the trend forecaster from Feast features, register it in MLflow as "
-    "challenger and promote it to champion when it beats the current one.",
+    description="Train the trend ensemble from Feast features, register it in MLflow as "
+    "challenger and promote it to champion when it beats the current one on OWA.",
 )
 def training(
     model_name: str = "trend",
     max_series: int = 24,
     window_hours: int = 720,
     horizon: int = 48,
-    seasonality_mode: str = "multiplicative",
-    changepoint_prior_scale: float = 0.05,
+    members: str = DEFAULT_MEMBERS,
+    validation_origins: int = 2,
+    workers: int = 2,
     promotion_margin: float = 0.0,
 ) -> dict:
     """Parameters are the launch form in the KFP UI.
@@ -25,7 +29,10 @@ def training(
     max_series: how many topic series to train on (the data budget of a run).
     window_hours: hours of history per series retrieved from Feast (the data window).
     horizon: forecast hours; the last `horizon` hours of the window are held out.
-    promotion_margin: sMAPE points the challenger must gain over the champion.
+    members: forecasters the ensemble combines, comma-separated (see `Member`).
+    validation_origins: held-out horizons the ensemble's weights and intervals are chosen on.
+    workers: processes fitting the per-series forecasters.
+    promotion_margin: OWA the challenger must gain over the champion.
     """
     raw = ingest(max_series=max_series)
     frame = build_features(
@@ -34,13 +41,14 @@ def training(
     fitted = train(
         training_frame=frame.outputs["training_frame"],
         horizon=horizon,
-        seasonality_mode=seasonality_mode,
-        changepoint_prior_scale=changepoint_prior_scale,
+        members=members,
+        validation_origins=validation_origins,
+        workers=workers,
     )
     scored = evaluate(
         model=fitted.outputs["model"],
         training_frame=frame.outputs["training_frame"],
-        horizon=horizon,
+        workers=workers,
     )
     version = register(
         model_name=model_name,
@@ -53,7 +61,7 @@ def training(
         model_name=model_name,
         version=version.output,
         training_frame=frame.outputs["training_frame"],
-        horizon=horizon,
+        workers=workers,
         scores=scored.outputs["Output"],
         margin=promotion_margin,
     )

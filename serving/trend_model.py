@@ -14,6 +14,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from contentml import features, registry
 from contentml.settings import Settings
+from training.trend.forecasters import ForecastInputError
 from training.trend.model import TrendRequest, UnknownSeries
 
 MAX_INSTANCES = 1_000
@@ -61,7 +62,7 @@ class TrendModel(Model):
             inputs.append(item)
         try:
             return [f.model_dump() for f in self.forecaster.predict(inputs)]
-        except UnknownSeries as e:
+        except (UnknownSeries, ForecastInputError) as e:
             raise InvalidInput(str(e)) from e
         except Exception as e:
             raise InferenceError(f"trend forecast failed: {e}") from e
@@ -138,7 +139,7 @@ def _v2_response(
             datatype="FP64",
             data=np.asarray([f[key] for f in forecasts]),
         )
-        for key in ("forecast", "lower", "upper")
+        for key in ("forecast", "lower", "upper", "lower_95", "upper_95")
     ]
     outputs.append(
         InferOutput(

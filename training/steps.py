@@ -3,7 +3,7 @@ these, so a stage behaves the same in a unit test, locally and on the cluster.""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import json
 from pathlib import Path
 
 import mlflow
@@ -13,10 +13,12 @@ from contentml import features, registry
 from contentml.settings import Settings
 from training import data
 from training.trend import train as trend_train
-from training.trend.model import ProphetConfig
+from training.trend.ensemble import EnsembleConfig
+from training.trend.forecasters import Member
 
-GATE_METRIC = "smape"
-"""The trend gate compares sMAPE on the held-out last horizon of each series (lower wins)."""
+GATE_METRIC = "owa"
+"""The trend gate compares OWA (M4's score against Naive2) on the held-out last horizon of
+each series: lower wins."""
 
 
 def ingest(
@@ -59,20 +61,37 @@ def build_features(
     }
 
 
-def train_trend(frame_in: Path, model_dir: Path, horizon: int, config: ProphetConfig) -> dict:
-    """Fit the trend model on the training frame and save it as an MLflow pyfunc; returns
+def ensemble_config(horizon: int, members: str, validation_origins: int) -> EnsembleConfig:
+    """The ensemble configuration from pipeline parameters (`members` comma-separated)."""
+    names = [name.strip() for name in members.split(",") if name.strip()]
+    known = [m.value for m in Member]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"unknown trend members {unknown}; choose from {known}")
+    return EnsembleConfig(
+        horizon=horizon,
+        members=tuple(Member(name) for name in names),
+        validation_origins=validation_origins,
+    )
+
+
+def train_trend(frame_in: Path, model_dir: Path, config: EnsembleConfig, workers: int) -> dict:
+    """Fit the trend ensemble on the training frame and save it as an MLflow pyfunc; returns
     the hyperparameters to log."""
     series = trend_train.series_from_frame(pd.read_parquet(frame_in))
-    trend_train.train(series, config, horizon, model_dir)
-    return {"horizon": horizon, **asdict(config)}
+    trend_train.train(series, config, model_dir, workers)
+    params = config.to_dict()
+    params["members"] = ",".join(params["members"])
+    params["forecasters"] = json.dumps(params["forecasters"])
+    return params
 
 
-def evaluate_trend(model_uri: str, frame_in: Path, horizon: int) -> dict[str, float]:
-    """Score a saved (path) or registered (`models:/`) trend model on the frame's held-out
-    last horizon."""
-    model = mlflow.pyfunc.load_model(model_uri)
+def evaluate_trend(model_uri: str, frame_in: Path, workers: int) -> dict[str, float]:
+    """Refit a saved (path) or registered (`models:/`) trend model's configuration on the
+    frame without its last horizon, and score it there."""
+    config = trend_train.saved_config(model_uri)
     series = trend_train.series_from_frame(pd.read_parquet(frame_in))
-    return trend_train.evaluate(model.predict, series, horizon)
+    return trend_train.evaluate(series, config, workers)
 
 
 def register(
@@ -111,7 +130,7 @@ def promotion_gate(
     model_name: str,
     version: str,
     frame_in: Path,
-    horizon: int,
+    workers: int,
     challenger_metrics: dict[str, float],
     margin: float,
 ) -> registry.GateDecision:
@@ -124,6 +143,6 @@ def promotion_gate(
         metric=GATE_METRIC,
         greater_is_better=False,
         challenger_score=challenger_metrics[GATE_METRIC],
-        score_champion=lambda uri: evaluate_trend(uri, frame_in, horizon)[GATE_METRIC],
+        score_champion=lambda uri: evaluate_trend(uri, frame_in, workers)[GATE_METRIC],
         margin=margin,
     )

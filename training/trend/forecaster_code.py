@@ -2,6 +2,6 @@
 
 import mlflow
 
-from training.trend.model import TrendForecaster
+from training.trend.pyfunc import TrendForecaster
 
 mlflow.models.set_model(TrendForecaster())

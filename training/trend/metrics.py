@@ -20,13 +20,18 @@ def smape(actual: np.ndarray, forecast: np.ndarray) -> float:
     return float(100.0 * ratio.mean())
 
 
-def mase(history: np.ndarray, actual: np.ndarray, forecast: np.ndarray) -> float:
-    """Mean absolute error scaled by the in-sample seasonal naive error."""
+def mase_scale(history: np.ndarray) -> float:
+    """MASE's denominator: the in-sample mean absolute error of the seasonal naive forecast."""
     scale = np.mean(np.abs(history[SEASONALITY:] - history[:-SEASONALITY]))
     if scale == 0:
         # A flat history has no seasonal error to scale by; fall back to the plain naive error.
         scale = np.mean(np.abs(np.diff(history))) or 1.0
-    return float(np.mean(np.abs(actual - forecast)) / scale)
+    return float(scale)
+
+
+def mase(history: np.ndarray, actual: np.ndarray, forecast: np.ndarray) -> float:
+    """Mean absolute error scaled by the in-sample seasonal naive error."""
+    return float(np.mean(np.abs(actual - forecast)) / mase_scale(history))
 
 
 def direction(history: np.ndarray, path: np.ndarray) -> int:
