@@ -33,7 +33,7 @@ serve: install
 	$(VENV)/bin/contentml serve --port $(PORT)
 
 bench: install
-	$(PY) -m benchmarks.serving
+	$(PY) -m benchmarks.trend
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     # Library INFO chatter (database migrations, registry refreshes) is not the user's news.
     for library in ("mlflow", "feast", "alembic"):
         logging.getLogger(library).setLevel(logging.WARNING)
+    # MLflow's own use of a deprecated SQLAlchemy option: a note for MLflow, not for users.
+    warnings.filterwarnings("ignore", message="The ``noload`` loader strategy is deprecated")
     try:
         args = build_parser().parse_args(argv)
         return args.handler(Settings.from_env(), args)

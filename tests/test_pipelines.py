@@ -26,17 +26,18 @@ def test_kfp_loads_the_compiled_pipeline():
         "max_series",
         "window_hours",
         "horizon",
-        "seasonality_mode",
-        "changepoint_prior_scale",
+        "members",
+        "validation_origins",
+        "workers",
         "promotion_margin",
     }
 
 
 def test_arguments_are_typed_from_the_pipeline_inputs():
     arguments = pipelines.parse_arguments(
-        "training", ["max_series=3", "changepoint_prior_scale=0.1", "model_name=trend"]
+        "training", ["max_series=3", "promotion_margin=0.1", "model_name=trend"]
     )
-    assert arguments == {"max_series": 3, "changepoint_prior_scale": 0.1, "model_name": "trend"}
+    assert arguments == {"max_series": 3, "promotion_margin": 0.1, "model_name": "trend"}
 
 
 @pytest.mark.parametrize(
