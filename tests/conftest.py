@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from threadpoolctl import threadpool_limits
 
 from contentml.settings import Settings
 
@@ -46,6 +47,14 @@ def restore_environment() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and OpenMP threads slow to a crawl when other
+    jobs hold the two cores (boosting and torch spin while they wait for each other)."""
+    with threadpool_limits(1):
+        yield
 
 
 @pytest.fixture

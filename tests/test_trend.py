@@ -6,7 +6,6 @@ import mlflow
 import numpy as np
 import pydantic
 import pytest
-from threadpoolctl import threadpool_limits
 
 from training.steps import ensemble_config
 from training.trend import metrics
@@ -14,6 +13,8 @@ from training.trend.ensemble import EnsembleConfig
 from training.trend.forecasters import BoostingConfig, ForecasterConfig, ForecastInputError, Member
 from training.trend.model import ProphetConfig, TrendRequest, UnknownSeries, fit_forecast
 from training.trend.train import evaluate, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HOURS = np.arange(24 * 21)
 DAILY = 100 + 20 * np.sin(2 * np.pi * HOURS / 24)
@@ -82,13 +83,6 @@ SMALL = EnsembleConfig(
     members=(Member.SEASONAL_NAIVE_DAY, Member.GLOBAL_BOOSTING),
     forecasters=ForecasterConfig(boosting=BoostingConfig(max_iter=30)),
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Boosting's OpenMP threads thrash when the two cores are shared with other work.
-    with threadpool_limits(1):
-        yield
 
 
 @pytest.fixture(scope="module")

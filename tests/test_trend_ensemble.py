@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from threadpoolctl import threadpool_limits
 
 from tests.conftest import DATA_DIR
 from training.data import DataError
@@ -58,12 +57,7 @@ def _weekly(length: int = LENGTH, seed: int = 99) -> np.ndarray:
 SERIES = {f"daily{i}": _daily(i) for i in range(4)} | {"weekly": _weekly()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny models gain nothing from threads, and OpenMP threads slow to a crawl when
-    # other jobs hold the cores (boosting and torch spin while they wait for each other).
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
