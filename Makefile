@@ -34,6 +34,7 @@ serve: install
 
 bench: install
 	$(PY) -m benchmarks.trend
+	$(PY) -m benchmarks.quality
 
 lint: install
 	$(VENV)/bin/ruff check .

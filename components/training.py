@@ -82,6 +82,7 @@ def register(
     training_frame: Input[Dataset],
     scores: dict,
     run_name: str,
+    family: str = "trend",
 ) -> str:
     from pathlib import Path
 
@@ -90,7 +91,7 @@ def register(
 
     params = {**training_frame.metadata, **model.metadata}
     return steps.register(
-        Settings.from_env(), model_name, Path(model.path), params, scores, run_name
+        Settings.from_env(), model_name, Path(model.path), params, scores, run_name, family
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -13,6 +14,14 @@ from pathlib import Path
 
 from contentml.errors import UserError
 from contentml.settings import Settings
+
+QUIET_ENVIRONMENT = {
+    # mlflow sets its own logger's level on import, so only this setting quiets its INFO lines.
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
 
 USAGE_ERROR = 2
 """Exit status for bad arguments or requests, as argparse uses."""
@@ -129,6 +138,62 @@ def cmd_trend_backtest(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quality_train(settings: Settings, args: argparse.Namespace) -> int:
+    from training import steps
+    from training.quality.config import load_config
+
+    # Lightning sets its logger to INFO when imported (by `steps`): device and tip notices.
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    config = load_config(
+        Path(args.config) if args.config else None,
+        epochs=args.epochs,
+        max_train_rows=args.max_train_rows,
+    )
+    started = time.monotonic()
+    result = steps.run_quality_training(
+        settings,
+        Path(args.data),
+        config,
+        args.model,
+        args.margin,
+        run_name=f"quality-cli-{time.strftime('%Y%m%d-%H%M%S')}",
+    )
+    _print_json({**result, "seconds": round(time.monotonic() - started, 1)})
+    return 0
+
+
+def cmd_quality_predict(settings: Settings, args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from contentml import registry
+    from training.data import load_texts
+    from training.quality.train import predict_frame
+
+    texts = load_texts(Path(args.input))
+    client = registry.connect(settings)
+    if args.version is None:
+        version = registry.alias_version(client, args.model, registry.Alias.CHAMPION)
+        if version is None:
+            raise registry.RegistryError(
+                f"model {args.model!r} has no champion: run `contentml quality train` first"
+            )
+    else:
+        version = registry.model_version(client, args.model, str(args.version)).version
+    started = time.monotonic()
+    predictions = predict_frame(f"models:/{args.model}/{version}", texts["text"])
+    pd.concat([texts.iloc[:, [0]], predictions], axis=1).to_csv(args.output, index=False)
+    _print_json(
+        {
+            "output": args.output,
+            "rows": len(texts),
+            "model": args.model,
+            "version": version,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+    )
+    return 0
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -209,6 +274,33 @@ def build_parser() -> argparse.ArgumentParser:
     backtest.add_argument("--workers", type=_positive, default=2)
     backtest.set_defaults(handler=cmd_trend_backtest)
 
+    quality = commands.add_parser("quality", help="the content quality gate")
+    quality_commands = quality.add_subparsers(
+        dest="action", required=True, parser_class=OneLineParser
+    )
+    quality_train = quality_commands.add_parser(
+        "train", help="fine-tune, calibrate, register and gate the quality classifier"
+    )
+    quality_train.add_argument("--data", required=True, help="labelled CSV: id, class, tweet")
+    quality_train.add_argument("--config", default=None, help="YAML of QualityConfig fields")
+    quality_train.add_argument("--epochs", type=_positive, default=None)
+    quality_train.add_argument("--max-train-rows", type=_positive, default=None)
+    quality_train.add_argument("--model", default="quality", help="registered model name")
+    quality_train.add_argument(
+        "--margin", type=float, default=0.0, help="weighted F1 to gain over the champion"
+    )
+    quality_train.set_defaults(handler=cmd_quality_train)
+    quality_predict = quality_commands.add_parser(
+        "predict", help="class and probabilities for every text of a CSV"
+    )
+    quality_predict.add_argument("--input", required=True, help="CSV: id, then tweet or text")
+    quality_predict.add_argument("--output", required=True, help="CSV: id, class, probabilities")
+    quality_predict.add_argument("--model", default="quality", help="registered model name")
+    quality_predict.add_argument(
+        "--version", type=_positive, default=None, help="model version (default: champion)"
+    )
+    quality_predict.set_defaults(handler=cmd_quality_predict)
+
     history = commands.add_parser("history", help="every alias change of a model")
     history.add_argument("model")
     history.add_argument("--json", action="store_true")
@@ -220,8 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     # Library INFO chatter (database migrations, registry refreshes) is not the user's news.
     for library in ("mlflow", "feast", "alembic"):
         logging.getLogger(library).setLevel(logging.WARNING)
+    # Download and weight-loading progress bars: noise in logs and in a pipeline task.
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     # MLflow's own use of a deprecated SQLAlchemy option: a note for MLflow, not for users.
     warnings.filterwarnings("ignore", message="The ``noload`` loader strategy is deprecated")
+    # Lightning's own use of a deprecated torch API, likewise.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         args = build_parser().parse_args(argv)
         return args.handler(Settings.from_env(), args)

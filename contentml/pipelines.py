@@ -14,9 +14,10 @@ from kfp import compiler
 
 from contentml.errors import UserError
 from contentml.settings import Settings
+from pipelines.quality import quality_training
 from pipelines.training import training
 
-PIPELINES: dict[str, Callable] = {"training": training}
+PIPELINES: dict[str, Callable] = {"training": training, "quality-training": quality_training}
 """Pipeline name (as in the KFP UI) -> pipeline function."""
 
 COMPILED_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "compiled"

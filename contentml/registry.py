@@ -72,7 +72,8 @@ class AliasEvent:
     actor: str
 
 
-def _model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
+def model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
+    """A registered version, or a `RegistryError` naming the model and version."""
     version = str(version)
     try:
         return client.get_model_version(name, str(version))
@@ -92,7 +93,7 @@ def set_alias(
     client: MlflowClient, name: str, alias: Alias, version: str, *, action: str, reason: str
 ) -> AliasEvent:
     """Move `alias` to `version` and record the change in the model's history."""
-    _model_version(client, name, version)
+    model_version(client, name, version)
     event = AliasEvent(
         time=time.time(),
         model=name,

@@ -64,6 +64,10 @@ class Settings:
     serving_url: str = field(metadata=_env("CONTENTML_SERVING_URL"))
     """Base URL of the model server the content pipeline's client calls."""
 
+    published_content: Path = field(metadata=_env("CONTENTML_PUBLISHED_CONTENT"))
+    """CSV of already published texts (a `text`, `tweet` or `title` column) that the quality
+    gate checks new texts against for near-duplicates; by default the trending US titles."""
+
     def __post_init__(self) -> None:
         if self.feast_online_store not in ("sqlite", "redis"):
             raise SettingsError(
@@ -79,9 +83,10 @@ class Settings:
         """Build settings from the environment; unset values take the embedded defaults."""
         environ = os.environ if environ is None else environ
         home = Path(environ.get("CONTENTML_HOME", ".contentml")).resolve()
+        data_dir = Path(environ.get("CONTENTML_DATA_DIR", "../shared/data")).resolve()
         defaults = {
             "home": home,
-            "data_dir": Path("../shared/data").resolve(),
+            "data_dir": data_dir,
             "mlflow_tracking_uri": f"sqlite:///{home / 'mlflow.db'}",
             "mlflow_artifact_root": str(home / "mlartifacts"),
             "mlflow_experiment": "contentml",
@@ -94,6 +99,7 @@ class Settings:
             "kfp_host": "",
             "platform_image": "ghcr.io/contentml/platform:0.1.0",
             "serving_url": "http://127.0.0.1:8080",
+            "published_content": data_dir / "youtube-trending" / "USvideos.csv",
         }
         values = {}
         for f in dataclasses.fields(cls):

@@ -8,9 +8,10 @@ from kserve import Model, ModelServer
 
 from contentml.registry import RegistryError
 from contentml.settings import Settings
+from serving.quality_model import QualityModel
 from serving.trend_model import TrendModel
 
-PREDICTORS: dict[str, type[Model]] = {"trend": TrendModel}
+PREDICTORS: dict[str, type[Model]] = {"trend": TrendModel, "quality": QualityModel}
 """Registered model name -> the predictor class that serves it."""
 
 logger = logging.getLogger(__name__)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import mlflow
 import numpy as np
-import pydantic
 from kserve import Model
 from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from contentml import features, registry
 from contentml.settings import Settings
+from serving.payloads import instances_from_v1, parse_instances
 from training.trend.forecasters import ForecastInputError
 from training.trend.model import TrendRequest, UnknownSeries
 
@@ -43,7 +42,7 @@ class TrendModel(Model):
         if isinstance(payload, InferRequest):
             requests = _requests_from_v2(payload)
         else:
-            requests = _requests_from_v1(payload)
+            requests = parse_instances(instances_from_v1(payload), TrendRequest, MAX_INSTANCES)
         forecasts = self._forecast(requests)
         if isinstance(payload, InferRequest):
             return _v2_response(self.name, self.version, payload.id, forecasts)
@@ -66,36 +65,6 @@ class TrendModel(Model):
             raise InvalidInput(str(e)) from e
         except Exception as e:
             raise InferenceError(f"trend forecast failed: {e}") from e
-
-
-def _parse(instances: list[Any]) -> list[TrendRequest]:
-    if not instances:
-        raise InvalidInput("'instances' must hold at least one instance")
-    if len(instances) > MAX_INSTANCES:
-        raise InvalidInput(f"at most {MAX_INSTANCES} instances per call, got {len(instances)}")
-    requests = []
-    for index, instance in enumerate(instances):
-        try:
-            requests.append(TrendRequest.model_validate(instance))
-        except pydantic.ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(map(str, err['loc'])) or 'instance'}: {err['msg']}"
-                for err in e.errors()
-            )
-            raise InvalidInput(f"instance {index}: {problems}") from e
-    return requests
-
-
-def _requests_from_v1(payload: Any) -> list[TrendRequest]:
-    if isinstance(payload, bytes):
-        # KServe hands over the raw body when the client sent no JSON content type.
-        try:
-            payload = json.loads(payload)
-        except ValueError as e:
-            raise InvalidInput(f"request body is not valid JSON: {e}") from e
-    if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
-        raise InvalidInput('expected a JSON object {"instances": [...]}')
-    return _parse(payload["instances"])
 
 
 def _requests_from_v2(request: InferRequest) -> list[TrendRequest]:
@@ -124,7 +93,11 @@ def _requests_from_v2(request: InferRequest) -> list[TrendRequest]:
         columns["horizon"] = columns["horizon"] * rows
     if any(len(v) != rows for v in columns.values()):
         raise InvalidInput("inputs series_id, history and horizon must have the same length")
-    return _parse([{name: values[i] for name, values in columns.items()} for i in range(rows)])
+    return parse_instances(
+        [{name: values[i] for name, values in columns.items()} for i in range(rows)],
+        TrendRequest,
+        MAX_INSTANCES,
+    )
 
 
 def _v2_response(

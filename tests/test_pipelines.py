@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from kfp import components
 
-from contentml import pipelines
+from contentml import pipelines, registry
 from contentml.pipelines import PipelineError
+from tests.conftest import DATA_DIR, make_settings
 
 
 def test_compiled_yaml_is_committed_and_current(tmp_path: Path):
@@ -52,3 +54,38 @@ def test_arguments_are_typed_from_the_pipeline_inputs():
 def test_bad_arguments_name_the_problem(name, pairs, problem):
     with pytest.raises(PipelineError, match=problem):
         pipelines.parse_arguments(name, pairs)
+
+
+def test_kfp_loads_the_compiled_quality_pipeline():
+    loaded = components.load_component_from_file(
+        str(pipelines.COMPILED_DIR / "quality-training.yaml")
+    )
+    assert loaded.name == "quality-training"
+    assert set(loaded.component_spec.inputs) == {
+        "model_name",
+        "data_path",
+        "epochs",
+        "learning_rate",
+        "max_train_rows",
+        "promotion_margin",
+    }
+
+
+@pytest.mark.slow
+def test_quality_pipeline_runs_locally_and_registers_a_champion(tmp_path: Path):
+    """The same stages as `contentml quality train`, as KFP tasks in kfp.local."""
+    sample = tmp_path / "sample.csv"
+    raw = pd.read_csv(DATA_DIR / "toxicity" / "train.csv", dtype=str, keep_default_na=False)
+    raw.groupby("class", group_keys=False).sample(n=400, random_state=0).to_csv(sample, index=False)
+    settings = make_settings(tmp_path / "state")
+    gate = pipelines.run_local(
+        settings,
+        "quality-training",
+        {"data_path": str(sample), "epochs": 1, "max_train_rows": 200, "learning_rate": 3e-4},
+    )
+    assert gate["promoted"] is True and gate["metric"] == "weighted_f1"
+    client = registry.connect(settings)
+    assert registry.alias_version(client, "quality", registry.Alias.CHAMPION) == "1"
+    run = client.get_run(client.get_model_version("quality", "1").run_id)
+    assert run.data.params["epochs"] == "1"
+    assert "weighted_f1" in run.data.metrics and "hate_threshold" in run.data.params

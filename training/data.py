@@ -6,6 +6,7 @@ passing a half-parsed frame downstream, where the damage would surface as a bad 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import re
@@ -243,3 +244,66 @@ def _load_trending_country(path: Path, country: str) -> pd.DataFrame:
 def _channel_id(channel_title: str) -> str:
     # A short stable hash: titles hold any Unicode, ids must be plain keys in Feast and Redis.
     return "ch_" + hashlib.sha1(channel_title.encode("utf-8")).hexdigest()[:12]
+
+
+TEXT_COLUMNS = ("tweet", "text", "title")
+"""Columns a text file may hold its texts in, in order of preference."""
+
+TOXICITY_CLASSES = ("hate_speech", "offensive_language", "neither")
+"""Davidson et al.'s classes, in the order of their `class` codes 0, 1, 2."""
+
+
+def load_texts(path: Path) -> pd.DataFrame:
+    """Texts to score: the file's first column (the row's id, as text), then `text`.
+
+    The texts come from the first of `TEXT_COLUMNS` the file has; a blank cell is an empty text.
+    """
+    raw = _read_text_csv(Path(path))
+    return pd.DataFrame({raw.columns[0]: raw.iloc[:, 0], "text": raw[_text_column(path, raw)]})
+
+
+def load_toxicity(path: Path) -> pd.DataFrame:
+    """The labelled toxicity tweets: `id` (the first column), `text`, `label` (0 hate speech,
+    1 offensive, 2 neither). Empty texts are dropped; a missing or unknown label is an error,
+    since silently dropping labels would shift the class balance the model learns."""
+    raw = _read_text_csv(Path(path))
+    text = raw[_text_column(path, raw)]
+    if "class" not in raw.columns:
+        raise DataError(f"{path}: needs a 'class' column (0, 1 or 2) to train on")
+    labels = raw["class"].str.strip()
+    known = labels.isin([str(code) for code in range(len(TOXICITY_CLASSES))])
+    if not known.all():
+        row = int(np.flatnonzero(~known.to_numpy())[0])
+        raise DataError(
+            f"{path}: 'class' must be 0, 1 or 2; data row {row + 1} has {labels.iloc[row]!r}"
+        )
+    frame = pd.DataFrame({"id": raw.iloc[:, 0], "text": text, "label": labels.astype("int64")})
+    if frame["id"].duplicated().any():
+        raise DataError(f"{path}: ids in the first column repeat; the splits need unique ids")
+    return frame[frame["text"].str.strip() != ""].reset_index(drop=True)
+
+
+def _read_text_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        # All text: ids stay as written ("007" is not 7) and no text turns into NaN or a number.
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+        with path.open(newline="", encoding="utf-8") as file:
+            header = next(csv.reader(file))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV file: {e}") from e
+    # pandas names a blank header cell `Unnamed: 0`; the id column keeps the file's own name so
+    # that an output written from it has the input's header.
+    return raw.rename(columns={raw.columns[0]: header[0]})
+
+
+def _text_column(path: Path, raw: pd.DataFrame) -> str:
+    column = next((c for c in TEXT_COLUMNS if c in raw.columns), None)
+    if column is None:
+        raise DataError(
+            f"{path}: needs a column named one of {TEXT_COLUMNS}, has {list(raw.columns)}"
+        )
+    if column == raw.columns[0]:
+        raise DataError(f"{path}: the first column must be an id, not the texts")
+    return column

@@ -4,14 +4,20 @@ these, so a stage behaves the same in a unit test, locally and on the cluster.""
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.models.model import ModelInfo
 
 from contentml import features, registry
 from contentml.settings import Settings
 from training import data
+from training.quality import train as quality_train
+from training.quality.config import QualityConfig
 from training.trend import train as trend_train
 from training.trend.ensemble import EnsembleConfig
 from training.trend.forecasters import Member
@@ -19,6 +25,12 @@ from training.trend.forecasters import Member
 GATE_METRIC = "owa"
 """The trend gate compares OWA (M4's score against Naive2) on the held-out last horizon of
 each series: lower wins."""
+
+MODEL_LOGGERS: dict[str, Callable[[Path, str], ModelInfo]] = {
+    "trend": trend_train.log_saved_model,
+    "quality": quality_train.log_saved_model,
+}
+"""Model family -> the function that logs and registers a model that family saved."""
 
 
 def ingest(
@@ -101,8 +113,10 @@ def register(
     params: dict,
     metrics: dict[str, float],
     run_name: str,
+    family: str = "trend",
 ) -> str:
-    """Log the model with its params and metrics, register it, alias it `challenger`."""
+    """Log the model with its params and metrics, register it, alias it `challenger`;
+    `family` names the kind of model saved in `model_dir` (a key of `MODEL_LOGGERS`)."""
     client = registry.connect(settings)
     with mlflow.start_run(
         experiment_id=registry.experiment_id(client, settings), run_name=run_name
@@ -112,7 +126,7 @@ def register(
             {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in params.items()}
         )
         mlflow.log_metrics(metrics)
-        info = trend_train.log_saved_model(model_dir, model_name)
+        info = MODEL_LOGGERS[family](model_dir, model_name)
     version = str(info.registered_model_version)
     registry.set_alias(
         client,
@@ -146,3 +160,73 @@ def promotion_gate(
         score_champion=lambda uri: evaluate_trend(uri, frame_in, workers)[GATE_METRIC],
         margin=margin,
     )
+
+
+def ingest_toxicity(data_path: Path, frame_out: Path) -> dict[str, int]:
+    """Read a labelled toxicity CSV into a clean table, with the split of every row."""
+    frame = data.load_toxicity(data_path)
+    frame.to_parquet(frame_out, index=False)
+    sizes = {s.value: len(part) for s, part in quality_train.split(frame).items()}
+    return {"rows": len(frame), **sizes}
+
+
+def train_quality(frame_in: Path, model_dir: Path, config: QualityConfig) -> dict:
+    """Fine-tune and calibrate the quality classifier and save it as an MLflow pyfunc; returns
+    the recipe and the training summary to log."""
+    summary = quality_train.train(pd.read_parquet(frame_in), config, model_dir)
+    return {**config.to_dict(), **summary}
+
+
+def evaluate_quality(model_uri: str, frame_in: Path) -> dict[str, float]:
+    """Score a saved or registered quality model on the fixed evaluation slice."""
+    return quality_train.evaluate(model_uri, pd.read_parquet(frame_in))
+
+
+def quality_promotion_gate(
+    settings: Settings,
+    model_name: str,
+    version: str,
+    frame_in: Path,
+    challenger_metrics: dict[str, float],
+    margin: float,
+) -> registry.GateDecision:
+    """Promote the challenger when its weighted F1 on the evaluation slice beats the champion's."""
+    return registry.promotion_gate(
+        registry.connect(settings),
+        model_name,
+        version,
+        metric=quality_train.GATE_METRIC,
+        greater_is_better=True,
+        challenger_score=challenger_metrics[quality_train.GATE_METRIC],
+        score_champion=lambda uri: evaluate_quality(uri, frame_in)[quality_train.GATE_METRIC],
+        margin=margin,
+    )
+
+
+def run_quality_training(
+    settings: Settings,
+    data_path: Path,
+    config: QualityConfig,
+    model_name: str,
+    margin: float,
+    run_name: str,
+) -> dict:
+    """The quality pipeline's stages in this process (`contentml quality train`): ingest,
+    train, evaluate, register as challenger, and gate against the champion."""
+    with tempfile.TemporaryDirectory() as scratch:
+        frame = Path(scratch) / "toxicity.parquet"
+        model_dir = Path(scratch) / "model"
+        rows = ingest_toxicity(data_path, frame)
+        params = train_quality(frame, model_dir, config)
+        metrics = evaluate_quality(str(model_dir), frame)
+        version = register(
+            settings, model_name, model_dir, params, metrics, run_name, family="quality"
+        )
+        gate = quality_promotion_gate(settings, model_name, version, frame, metrics, margin)
+    return {
+        "model": model_name,
+        "version": version,
+        "rows": rows,
+        "metrics": metrics,
+        "gate": asdict(gate),
+    }

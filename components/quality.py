@@ -1,0 +1,65 @@
+"""Components of the quality pipeline, one per stage, each calling one `training.steps`
+function. Imports sit inside the functions because KFP ships each function's source alone."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.training import PLATFORM_IMAGE
+
+
+@dsl.component(base_image=PLATFORM_IMAGE)
+def ingest_toxicity(data_path: str, frame: Output[Dataset]):
+    from pathlib import Path
+
+    from contentml.settings import Settings
+    from training import steps
+
+    path = Path(data_path) if data_path else Settings.from_env().data_dir / "toxicity/train.csv"
+    frame.metadata.update(steps.ingest_toxicity(path, Path(frame.path)))
+
+
+@dsl.component(base_image=PLATFORM_IMAGE)
+def train_quality(
+    frame: Input[Dataset],
+    epochs: int,
+    learning_rate: float,
+    max_train_rows: int,
+    model: Output[Model],
+):
+    from pathlib import Path
+
+    from training import steps
+    from training.quality.config import QualityConfig
+
+    config = QualityConfig(
+        epochs=epochs, learning_rate=learning_rate, max_train_rows=max_train_rows or None
+    )
+    model.metadata.update(steps.train_quality(Path(frame.path), Path(model.path), config))
+
+
+@dsl.component(base_image=PLATFORM_IMAGE)
+def evaluate_quality(model: Input[Model], frame: Input[Dataset], metrics: Output[Metrics]) -> dict:
+    from pathlib import Path
+
+    from training import steps
+
+    scores = steps.evaluate_quality(model.path, Path(frame.path))
+    for name, value in scores.items():
+        metrics.log_metric(name, value)
+    return scores
+
+
+@dsl.component(base_image=PLATFORM_IMAGE)
+def quality_gate(
+    model_name: str, version: str, frame: Input[Dataset], scores: dict, margin: float
+) -> dict:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from contentml.settings import Settings
+    from training import steps
+
+    decision = steps.quality_promotion_gate(
+        Settings.from_env(), model_name, version, Path(frame.path), scores, margin
+    )
+    return asdict(decision)

@@ -1,0 +1,143 @@
+"""KServe predictor for the content gate (`/v1/models/quality:predict`, V2 `infer`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlflow
+import numpy as np
+import pydantic
+from kserve import Model
+from kserve.errors import InferenceError, InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from contentml import registry
+from contentml.settings import Settings
+from serving.payloads import instances_from_v1, parse_instances
+from training.data import load_texts
+from training.quality.gate import decide
+from training.quality.policy import PolicyChecker, TextKind, load_policy
+
+MAX_TEXT_CHARS = 20_000
+"""Longer texts are refused: a script is well under this, and the cost grows with length."""
+
+MAX_INSTANCES = 256
+"""A larger batch belongs in a batch job (`contentml quality predict`), not a call."""
+
+
+class QualityRequest(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    text: pydantic.StrictStr = pydantic.Field(max_length=MAX_TEXT_CHARS)
+    kind: TextKind = TextKind.SCRIPT
+
+    @pydantic.field_validator("text")
+    @classmethod
+    def not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("text is empty")
+        return text
+
+
+class QualityModel(Model):
+    def __init__(self, name: str, settings: Settings):
+        super().__init__(name)
+        self.settings = settings
+        self.version: str | None = None
+
+    def load(self) -> bool:
+        client = registry.connect(self.settings)
+        self.version = registry.alias_version(client, self.name, registry.Alias.CHAMPION)
+        if self.version is None:
+            raise registry.RegistryError(f"model {self.name!r} has no champion to serve")
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{self.name}/{self.version}")
+        self.classifier = pyfunc.unwrap_python_model()
+        published = load_texts(self.settings.published_content)["text"]
+        self.policy = PolicyChecker(load_policy(self.classifier.policy_path), published)
+        self.ready = True
+        return self.ready
+
+    def predict(
+        self, payload: dict | InferRequest, headers: dict[str, str] | None = None
+    ) -> dict | InferResponse:
+        if isinstance(payload, InferRequest):
+            requests = _requests_from_v2(payload)
+        else:
+            requests = parse_instances(instances_from_v1(payload), QualityRequest, MAX_INSTANCES)
+        verdicts = self._score(requests)
+        if isinstance(payload, InferRequest):
+            return _v2_response(self.name, self.version, payload.id, verdicts)
+        return {"predictions": [{**v, "model_version": self.version} for v in verdicts]}
+
+    def _score(self, requests: list[QualityRequest]) -> list[dict[str, Any]]:
+        try:
+            probabilities = self.classifier.probabilities([r.text for r in requests])
+            classes = self.classifier.calibration.classes(probabilities)
+            return [
+                decide(p, c, self.policy.check(r.text, r.kind)).to_dict()
+                for r, p, c in zip(requests, probabilities, classes, strict=True)
+            ]
+        except Exception as e:
+            raise InferenceError(f"quality scoring failed: {e}") from e
+
+
+def _requests_from_v2(request: InferRequest) -> list[QualityRequest]:
+    """V2 inputs: `text` (BYTES [n]) and optional `kind` (BYTES [1] or [n])."""
+    columns: dict[str, list[str]] = {}
+    for tensor in request.inputs:
+        if tensor.name not in ("text", "kind"):
+            raise InvalidInput(f"unknown input {tensor.name!r}; expected text and kind")
+        if tensor.datatype != "BYTES":
+            raise InvalidInput(f"input {tensor.name!r} must be BYTES, not {tensor.datatype}")
+        try:
+            values = tensor.as_numpy().reshape(-1)
+            columns[tensor.name] = [
+                v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values
+            ]
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidInput(f"input {tensor.name!r} cannot be decoded: {e}") from e
+    if "text" not in columns:
+        raise InvalidInput("input 'text' is required")
+    rows = len(columns["text"])
+    if len(columns.get("kind", [])) == 1:
+        columns["kind"] = columns["kind"] * rows
+    if len(columns.get("kind", columns["text"])) != rows:
+        raise InvalidInput("input 'kind' must have one value or one per text")
+    return parse_instances(
+        [{name: values[i] for name, values in columns.items()} for i in range(rows)],
+        QualityRequest,
+        MAX_INSTANCES,
+    )
+
+
+def _v2_response(
+    name: str, version: str | None, request_id: str | None, verdicts: list[dict[str, Any]]
+) -> InferResponse:
+    rows = len(verdicts)
+    outputs = [
+        InferOutput(
+            name="score", shape=[rows], datatype="FP64", data=[v["score"] for v in verdicts]
+        ),
+        InferOutput(
+            name="decision", shape=[rows], datatype="BYTES", data=[v["decision"] for v in verdicts]
+        ),
+        InferOutput(
+            name="class", shape=[rows], datatype="INT64", data=[v["class"] for v in verdicts]
+        ),
+        InferOutput(
+            name="probabilities",
+            shape=[rows, len(verdicts[0]["labels"])],
+            datatype="FP64",
+            data=np.asarray([list(v["labels"].values()) for v in verdicts]),
+        ),
+        InferOutput(
+            name="reasons",
+            shape=[rows],
+            datatype="BYTES",
+            data=[json.dumps(v["reasons"]) for v in verdicts],
+        ),
+    ]
+    return InferResponse(
+        response_id=request_id or "", model_name=name, model_version=version, infer_outputs=outputs
+    )

@@ -1,0 +1,379 @@
+"""The content gate end to end, as a user runs it: `contentml quality train` and `predict` in a
+subprocess, the CLI's one-line errors, and `contentml serve` scoring texts over real HTTP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+import yaml
+
+from contentml.cli import main
+from contentml.demo import free_port, model_server
+from tests.conftest import make_settings
+from tests.test_quality import CLEAN, TINY_RECIPE, sample_toxicity, write_csv
+from training.data import TOXICITY_CLASSES
+from training.quality.pyfunc import PROBABILITY_COLUMNS
+
+pytestmark = pytest.mark.slow
+
+PREDICTION_COLUMNS = ["class", *PROBABILITY_COLUMNS]
+
+
+def contentml(home: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **make_settings(home).to_env()}
+    return subprocess.run(
+        [sys.executable, "-m", "contentml.cli", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def use_home(monkeypatch, home: Path) -> None:
+    """Point an in-process `main()` at `home`, as `contentml(home, ...)` does a subprocess."""
+    for name, value in make_settings(home).to_env().items():
+        monkeypatch.setenv(name, value)
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with path.open(newline="", encoding="utf-8") as file:
+        return list(csv.reader(file))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("quality-e2e")
+
+
+@pytest.fixture(scope="module")
+def files(workdir: Path) -> dict[str, Path]:
+    """A class-balanced training sample of the real file, 25 held-out rows in the real file's
+    format (blank id header, `tweet`), and the tiny recipe."""
+    sample, rest = sample_toxicity(rows_per_class=400)
+    sample.to_csv(workdir / "small.csv", index=False)
+    rest.head(25).to_csv(workdir / "held.csv", index=False)
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY_RECIPE))
+    return {
+        "small": workdir / "small.csv",
+        "held": workdir / "held.csv",
+        "tiny": workdir / "tiny.yaml",
+    }
+
+
+@pytest.fixture(scope="module")
+def home(workdir: Path) -> Path:
+    return workdir / "state"
+
+
+@pytest.fixture(scope="module")
+def trained(home: Path, files: dict[str, Path]) -> dict:
+    result = contentml(
+        home, "quality", "train", "--data", str(files["small"]), "--config", str(files["tiny"])
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- training and batch prediction ---------------------------------------------------------
+
+
+def test_train_ends_with_the_summary_line(trained: dict):
+    assert trained["model"] == "quality"
+    assert trained["version"] == "1"
+    assert trained["gate"]["promoted"] is True
+    assert trained["gate"]["metric"] == "weighted_f1"
+    assert trained["rows"]["rows"] == 1_200
+    assert sum(trained["rows"][s] for s in ("train", "validation", "evaluation")) == 1_200
+    metrics = trained["metrics"]
+    assert 0.0 <= metrics["weighted_f1"] <= 1.0
+    assert 0.0 <= metrics["hate_speech_recall"] <= 1.0
+    assert metrics["rows"] == trained["rows"]["evaluation"]
+    assert trained["seconds"] > 0
+
+
+def test_trained_model_is_the_champion(trained: dict, home: Path, monkeypatch, capsys):
+    use_home(monkeypatch, home)
+    assert main(["models", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in listed] == ["quality"]
+    assert listed[0]["aliases"] == {"challenger": "1", "champion": "1"}
+
+
+def test_predict_writes_the_input_ids_then_class_and_probabilities(
+    trained: dict, home: Path, files: dict[str, Path], workdir: Path
+):
+    output = workdir / "predictions.csv"
+    result = contentml(
+        home, "quality", "predict", "--input", str(files["held"]), "--output", str(output)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["rows"] == 25 and summary["version"] == "1"
+
+    held = read_rows(files["held"])
+    rows = read_rows(output)
+    assert rows[0] == ["", *PREDICTION_COLUMNS]  # the input's blank id header, kept
+    assert [r[0] for r in rows[1:]] == [r[0] for r in held[1:]]
+    predictions = pd.read_csv(output, dtype={0: str})
+    assert len(predictions) == 25
+    assert set(predictions["class"]) <= {0, 1, 2}
+    assert ((predictions[PROBABILITY_COLUMNS].sum(axis=1) - 1.0).abs() < 1e-5).all()
+
+
+def test_predict_reads_a_text_column_and_a_chosen_version(
+    trained: dict, home: Path, workdir: Path, monkeypatch, capsys
+):
+    texts = write_csv(
+        workdir / "texts.csv",
+        [["video_id", "text"], ["007", CLEAN], ["010", ""], ["3", "you are an idiot"]],
+    )
+    output = workdir / "text-predictions.csv"
+    use_home(monkeypatch, home)
+    argv = ["quality", "predict", "--input", str(texts), "--output", str(output)]
+    assert main([*argv, "--version", "1"]) == 0, capsys.readouterr().err
+    rows = read_rows(output)
+    assert rows[0] == ["video_id", *PREDICTION_COLUMNS]
+    assert [r[0] for r in rows[1:]] == ["007", "010", "3"]
+
+
+# --- CLI errors -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_home(tmp_path: Path, monkeypatch) -> Path:
+    home = tmp_path / "state"
+    use_home(monkeypatch, home)
+    return home
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        (["quality", "predict", "--input", "{tmp}/nope.csv", "--output", "{tmp}/p.csv"],
+         "nope.csv: file not found"),
+        (["quality", "predict", "--input", "{tmp}/notext.csv", "--output", "{tmp}/p.csv"],
+         "needs a column named one of ('tweet', 'text', 'title')"),
+        (["quality", "train", "--data", "{tmp}/notext.csv", "--epochs", "0"],
+         "argument --epochs: must be at least 1, not 0"),
+        (["quality", "train", "--data", "{tmp}/nope.csv"], "nope.csv: file not found"),
+        (["quality", "train", "--data", "{tmp}/notext.csv", "--config", "{tmp}/zero.yaml"],
+         "epochs must be at least 1, not 0"),
+        (["quality", "train", "--data", "{tmp}/notext.csv", "--config", "{tmp}/typo.yaml"],
+         "unknown recipe fields ['epoch']"),
+        (["quality", "train", "--data", "{tmp}/notext.csv", "--config", "{tmp}/nope.yaml"],
+         "cannot read the recipe"),
+    ],
+)  # fmt: skip
+def test_cli_errors_exit_2_with_one_line(argv, problem, cli_home: Path, tmp_path: Path, capsys):
+    write_csv(tmp_path / "notext.csv", [["id", "body"], ["1", "hello"]])
+    (tmp_path / "zero.yaml").write_text("epochs: 0\n")
+    (tmp_path / "typo.yaml").write_text("epoch: 3\n")
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("contentml: error: ")
+    assert problem in err
+
+
+@pytest.fixture(scope="module")
+def predict_in_a_fresh_home(workdir: Path, files: dict[str, Path]) -> subprocess.CompletedProcess:
+    output = workdir / "never.csv"
+    return contentml(
+        workdir / "fresh",
+        "quality",
+        "predict",
+        "--input",
+        str(files["held"]),
+        "--output",
+        str(output),
+    )
+
+
+def test_predict_before_any_training_exits_2(predict_in_a_fresh_home, workdir: Path):
+    assert predict_in_a_fresh_home.returncode == 2
+    last = predict_in_a_fresh_home.stderr.strip().splitlines()[-1]
+    assert last == (
+        "contentml: error: model 'quality' has no champion: run `contentml quality train` first"
+    )
+    assert "Traceback" not in predict_in_a_fresh_home.stderr
+    assert not (workdir / "never.csv").exists()
+
+
+def test_predict_before_any_training_prints_only_the_error(predict_in_a_fresh_home):
+    assert predict_in_a_fresh_home.stderr.count("\n") == 1, predict_in_a_fresh_home.stderr
+
+
+def test_predict_with_a_version_that_does_not_exist_exits_2(
+    trained: dict, home: Path, files: dict[str, Path], workdir: Path, monkeypatch, capsys
+):
+    use_home(monkeypatch, home)
+    argv = ["quality", "predict", "--input", str(files["held"]), "--output", str(workdir / "v.csv")]
+    assert main([*argv, "--version", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no version '2'" in err
+
+
+# --- serving --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(trained: dict, home: Path) -> Iterator[str]:
+    # The home has a quality champion and no trend model: the server must skip trend.
+    with model_server(make_settings(home), free_port()) as url:
+        yield url
+
+
+def predict(server: str, instances) -> httpx.Response:
+    return httpx.post(
+        f"{server}/v1/models/quality:predict", json={"instances": instances}, timeout=60
+    )
+
+
+def test_server_serves_quality_and_skips_trend_without_a_champion(server: str):
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
+    assert httpx.get(f"{server}/v1/models/quality").json() == {"name": "quality", "ready": True}
+    assert httpx.get(f"{server}/v1/models/trend").status_code == 404
+
+
+def test_v1_scores_a_batch_of_every_kind(server: str):
+    instances = [
+        {"text": "How to Fix a Leaky Faucet in 5 Minutes", "kind": "title"},
+        {"text": "In this video we fix a leaky faucet with two tools.", "kind": "description"},
+        {"text": CLEAN * 20, "kind": "script"},
+    ]
+    response = predict(server, instances)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 3
+    for prediction in predictions:
+        assert 0.0 <= prediction["score"] <= 1.0
+        assert prediction["decision"] in {"pass", "review", "reject"}
+        assert set(prediction["labels"]) == set(TOXICITY_CLASSES)
+        assert sum(prediction["labels"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert prediction["score"] == prediction["labels"]["neither"]
+        assert isinstance(prediction["reasons"], list)
+        assert prediction["model_version"] == "1"
+
+
+def test_a_text_without_kind_is_a_script_and_scores_alike_in_a_batch(server: str):
+    alone = predict(server, [{"text": "subscribe for more"}]).json()["predictions"][0]
+    batch = predict(server, [{"text": "hi"}, {"text": "subscribe for more", "kind": "script"}])
+    assert batch.json()["predictions"][1]["score"] == pytest.approx(alone["score"], abs=1e-5)
+
+
+def test_a_title_with_an_email_address_is_rejected(server: str):
+    response = predict(
+        server, [{"text": "Write to john.doe@example.com for a prize", "kind": "title"}]
+    )
+    assert response.status_code == 200, response.text
+    (prediction,) = response.json()["predictions"]
+    assert prediction["decision"] == "reject"
+    personal = [r for r in prediction["reasons"] if r["check"] == "personal_data"]
+    assert personal and personal[0]["severity"] == "reject"
+    assert "john.doe" not in response.text  # the address is masked in the reason
+
+
+def test_the_longest_allowed_script_is_scored(server: str):
+    response = predict(server, [{"text": (CLEAN * 200)[:20_000], "kind": "script"}])
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["decision"] in {"pass", "review", "reject"}
+
+
+OK = {"text": "a fine title", "kind": "title"}
+
+
+@pytest.mark.parametrize(
+    ("instances", "problem"),
+    [
+        ([OK, {"text": ""}], "instance 1: text: Value error, text is empty"),
+        ([{"text": " \n\t "}], "text is empty"),
+        ([{"text": "x" * 20_001}], "text: String should have at most 20000 characters"),
+        ([{"text": 42}], "text: Input should be a valid string"),
+        ([{"text": ["a", "b"]}], "text: Input should be a valid string"),
+        ([{"text": None}], "text: Input should be a valid string"),
+        ([{"text": "hi", "kind": "tweet"}], "kind: Input should be 'script', 'title' or"),
+        ([{"kind": "title"}], "instance 0: text: Field required"),
+        ([{"text": "hi", "colour": "red"}], "colour: Extra inputs are not permitted"),
+        (["just a string"], "instance 0"),
+        ([], "'instances' must hold at least one instance"),
+        ([OK] * 257, "at most 256 instances per call, got 257"),
+    ],
+)
+def test_bad_v1_payloads_get_400_naming_the_problem(server: str, instances, problem: str):
+    response = predict(server, instances)
+    assert response.status_code == 400, response.text
+    assert problem in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "problem"),
+    [
+        (b"{not json", "application/json", "Unrecognized request format"),
+        (b"{not json", "text/plain", "not valid JSON"),
+        (b'{"rows": []}', "application/json", '{"instances": [...]}'),
+        (b'{"instances": "hello"}', "application/json", '"instances" to be a list'),
+    ],
+)
+def test_bodies_that_are_not_v1_requests_get_400(server: str, body, content_type, problem):
+    response = httpx.post(
+        f"{server}/v1/models/quality:predict",
+        content=body,
+        headers={"content-type": content_type},
+    )
+    assert response.status_code == 400, response.text
+    assert problem in response.json()["error"]
+
+
+def v2_infer(server: str, inputs: list[dict]) -> httpx.Response:
+    return httpx.post(f"{server}/v2/models/quality/infer", json={"inputs": inputs}, timeout=60)
+
+
+def test_v2_infer_scores_bytes_texts(server: str):
+    texts = ["How to Fix a Leaky Faucet", "Write to john.doe@example.com"]
+    response = v2_infer(
+        server,
+        [
+            {"name": "text", "datatype": "BYTES", "shape": [2], "data": texts},
+            {"name": "kind", "datatype": "BYTES", "shape": [1], "data": ["title"]},
+        ],
+    )
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    assert outputs["score"]["shape"] == [2]
+    assert outputs["decision"]["shape"] == [2]
+    assert outputs["decision"]["data"][1] == "reject"
+    assert outputs["probabilities"]["shape"] == [2, 3]
+    v1 = predict(server, [{"text": t, "kind": "title"} for t in texts]).json()["predictions"]
+    assert outputs["score"]["data"] == pytest.approx([p["score"] for p in v1], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "problem"),
+    [
+        ([{"name": "txt", "datatype": "BYTES", "shape": [1], "data": ["hi"]}], "unknown input"),
+        ([{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}], "must be BYTES"),
+        ([{"name": "kind", "datatype": "BYTES", "shape": [1], "data": ["title"]}], "'text'"),
+        (
+            [
+                {"name": "text", "datatype": "BYTES", "shape": [3], "data": ["a", "b", "c"]},
+                {"name": "kind", "datatype": "BYTES", "shape": [2], "data": ["title", "script"]},
+            ],
+            "one value or one per text",
+        ),
+        ([{"name": "text", "datatype": "BYTES", "shape": [1], "data": [" "]}], "text is empty"),
+    ],
+)
+def test_bad_v2_inputs_get_400(server: str, inputs, problem: str):
+    response = v2_infer(server, inputs)
+    assert response.status_code == 400, response.text
+    assert problem in response.json()["error"]
