@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
+from benchmarks.timing import percentiles
 from contentml import registry
 from contentml.demo import free_port, model_server
 from contentml.settings import Settings
@@ -41,20 +41,6 @@ SINGLE_CALLS = 200
 BATCH = 64
 BATCHES = 8
 THREADS = 2
-
-
-def percentiles(call: Callable[[], object], count: int) -> dict[str, float]:
-    call()  # warm-up: first-call allocations are not steady state
-    timings = []
-    for _ in range(count):
-        started = time.perf_counter()
-        call()
-        timings.append((time.perf_counter() - started) * 1000)
-    return {
-        "p50_ms": round(statistics.median(timings), 2),
-        "p99_ms": round(float(np.percentile(timings, 99)), 2),
-        "calls": count,
-    }
 
 
 def throughput(score_batch: Callable[[list[str]], object], texts: list[str]) -> dict[str, float]:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.timing import percentiles
 from contentml import pipelines, registry
 from contentml.demo import free_port, model_server
 from contentml.settings import Settings
@@ -33,20 +32,6 @@ CACHED_CALLS = 300
 UNCACHED_CALLS = 30
 UNSEEN_SERIES = "H414"
 """Not among the demo's training series: the server must fit it on request."""
-
-
-def percentiles(call: Callable[[], object], count: int) -> dict[str, float]:
-    call()  # warm-up: first-call imports and connections are not steady state
-    timings = []
-    for _ in range(count):
-        started = time.perf_counter()
-        call()
-        timings.append((time.perf_counter() - started) * 1000)
-    return {
-        "p50_ms": round(statistics.median(timings), 2),
-        "p99_ms": round(float(np.percentile(timings, 99)), 2),
-        "calls": count,
-    }
 
 
 def backtest_seconds(train_csv: Path, workers: int) -> dict[str, float]:

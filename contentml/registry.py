@@ -89,6 +89,15 @@ def alias_version(client: MlflowClient, name: str, alias: Alias) -> str | None:
         return None
 
 
+def load_champion(settings: Settings, name: str) -> tuple[str, mlflow.pyfunc.PyFuncModel]:
+    """The champion's version and its pyfunc: what a predictor serves."""
+    client = connect(settings)
+    version = alias_version(client, name, Alias.CHAMPION)
+    if version is None:
+        raise RegistryError(f"model {name!r} has no champion to serve")
+    return version, mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+
+
 def set_alias(
     client: MlflowClient, name: str, alias: Alias, version: str, *, action: str, reason: str
 ) -> AliasEvent:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import mlflow
 import numpy as np
 import pydantic
 from kserve import Model
@@ -47,11 +46,7 @@ class QualityModel(Model):
         self.version: str | None = None
 
     def load(self) -> bool:
-        client = registry.connect(self.settings)
-        self.version = registry.alias_version(client, self.name, registry.Alias.CHAMPION)
-        if self.version is None:
-            raise registry.RegistryError(f"model {self.name!r} has no champion to serve")
-        pyfunc = mlflow.pyfunc.load_model(f"models:/{self.name}/{self.version}")
+        self.version, pyfunc = registry.load_champion(self.settings, self.name)
         self.classifier = pyfunc.unwrap_python_model()
         published = load_texts(self.settings.published_content)["text"]
         self.policy = PolicyChecker(load_policy(self.classifier.policy_path), published)

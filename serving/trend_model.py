@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlflow
 import numpy as np
 from kserve import Model
 from kserve.errors import InferenceError, InvalidInput
@@ -27,11 +26,7 @@ class TrendModel(Model):
         self.version: str | None = None
 
     def load(self) -> bool:
-        client = registry.connect(self.settings)
-        self.version = registry.alias_version(client, self.name, registry.Alias.CHAMPION)
-        if self.version is None:
-            raise registry.RegistryError(f"model {self.name!r} has no champion to serve")
-        self.forecaster = mlflow.pyfunc.load_model(f"models:/{self.name}/{self.version}")
+        self.version, self.forecaster = registry.load_champion(self.settings, self.name)
         self.store = features.feature_store(self.settings)
         self.ready = True
         return self.ready

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +33,18 @@ requires_redis = pytest.mark.skipif(
     not reachable("127.0.0.1", 6379),
     reason="Redis is not running on 127.0.0.1:6379 (CI and developer machines have it)",
 )
+
+
+def run_cli(home: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`contentml ARGV` in a child process with the embedded settings rooted in `home`."""
+    env = {**os.environ, **make_settings(home).to_env()}
+    return subprocess.run(
+        [sys.executable, "-m", "contentml.cli", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def make_settings(home: Path, **overrides: str) -> Settings:

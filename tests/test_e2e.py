@@ -4,9 +4,6 @@ commands, and `contentml serve` answering real HTTP on a free port."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,22 +12,11 @@ import pytest
 
 from contentml.demo import free_port, model_server
 from serving.client import ClientError, ContentMLClient
-from tests.conftest import make_settings
+from tests.conftest import make_settings, run_cli
 
 pytestmark = pytest.mark.slow
 
 MAX_SERIES = "2"
-
-
-def contentml(home: Path, *argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **make_settings(home).to_env()}
-    return subprocess.run(
-        [sys.executable, "-m", "contentml.cli", *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +26,7 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def first_demo(home: Path) -> dict:
-    result = contentml(home, "demo", "--max-series", MAX_SERIES)
+    result = run_cli(home, "demo", "--max-series", MAX_SERIES)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -54,7 +40,7 @@ def test_demo_ends_with_the_summary_line(first_demo: dict):
 
 
 def test_second_demo_registers_a_new_version(first_demo: dict, home: Path):
-    result = contentml(home, "demo", "--max-series", MAX_SERIES)
+    result = run_cli(home, "demo", "--max-series", MAX_SERIES)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     trend = summary["models"]["trend"]
@@ -62,7 +48,7 @@ def test_second_demo_registers_a_new_version(first_demo: dict, home: Path):
     assert trend["aliases"]["challenger"] == "2"
     assert trend["aliases"]["champion"] in {"1", "2"}
 
-    listed = json.loads(contentml(home, "models", "list", "--json").stdout)
+    listed = json.loads(run_cli(home, "models", "list", "--json").stdout)
     assert [m["name"] for m in listed] == ["trend"]
     assert listed[0]["aliases"] == trend["aliases"]
 
@@ -150,12 +136,12 @@ def test_client_raises_client_error_without_retrying(server: str):
 
 def test_promote_rollback_history(first_demo: dict, home: Path, server: str):
     # Runs after the second demo (test order): versions 1 and 2 exist.
-    promoted = contentml(home, "promote", "trend", "2", "--reason", "e2e")
+    promoted = run_cli(home, "promote", "trend", "2", "--reason", "e2e")
     assert promoted.returncode == 0, promoted.stderr
-    rolled = contentml(home, "rollback", "trend")
+    rolled = run_cli(home, "rollback", "trend")
     assert rolled.returncode == 0, rolled.stderr
     rolled_event = json.loads(rolled.stdout)
     assert rolled_event["from_version"] == "2"
-    history = json.loads(contentml(home, "history", "trend", "--json").stdout)
+    history = json.loads(run_cli(home, "history", "trend", "--json").stdout)
     assert [e["action"] for e in history][-2:] == ["promote", "rollback"]
     assert history[-1]["to_version"] == rolled_event["to_version"]

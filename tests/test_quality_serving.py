@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import yaml
 
 from contentml.cli import main
 from contentml.demo import free_port, model_server
-from tests.conftest import make_settings
+from tests.conftest import make_settings, run_cli
 from tests.test_quality import CLEAN, TINY_RECIPE, sample_toxicity, write_csv
 from training.data import TOXICITY_CLASSES
 from training.quality.pyfunc import PROBABILITY_COLUMNS
@@ -28,19 +26,8 @@ pytestmark = pytest.mark.slow
 PREDICTION_COLUMNS = ["class", *PROBABILITY_COLUMNS]
 
 
-def contentml(home: Path, *argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **make_settings(home).to_env()}
-    return subprocess.run(
-        [sys.executable, "-m", "contentml.cli", *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def use_home(monkeypatch, home: Path) -> None:
-    """Point an in-process `main()` at `home`, as `contentml(home, ...)` does a subprocess."""
+    """Point an in-process `main()` at `home`, as `run_cli(home, ...)` does a subprocess."""
     for name, value in make_settings(home).to_env().items():
         monkeypatch.setenv(name, value)
 
@@ -77,7 +64,7 @@ def home(workdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(home: Path, files: dict[str, Path]) -> dict:
-    result = contentml(
+    result = run_cli(
         home, "quality", "train", "--data", str(files["small"]), "--config", str(files["tiny"])
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -113,7 +100,7 @@ def test_predict_writes_the_input_ids_then_class_and_probabilities(
     trained: dict, home: Path, files: dict[str, Path], workdir: Path
 ):
     output = workdir / "predictions.csv"
-    result = contentml(
+    result = run_cli(
         home, "quality", "predict", "--input", str(files["held"]), "--output", str(output)
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -188,7 +175,7 @@ def test_cli_errors_exit_2_with_one_line(argv, problem, cli_home: Path, tmp_path
 @pytest.fixture(scope="module")
 def predict_in_a_fresh_home(workdir: Path, files: dict[str, Path]) -> subprocess.CompletedProcess:
     output = workdir / "never.csv"
-    return contentml(
+    return run_cli(
         workdir / "fresh",
         "quality",
         "predict",
