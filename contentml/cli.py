@@ -194,6 +194,40 @@ def cmd_quality_predict(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_optuna() -> None:
+    import optuna
+
+    # One INFO line per trial: hundreds per run. The summary line says what matters.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def cmd_niche_automl(settings: Settings, args: argparse.Namespace) -> int:
+    from training.niche.automl import run_automl
+
+    _quiet_optuna()
+    niches = [n.strip() for n in args.niches.split(",") if n.strip()] if args.niches else None
+    _print_json(run_automl(settings, args.budget_minutes, niches))
+    return 0
+
+
+def cmd_niche_adapt(settings: Settings, args: argparse.Namespace) -> int:
+    from training.niche.automl import run_automl
+
+    _quiet_optuna()
+    _print_json(run_automl(settings, args.budget_minutes, [args.niche]))
+    return 0
+
+
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of minutes: {text!r}") from None
+    if not 0 < value <= 24 * 60:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1440, not {value}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -300,6 +334,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", type=_positive, default=None, help="model version (default: champion)"
     )
     quality_predict.set_defaults(handler=cmd_quality_predict)
+
+    niche = commands.add_parser("niche", help="AutoML models per niche")
+    niche_commands = niche.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
+    automl = niche_commands.add_parser(
+        "automl", help="search, register and gate a model per niche and the global model"
+    )
+    automl.add_argument("--budget-minutes", type=_minutes, required=True)
+    automl.add_argument("--niches", default=None, help="comma-separated niche names or slugs")
+    automl.set_defaults(handler=cmd_niche_automl)
+    adapt = niche_commands.add_parser(
+        "adapt", help="one niche, warm-started from the global study's best trials"
+    )
+    adapt.add_argument("--niche", required=True, help="niche name or slug")
+    adapt.add_argument("--budget-minutes", type=_minutes, default=5.0)
+    adapt.set_defaults(handler=cmd_niche_adapt)
 
     history = commands.add_parser("history", help="every alias change of a model")
     history.add_argument("model")

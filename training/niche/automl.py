@@ -1,0 +1,236 @@
+"""AutoML per niche: a global study over every niche is the baseline and the warm start; each
+niche's study starts from the global study's best trials, and its winner is registered as
+`niche-<slug>` (challenger) and gated against the champion on the same time window."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import joblib
+import mlflow
+import pandas as pd
+
+from contentml import registry
+from contentml.errors import UserError
+from contentml.settings import Settings
+from training import data
+from training.niche.data import FEATURES, engagement_frame, time_split
+from training.niche.search import SearchConfig, best_trials_params, fit_params, rmse, search
+
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+
+TARGET = "log_views_gained"
+"""What the niche models predict: log views gained from the first to the last trending day."""
+
+VALIDATION_FRACTION = 0.2
+"""The latest fifth of the snapshot days is the validation window (never a random split)."""
+
+MIN_TRAIN_ROWS = 150
+MIN_VALIDATION_ROWS = 30
+"""A category is a niche with enough data when it has this many rows on each side."""
+
+GLOBAL = "global"
+WARM_START_TRIALS = 3
+"""Best global trials every niche study runs first."""
+
+SEARCH_SHARE = 0.85
+"""Share of the budget given to the studies; the rest is fitting, scoring, registering."""
+
+
+class UnknownNiche(UserError):
+    """A requested niche is not among the niches with enough data."""
+
+
+def slug(name: str) -> str:
+    """`Howto & Style` -> `howto-style`: registered model names and URLs take it."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def niches_table(train: pd.DataFrame, validation: pd.DataFrame) -> pd.DataFrame:
+    """Every category with its rows on each side of the time split, and whether it has enough
+    data to get a model of its own."""
+    table = pd.DataFrame(
+        {
+            "train_rows": train["category"].value_counts(),
+            "validation_rows": validation["category"].value_counts(),
+        }
+    ).fillna(0)
+    table = table.astype("int64").rename_axis("niche").reset_index()
+    table["slug"] = table["niche"].map(slug)
+    table["enough_data"] = (table["train_rows"] >= MIN_TRAIN_ROWS) & (
+        table["validation_rows"] >= MIN_VALIDATION_ROWS
+    )
+    return table.sort_values("train_rows", ascending=False).reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class NicheResult:
+    niche: str
+    model: str
+    train_rows: int
+    validation_rows: int
+    best_family: str
+    validation_rmse: float
+    global_rmse: float
+    trials: int
+    pruned: int
+    version: str
+    promoted: bool
+
+
+def run_automl(
+    settings: Settings, budget_minutes: float, niches: list[str] | None = None, seed: int = 0
+) -> dict:
+    """Search the global model, then every chosen niche, within `budget_minutes` in all."""
+    started = time.monotonic()
+    frame = engagement_frame(data.load_youtube_trending(settings.data_dir))
+    train, validation = time_split(frame, VALIDATION_FRACTION)
+    table = niches_table(train, validation)
+    chosen = _choose(table, niches)
+    per_study = budget_minutes * 60 * SEARCH_SHARE / (len(chosen) + 1)
+    config = SearchConfig(budget_seconds=per_study, max_trials=10_000, seed=seed)
+
+    global_result = _study(settings, GLOBAL, train, validation, config, enqueue=())
+    global_model = fit_params(global_result["params"], train, FEATURES, TARGET, seed)
+    global_version, _ = _register(settings, GLOBAL, global_model, global_result, validation)
+    warm = best_trials_params(settings.optuna_storage, _study_name(GLOBAL), WARM_START_TRIALS)
+
+    results = []
+    for name in chosen:
+        niche_train = train[train["category"] == name]
+        niche_validation = validation[validation["category"] == name]
+        found = _study(settings, slug(name), niche_train, niche_validation, config, warm)
+        model = fit_params(found["params"], niche_train, FEATURES, TARGET, seed)
+        version, gate = _register(settings, slug(name), model, found, niche_validation)
+        results.append(
+            NicheResult(
+                niche=name,
+                model=f"niche-{slug(name)}",
+                train_rows=len(niche_train),
+                validation_rows=len(niche_validation),
+                best_family=found["family"],
+                validation_rmse=rmse(model, niche_validation, FEATURES, TARGET),
+                global_rmse=rmse(global_model, niche_validation, FEATURES, TARGET),
+                trials=found["trials"],
+                pruned=found["pruned"],
+                version=version,
+                promoted=gate.promoted,
+            )
+        )
+    beats = [r for r in results if r.validation_rmse < r.global_rmse]
+    return {
+        "target": TARGET,
+        "validation_from": validation["event_timestamp"].min().isoformat(),
+        "global": {
+            "model": "niche-global",
+            "best_family": global_result["family"],
+            "validation_rmse": rmse(global_model, validation, FEATURES, TARGET),
+            "trials": global_result["trials"],
+            "version": global_version,
+        },
+        "niches": [asdict(r) for r in results],
+        "niches_beating_global": f"{len(beats)}/{len(results)}",
+        "niches_table": table.to_dict(orient="records"),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _choose(table: pd.DataFrame, requested: list[str] | None) -> list[str]:
+    eligible = table[table["enough_data"]]
+    if requested is None:
+        return eligible["niche"].tolist()
+    by_key = {**dict(zip(eligible["slug"], eligible["niche"], strict=True))}
+    by_key |= {n: n for n in eligible["niche"]}
+    unknown = [n for n in requested if n not in by_key]
+    if unknown:
+        raise UnknownNiche(
+            f"no niche with enough data named {unknown}; choose from {eligible['slug'].tolist()}"
+        )
+    return [by_key[n] for n in requested]
+
+
+def _study_name(niche_slug: str) -> str:
+    return f"niche-{niche_slug}-{TARGET}"
+
+
+def _study(
+    settings: Settings,
+    niche_slug: str,
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    config: SearchConfig,
+    enqueue: list[dict],
+) -> dict:
+    client = registry.connect(settings)
+    result = search(
+        train,
+        validation,
+        list(FEATURES),
+        TARGET,
+        study_name=_study_name(niche_slug),
+        storage=settings.optuna_storage,
+        config=config,
+        enqueue=enqueue,
+        mlflow_tracking_uri=settings.mlflow_tracking_uri,
+        mlflow_experiment=client.get_experiment(registry.experiment_id(client, settings)).name,
+    )
+    return {
+        "family": str(result.best_family),
+        "params": result.best_params,
+        "trials": result.trials_completed,
+        "pruned": result.trials_pruned,
+    }
+
+
+def _register(
+    settings: Settings, niche_slug: str, model, found: dict, validation: pd.DataFrame
+) -> tuple[str, registry.GateDecision]:
+    """Log and register the fitted winner as challenger; gate it on the validation window."""
+    name = f"niche-{niche_slug}"
+    client = registry.connect(settings)
+    score = rmse(model, validation, FEATURES, TARGET)
+    with (
+        mlflow.start_run(
+            experiment_id=registry.experiment_id(client, settings), run_name=f"{name}-winner"
+        ),
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        mlflow.log_params({"target": TARGET, **found["params"]})
+        mlflow.log_metrics({"validation_rmse": score, "trials": found["trials"]})
+        estimator = Path(scratch) / "estimator.joblib"
+        joblib.dump(model, estimator)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODEL_CODE),
+            artifacts={"estimator": str(estimator)},
+            registered_model_name=name,
+            input_example=validation[list(FEATURES)].head(2),
+            pip_requirements=[
+                f"{p}=={importlib.metadata.version(p)}"
+                for p in ("mlflow", "scikit-learn", "torch", "pandas", "joblib")
+            ],
+        )
+    version = str(info.registered_model_version)
+    registry.set_alias(
+        client, name, registry.Alias.CHALLENGER, version, action="register", reason="niche automl"
+    )
+    gate = registry.promotion_gate(
+        client,
+        name,
+        version,
+        metric="rmse",
+        greater_is_better=False,
+        challenger_score=score,
+        score_champion=lambda uri: rmse(
+            mlflow.pyfunc.load_model(uri).unwrap_python_model().estimator,
+            validation,
+            FEATURES,
+            TARGET,
+        ),
+    )
+    return version, gate
