@@ -8,11 +8,17 @@ from kserve import Model, ModelServer
 
 from contentml.registry import RegistryError
 from contentml.settings import Settings
+from serving.niche_model import NicheRouter
 from serving.quality_model import QualityModel
 from serving.trend_model import TrendModel
 
-PREDICTORS: dict[str, type[Model]] = {"trend": TrendModel, "quality": QualityModel}
-"""Registered model name -> the predictor class that serves it."""
+PREDICTORS: dict[str, type[Model]] = {
+    "trend": TrendModel,
+    "quality": QualityModel,
+    "niche": NicheRouter,
+}
+"""Served model name -> the predictor class that serves it. With `niche`, every registered
+`niche-<slug>` model is served too."""
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +42,8 @@ def load_models(settings: Settings, names: list[str] | None = None) -> list[Mode
             logger.warning("not serving %s: %s", name, e)
             continue
         models.append(model)
+        if isinstance(model, NicheRouter):
+            models.extend(model.niches.values())
     if not models:
         raise NothingToServe(
             "no model has a champion yet: run `contentml demo` or "

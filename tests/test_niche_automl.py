@@ -4,13 +4,19 @@ gated on the validation window (a short budget on the real trending data)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
+import httpx
+import numpy as np
 import pytest
 
 from contentml import registry
 from contentml.cli import main
-from tests.conftest import make_settings
+from contentml.demo import free_port, model_server
+from tests.conftest import DATA_DIR, make_settings
+from training.data import load_youtube_trending
 from training.niche.automl import UnknownNiche, run_automl, slug
+from training.niche.data import FEATURES, engagement_frame
 
 pytestmark = pytest.mark.slow
 
@@ -68,3 +74,52 @@ def test_a_bad_budget_exits_2(minutes, capsys):
 def test_slug():
     assert slug("Howto & Style") == "howto-style"
     assert slug("News & Politics") == "news-politics"
+
+
+@pytest.fixture(scope="module")
+def server(summary: dict, settings) -> Iterator[str]:
+    with model_server(settings, free_port()) as url:
+        yield url
+
+
+def features_of_a_real_video() -> dict[str, float]:
+    frame = engagement_frame(load_youtube_trending(DATA_DIR))
+    return {name: float(frame.iloc[0][name]) for name in FEATURES}
+
+
+def test_the_router_serves_a_known_niche_and_falls_back_for_an_unknown_one(server: str):
+    features = features_of_a_real_video()
+    instances = [
+        {"category": "Music", "features": features},
+        {"category": "Nonprofits & Activism", "features": features},
+    ]
+    response = httpx.post(f"{server}/v1/models/niche:predict", json={"instances": instances})
+    assert response.status_code == 200, response.text
+    known, unknown = response.json()["predictions"]
+    assert known["model"] == "niche-music" and known["fallback"] is False
+    assert unknown["model"] == "niche-global" and unknown["fallback"] is True
+    assert all(np.isfinite(p["log_views_gained"]) for p in (known, unknown))
+
+
+def test_each_niche_model_has_its_own_endpoint(server: str):
+    response = httpx.post(
+        f"{server}/v1/models/niche-music:predict",
+        json={"instances": [features_of_a_real_video()]},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["model_version"] in {"1", "2"}
+
+
+@pytest.mark.parametrize(
+    ("instance", "problem"),
+    [
+        ({"features": {}}, "category: Field required"),
+        ({"category": "", "features": {}}, "category: String should have at least 1 character"),
+        ({"category": "Music", "features": {"title_chars": "long"}}, "features.title_chars"),
+        ({"category": "Music", "features": {"nope": 1.0}}, "features.nope"),
+    ],
+)
+def test_malformed_niche_requests_get_400_naming_the_field(server: str, instance, problem):
+    response = httpx.post(f"{server}/v1/models/niche:predict", json={"instances": [instance]})
+    assert response.status_code == 400
+    assert problem in response.text
