@@ -14,10 +14,15 @@ from kfp import compiler
 
 from contentml.errors import UserError
 from contentml.settings import Settings
+from pipelines.niche import niche_automl
 from pipelines.quality import quality_training
 from pipelines.training import training
 
-PIPELINES: dict[str, Callable] = {"training": training, "quality-training": quality_training}
+PIPELINES: dict[str, Callable] = {
+    "training": training,
+    "quality-training": quality_training,
+    "niche-automl": niche_automl,
+}
 """Pipeline name (as in the KFP UI) -> pipeline function."""
 
 COMPILED_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "compiled"

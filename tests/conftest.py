@@ -63,6 +63,16 @@ def restore_environment() -> Iterator[None]:
     os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def restore_module_environment() -> Iterator[None]:
+    """The same for module-scoped fixtures (a model trained once per module), which run before
+    the per-test snapshot and would otherwise leak into the modules after them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny models gain nothing from threads, and OpenMP threads slow to a crawl when other

@@ -89,3 +89,22 @@ def test_quality_pipeline_runs_locally_and_registers_a_champion(tmp_path: Path):
     run = client.get_run(client.get_model_version("quality", "1").run_id)
     assert run.data.params["epochs"] == "1"
     assert "weighted_f1" in run.data.metrics and "hate_threshold" in run.data.params
+
+
+def test_kfp_loads_the_compiled_niche_pipeline():
+    loaded = components.load_component_from_file(str(pipelines.COMPILED_DIR / "niche-automl.yaml"))
+    assert loaded.name == "niche-automl"
+    assert set(loaded.component_spec.inputs) == {"budget_minutes", "niches"}
+
+
+@pytest.mark.slow
+def test_niche_pipeline_fans_out_over_niches_locally(tmp_path: Path):
+    """The global study, then one ParallelFor task per niche, in kfp.local."""
+    settings = make_settings(tmp_path / "state")
+    results = pipelines.run_local(
+        settings, "niche-automl", {"budget_minutes": 0.3, "niches": "music,comedy"}
+    )
+    assert sorted(r["model"] for r in results) == ["niche-comedy", "niche-music"]
+    client = registry.connect(settings)
+    for name in ("niche-global", "niche-music", "niche-comedy"):
+        assert registry.alias_version(client, name, registry.Alias.CHAMPION) == "1"

@@ -83,59 +83,89 @@ class NicheResult:
     promoted: bool
 
 
+def _split(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    frame = engagement_frame(data.load_youtube_trending(settings.data_dir))
+    return time_split(frame, VALIDATION_FRACTION)
+
+
+def search_global(
+    settings: Settings, budget_minutes: float, niches: list[str] | None = None, seed: int = 0
+) -> dict:
+    """The first stage: choose the niches, give each study its share of the budget, search
+    and register the global model. The niche stages can then run in parallel."""
+    train, validation = _split(settings)
+    table = niches_table(train, validation)
+    chosen = _choose(table, niches)
+    study_seconds = budget_minutes * 60 * SEARCH_SHARE / (len(chosen) + 1)
+    config = SearchConfig(budget_seconds=study_seconds, max_trials=10_000, seed=seed)
+    found = _study(settings, GLOBAL, train, validation, config, enqueue=())
+    model = fit_params(found["params"], train, FEATURES, TARGET, seed)
+    version, _ = _register(settings, GLOBAL, model, found, validation)
+    return {
+        "niches": chosen,
+        "study_seconds": study_seconds,
+        "validation_from": validation["event_timestamp"].min().isoformat(),
+        "niches_table": table.to_dict(orient="records"),
+        "global": {
+            "model": f"niche-{GLOBAL}",
+            "best_family": found["family"],
+            "validation_rmse": rmse(model, validation, FEATURES, TARGET),
+            "trials": found["trials"],
+            "version": version,
+        },
+    }
+
+
+def search_niche(
+    settings: Settings, niche: str, study_seconds: float, global_version: str, seed: int = 0
+) -> dict:
+    """One niche's stage: its study starts from the global study's best trials; the winner
+    is registered, gated, and compared with global model `global_version` on the niche."""
+    train, validation = _split(settings)
+    niche_train = train[train["category"] == niche]
+    niche_validation = validation[validation["category"] == niche]
+    warm = best_trials_params(settings.optuna_storage, _study_name(GLOBAL), WARM_START_TRIALS)
+    config = SearchConfig(budget_seconds=study_seconds, max_trials=10_000, seed=seed)
+    found = _study(settings, slug(niche), niche_train, niche_validation, config, warm)
+    model = fit_params(found["params"], niche_train, FEATURES, TARGET, seed)
+    version, gate = _register(settings, slug(niche), model, found, niche_validation)
+    global_model = mlflow.pyfunc.load_model(f"models:/niche-{GLOBAL}/{global_version}")
+    result = NicheResult(
+        niche=niche,
+        model=f"niche-{slug(niche)}",
+        train_rows=len(niche_train),
+        validation_rows=len(niche_validation),
+        best_family=found["family"],
+        validation_rmse=rmse(model, niche_validation, FEATURES, TARGET),
+        global_rmse=rmse(
+            global_model.unwrap_python_model().estimator, niche_validation, FEATURES, TARGET
+        ),
+        trials=found["trials"],
+        pruned=found["pruned"],
+        version=version,
+        promoted=gate.promoted,
+    )
+    return asdict(result)
+
+
 def run_automl(
     settings: Settings, budget_minutes: float, niches: list[str] | None = None, seed: int = 0
 ) -> dict:
-    """Search the global model, then every chosen niche, within `budget_minutes` in all."""
+    """Both stages in this process (`contentml niche automl`), within `budget_minutes`."""
     started = time.monotonic()
-    frame = engagement_frame(data.load_youtube_trending(settings.data_dir))
-    train, validation = time_split(frame, VALIDATION_FRACTION)
-    table = niches_table(train, validation)
-    chosen = _choose(table, niches)
-    per_study = budget_minutes * 60 * SEARCH_SHARE / (len(chosen) + 1)
-    config = SearchConfig(budget_seconds=per_study, max_trials=10_000, seed=seed)
-
-    global_result = _study(settings, GLOBAL, train, validation, config, enqueue=())
-    global_model = fit_params(global_result["params"], train, FEATURES, TARGET, seed)
-    global_version, _ = _register(settings, GLOBAL, global_model, global_result, validation)
-    warm = best_trials_params(settings.optuna_storage, _study_name(GLOBAL), WARM_START_TRIALS)
-
-    results = []
-    for name in chosen:
-        niche_train = train[train["category"] == name]
-        niche_validation = validation[validation["category"] == name]
-        found = _study(settings, slug(name), niche_train, niche_validation, config, warm)
-        model = fit_params(found["params"], niche_train, FEATURES, TARGET, seed)
-        version, gate = _register(settings, slug(name), model, found, niche_validation)
-        results.append(
-            NicheResult(
-                niche=name,
-                model=f"niche-{slug(name)}",
-                train_rows=len(niche_train),
-                validation_rows=len(niche_validation),
-                best_family=found["family"],
-                validation_rmse=rmse(model, niche_validation, FEATURES, TARGET),
-                global_rmse=rmse(global_model, niche_validation, FEATURES, TARGET),
-                trials=found["trials"],
-                pruned=found["pruned"],
-                version=version,
-                promoted=gate.promoted,
-            )
-        )
-    beats = [r for r in results if r.validation_rmse < r.global_rmse]
+    first = search_global(settings, budget_minutes, niches, seed)
+    results = [
+        search_niche(settings, name, first["study_seconds"], first["global"]["version"], seed)
+        for name in first["niches"]
+    ]
+    beats = [r for r in results if r["validation_rmse"] < r["global_rmse"]]
     return {
         "target": TARGET,
-        "validation_from": validation["event_timestamp"].min().isoformat(),
-        "global": {
-            "model": "niche-global",
-            "best_family": global_result["family"],
-            "validation_rmse": rmse(global_model, validation, FEATURES, TARGET),
-            "trials": global_result["trials"],
-            "version": global_version,
-        },
-        "niches": [asdict(r) for r in results],
+        "validation_from": first["validation_from"],
+        "global": first["global"],
+        "niches": results,
         "niches_beating_global": f"{len(beats)}/{len(results)}",
-        "niches_table": table.to_dict(orient="records"),
+        "niches_table": first["niches_table"],
         "seconds": round(time.monotonic() - started, 1),
     }
 
