@@ -4,6 +4,7 @@ niche's study starts from the global study's best trials, and its winner is regi
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import re
 import tempfile
@@ -83,8 +84,11 @@ class NicheResult:
     promoted: bool
 
 
-def _split(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    frame = engagement_frame(data.load_youtube_trending(settings.data_dir))
+@functools.lru_cache(maxsize=1)
+def _split(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    # Read once per process: `run_automl` runs the global stage and every niche stage here,
+    # while a pipeline task runs one stage. The frames are only filtered, never changed.
+    frame = engagement_frame(data.load_youtube_trending(data_dir))
     return time_split(frame, VALIDATION_FRACTION)
 
 
@@ -93,7 +97,7 @@ def search_global(
 ) -> dict:
     """The first stage: choose the niches, give each study its share of the budget, search
     and register the global model. The niche stages can then run in parallel."""
-    train, validation = _split(settings)
+    train, validation = _split(settings.data_dir)
     table = niches_table(train, validation)
     chosen = _choose(table, niches)
     study_seconds = budget_minutes * 60 * SEARCH_SHARE / (len(chosen) + 1)
@@ -121,7 +125,7 @@ def search_niche(
 ) -> dict:
     """One niche's stage: its study starts from the global study's best trials; the winner
     is registered, gated, and compared with global model `global_version` on the niche."""
-    train, validation = _split(settings)
+    train, validation = _split(settings.data_dir)
     niche_train = train[train["category"] == niche]
     niche_validation = validation[validation["category"] == niche]
     warm = best_trials_params(settings.optuna_storage, _study_name(GLOBAL), WARM_START_TRIALS)
@@ -174,7 +178,7 @@ def _choose(table: pd.DataFrame, requested: list[str] | None) -> list[str]:
     eligible = table[table["enough_data"]]
     if requested is None:
         return eligible["niche"].tolist()
-    by_key = {**dict(zip(eligible["slug"], eligible["niche"], strict=True))}
+    by_key = dict(zip(eligible["slug"], eligible["niche"], strict=True))
     by_key |= {n: n for n in eligible["niche"]}
     unknown = [n for n in requested if n not in by_key]
     if unknown:
