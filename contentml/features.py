@@ -28,13 +28,24 @@ from contentml.settings import Settings
 from feature_repo import data_sources, entities, feature_services
 from feature_repo import features as feature_views
 from feature_repo.data_sources import (
+    channel_history_source,
     channel_stats_source,
     niche_stats_source,
     topic_interest_source,
     topic_recent_source,
     video_stats_source,
 )
-from feature_repo.feature_services import trend_serving_v1, trend_training_v1
+from feature_repo.feature_services import niche_engagement_v1, trend_serving_v1, trend_training_v1
+from feature_repo.features import channel_history_fv
+from training.niche.data import (
+    CHANNEL_HISTORY,
+    FEATURES,
+    KEYS,
+    NEW_CHANNEL_DAYS,
+    NO_HISTORY_LOG_GAIN,
+    TARGETS,
+    channel_history_frame,
+)
 
 RECENT_HOURS = 168
 """Length of the history the model server gets per series: one week of hourly values."""
@@ -204,6 +215,7 @@ VIDEO_SOURCES: list[tuple[FileSource, Callable[[pd.DataFrame], pd.DataFrame]]] =
     (video_stats_source, video_stats_frame),
     (channel_stats_source, channel_stats_frame),
     (niche_stats_source, niche_stats_frame),
+    (channel_history_source, channel_history_frame),
 ]
 """Sources built from `training.data.load_youtube_trending`'s frame, and how."""
 
@@ -240,10 +252,68 @@ def apply_definitions(store: FeatureStore) -> None:
     store.apply(_definitions())
 
 
-def materialize(store: FeatureStore, end: datetime) -> None:
+def materialize(store: FeatureStore, end: datetime, views: list[FeatureView] | None = None) -> None:
     """Load the latest value per entity with a timestamp at or before `end` (inclusive) into
-    the online store; a later run overwrites what an earlier one wrote."""
-    store.materialize(start_date=MATERIALIZE_START, end_date=_utc(end))
+    the online store, for `views` (default: every online view); a later run overwrites what
+    an earlier one wrote."""
+    names = None if views is None else [view.name for view in views]
+    store.materialize(start_date=MATERIALIZE_START, end_date=_utc(end), feature_views=names)
+
+
+NEW_CHANNEL_HISTORY = {
+    "channel_prior_videos": 0.0,
+    "channel_prior_log_views_gained": NO_HISTORY_LOG_GAIN,
+    "channel_days_since_trended": NEW_CHANNEL_DAYS,
+    "channel_is_new": 1.0,
+}
+"""The history of a channel the online store does not know: what training sees for a channel
+new to the country's list."""
+
+
+def publish_engagement_features(settings: Settings, videos: pd.DataFrame) -> FeatureStore:
+    """Write the channel history of the `load_youtube_trending` frame to its Feast source and
+    the online store (up to the last snapshot day): the niche models' training and serving
+    read it from there."""
+    store = feature_store(settings)
+    history = channel_history_frame(videos)
+    _write_parquet(history, settings.feast_data_dir / channel_history_source.path)
+    apply_definitions(store)
+    materialize(store, history["event_timestamp"].max().to_pydatetime(), [channel_history_fv])
+    return store
+
+
+def engagement_training_frame(store: FeatureStore, rows: pd.DataFrame) -> pd.DataFrame:
+    """`training.niche.data.engagement_rows` with the channel history each row's channel had
+    on its first day, joined point-in-time by Feast: `KEYS`, `FEATURES`, `TARGETS`, in the
+    rows' order."""
+    service = store.get_feature_service(niche_engagement_v1.name)
+    joined = store.get_historical_features(rows, features=service).to_df()
+    # Every row has a history row on its own day once its data is published; a row with none
+    # at or before its day has a channel Feast never saw.
+    missing = joined[list(CHANNEL_HISTORY)].isna().any(axis=1).sum()
+    if len(joined) != len(rows) or missing:
+        raise ValueError(
+            f"{missing or abs(len(rows) - len(joined))} of {len(rows)} rows have no channel "
+            "history in Feast: publish the features of the same data first "
+            "(`publish_engagement_features`)"
+        )
+    joined["event_timestamp"] = pd.to_datetime(joined["event_timestamp"], utc=True)
+    joined = joined.set_index(["country", "video_id"]).loc[
+        pd.MultiIndex.from_frame(rows[["country", "video_id"]])
+    ]
+    frame = joined.reset_index()[[*KEYS, *FEATURES, *TARGETS]]
+    return frame.astype({name: "float64" for name in CHANNEL_HISTORY})
+
+
+def online_channel_history(store: FeatureStore, keys: pd.DataFrame) -> pd.DataFrame:
+    """`CHANNEL_HISTORY` for each (`channel_id`, `country`) row of `keys`, in its order and
+    index, from the online store; a channel it does not know gets `NEW_CHANNEL_HISTORY`."""
+    response = store.get_online_features(
+        features=store.get_feature_service(niche_engagement_v1.name),
+        entity_rows=keys[["channel_id", "country"]].to_dict(orient="records"),
+    ).to_dict()
+    history = pd.DataFrame({name: response[name] for name in CHANNEL_HISTORY}, index=keys.index)
+    return history.astype("float64").fillna(NEW_CHANNEL_HISTORY)
 
 
 def trend_training_frame(

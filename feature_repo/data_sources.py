@@ -46,3 +46,12 @@ niche_stats_source = FileSource(
     timestamp_field="event_timestamp",
     description="One row per category and snapshot day.",
 )
+
+# A channel's trending history per country, as of the days its videos first trend.
+channel_history_source = FileSource(
+    name="channel_history_source",
+    path="channel_history.parquet",
+    timestamp_field="event_timestamp",
+    description="One row per country, channel and day a video of the channel first trends, "
+    "plus each channel on the last day of the data.",
+)

@@ -26,6 +26,14 @@ channel = Entity(
     description="A YouTube channel: 'ch_' + the first 12 hex digits of sha1(channel title).",
 )
 
+# A country's trending list is its own market: a channel's history there is kept apart.
+country = Entity(
+    name="country",
+    join_keys=["country"],
+    value_type=ValueType.STRING,
+    description="The country of a trending list: US or GB.",
+)
+
 # A niche is a YouTube category: the market a new video competes in.
 niche = Entity(
     name="niche",

@@ -6,13 +6,14 @@ from feast import FeatureView, Field
 from feast.types import Array, Float64, Int64, String
 
 from feature_repo.data_sources import (
+    channel_history_source,
     channel_stats_source,
     niche_stats_source,
     topic_interest_source,
     topic_recent_source,
     video_stats_source,
 )
-from feature_repo.entities import channel, niche, topic, video
+from feature_repo.entities import channel, country, niche, topic, video
 
 # Training history: interest and its trailing means, computed from the past and the current hour
 # only. A row is valid within its own hour (ttl < 1 h, Feast's ttl bound is inclusive), so an hour
@@ -93,4 +94,23 @@ niche_stats_fv = FeatureView(
     source=niche_stats_source,
     online=True,
     description="Per category and snapshot day, over both countries.",
+)
+
+# What a channel brings to its next video: its earlier trending runs in the same country, from
+# snapshots before the video's first day only (`training.niche.data.CHANNEL_HISTORY`). No ttl:
+# a row stays the channel's history until a newer one, however long the channel is away.
+channel_history_fv = FeatureView(
+    name="channel_history_fv",
+    entities=[channel, country],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="channel_prior_videos", dtype=Float64),
+        Field(name="channel_prior_log_views_gained", dtype=Float64),
+        Field(name="channel_days_since_trended", dtype=Float64),
+        Field(name="channel_is_new", dtype=Float64),
+    ],
+    source=channel_history_source,
+    online=True,
+    description="Ended trending runs of a channel's earlier videos in a country: how many, "
+    "their mean log views gained, days since the channel last trended, whether it is new.",
 )

@@ -4,37 +4,47 @@ the instance's category and falls back to the global model for unknown niches.""
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pydantic
+from feast import FeatureStore
 from kserve import Model
 from kserve.errors import InferenceError
 from mlflow.tracking import MlflowClient
 
-from contentml import registry
+from contentml import features, registry
 from contentml.settings import Settings
 from serving.payloads import instances_from_v1, parse_instances
 from training.niche.automl import GLOBAL, slug
-from training.niche.data import FEATURES
+from training.niche.data import FEATURES, video_features
 
 MAX_INSTANCES = 1_000
 PREFIX = "niche-"
 
-NicheFeatures = pydantic.create_model(
-    "NicheFeatures",
-    __config__=pydantic.ConfigDict(extra="forbid"),
-    **{name: (pydantic.FiniteFloat, ...) for name in FEATURES},
-)
-"""An instance for a niche model: every engagement feature, as a finite number."""
+Count = pydantic.NonNegativeInt
 
 
-class RoutedRequest(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
+class TrendingVideo(pydantic.BaseModel):
+    """A video on its first day on a country's trending list: what the content pipeline knows
+    then. The channel's history comes from Feast's online store."""
 
-    category: pydantic.StrictStr = pydantic.Field(min_length=1)
-    features: NicheFeatures
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+
+    category: str = pydantic.Field(min_length=1)
+    channel_id: str = pydantic.Field(min_length=1)
+    country: str = pydantic.Field(pattern=r"^[A-Z]{2}$")
+    title: str = pydantic.Field(min_length=1, max_length=1_000)
+    tags: str = ""
+    """'|'-separated, as YouTube exports them."""
+    views: Count
+    likes: Count
+    dislikes: Count
+    comment_total: Count
+    trending_date: datetime.date = pydantic.Field(strict=False)
+    """ISO date (`2018-06-14`) of the first day on the list."""
 
 
 def niche_model_names(settings: Settings) -> list[str]:
@@ -44,8 +54,18 @@ def niche_model_names(settings: Settings) -> list[str]:
     return sorted(m.name for m in found)
 
 
-def _predict(estimator: Any, rows: list[pydantic.BaseModel]) -> np.ndarray:
-    frame = pd.DataFrame([row.model_dump() for row in rows])[list(FEATURES)]
+def _features(store: FeatureStore, videos: list[TrendingVideo]) -> pd.DataFrame:
+    """`FEATURES` of the videos: their own from the request, their channels' from Feast."""
+    first = pd.DataFrame([video.model_dump() for video in videos])
+    first["event_timestamp"] = pd.to_datetime(first["trending_date"]).dt.tz_localize("UTC")
+    try:
+        history = features.online_channel_history(store, first)
+    except Exception as e:
+        raise InferenceError(f"reading the channel history from Feast failed: {e}") from e
+    return pd.concat([video_features(first), history], axis=1)[list(FEATURES)]
+
+
+def _predict(estimator: Any, frame: pd.DataFrame) -> np.ndarray:
     try:
         return estimator.predict(frame.to_numpy(dtype=float))
     except Exception as e:
@@ -53,7 +73,7 @@ def _predict(estimator: Any, rows: list[pydantic.BaseModel]) -> np.ndarray:
 
 
 class NicheModel(Model):
-    """One niche's champion: instances are the engagement features."""
+    """One niche's champion: instances are `TrendingVideo`s."""
 
     def __init__(self, name: str, settings: Settings):
         super().__init__(name)
@@ -63,21 +83,22 @@ class NicheModel(Model):
     def load(self) -> bool:
         self.version, pyfunc = registry.load_champion(self.settings, self.name)
         self.estimator = pyfunc.unwrap_python_model().estimator
+        self.store = features.feature_store(self.settings)
         self.ready = True
         return self.ready
 
     def predict(self, payload: dict, headers: dict[str, str] | None = None) -> dict:
-        rows = parse_instances(instances_from_v1(payload), NicheFeatures, MAX_INSTANCES)
+        videos = parse_instances(instances_from_v1(payload), TrendingVideo, MAX_INSTANCES)
+        values = _predict(self.estimator, _features(self.store, videos))
         return {
             "predictions": [
-                {"log_views_gained": float(v), "model_version": self.version}
-                for v in _predict(self.estimator, rows)
+                {"log_views_gained": float(v), "model_version": self.version} for v in values
             ]
         }
 
 
 class NicheRouter(Model):
-    """`{"category": ..., "features": {...}}` -> the category's niche model, else global."""
+    """A `TrendingVideo` -> its category's niche model, else the global model."""
 
     def __init__(self, name: str, settings: Settings):
         super().__init__(name)
@@ -96,21 +117,26 @@ class NicheRouter(Model):
             raise registry.RegistryError(
                 f"model {PREFIX}{GLOBAL!s} has no champion: run `contentml niche automl` first"
             )
+        self.store = features.feature_store(self.settings)
         self.ready = True
         return self.ready
 
     def predict(self, payload: dict, headers: dict[str, str] | None = None) -> dict:
-        requests = parse_instances(instances_from_v1(payload), RoutedRequest, MAX_INSTANCES)
-        predictions = []
-        for request in requests:
-            chosen = self.niches.get(slug(request.category), self.niches[GLOBAL])
-            (value,) = _predict(chosen.estimator, [request.features])
-            predictions.append(
+        videos = parse_instances(instances_from_v1(payload), TrendingVideo, MAX_INSTANCES)
+        frame = _features(self.store, videos)
+        chosen = [self.niches.get(slug(v.category), self.niches[GLOBAL]) for v in videos]
+        values = np.empty(len(videos))
+        for model in set(chosen):
+            rows = [i for i, c in enumerate(chosen) if c is model]
+            values[rows] = _predict(model.estimator, frame.iloc[rows])
+        return {
+            "predictions": [
                 {
                     "log_views_gained": float(value),
-                    "model": chosen.name,
-                    "model_version": chosen.version,
-                    "fallback": chosen.name == f"{PREFIX}{GLOBAL}",
+                    "model": model.name,
+                    "model_version": model.version,
+                    "fallback": model.name == f"{PREFIX}{GLOBAL}",
                 }
-            )
-        return {"predictions": predictions}
+                for value, model in zip(values, chosen, strict=True)
+            ]
+        }

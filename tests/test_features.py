@@ -17,15 +17,19 @@ import redis
 from feast import FeatureStore
 
 from contentml.features import (
+    NEW_CHANNEL_HISTORY,
     RECENT_HOURS,
     TRAINING_COLUMNS,
     TRAINING_DTYPES,
     apply_definitions,
     channel_stats_frame,
+    engagement_training_frame,
     feature_store,
     materialize,
     niche_stats_frame,
+    online_channel_history,
     online_history,
+    publish_engagement_features,
     repo_config,
     trend_training_frame,
     video_stats_frame,
@@ -34,6 +38,12 @@ from contentml.features import (
 from contentml.settings import Settings
 from tests.conftest import DATA_DIR, make_settings, requires_postgres, requires_redis
 from training.data import SERIES_END, load_m4_hourly, load_youtube_trending
+from training.niche.data import (
+    CHANNEL_HISTORY,
+    channel_history_frame,
+    engagement_frame,
+    engagement_rows,
+)
 
 M4_PATH = DATA_DIR / "m4-hourly" / "Hourly-train.csv"
 SERIES_IDS = ["H1", "H2", "H3"]
@@ -98,17 +108,25 @@ def test_sources_are_written_under_feast_data_dir(local: tuple[Settings, Feature
 
 def test_apply_registers_every_definition(local: tuple[Settings, FeatureStore]) -> None:
     _, store = local
-    assert {e.name for e in store.list_entities()} == {"topic", "video", "channel", "niche"}
+    assert {e.name for e in store.list_entities()} == {
+        "topic",
+        "video",
+        "channel",
+        "country",
+        "niche",
+    }
     assert {v.name for v in store.list_feature_views()} == {
         "topic_interest_fv",
         "topic_recent_fv",
         "video_stats_fv",
         "channel_stats_fv",
         "niche_stats_fv",
+        "channel_history_fv",
     }
     assert {s.name for s in store.list_feature_services()} == {
         "trend_training_v1",
         "trend_serving_v1",
+        "niche_engagement_v1",
     }
 
 
@@ -240,7 +258,41 @@ def test_second_run_changes_nothing(
     pd.testing.assert_frame_equal(
         trend_training_frame(store, SERIES_IDS, start, SERIES_END), training
     )
-    assert len(store.list_feature_views()) == 5
+    assert len(store.list_feature_views()) == 6
+
+
+# --- the niche models' channel history ---------------------------------------------------
+
+
+def test_engagement_features_from_feast_are_the_in_memory_join(tmp_path: Path) -> None:
+    # All 40 days: the point-in-time join must pick each row's own day among many.
+    videos = load_youtube_trending(DATA_DIR)
+    store = publish_engagement_features(_settings(tmp_path), videos)
+    joined = engagement_training_frame(store, engagement_rows(videos))
+    pd.testing.assert_frame_equal(joined, engagement_frame(videos))
+
+    history = channel_history_frame(videos)
+    latest = history[history["event_timestamp"] == history["event_timestamp"].max()].iloc[:3]
+    keys = pd.concat(
+        [
+            latest[["channel_id", "country"]],
+            pd.DataFrame([{"channel_id": "ch_x", "country": "US"}]),
+        ],
+        ignore_index=True,
+    )
+    online = online_channel_history(store, keys)
+    expected = [*latest[list(CHANNEL_HISTORY)].to_dict(orient="records"), NEW_CHANNEL_HISTORY]
+    assert online.to_dict(orient="records") == expected
+
+
+def test_the_join_refuses_rows_whose_history_was_never_published(
+    local: tuple[Settings, FeatureStore], videos: pd.DataFrame
+) -> None:
+    _, store = local  # published only the first three days
+    later = load_youtube_trending(DATA_DIR)
+    later = later[later["event_timestamp"] > videos["event_timestamp"].max()]
+    with pytest.raises(ValueError, match="publish the features of the same data first"):
+        engagement_training_frame(store, engagement_rows(later))
 
 
 # --- feature frames: the trending aggregates ----------------------------------------------

@@ -10,9 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
-from contentml import registry
+from contentml import features, registry
 from contentml.cli import main
 from contentml.demo import free_port, model_server
+from serving.niche_model import TrendingVideo, _features
 from tests.conftest import DATA_DIR, make_settings
 from training.data import load_youtube_trending
 from training.niche.automl import UnknownNiche, run_automl, slug
@@ -82,17 +83,46 @@ def server(summary: dict, settings) -> Iterator[str]:
         yield url
 
 
-def features_of_a_real_video() -> dict[str, float]:
-    frame = engagement_frame(load_youtube_trending(DATA_DIR))
-    return {name: float(frame.iloc[0][name]) for name in FEATURES}
+def a_real_video(category: str = "Music") -> dict:
+    """The request for a real video on its first trending day, the last day of its country's
+    data: the online store then holds the channel history training saw for it."""
+    videos = load_youtube_trending(DATA_DIR)
+    frame = engagement_frame(videos)
+    last_day = frame.groupby("country")["event_timestamp"].transform("max")
+    row = frame[(frame["event_timestamp"] == last_day) & (frame["category"] == category)]
+    row = row.sort_values("channel_prior_videos").iloc[-1]
+    snapshot = videos[
+        (videos["video_id"] == row["video_id"])
+        & (videos["country"] == row["country"])
+        & (videos["event_timestamp"] == row["event_timestamp"])
+    ].iloc[0]
+    return {
+        "category": category,
+        "channel_id": snapshot["channel_id"],
+        "country": snapshot["country"],
+        "title": snapshot["title"],
+        "tags": snapshot["tags"],
+        **{name: int(snapshot[name]) for name in ("views", "likes", "dislikes", "comment_total")},
+        "trending_date": row["event_timestamp"].date().isoformat(),
+        "expected_features": row[list(FEATURES)].astype(float).to_dict(),
+    }
+
+
+def request_of(video: dict) -> dict:
+    return {k: v for k, v in video.items() if k != "expected_features"}
+
+
+def test_served_features_are_the_features_training_saw(summary: dict, settings):
+    video = a_real_video()
+    assert video["expected_features"]["channel_prior_videos"] > 0  # Feast has a history
+    store = features.feature_store(settings)
+    served = _features(store, [TrendingVideo.model_validate(request_of(video))])
+    assert served.iloc[0].to_dict() == pytest.approx(video["expected_features"])
 
 
 def test_the_router_serves_a_known_niche_and_falls_back_for_an_unknown_one(server: str):
-    features = features_of_a_real_video()
-    instances = [
-        {"category": "Music", "features": features},
-        {"category": "Nonprofits & Activism", "features": features},
-    ]
+    video = request_of(a_real_video())
+    instances = [video, {**video, "category": "Nonprofits & Activism"}]
     response = httpx.post(f"{server}/v1/models/niche:predict", json={"instances": instances})
     assert response.status_code == 200, response.text
     known, unknown = response.json()["predictions"]
@@ -101,25 +131,41 @@ def test_the_router_serves_a_known_niche_and_falls_back_for_an_unknown_one(serve
     assert all(np.isfinite(p["log_views_gained"]) for p in (known, unknown))
 
 
+def test_a_channel_feast_does_not_know_is_served_as_new(server: str):
+    video = request_of(a_real_video())
+    unknown_channel = {**video, "channel_id": "ch_000000000000"}
+    response = httpx.post(
+        f"{server}/v1/models/niche:predict", json={"instances": [video, unknown_channel]}
+    )
+    assert response.status_code == 200, response.text
+    known, new = (p["log_views_gained"] for p in response.json()["predictions"])
+    assert known != new
+
+
 def test_each_niche_model_has_its_own_endpoint(server: str):
     response = httpx.post(
         f"{server}/v1/models/niche-music:predict",
-        json={"instances": [features_of_a_real_video()]},
+        json={"instances": [request_of(a_real_video())]},
     )
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["model_version"] in {"1", "2"}
 
 
 @pytest.mark.parametrize(
-    ("instance", "problem"),
+    ("change", "problem"),
     [
-        ({"features": {}}, "category: Field required"),
-        ({"category": "", "features": {}}, "category: String should have at least 1 character"),
-        ({"category": "Music", "features": {"title_chars": "long"}}, "features.title_chars"),
-        ({"category": "Music", "features": {"nope": 1.0}}, "features.nope"),
+        ({"category": None}, "category: Field required"),
+        ({"category": ""}, "category: String should have at least 1 character"),
+        ({"views": "many"}, "views: Input should be a valid integer"),
+        ({"likes": -1}, "likes: Input should be greater than or equal to 0"),
+        ({"country": "usa"}, "country: String should match pattern"),
+        ({"trending_date": "yesterday"}, "trending_date: Input should be a valid date"),
+        ({"nope": 1.0}, "nope: Extra inputs are not permitted"),
     ],
 )
-def test_malformed_niche_requests_get_400_naming_the_field(server: str, instance, problem):
+def test_malformed_niche_requests_get_400_naming_the_field(server: str, change, problem):
+    instance = {**request_of(a_real_video()), **change}
+    instance = {k: v for k, v in instance.items() if v is not None}
     response = httpx.post(f"{server}/v1/models/niche:predict", json={"instances": [instance]})
     assert response.status_code == 400
     assert problem in response.text

@@ -258,7 +258,7 @@ def test_time_split_counts_days_not_rows(fraction: float, n_validation: int) -> 
 
 def test_errors_name_the_problem() -> None:
     complete = pd.DataFrame([snapshot("A", 0, 10)])
-    with pytest.raises(DataError, match="engagement_frame: input frame is empty"):
+    with pytest.raises(DataError, match="engagement_rows: input frame is empty"):
         engagement_frame(complete.iloc[:0])
     with pytest.raises(DataError, match=r"missing columns \['views', 'event_timestamp'\]"):
         engagement_frame(complete.drop(columns=["views", "event_timestamp"]))

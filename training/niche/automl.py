@@ -16,11 +16,11 @@ import joblib
 import mlflow
 import pandas as pd
 
-from contentml import registry
+from contentml import features, registry
 from contentml.errors import UserError
 from contentml.settings import Settings
 from training import data
-from training.niche.data import FEATURES, engagement_frame, time_split
+from training.niche.data import FEATURES, engagement_rows, time_split
 from training.niche.search import SearchConfig, best_trials_params, fit_params, rmse, search
 
 MODEL_CODE = Path(__file__).with_name("model_code.py")
@@ -85,19 +85,28 @@ class NicheResult:
 
 
 @functools.lru_cache(maxsize=1)
-def _split(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _videos(data_dir: Path) -> pd.DataFrame:
     # Read once per process: `run_automl` runs the global stage and every niche stage here,
     # while a pipeline task runs one stage. The frames are only filtered, never changed.
-    frame = engagement_frame(data.load_youtube_trending(data_dir))
+    return data.load_youtube_trending(data_dir)
+
+
+@functools.lru_cache(maxsize=1)
+def _split(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The engagement rows with their channel history from Feast, split in time."""
+    rows = engagement_rows(_videos(settings.data_dir))
+    frame = features.engagement_training_frame(features.feature_store(settings), rows)
     return time_split(frame, VALIDATION_FRACTION)
 
 
 def search_global(
     settings: Settings, budget_minutes: float, niches: list[str] | None = None, seed: int = 0
 ) -> dict:
-    """The first stage: choose the niches, give each study its share of the budget, search
-    and register the global model. The niche stages can then run in parallel."""
-    train, validation = _split(settings.data_dir)
+    """The first stage: publish the channel history to Feast, choose the niches, give each
+    study its share of the budget, search and register the global model. The niche stages
+    can then run in parallel."""
+    features.publish_engagement_features(settings, _videos(settings.data_dir))
+    train, validation = _split(settings)
     table = niches_table(train, validation)
     chosen = _choose(table, niches)
     study_seconds = budget_minutes * 60 * SEARCH_SHARE / (len(chosen) + 1)
@@ -125,7 +134,7 @@ def search_niche(
 ) -> dict:
     """One niche's stage: its study starts from the global study's best trials; the winner
     is registered, gated, and compared with global model `global_version` on the niche."""
-    train, validation = _split(settings.data_dir)
+    train, validation = _split(settings)
     niche_train = train[train["category"] == niche]
     niche_validation = validation[validation["category"] == niche]
     warm = best_trials_params(settings.optuna_storage, _study_name(GLOBAL), WARM_START_TRIALS)

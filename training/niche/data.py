@@ -40,7 +40,7 @@ REQUIRED_COLUMNS = (
 KEYS = ("video_id", "country", "channel_id", "category_id", "category", "title", "event_timestamp")
 """Identifying columns of an engagement row (not features); `event_timestamp` is the first day."""
 
-FEATURES = (
+VIDEO_FEATURES = (
     # Title of the first-day snapshot.
     "title_chars",  # characters
     "title_words",  # whitespace-separated words
@@ -59,23 +59,39 @@ FEATURES = (
     "first_dislike_rate",  # dislikes / views (0 when views is 0)
     "first_log_comments",  # log1p(comment_total)
     "day_of_week",  # of the first day, Monday = 0
+)
+"""Features of the video itself, computed by `video_features` from what the caller sends: the
+first-day snapshot."""
+
+CHANNEL_HISTORY = (
     # The channel's history in the same country, from snapshots before the first day only.
     "channel_prior_videos",  # earlier videos whose trending run had ended (see below)
     "channel_prior_log_views_gained",  # their mean log_views_gained; NO_HISTORY_LOG_GAIN if none
     "channel_days_since_trended",  # days since any channel video was on the list; NEW_CHANNEL_DAYS
     "channel_is_new",  # 1 if the channel was never on the list in this country before
 )
-"""Numeric feature columns, all float64 and never NaN.
+"""Features of the channel before the video's first day, served from Feast
+(`channel_history_fv`, built by `channel_history_frame`).
 
-Channel history, for a row whose first day is `t`: an earlier video of the same channel in the
+For a row whose first day is `t`: an earlier video of the same channel in the
 same country counts in `channel_prior_videos` and `channel_prior_log_views_gained` only if it
 was on the list before `t` and is NOT on the list on day `t`. Its views gained are only known
 once its run has ended, so a video still trending on `t` does not count; its gain is measured
 from its first snapshot to its last snapshot before `t`, so a video that leaves the list and
 comes back later counts with what was known on `t` (its return is in the future).
 `channel_days_since_trended` counts every snapshot of the channel's videos before `t`,
-including videos still trending on `t` (then it is 1).
+including videos still trending on `t` (then it is 1). None of them depends on the video
+itself (it has no snapshot before `t`), so they are keyed by (country, channel, day).
 """
+
+FEATURES = (*VIDEO_FEATURES, *CHANNEL_HISTORY)
+"""Numeric feature columns, all float64 and never NaN."""
+
+HISTORY_KEYS = ("country", "channel_id", "event_timestamp")
+"""Join keys of `channel_history_frame` (and of Feast's `channel_history_fv`) with its time."""
+
+SNAPSHOT_COLUMNS = ("title", "tags", "views", "likes", "dislikes", "comment_total")
+"""What `video_features` reads from a video's first-day snapshot, besides `event_timestamp`."""
 
 TARGETS = ("log_views_gained", "like_rate")
 """`log_views_gained` = log1p(max(views on the last trending day - views on the first, 0));
@@ -97,39 +113,63 @@ _VERSUS = r"(?i)\b(?:vs\.?|versus)(?:\s|$)"
 _ROW_KEY = ["country", "video_id"]
 
 
-def engagement_frame(videos: pd.DataFrame) -> pd.DataFrame:
-    """One row per (country, video_id): `KEYS`, `FEATURES`, `TARGETS`, sorted by first day.
+def engagement_rows(videos: pd.DataFrame) -> pd.DataFrame:
+    """One row per (country, video_id): `KEYS`, `VIDEO_FEATURES`, `TARGETS`, sorted by first
+    day. The channel history is joined on `HISTORY_KEYS`: from Feast for training
+    (`contentml.features.engagement_training_frame`) or in memory (`engagement_frame`).
 
     `videos` is the `load_youtube_trending` frame (one row per country, video and snapshot
     day). Identity columns and title come from the first-day snapshot.
     """
-    _check_columns(videos, REQUIRED_COLUMNS, "engagement_frame")
+    _check_columns(videos, REQUIRED_COLUMNS, "engagement_rows")
     snapshots = videos.sort_values([*_ROW_KEY, "event_timestamp"])
     by_video = snapshots.groupby(_ROW_KEY, sort=False)
     first = by_video.head(1).reset_index(drop=True)
     last = by_video.tail(1).set_index(_ROW_KEY).loc[pd.MultiIndex.from_frame(first[_ROW_KEY])]
 
-    frame = first[list(KEYS)].copy()
-    for name, column in _title_features(first["title"]).items():
-        frame[name] = column
+    frame = pd.concat([first[list(KEYS)], video_features(first)], axis=1)
+    gained = last["views"].to_numpy() - first["views"].to_numpy()
+    frame["log_views_gained"] = np.log1p(np.maximum(gained, 0))
+    frame["like_rate"] = _rate(last["likes"], last["views"]).to_numpy()
+    frame = frame.astype({name: "float64" for name in TARGETS})
+    frame = frame.sort_values(["event_timestamp", "country", "video_id"])
+    return frame[[*KEYS, *VIDEO_FEATURES, *TARGETS]].reset_index(drop=True)
+
+
+def video_features(first: pd.DataFrame) -> pd.DataFrame:
+    """`VIDEO_FEATURES` of first-day snapshots (`SNAPSHOT_COLUMNS` and `event_timestamp`), in
+    their order and index: training and the model server compute them here alike."""
+    frame = pd.DataFrame(_title_features(first["title"]), index=first.index)
     frame["tag_count"] = first["tags"].map(lambda tags: len(tags.split("|")) if tags else 0)
     frame["first_log_views"] = np.log1p(first["views"])
     frame["first_like_rate"] = _rate(first["likes"], first["views"])
     frame["first_dislike_rate"] = _rate(first["dislikes"], first["views"])
     frame["first_log_comments"] = np.log1p(first["comment_total"])
     frame["day_of_week"] = first["event_timestamp"].dt.dayofweek
+    return frame[list(VIDEO_FEATURES)].astype("float64")
 
-    history = _channel_history(snapshots, first)
-    for name in history.columns:
-        frame[name] = history[name].to_numpy()
 
-    gained = last["views"].to_numpy() - first["views"].to_numpy()
-    frame["log_views_gained"] = np.log1p(np.maximum(gained, 0))
-    frame["like_rate"] = _rate(last["likes"], last["views"]).to_numpy()
+def channel_history_frame(videos: pd.DataFrame) -> pd.DataFrame:
+    """`HISTORY_KEYS` and `CHANNEL_HISTORY` for every day a channel's video first trends in a
+    country (what training joins), and for every channel on the last day of its country's data
+    (what the online store serves for tomorrow's videos)."""
+    _check_columns(videos, REQUIRED_COLUMNS, "channel_history_frame")
+    snapshots = videos.sort_values([*_ROW_KEY, "event_timestamp"])
+    first_days = snapshots.groupby(_ROW_KEY, sort=False).head(1)
+    last_day = snapshots.groupby("country")["event_timestamp"].transform("max")
+    latest = snapshots[snapshots["event_timestamp"] == last_day]
+    keys = pd.concat([first_days, latest])[list(HISTORY_KEYS)].drop_duplicates()
+    keys = keys.sort_values(list(HISTORY_KEYS)).reset_index(drop=True)
+    history = _channel_history(snapshots, keys)
+    return pd.concat([keys, history], axis=1).astype({name: "float64" for name in CHANNEL_HISTORY})
 
-    frame = frame.astype({name: "float64" for name in (*FEATURES, *TARGETS)})
-    frame = frame.sort_values(["event_timestamp", "country", "video_id"])
-    return frame[[*KEYS, *FEATURES, *TARGETS]].reset_index(drop=True)
+
+def engagement_frame(videos: pd.DataFrame) -> pd.DataFrame:
+    """`engagement_rows` with their channel history joined in memory: `KEYS`, `FEATURES`,
+    `TARGETS`. The reference the Feast join is tested against."""
+    rows = engagement_rows(videos)
+    frame = rows.merge(channel_history_frame(videos), on=list(HISTORY_KEYS), how="left")
+    return frame[[*KEYS, *FEATURES, *TARGETS]]
 
 
 def time_split(
@@ -183,20 +223,16 @@ def _title_features(title: pd.Series) -> dict[str, pd.Series]:
     }
 
 
-def _channel_history(snapshots: pd.DataFrame, first: pd.DataFrame) -> pd.DataFrame:
-    """The four channel_* features for each row of `first`, in its order (see `FEATURES`)."""
-    rows = first[["country", "channel_id", "video_id", "event_timestamp"]].rename(
-        columns={"video_id": "row_video", "event_timestamp": "t"}
-    )
+def _channel_history(snapshots: pd.DataFrame, keys: pd.DataFrame) -> pd.DataFrame:
+    """`CHANNEL_HISTORY` for each row of `keys` (`HISTORY_KEYS`), in its order."""
+    rows = keys.rename(columns={"event_timestamp": "t"})
     rows["row"] = np.arange(len(rows))
     # Every snapshot of the same channel in the same country up to and including day t.
     pairs = rows.merge(
         snapshots[["country", "channel_id", "video_id", "event_timestamp", "views"]],
         on=["country", "channel_id"],
     )
-    pairs = pairs[
-        (pairs["event_timestamp"] <= pairs["t"]) & (pairs["video_id"] != pairs["row_video"])
-    ]
+    pairs = pairs[pairs["event_timestamp"] <= pairs["t"]]
     on_t = pairs[pairs["event_timestamp"] == pairs["t"]][["row", "video_id"]].drop_duplicates()
     before = pairs[pairs["event_timestamp"] < pairs["t"]].sort_values("event_timestamp")
 
