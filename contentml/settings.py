@@ -16,8 +16,23 @@ class SettingsError(UserError):
     """A setting has a value the platform cannot use."""
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+"""The source tree: packaged defaults (YAML files) are found relative to it."""
+
+_NUMBERS = {"int": int, "float": float}
+
+
 def _env(name: str) -> dict[str, str]:
     return {"env": name}
+
+
+def _number(variable: str, raw: str, kind: type) -> int | float:
+    try:
+        return kind(raw)
+    except ValueError as e:
+        raise SettingsError(
+            f"{variable} must be a{'n' if kind is int else ''} {kind.__name__}, not {raw!r}"
+        ) from e
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,17 @@ class Settings:
     """CSV of already published texts (a `text`, `tweet` or `title` column) that the quality
     gate checks new texts against for near-duplicates; by default the trending US titles."""
 
+    script_providers: Path = field(metadata=_env("CONTENTML_SCRIPT_PROVIDERS"))
+    """YAML of the script writer's fallback chain (`serving/script_providers.yaml` by default:
+    our own `script` endpoint only)."""
+
+    script_max_tokens: int = field(metadata=_env("CONTENTML_SCRIPT_MAX_TOKENS"))
+    """Cap on `max_tokens` the served `script` model generates per request."""
+
+    script_timeout_seconds: float = field(metadata=_env("CONTENTML_SCRIPT_TIMEOUT_SECONDS"))
+    """Wall-clock limit of one generation on the served `script` model; the text so far is
+    returned with `finish_reason: "length"` when it is reached."""
+
     def __post_init__(self) -> None:
         if self.feast_online_store not in ("sqlite", "redis"):
             raise SettingsError(
@@ -77,6 +103,9 @@ class Settings:
         for name in ("mlflow_tracking_uri", "feast_project", "optuna_storage", "serving_url"):
             if not getattr(self, name):
                 raise SettingsError(f"setting {name} must not be empty")
+        for name in ("script_max_tokens", "script_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"setting {name} must be positive, not {getattr(self, name)}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -100,6 +129,9 @@ class Settings:
             "platform_image": "ghcr.io/contentml/platform:0.1.0",
             "serving_url": "http://127.0.0.1:8080",
             "published_content": data_dir / "youtube-trending" / "USvideos.csv",
+            "script_providers": PACKAGE_ROOT / "serving" / "script_providers.yaml",
+            "script_max_tokens": 512,
+            "script_timeout_seconds": 30.0,
         }
         values = {}
         for f in dataclasses.fields(cls):
@@ -108,6 +140,8 @@ class Settings:
                 values[f.name] = defaults[f.name]
             elif f.type == "Path":
                 values[f.name] = Path(raw).resolve()
+            elif f.type in _NUMBERS:
+                values[f.name] = _number(f.metadata["env"], raw, _NUMBERS[f.type])
             else:
                 values[f.name] = raw
         return cls(**values)

@@ -55,6 +55,9 @@ def test_every_field_is_documented_and_has_an_environment_variable():
     [
         ({"CONTENTML_FEAST_ONLINE_STORE": "memcached"}, "must be 'sqlite' or 'redis'"),
         ({"MLFLOW_TRACKING_URI": ""}, "mlflow_tracking_uri must not be empty"),
+        ({"CONTENTML_SCRIPT_MAX_TOKENS": "lots"}, "CONTENTML_SCRIPT_MAX_TOKENS must be an int"),
+        ({"CONTENTML_SCRIPT_MAX_TOKENS": "0"}, "script_max_tokens must be positive, not 0"),
+        ({"CONTENTML_SCRIPT_TIMEOUT_SECONDS": "1m"}, "TIMEOUT_SECONDS must be a float, not '1m'"),
     ],
 )
 def test_bad_values_are_refused(tmp_path: Path, environ, problem):
