@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 
 from contentml import features, registry
@@ -16,7 +17,7 @@ from contentml.demo import free_port, model_server
 from serving.niche_model import TrendingVideo, _features
 from tests.conftest import DATA_DIR, make_settings
 from training.data import load_youtube_trending
-from training.niche.automl import UnknownNiche, run_automl, slug
+from training.niche.automl import TOPIC_CLUSTERS, UnknownNiche, niches_table, run_automl, slug
 from training.niche.data import FEATURES, engagement_frame
 
 pytestmark = pytest.mark.slow
@@ -41,6 +42,10 @@ def test_summary_compares_each_niche_with_the_global_model(summary: dict):
     assert music["validation_rmse"] > 0 and music["global_rmse"] > 0
     table = {row["slug"]: row for row in summary["niches_table"]}
     assert table["music"]["enough_data"] and not table["shows"]["enough_data"]
+    assert table["music"]["kind"] == "category"
+    topics = [row for row in summary["niches_table"] if row["kind"] == "topic"]
+    assert len(topics) == TOPIC_CLUSTERS and sum(t["enough_data"] for t in topics) >= 5
+    assert all(t["slug"].startswith("topic-") for t in topics)
     json.dumps(summary)  # the CLI prints it as one JSON line
 
 
@@ -70,6 +75,27 @@ def test_an_unknown_niche_is_named(settings):
 def test_a_bad_budget_exits_2(minutes, capsys):
     assert main(["niche", "automl", "--budget-minutes", minutes]) == 2
     assert "--budget-minutes" in capsys.readouterr().err
+
+
+def test_niches_table_lists_categories_and_topics_with_their_rows():
+    def rows(pairs: list[tuple[str, str, int]]) -> pd.DataFrame:
+        return pd.DataFrame(
+            [(c, t) for c, t, n in pairs for _ in range(n)], columns=["category", "topic"]
+        )
+
+    train = rows([("Music", "topic-song", 150), ("Comedy", "topic-song", 149)])
+    validation = rows([("Music", "topic-song", 30), ("Comedy", "topic-joke", 30)])
+    table = niches_table(train, validation).set_index("niche")
+    assert table.loc["Music"].to_dict() == {
+        "kind": "category",
+        "slug": "music",
+        "train_rows": 150,
+        "validation_rows": 30,
+        "enough_data": True,
+    }
+    assert not table.loc["Comedy", "enough_data"]  # 149 training rows
+    assert table.loc["topic-song", "train_rows"] == 299 and table.loc["topic-song", "enough_data"]
+    assert table.loc["topic-joke", "train_rows"] == 0
 
 
 def test_slug():

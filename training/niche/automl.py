@@ -1,6 +1,10 @@
 """AutoML per niche: a global study over every niche is the baseline and the warm start; each
 niche's study starts from the global study's best trials, and its winner is registered as
-`niche-<slug>` (challenger) and gated against the champion on the same time window."""
+`niche-<slug>` (challenger) and gated against the champion on the same time window.
+
+Niches are YouTube categories and topics: clusters of the training titles' MiniLM embeddings
+(`training.niche.explorer`), named by their distinctive words (`topic-trailer-official-hd`).
+Both are listed in the niches table; categories are searched by default, a topic on request."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import joblib
@@ -21,6 +26,7 @@ from contentml.errors import UserError
 from contentml.settings import Settings
 from training import data
 from training.niche.data import FEATURES, engagement_rows, time_split
+from training.niche.explorer import assign_clusters, fit_title_clusters
 from training.niche.search import SearchConfig, best_trials_params, fit_params, rmse, search
 
 MODEL_CODE = Path(__file__).with_name("model_code.py")
@@ -52,21 +58,41 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+class NicheKind(StrEnum):
+    """What makes a niche: a YouTube category, or a cluster of similar titles (a topic)."""
+
+    CATEGORY = "category"
+    TOPIC = "topic"
+
+
+TOPIC_CLUSTERS = 12
+"""k-means clusters of training titles offered as topic niches: on the trending data, 12 gives
+distinct topics (trailers, music videos, sports highlights, cooking, make-up, ...) of which
+about 10 have enough data; 8 leaves a large mixed cluster."""
+
+
 def niches_table(train: pd.DataFrame, validation: pd.DataFrame) -> pd.DataFrame:
-    """Every category with its rows on each side of the time split, and whether it has enough
-    data to get a model of its own."""
-    table = pd.DataFrame(
-        {
-            "train_rows": train["category"].value_counts(),
-            "validation_rows": validation["category"].value_counts(),
-        }
-    ).fillna(0)
-    table = table.astype("int64").rename_axis("niche").reset_index()
+    """Every category and topic (`NicheKind`, the frames' column of that name) with its rows
+    on each side of the time split, and whether it has enough data for a model of its own."""
+    parts = []
+    for kind in NicheKind:
+        counts = pd.DataFrame(
+            {
+                "train_rows": train[kind.value].value_counts(),
+                "validation_rows": validation[kind.value].value_counts(),
+            }
+        )
+        parts.append(counts.fillna(0).rename_axis("niche").reset_index().assign(kind=kind.value))
+    table = pd.concat(parts, ignore_index=True).astype(
+        {"train_rows": "int64", "validation_rows": "int64"}
+    )
     table["slug"] = table["niche"].map(slug)
     table["enough_data"] = (table["train_rows"] >= MIN_TRAIN_ROWS) & (
         table["validation_rows"] >= MIN_VALIDATION_ROWS
     )
-    return table.sort_values("train_rows", ascending=False).reset_index(drop=True)
+    table = table.sort_values(["kind", "train_rows"], ascending=[True, False])
+    table = table.reset_index(drop=True)
+    return table[["niche", "kind", "slug", "train_rows", "validation_rows", "enough_data"]]
 
 
 @dataclass(frozen=True)
@@ -93,10 +119,16 @@ def _videos(data_dir: Path) -> pd.DataFrame:
 
 @functools.lru_cache(maxsize=1)
 def _split(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The engagement rows with their channel history from Feast, split in time."""
+    """The engagement rows with their channel history from Feast, split in time, each row
+    with its title's topic."""
     rows = engagement_rows(_videos(settings.data_dir))
     frame = features.engagement_training_frame(features.feature_store(settings), rows)
-    return time_split(frame, VALIDATION_FRACTION)
+    train, validation = time_split(frame, VALIDATION_FRACTION)
+    # Topics are found on the training days only, then every row gets its nearest topic.
+    topics = fit_title_clusters(train["title"].tolist(), TOPIC_CLUSTERS)
+    for part in (train, validation):
+        part[NicheKind.TOPIC.value] = assign_clusters(topics, part["title"].tolist())
+    return train, validation
 
 
 def search_global(
@@ -135,8 +167,9 @@ def search_niche(
     """One niche's stage: its study starts from the global study's best trials; the winner
     is registered, gated, and compared with global model `global_version` on the niche."""
     train, validation = _split(settings)
-    niche_train = train[train["category"] == niche]
-    niche_validation = validation[validation["category"] == niche]
+    kind = _kind_of(niche, niches_table(train, validation))
+    niche_train = train[train[kind] == niche]
+    niche_validation = validation[validation[kind] == niche]
     warm = best_trials_params(settings.optuna_storage, _study_name(GLOBAL), WARM_START_TRIALS)
     config = SearchConfig(budget_seconds=study_seconds, max_trials=10_000, seed=seed)
     found = _study(settings, slug(niche), niche_train, niche_validation, config, warm)
@@ -184,9 +217,11 @@ def run_automl(
 
 
 def _choose(table: pd.DataFrame, requested: list[str] | None) -> list[str]:
+    """The niches to search: every category with enough data by default; by name or slug,
+    any category or topic with enough data."""
     eligible = table[table["enough_data"]]
     if requested is None:
-        return eligible["niche"].tolist()
+        return eligible[eligible["kind"] == NicheKind.CATEGORY.value]["niche"].tolist()
     by_key = dict(zip(eligible["slug"], eligible["niche"], strict=True))
     by_key |= {n: n for n in eligible["niche"]}
     unknown = [n for n in requested if n not in by_key]
@@ -195,6 +230,12 @@ def _choose(table: pd.DataFrame, requested: list[str] | None) -> list[str]:
             f"no niche with enough data named {unknown}; choose from {eligible['slug'].tolist()}"
         )
     return [by_key[n] for n in requested]
+
+
+def _kind_of(niche: str, table: pd.DataFrame) -> str:
+    """The frame column a niche's rows are selected by (`NicheKind`)."""
+    (kind,) = table[table["niche"] == niche]["kind"].unique()
+    return kind
 
 
 def _study_name(niche_slug: str) -> str:
