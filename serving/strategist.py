@@ -1,0 +1,746 @@
+"""The ContentStrategist's script writer: `generate_script(topic, channel_persona)`.
+
+One call walks a fallback chain of OpenAI-compatible providers (`script_providers.yaml`, e.g. a
+hosted API, then our KServe endpoint) and returns the first script written, with its cost and
+the quality gate's decision:
+
+- Fallback: a provider that is down, times out, answers 5xx or 429, answers something that is
+  not a chat completion, or has spent its rate limit is skipped and the next one is tried. A 4xx
+  other than 429 is the caller's mistake and is raised as `ClientError`: the next provider
+  would refuse the same request. When every provider fails, `AllProvidersFailed` lists why.
+- Rate limits: requests and tokens per minute per provider, over a sliding window. An
+  exhausted provider is skipped, not waited for, so a call never blocks on a limit. A request
+  reserves its estimated tokens (prompt estimate + `max_tokens`); the reservation is corrected
+  to the tokens the answer reports (or to 0 when it fails).
+- Cache: an identical request (topic, persona, length, `max_tokens`, temperature, chain) within
+  the TTL is answered from memory: `cached=True`, cost 0.
+- Cost: from the answer's token usage and the provider's prices; returned with each script and
+  summed per provider (`costs()`).
+- Quality: every new script is scored by the quality model (`/v1/models/quality:predict`). If
+  the quality model cannot be reached the script is marked `review` with the reason: a person
+  looks at it rather than it passing unchecked or being thrown away. Rejected and unscored
+  scripts are not cached, so the next request writes (and scores) a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import threading
+import time
+import typing
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import NoneType, TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+import httpx
+import openai
+import yaml
+
+from contentml.errors import UserError
+from contentml.settings import Settings
+from serving.client import (
+    PLACEHOLDER_API_KEY,
+    ClientError,
+    ContentMLClient,
+    ContentMLClientError,
+    Task,
+)
+from training.quality.gate import Decision
+
+__all__ = [
+    "AllProvidersFailed",
+    "ContentStrategist",
+    "ProviderConfig",
+    "ProviderConfigError",
+    "ProviderCosts",
+    "ProviderUnavailable",
+    "RateLimitExhausted",
+    "Script",
+    "ScriptProvider",
+    "SlidingWindowLimit",
+    "StrategistConfig",
+    "TTLCache",
+    "load_config",
+]
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+Clock = Callable[[], float]
+"""Seconds on a monotonic clock; rate windows and cache TTLs read it (tests pass a fake)."""
+
+QualityScorer = Callable[[str], Mapping[str, Any]]
+"""Scores a script's text and returns the quality model's prediction (`decision`, `score`,
+`reasons`), as `ContentMLClient.score_quality` does; raises `ContentMLClientError` when it
+cannot score."""
+
+OUR_ENDPOINT_PATH = "/openai/v1"
+"""Where our model server's OpenAI-compatible routes live, under `Settings.serving_url`."""
+
+TIMEOUT_MARGIN_SECONDS = 5.0
+"""Added to `Settings.script_timeout_seconds` for providers without `timeout_seconds`: our server
+answers with the text so far when that time is up, and the margin lets the answer arrive."""
+
+RATE_WINDOW_SECONDS = 60.0
+"""The window that `requests_per_minute` and `tokens_per_minute` count over."""
+
+WORDS_PER_SECOND = 2.5
+"""Speaking pace (150 words a minute) that turns a script's target length into words."""
+
+CHARS_PER_TOKEN = 4
+"""Rough characters per token for English text: enough to reserve rate-limit tokens."""
+
+TOKENS_PER_MESSAGE = 4
+"""Tokens a chat message costs beyond its text (role and separators)."""
+
+
+class ProviderConfigError(UserError):
+    """The providers file or one of its providers has a value the chain cannot use."""
+
+
+class ProviderUnavailable(ContentMLClientError):
+    """One provider cannot answer now (down, overloaded, over its rate limit, or answering
+    nonsense); the chain tries the next. `__cause__` is the underlying error, if any."""
+
+
+class RateLimitExhausted(ProviderUnavailable):
+    """A provider has spent its requests or tokens of the last minute."""
+
+
+class AllProvidersFailed(ContentMLClientError):
+    """Every provider in the chain failed; `failures` says why each did."""
+
+    def __init__(self, failures: Sequence[tuple[str, ProviderUnavailable]]) -> None:
+        listed = "; ".join(f"{name}: {error}" for name, error in failures)
+        super().__init__(f"every script provider failed: {listed}")
+        self.failures = tuple(failures)
+        """(provider name, its failure) in chain order."""
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One OpenAI-compatible provider in the chain, mirroring an entry of `providers:`."""
+
+    name: str
+    """Unique name, used in costs, logs and errors (e.g. `openai`, `contentml`)."""
+
+    model: str
+    """Model the chat completion asks for (`script` on our endpoint, e.g. `gpt-4o` hosted)."""
+
+    base_url: str | None = None
+    """Root of the provider's OpenAI API (`https://api.openai.com/v1`); None means our endpoint,
+    `Settings.serving_url` + `/openai/v1`."""
+
+    api_key_env: str | None = None
+    """Environment variable holding the API key, read once when the chain is built; while it is
+    unset or empty the provider is skipped. None: no key needed (our endpoint)."""
+
+    input_usd_per_million_tokens: float = 0.0
+    """Price of 1M prompt tokens in USD."""
+
+    output_usd_per_million_tokens: float = 0.0
+    """Price of 1M completion tokens in USD."""
+
+    requests_per_minute: int | None = None
+    """Requests this client sends in any 60 s; None: no limit."""
+
+    tokens_per_minute: int | None = None
+    """Prompt + completion tokens in any 60 s (reserved as estimate + `max_tokens`, corrected
+    to the answer's usage); None: no limit."""
+
+    timeout_seconds: float | None = None
+    """Limit of one request; None: `Settings.script_timeout_seconds` + 5 s."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("name", "model", "api_key_env"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ProviderConfigError(f"{name} must not be empty")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ProviderConfigError(
+                f"base_url must start with http:// or https://, not {self.base_url!r}"
+            )
+        for name in ("input_usd_per_million_tokens", "output_usd_per_million_tokens"):
+            price = getattr(self, name)
+            if not (math.isfinite(price) and price >= 0):
+                raise ProviderConfigError(f"{name} must be a finite price >= 0, not {price}")
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            limit = getattr(self, name)
+            if limit is not None and limit < 1:
+                raise ProviderConfigError(f"{name} must be at least 1 (or null), not {limit}")
+        timeout = self.timeout_seconds
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise ProviderConfigError(f"timeout_seconds must be positive, not {timeout}")
+
+
+@dataclass(frozen=True)
+class StrategistConfig:
+    """The whole chain, mirroring `script_providers.yaml`."""
+
+    providers: tuple[ProviderConfig, ...]
+    """Providers in the order they are tried."""
+
+    cache_ttl_seconds: float = 3600.0
+    """How long a script answers identical requests; 0 turns the cache off."""
+
+    cache_max_entries: int = 1024
+    """Most scripts cached; the oldest makes room for a new one."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if not self.providers or not all(isinstance(p, ProviderConfig) for p in self.providers):
+            raise ProviderConfigError("providers must be a non-empty list of providers")
+        names = [p.name for p in self.providers]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ProviderConfigError(f"providers have repeated names {repeated}")
+        if not (math.isfinite(self.cache_ttl_seconds) and self.cache_ttl_seconds >= 0):
+            raise ProviderConfigError(
+                f"cache_ttl_seconds must be >= 0, not {self.cache_ttl_seconds}"
+            )
+        if self.cache_max_entries < 1:
+            raise ProviderConfigError(
+                f"cache_max_entries must be at least 1, not {self.cache_max_entries}"
+            )
+
+
+def load_config(path: Path) -> StrategistConfig:
+    """The chain in `path`; any problem raises `ProviderConfigError` naming the file and field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ProviderConfigError(f"{path}: cannot read the providers file: {e}") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ProviderConfigError(f"{path}: not readable YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ProviderConfigError(f"{path}: must be a mapping with `providers`, got {raw!r}")
+    _check_keys(path, "", raw, StrategistConfig)
+    if not isinstance(raw["providers"], list) or not raw["providers"]:
+        raise ProviderConfigError(f"{path}: providers must be a non-empty list")
+    providers = []
+    for i, item in enumerate(raw["providers"]):
+        where = f"providers[{i}]"
+        if not isinstance(item, dict):
+            raise ProviderConfigError(f"{path}: {where} must be a mapping, got {item!r}")
+        if isinstance(item.get("name"), str):
+            where += f" ({item['name']})"
+        _check_keys(path, f"{where}: ", item, ProviderConfig)
+        try:
+            providers.append(ProviderConfig(**item))
+        except ProviderConfigError as e:
+            raise ProviderConfigError(f"{path}: {where}: {e}") from e
+    try:
+        return StrategistConfig(**{**raw, "providers": tuple(providers)})
+    except ProviderConfigError as e:
+        raise ProviderConfigError(f"{path}: {e}") from e
+
+
+@dataclass(frozen=True)
+class Script:
+    """A generated video script and what it took to get it."""
+
+    text: str
+    provider: str
+    """Name of the provider that wrote it."""
+    model: str
+    prompt_tokens: int
+    """As the provider reported (estimated when it reported no usage)."""
+    completion_tokens: int
+    cost_usd: float
+    """What this call cost: 0 for a cached answer."""
+    cached: bool
+    """True when answered from the cache, without a call."""
+    quality_decision: Decision
+    """The quality gate's decision: pass, review (a person decides) or reject."""
+    quality_score: float | None
+    """The quality model's score; None when it could not be reached."""
+    quality_reasons: tuple[str, ...]
+    """Why the gate did not pass it ("check: detail"), or why it could not score it."""
+    latency_s: float
+    """Seconds this call took, quality scoring included."""
+
+
+@dataclass(frozen=True)
+class ProviderCosts:
+    """What one provider's successful calls used and cost so far."""
+
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+@dataclass
+class _Grant:
+    """Requests and tokens one call holds in a rate window."""
+
+    at: float
+    tokens: int
+
+
+class SlidingWindowLimit:
+    """Requests and tokens per minute over a sliding window; thread-safe. `acquire` never
+    waits: it raises `RateLimitExhausted` and the chain moves on."""
+
+    def __init__(
+        self,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        clock: Clock = time.monotonic,
+        window_seconds: float = RATE_WINDOW_SECONDS,
+    ) -> None:
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
+        self.window_seconds = window_seconds
+        self._clock = clock
+        self._grants: deque[_Grant] = deque()
+        self._lock = threading.Lock()
+
+    def acquire(self, tokens: int) -> _Grant:
+        """Reserve one request and `tokens` tokens now, or raise `RateLimitExhausted`."""
+        with self._lock:
+            now = self._clock()
+            while self._grants and self._grants[0].at <= now - self.window_seconds:
+                self._grants.popleft()
+            rpm, tpm = self.requests_per_minute, self.tokens_per_minute
+            if rpm is not None and len(self._grants) >= rpm:
+                raise RateLimitExhausted(f"rate limit: {rpm} requests in the last minute")
+            if tpm is not None:
+                used = sum(grant.tokens for grant in self._grants)
+                if used + tokens > tpm:
+                    raise RateLimitExhausted(
+                        f"rate limit: {used} of {tpm} tokens used in the last minute, "
+                        f"this request needs up to {tokens}"
+                    )
+            grant = _Grant(at=now, tokens=tokens)
+            self._grants.append(grant)
+            return grant
+
+    def settle(self, grant: _Grant, tokens: int) -> None:
+        """Correct a reservation to the tokens the call actually used."""
+        with self._lock:
+            grant.tokens = tokens
+
+
+class TTLCache(Generic[K, V]):
+    """A thread-safe map whose entries expire `ttl_seconds` after they are put."""
+
+    def __init__(self, ttl_seconds: float, max_entries: int, clock: Clock = time.monotonic):
+        self.ttl_seconds = ttl_seconds
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            expires, value = entry
+            if self._clock() >= expires:
+                del self._entries[key]
+                return None
+            return value
+
+    def put(self, key: K, value: V) -> None:
+        if self.ttl_seconds <= 0:
+            return
+        with self._lock:
+            self._entries.pop(key, None)
+            while len(self._entries) >= self.max_entries:
+                self._entries.popitem(last=False)
+            self._entries[key] = (self._clock() + self.ttl_seconds, value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(frozen=True)
+class ScriptProvider:
+    """A provider ready to call: its config, resolved URL, client and rate limit."""
+
+    config: ProviderConfig
+    base_url: str
+    client: openai.OpenAI
+    limit: SlidingWindowLimit
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(frozen=True)
+class _Answer:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class _Quality:
+    decision: Decision
+    score: float | None
+    reasons: tuple[str, ...]
+    scored: bool
+
+
+class ContentStrategist:
+    """Writes video scripts through the provider chain; see the module docstring."""
+
+    def __init__(
+        self,
+        providers: Sequence[ScriptProvider],
+        quality: QualityScorer,
+        *,
+        default_max_tokens: int,
+        cache_ttl_seconds: float = 3600.0,
+        cache_max_entries: int = 1024,
+        clock: Clock = time.monotonic,
+        on_close: Sequence[Callable[[], None]] = (),
+    ) -> None:
+        """
+        Args:
+            providers: The chain, in the order it is tried; at least one.
+            quality: Scores each new script (`ContentMLClient.score_quality` in production).
+            default_max_tokens: `max_tokens` of calls that do not pass one.
+            cache_ttl_seconds: How long a script answers identical requests; 0: no cache.
+            cache_max_entries: Most scripts cached.
+            clock: Monotonic seconds for rate windows and the cache's TTL.
+            on_close: Called by `close()`, after the providers' clients are closed.
+        """
+        if not providers:
+            raise ValueError("the chain needs at least one provider")
+        self.providers = tuple(providers)
+        self.default_max_tokens = default_max_tokens
+        self._quality = quality
+        self._cache: TTLCache[tuple, Script] = TTLCache(cache_ttl_seconds, cache_max_entries, clock)
+        self._chain = tuple((p.name, p.config.model, p.base_url) for p in self.providers)
+        self._costs = {p.name: ProviderCosts(0, 0, 0, 0.0) for p in self.providers}
+        self._costs_lock = threading.Lock()
+        self._on_close = tuple(on_close)
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        environ: Mapping[str, str] | None = None,
+        quality: QualityScorer | None = None,
+        http_client: httpx.Client | None = None,
+        clock: Clock = time.monotonic,
+    ) -> ContentStrategist:
+        """The chain in `settings.script_providers`, with API keys read from `environ` (default
+        `os.environ`) now, not per call. Providers whose key variable is unset are skipped.
+
+        Args:
+            quality: Scorer of scripts; None: our quality model via `ContentMLClient`.
+            http_client: Shared by the providers' openai clients (tests pass a fake transport).
+        """
+        config = load_config(settings.script_providers)
+        environ = os.environ if environ is None else environ
+        providers = []
+        for provider in config.providers:
+            api_key = PLACEHOLDER_API_KEY
+            if provider.api_key_env is not None:
+                api_key = environ.get(provider.api_key_env, "")
+                if not api_key:
+                    log.info(
+                        "script provider %s skipped: %s is unset",
+                        provider.name,
+                        provider.api_key_env,
+                    )
+                    continue
+            base_url = provider.base_url or settings.serving_url.rstrip("/") + OUR_ENDPOINT_PATH
+            timeout = provider.timeout_seconds or (
+                settings.script_timeout_seconds + TIMEOUT_MARGIN_SECONDS
+            )
+            client = openai.OpenAI(
+                base_url=base_url,
+                api_key=api_key,
+                timeout=timeout,
+                # The chain moves on instead of retrying a provider.
+                max_retries=0,
+                http_client=http_client,
+            )
+            limit = SlidingWindowLimit(
+                provider.requests_per_minute, provider.tokens_per_minute, clock
+            )
+            providers.append(ScriptProvider(provider, base_url, client, limit))
+        if not providers:
+            # Only providers needing a key can be skipped, so each of them names a variable.
+            needed = sorted({str(p.api_key_env) for p in config.providers})
+            raise ProviderConfigError(
+                f"{settings.script_providers}: no usable script provider; set one of {needed}"
+            )
+        on_close: list[Callable[[], None]] = []
+        if quality is None:
+            quality_client = ContentMLClient(settings.serving_url)
+            quality = quality_client.score_quality
+            on_close.append(quality_client.close)
+        return cls(
+            providers,
+            quality,
+            default_max_tokens=settings.script_max_tokens,
+            cache_ttl_seconds=config.cache_ttl_seconds,
+            cache_max_entries=config.cache_max_entries,
+            clock=clock,
+            on_close=on_close,
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the providers' connections (and the quality client this object made)."""
+        for provider in self.providers:
+            provider.client.close()
+        for close in self._on_close:
+            close()
+
+    def costs(self) -> dict[str, ProviderCosts]:
+        """Calls, tokens and USD per provider since this object was made (cache hits are free
+        and not counted)."""
+        with self._costs_lock:
+            return dict(self._costs)
+
+    def generate_script(
+        self,
+        topic: str,
+        channel_persona: str,
+        *,
+        target_seconds: int = 60,
+        max_tokens: int | None = None,
+        temperature: float = 0.7,
+    ) -> Script:
+        """A script of about `target_seconds` spoken about `topic`, in the voice of
+        `channel_persona`, scored by the quality gate.
+
+        Raises:
+            ValueError: an empty topic or persona, or a parameter out of range.
+            ClientError: a provider refused the request (4xx other than 429).
+            AllProvidersFailed: no provider could answer; lists each one's failure.
+        """
+        topic = _required("topic", topic)
+        channel_persona = _required("channel_persona", channel_persona)
+        max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
+        if isinstance(target_seconds, bool) or target_seconds < 1:
+            raise ValueError(f"target_seconds must be >= 1, not {target_seconds!r}")
+        if isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, not {max_tokens!r}")
+        if not 0 <= temperature <= 2:
+            raise ValueError(f"temperature must be in [0, 2], not {temperature!r}")
+
+        start = time.perf_counter()
+        key = (topic, channel_persona, target_seconds, max_tokens, temperature, self._chain)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return dataclasses.replace(
+                hit, cached=True, cost_usd=0.0, latency_s=time.perf_counter() - start
+            )
+
+        messages = _messages(topic, channel_persona, target_seconds)
+        prompt_estimate = _estimate_prompt_tokens(messages)
+        request = {
+            "messages": messages,
+            # KServe's chat-completions schema has `max_tokens`, not `max_completion_tokens`.
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        failures: list[tuple[str, ProviderUnavailable]] = []
+        for provider in self.providers:
+            try:
+                answer = self._ask(provider, request, prompt_estimate + max_tokens)
+                break
+            except ProviderUnavailable as e:
+                log.warning("script provider %s failed, trying the next: %s", provider.name, e)
+                failures.append((provider.name, e))
+        else:
+            raise AllProvidersFailed(failures)
+
+        if not answer.prompt_tokens and not answer.completion_tokens:
+            # No usage in the answer: estimate, so cost and rate limits still see the call.
+            answer = dataclasses.replace(
+                answer,
+                prompt_tokens=prompt_estimate,
+                completion_tokens=_estimate_tokens(answer.text),
+            )
+        cost = self._account(provider, answer)
+        quality = _judge(self._quality, answer.text)
+        script = Script(
+            text=answer.text,
+            provider=provider.name,
+            model=provider.config.model,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            cost_usd=cost,
+            cached=False,
+            quality_decision=quality.decision,
+            quality_score=quality.score,
+            quality_reasons=quality.reasons,
+            latency_s=time.perf_counter() - start,
+        )
+        if quality.scored and quality.decision is not Decision.REJECT:
+            self._cache.put(key, script)
+        return script
+
+    def _ask(self, provider: ScriptProvider, request: dict[str, Any], tokens: int) -> _Answer:
+        """One provider's answer; `ProviderUnavailable` when the chain should move on."""
+        grant = provider.limit.acquire(tokens)
+        used = 0
+        try:
+            completion = provider.client.chat.completions.create(
+                model=provider.config.model, **request
+            )
+            answer = _answer(completion)
+            used = answer.prompt_tokens + answer.completion_tokens or tokens
+            return answer
+        except openai.APIStatusError as e:
+            if e.status_code == 429 or e.status_code >= 500:
+                raise ProviderUnavailable(f"HTTP {e.status_code}: {e.message}") from e
+            raise ClientError(Task.GENERATE, e.status_code, f"{provider.name}: {e.message}") from e
+        except openai.APIConnectionError as e:  # APITimeoutError included
+            raise ProviderUnavailable(f"{type(e).__name__}: {e}") from e
+        except openai.APIResponseValidationError as e:
+            raise ProviderUnavailable(f"malformed answer: {e}") from e
+        finally:
+            provider.limit.settle(grant, used)
+
+    def _account(self, provider: ScriptProvider, answer: _Answer) -> float:
+        config = provider.config
+        cost = (
+            answer.prompt_tokens * config.input_usd_per_million_tokens
+            + answer.completion_tokens * config.output_usd_per_million_tokens
+        ) / 1_000_000
+        with self._costs_lock:
+            before = self._costs[provider.name]
+            self._costs[provider.name] = ProviderCosts(
+                calls=before.calls + 1,
+                prompt_tokens=before.prompt_tokens + answer.prompt_tokens,
+                completion_tokens=before.completion_tokens + answer.completion_tokens,
+                cost_usd=before.cost_usd + cost,
+            )
+        return cost
+
+
+def _messages(topic: str, persona: str, target_seconds: int) -> list[dict[str, str]]:
+    words = round(target_seconds * WORDS_PER_SECOND)
+    return [
+        {
+            "role": "system",
+            "content": f"You write short video scripts for a channel, in its voice. {persona}",
+        },
+        {
+            "role": "user",
+            "content": (
+                f"Write a video script of about {target_seconds} seconds (about {words} "
+                f"spoken words) about: {topic}"
+            ),
+        },
+    ]
+
+
+def _estimate_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def _estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
+    return sum(_estimate_tokens(m["content"]) + TOKENS_PER_MESSAGE for m in messages)
+
+
+def _answer(completion: object) -> _Answer:
+    """Text and usage of a chat completion; `ProviderUnavailable` if it is not one."""
+    if isinstance(completion, str):
+        # The openai client hands back the text of an answer that is not JSON.
+        raise ProviderUnavailable(f"malformed answer, not JSON: {completion[:200]!r}")
+    try:
+        text = completion.choices[0].message.content  # type: ignore[attr-defined]
+    except (AttributeError, IndexError, TypeError) as e:
+        raise ProviderUnavailable("malformed answer, no choices[0].message") from e
+    if not isinstance(text, str) or not text.strip():
+        raise ProviderUnavailable("malformed answer, no script text")
+    usage = getattr(completion, "usage", None)
+    return _Answer(
+        text=text,
+        prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+        completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+    )
+
+
+def _judge(quality: QualityScorer, text: str) -> _Quality:
+    """The gate's verdict on `text`; `review` with the reason when it cannot be had, so an
+    unscored script is neither published unchecked nor thrown away."""
+    try:
+        prediction = quality(text)
+    except ContentMLClientError as e:
+        log.warning("quality model unavailable, script sent to review: %s", e)
+        return _Quality(Decision.REVIEW, None, (f"quality model unavailable: {e}",), False)
+    try:
+        decision = Decision(prediction["decision"])
+        score = float(prediction["score"])
+        reasons = tuple(f"{r['check']}: {r['detail']}" for r in prediction.get("reasons", ()))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        log.warning("malformed quality answer, script sent to review: %r", prediction)
+        return _Quality(Decision.REVIEW, None, (f"malformed quality answer: {e!r}",), False)
+    return _Quality(decision, score, reasons, True)
+
+
+def _required(name: str, value: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, not {value!r}")
+    return value.strip()
+
+
+def _check_types(config: Any) -> None:
+    """Each field of a config dataclass has its annotated type (a float field takes an int;
+    an int field does not take a bool)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        hint = hints[f.name]
+        allowed = (typing.get_origin(hint),) if typing.get_origin(hint) is tuple else None
+        allowed = allowed or typing.get_args(hint) or (hint,)
+        if float in allowed:
+            allowed = (*allowed, int)
+        value = getattr(config, f.name)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join(
+                "null" if t is NoneType else "a list" if t is tuple else t.__name__
+                for t in dict.fromkeys(allowed)
+            )
+            raise ProviderConfigError(f"{f.name} must be {names}, not {value!r}")
+
+
+def _check_keys(path: Path, where: str, raw: Mapping[Any, Any], config: type) -> None:
+    """Every required field present and no unknown one, named with the file."""
+    fields = dataclasses.fields(config)
+    required = [
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        raise ProviderConfigError(f"{path}: {where}missing fields {missing}")
+    unknown = sorted(str(key) for key in raw.keys() - {f.name for f in fields})
+    if unknown:
+        raise ProviderConfigError(
+            f"{path}: {where}unknown fields {unknown}; known: {[f.name for f in fields]}"
+        )

@@ -1,0 +1,594 @@
+"""The ContentStrategist's `generate_script`: real HTTP through the openai client against fake
+OpenAI-compatible providers (an `httpx.MockTransport` per chain, one real server end to end)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from serving.client import ClientError, ServiceUnavailable, Task
+from serving.strategist import (
+    AllProvidersFailed,
+    ContentStrategist,
+    ProviderConfigError,
+    ProviderCosts,
+    RateLimitExhausted,
+    SlidingWindowLimit,
+    load_config,
+)
+from tests.conftest import make_settings
+from training.quality.gate import Decision
+
+SERVING_URL = "http://serving.test"
+HOSTED_URL = "https://api.hosted.test/v1"
+OURS, HOSTED = "serving.test", "api.hosted.test"
+DEFAULT_PROVIDERS = Path(__file__).resolve().parents[1] / "serving" / "script_providers.yaml"
+
+OUR_PROVIDER = {"name": "contentml", "model": "script"}
+HOSTED_PROVIDER = {
+    "name": "hosted",
+    "model": "gpt-4o",
+    "base_url": HOSTED_URL,
+    "api_key_env": "HOSTED_API_KEY",
+    "input_usd_per_million_tokens": 2.5,
+    "output_usd_per_million_tokens": 10.0,
+}
+WITH_KEY = {"HOSTED_API_KEY": "sk-test"}
+
+Reply = Callable[[httpx.Request], httpx.Response]
+
+
+def completion_body(text: str, prompt: int, completion: int) -> dict[str, Any]:
+    """A chat.completion as the OpenAI API answers it, with token usage."""
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "any",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
+
+
+def ok(text: str = "Hook. Three facts. Call to action.", prompt: int = 100, completion: int = 50):
+    body = completion_body(text, prompt, completion)
+    return lambda request: httpx.Response(200, json=body)
+
+
+def status(code: int) -> Reply:
+    body = {"error": {"message": f"scripted {code}", "type": "test"}}
+    return lambda request: httpx.Response(code, json=body)
+
+
+def refused(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused", request=request)
+
+
+@dataclass
+class Seen:
+    host: str
+    body: dict[str, Any]
+    authorization: str
+
+
+class Backend:
+    """Fake providers behind one transport: each host answers with its scripted replies in
+    order (the last one repeats), and every request is recorded."""
+
+    def __init__(self, replies: dict[str, list[Reply]]) -> None:
+        self.replies = {host: list(answers) for host, answers in replies.items()}
+        self.requests: list[Seen] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        self.requests.append(
+            Seen(host, json.loads(request.content), request.headers.get("authorization", ""))
+        )
+        answers = self.replies[host]
+        reply = answers.pop(0) if len(answers) > 1 else answers[0]
+        return reply(request)
+
+    @property
+    def hosts(self) -> list[str]:
+        return [seen.host for seen in self.requests]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class FakeQuality:
+    """The quality model: a fixed verdict (or an error), and the texts it scored."""
+
+    decision: str = "pass"
+    score: float = 0.93
+    reasons: list[dict[str, str]] = field(default_factory=list)
+    error: Exception | None = None
+    texts: list[str] = field(default_factory=list)
+
+    def __call__(self, text: str) -> dict[str, Any]:
+        self.texts.append(text)
+        if self.error is not None:
+            raise self.error
+        return {"decision": self.decision, "score": self.score, "reasons": self.reasons}
+
+
+@pytest.fixture
+def build(tmp_path: Path) -> Iterator[Callable[..., ContentStrategist]]:
+    """Builds a strategist from a providers file written for the test, through
+    `from_settings`, with the backend as transport and a fake clock and quality model."""
+    made: list[ContentStrategist] = []
+
+    def build(
+        providers: list[dict[str, Any]],
+        backend: Backend,
+        *,
+        environ: dict[str, str] | None = None,
+        quality: FakeQuality | None = None,
+        clock: FakeClock | None = None,
+        **chain: Any,
+    ) -> ContentStrategist:
+        path = tmp_path / "providers.yaml"
+        path.write_text(yaml.safe_dump({"providers": providers, **chain}))
+        settings = make_settings(
+            tmp_path / "state",
+            CONTENTML_SCRIPT_PROVIDERS=str(path),
+            CONTENTML_SERVING_URL=SERVING_URL,
+        )
+        strategist = ContentStrategist.from_settings(
+            settings,
+            environ=environ or {},
+            quality=quality or FakeQuality(),
+            http_client=httpx.Client(transport=httpx.MockTransport(backend)),
+            clock=clock or FakeClock(),
+        )
+        made.append(strategist)
+        return strategist
+
+    yield build
+    for strategist in made:
+        strategist.close()
+
+
+# --- the chain -------------------------------------------------------------------------------
+
+
+def test_without_api_key_only_our_endpoint_is_called(build) -> None:
+    backend = Backend({HOSTED: [ok()], OURS: [ok("Our script.", 80, 40)]})
+    strategist = build([HOSTED_PROVIDER, OUR_PROVIDER], backend)
+
+    script = strategist.generate_script("volcanoes", "Upbeat science for teens.")
+
+    assert backend.hosts == [OURS]
+    assert [p.name for p in strategist.providers] == ["contentml"]
+    assert (script.text, script.provider, script.model) == ("Our script.", "contentml", "script")
+    assert (script.prompt_tokens, script.completion_tokens, script.cost_usd) == (80, 40, 0.0)
+    assert not script.cached
+    seen = backend.requests[0]
+    assert seen.body["model"] == "script"
+    assert seen.body["max_tokens"] == 512  # Settings.script_max_tokens
+    assert seen.authorization == "Bearer contentml-no-key"
+    system, user = seen.body["messages"]
+    assert system["role"] == "system" and "Upbeat science for teens." in system["content"]
+    assert user["role"] == "user" and "volcanoes" in user["content"]
+    assert "60 seconds" in user["content"]
+
+
+def test_hosted_first_with_key_is_used_and_priced(build) -> None:
+    backend = Backend({HOSTED: [ok(prompt=1000, completion=500)], OURS: [ok()]})
+    strategist = build([HOSTED_PROVIDER, OUR_PROVIDER], backend, environ=WITH_KEY)
+
+    script = strategist.generate_script(
+        "volcanoes", "Upbeat.", target_seconds=30, max_tokens=300, temperature=0.2
+    )
+
+    assert backend.hosts == [HOSTED]
+    assert backend.requests[0].authorization == "Bearer sk-test"
+    assert backend.requests[0].body["model"] == "gpt-4o"
+    assert backend.requests[0].body["max_tokens"] == 300
+    assert backend.requests[0].body["temperature"] == 0.2
+    assert (script.provider, script.model) == ("hosted", "gpt-4o")
+    # 1000 * $2.50 / 1M + 500 * $10 / 1M
+    assert script.cost_usd == pytest.approx(0.0075)
+    assert strategist.costs() == {
+        "hosted": ProviderCosts(
+            calls=1, prompt_tokens=1000, completion_tokens=500, cost_usd=0.0075
+        ),
+        "contentml": ProviderCosts(calls=0, prompt_tokens=0, completion_tokens=0, cost_usd=0.0),
+    }
+
+
+@pytest.mark.parametrize(
+    "failure", [status(500), status(503), status(429), refused], ids=["500", "503", "429", "down"]
+)
+def test_hosted_failure_falls_back_to_our_endpoint(build, failure: Reply) -> None:
+    backend = Backend({HOSTED: [failure], OURS: [ok("Ours.")]})
+    strategist = build([HOSTED_PROVIDER, OUR_PROVIDER], backend, environ=WITH_KEY)
+
+    script = strategist.generate_script("volcanoes", "Upbeat.")
+
+    assert backend.hosts == [HOSTED, OURS]
+    assert (script.text, script.provider) == ("Ours.", "contentml")
+    assert strategist.costs()["hosted"].calls == 0
+
+
+@pytest.mark.parametrize("code", [400, 401, 404, 422])
+def test_hosted_4xx_is_raised_not_masked(build, code: int) -> None:
+    backend = Backend({HOSTED: [status(code)], OURS: [ok()]})
+    strategist = build([HOSTED_PROVIDER, OUR_PROVIDER], backend, environ=WITH_KEY)
+
+    with pytest.raises(ClientError) as raised:
+        strategist.generate_script("volcanoes", "Upbeat.")
+
+    assert raised.value.status_code == code
+    assert raised.value.task is Task.GENERATE
+    assert "hosted" in str(raised.value) and f"scripted {code}" in str(raised.value)
+    assert backend.hosts == [HOSTED]
+
+
+def test_all_providers_failing_lists_each(build) -> None:
+    backend = Backend({HOSTED: [status(502)], OURS: [refused]})
+    strategist = build([HOSTED_PROVIDER, OUR_PROVIDER], backend, environ=WITH_KEY)
+
+    with pytest.raises(AllProvidersFailed) as raised:
+        strategist.generate_script("volcanoes", "Upbeat.")
+
+    assert [name for name, _ in raised.value.failures] == ["hosted", "contentml"]
+    message = str(raised.value)
+    assert "hosted: HTTP 502" in message
+    assert "contentml: APIConnectionError" in message
+    assert isinstance(raised.value.failures[1][1].__cause__.__cause__, httpx.ConnectError)
+
+
+def test_malformed_completion_falls_back(build) -> None:
+    empty = ok(text="")
+    backend = Backend({HOSTED: [empty], OURS: [ok("Ours.")]})
+    strategist = build([HOSTED_PROVIDER, OUR_PROVIDER], backend, environ=WITH_KEY)
+
+    assert strategist.generate_script("volcanoes", "Upbeat.").provider == "contentml"
+
+
+# --- rate limits -----------------------------------------------------------------------------
+
+
+def test_requests_per_minute_exhausted_moves_on_then_recovers(build) -> None:
+    clock = FakeClock()
+    hosted = {**HOSTED_PROVIDER, "requests_per_minute": 2}
+    backend = Backend({HOSTED: [ok()], OURS: [ok()]})
+    strategist = build([hosted, OUR_PROVIDER], backend, environ=WITH_KEY, clock=clock)
+
+    providers = [strategist.generate_script(f"topic {i}", "Upbeat.").provider for i in range(3)]
+    assert providers == ["hosted", "hosted", "contentml"]
+    assert backend.hosts == [HOSTED, HOSTED, OURS]  # the limit is ours: no request was sent
+
+    clock.now += 61
+    assert strategist.generate_script("topic 3", "Upbeat.").provider == "hosted"
+
+
+def test_tokens_per_minute_reserve_estimate_then_count_actual_usage(build) -> None:
+    clock = FakeClock()
+    # Each call reserves its prompt estimate (~45 tokens) + max_tokens 600 = ~645, and then
+    # reports 300 used.
+    hosted = {**HOSTED_PROVIDER, "tokens_per_minute": 1000}
+    backend = Backend({HOSTED: [ok(prompt=100, completion=200)], OURS: [ok()]})
+    strategist = build([hosted, OUR_PROVIDER], backend, environ=WITH_KEY, clock=clock)
+
+    def provider(topic: str) -> str:
+        return strategist.generate_script(topic, "Upbeat.", max_tokens=600).provider
+
+    assert provider("a") == "hosted"
+    # 300 used + ~645 fits 1000 only because the first reservation was corrected to 300.
+    assert provider("b") == "hosted"
+    assert provider("c") == "contentml"  # 600 used + ~645 does not
+    clock.now += 60.5
+    assert provider("d") == "hosted"
+
+
+def test_rate_limit_exhausted_everywhere_is_listed(build) -> None:
+    ours = {**OUR_PROVIDER, "requests_per_minute": 1}
+    backend = Backend({OURS: [ok()]})
+    strategist = build([ours], backend)
+
+    strategist.generate_script("a", "Upbeat.")
+    with pytest.raises(AllProvidersFailed) as raised:
+        strategist.generate_script("b", "Upbeat.")
+
+    assert isinstance(raised.value.failures[0][1], RateLimitExhausted)
+    assert "1 requests in the last minute" in str(raised.value)
+    assert backend.hosts == [OURS]
+
+
+def test_sliding_window_is_thread_safe() -> None:
+    limit = SlidingWindowLimit(requests_per_minute=50, tokens_per_minute=None, clock=FakeClock())
+    granted = []
+
+    def take() -> None:
+        for _ in range(20):
+            try:
+                granted.append(limit.acquire(1))
+            except RateLimitExhausted:
+                pass
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(granted) == 50
+
+
+# --- cache -----------------------------------------------------------------------------------
+
+
+def test_cache_hit_within_ttl_needs_no_call_and_costs_nothing(build) -> None:
+    clock = FakeClock()
+    backend = Backend({HOSTED: [ok(prompt=1000, completion=500)], OURS: [ok()]})
+    strategist = build(
+        [HOSTED_PROVIDER, OUR_PROVIDER],
+        backend,
+        environ=WITH_KEY,
+        clock=clock,
+        cache_ttl_seconds=60,
+    )
+
+    first = strategist.generate_script("volcanoes", "Upbeat.")
+    clock.now += 59
+    again = strategist.generate_script("volcanoes", "Upbeat.")
+
+    assert backend.hosts == [HOSTED]
+    assert not first.cached and first.cost_usd > 0
+    assert again.cached and again.cost_usd == 0.0
+    assert (again.text, again.provider, again.quality_decision) == (
+        first.text,
+        first.provider,
+        first.quality_decision,
+    )
+    assert strategist.costs()["hosted"].calls == 1
+
+
+def test_cache_misses_after_ttl_and_for_other_parameters(build) -> None:
+    clock = FakeClock()
+    backend = Backend({OURS: [ok()]})
+    strategist = build([OUR_PROVIDER], backend, clock=clock, cache_ttl_seconds=60)
+
+    strategist.generate_script("volcanoes", "Upbeat.")
+    strategist.generate_script("volcanoes", "Upbeat.", max_tokens=100)
+    strategist.generate_script("volcanoes", "Calm.")
+    clock.now += 60
+    late = strategist.generate_script("volcanoes", "Upbeat.")
+
+    assert len(backend.requests) == 4
+    assert not late.cached
+
+
+@pytest.mark.parametrize(
+    "quality",
+    [
+        FakeQuality(decision="reject", score=0.2),
+        FakeQuality(error=ServiceUnavailable(Task.QUALITY, 4, 2.0, 2.0, "refused")),
+    ],
+    ids=["rejected", "unscored"],
+)
+def test_rejected_or_unscored_script_is_not_cached(build, quality: FakeQuality) -> None:
+    backend = Backend({OURS: [ok()]})
+    strategist = build([OUR_PROVIDER], backend, quality=quality)
+
+    strategist.generate_script("volcanoes", "Upbeat.")
+    second = strategist.generate_script("volcanoes", "Upbeat.")
+
+    assert len(backend.requests) == 2
+    assert not second.cached
+
+
+# --- quality gate ----------------------------------------------------------------------------
+
+
+def test_quality_decision_is_attached(build) -> None:
+    quality = FakeQuality(
+        decision="review",
+        score=0.7,
+        reasons=[{"check": "classifier", "severity": "review", "detail": "score 0.70 below 0.85"}],
+    )
+    backend = Backend({OURS: [ok("Our script.")]})
+    strategist = build([OUR_PROVIDER], backend, quality=quality)
+
+    script = strategist.generate_script("volcanoes", "Upbeat.")
+
+    assert quality.texts == ["Our script."]
+    assert script.quality_decision is Decision.REVIEW
+    assert script.quality_score == 0.7
+    assert script.quality_reasons == ("classifier: score 0.70 below 0.85",)
+
+
+def test_unreachable_quality_model_sends_script_to_review(build) -> None:
+    error = ServiceUnavailable(Task.QUALITY, 4, 2.0, 2.0, "connection refused")
+    backend = Backend({OURS: [ok("Our script.")]})
+    strategist = build([OUR_PROVIDER], backend, quality=FakeQuality(error=error))
+
+    script = strategist.generate_script("volcanoes", "Upbeat.")
+
+    assert script.text == "Our script."
+    assert script.quality_decision is Decision.REVIEW
+    assert script.quality_score is None
+    assert "quality model unavailable" in script.quality_reasons[0]
+
+
+# --- arguments and configuration -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"topic": "  ", "channel_persona": "Upbeat."}, "topic"),
+        ({"topic": "volcanoes", "channel_persona": ""}, "channel_persona"),
+        ({"topic": "volcanoes", "channel_persona": "Upbeat.", "max_tokens": 0}, "max_tokens"),
+        ({"topic": "volcanoes", "channel_persona": "Upbeat.", "temperature": 3}, "temperature"),
+    ],
+)
+def test_bad_arguments_are_named(build, kwargs: dict[str, Any], named: str) -> None:
+    backend = Backend({OURS: [ok()]})
+    strategist = build([OUR_PROVIDER], backend)
+
+    with pytest.raises(ValueError, match=named):
+        strategist.generate_script(**kwargs)
+    assert backend.requests == []
+
+
+def test_default_providers_file_is_our_endpoint_only() -> None:
+    config = load_config(DEFAULT_PROVIDERS)
+    assert [(p.name, p.model, p.base_url, p.api_key_env) for p in config.providers] == [
+        ("contentml", "script", None, None)
+    ]
+
+
+def test_hosted_example_in_the_default_file_is_valid(tmp_path: Path) -> None:
+    """The commented-out hosted provider loads once uncommented."""
+    lines = DEFAULT_PROVIDERS.read_text().splitlines()
+    example = [line[1:] for line in lines if line.startswith("#   ")]
+    path = tmp_path / "providers.yaml"
+    path.write_text("providers:\n" + "\n".join(example))
+
+    (hosted,) = load_config(path).providers
+    assert (hosted.name, hosted.model) == ("openai", "gpt-4o")
+    assert hosted.base_url == "https://api.openai.com/v1"
+    assert hosted.api_key_env == "OPENAI_API_KEY"
+
+
+@pytest.mark.parametrize(
+    ("providers", "message"),
+    [
+        ([{"name": "ours"}], r"providers\[0\] \(ours\): missing fields \['model'\]"),
+        (
+            [{**HOSTED_PROVIDER, "output_usd_per_million_tokens": -1}],
+            r"providers\[0\] \(hosted\): output_usd_per_million_tokens must be a finite price",
+        ),
+        (
+            [{**OUR_PROVIDER, "requests_per_second": 5}],
+            r"providers\[0\] \(contentml\): unknown fields \['requests_per_second'\]",
+        ),
+        (
+            [{**OUR_PROVIDER, "tokens_per_minute": "lots"}],
+            r"tokens_per_minute must be int or null, not 'lots'",
+        ),
+        ([{**OUR_PROVIDER, "requests_per_minute": 0}], r"requests_per_minute must be at least 1"),
+        ([{**OUR_PROVIDER, "timeout_seconds": True}], r"timeout_seconds must be float or null"),
+        ([{**OUR_PROVIDER, "base_url": "serving:8080"}], r"base_url must start with http"),
+        ([OUR_PROVIDER, OUR_PROVIDER], r"repeated names \['contentml'\]"),
+        ([], r"providers must be a non-empty list"),
+        ("ours", r"providers must be a non-empty list"),
+    ],
+)
+def test_config_errors_name_file_and_field(tmp_path: Path, providers: Any, message: str) -> None:
+    path = tmp_path / "providers.yaml"
+    path.write_text(yaml.safe_dump({"providers": providers}))
+
+    with pytest.raises(ProviderConfigError, match=message) as raised:
+        load_config(path)
+    assert str(raised.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("providers: [", "not readable YAML"),
+        ("- contentml", "must be a mapping with `providers`"),
+        ("cache_ttl_seconds: 5", r"missing fields \['providers'\]"),
+        ("providers: [{name: a, model: b}]\ncache_ttl_seconds: -1", "cache_ttl_seconds must be"),
+    ],
+)
+def test_malformed_providers_file_is_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "providers.yaml"
+    path.write_text(text)
+    with pytest.raises(ProviderConfigError, match=message) as raised:
+        load_config(path)
+    assert str(path) in str(raised.value)
+
+
+def test_missing_providers_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ProviderConfigError, match="cannot read the providers file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_chain_of_only_keyed_providers_without_keys_is_refused(build) -> None:
+    with pytest.raises(ProviderConfigError, match=r"no usable script provider.*HOSTED_API_KEY"):
+        build([HOSTED_PROVIDER], Backend({HOSTED: [ok()]}))
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+class FakeModelServer:
+    """Our model server's two routes the strategist uses, on a free port: the OpenAI chat
+    completions (`script`) and the quality model's v1 `:predict`."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.paths.append(self.path)
+                if self.path == "/openai/v1/chat/completions":
+                    assert body["model"] == "script"
+                    answer: dict[str, Any] = completion_body("Served script.", 60, 20)
+                else:
+                    assert body == {"instances": [{"text": "Served script.", "kind": "script"}]}
+                    verdict = {"decision": "pass", "score": 0.97, "reasons": []}
+                    answer = {"predictions": [verdict]}
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
+
+
+@pytest.fixture
+def model_server() -> Iterator[FakeModelServer]:
+    server = FakeModelServer()
+    server.thread.start()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+    server.thread.join()
+
+
+def test_default_chain_end_to_end_against_a_real_server(tmp_path: Path, model_server) -> None:
+    settings = make_settings(tmp_path / "state", CONTENTML_SERVING_URL=model_server.url)
+
+    with ContentStrategist.from_settings(settings, environ={}) as strategist:
+        script = strategist.generate_script("volcanoes", "Upbeat science for teens.")
+
+    assert model_server.paths == ["/openai/v1/chat/completions", "/v1/models/quality:predict"]
+    assert (script.text, script.provider, script.cost_usd) == ("Served script.", "contentml", 0)
+    assert (script.quality_decision, script.quality_score) == (Decision.PASS, 0.97)
