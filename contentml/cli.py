@@ -138,6 +138,19 @@ def cmd_trend_backtest(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_llm_finetune(settings: Settings, args: argparse.Namespace) -> int:
+    from training.llm.config import load_config
+    from training.llm.train import finetune
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    config = load_config(Path(args.config), max_steps=args.max_steps)
+    started = time.monotonic()
+    summary = finetune(settings, config)
+    if summary is not None:  # rank 0 reports; the other ranks of a TrainJob stay quiet
+        _print_json({**summary, "seconds": round(time.monotonic() - started, 1)})
+    return 0
+
+
 def cmd_quality_train(settings: Settings, args: argparse.Namespace) -> int:
     from training import steps
     from training.quality.config import load_config
@@ -349,6 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--niche", required=True, help="niche name or slug")
     adapt.add_argument("--budget-minutes", type=_minutes, default=5.0)
     adapt.set_defaults(handler=cmd_niche_adapt)
+
+    llm = commands.add_parser("llm", help="the script model (LoRA fine-tuned causal LM)")
+    llm_commands = llm.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
+    llm_finetune = llm_commands.add_parser(
+        "finetune", help="LoRA fine-tune with DeepSpeed, merge, register and gate `script`"
+    )
+    llm_finetune.add_argument(
+        "--config", required=True, help="YAML of FinetuneConfig fields (training/llm/configs/)"
+    )
+    llm_finetune.add_argument("--max-steps", type=_positive, default=None)
+    llm_finetune.set_defaults(handler=cmd_llm_finetune)
 
     history = commands.add_parser("history", help="every alias change of a model")
     history.add_argument("model")
