@@ -1,0 +1,327 @@
+"""The `script` model end to end on a tiny real Llama: logged and registered as a pyfunc, served
+by `contentml serve` on the OpenAI routes and called with the real `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import mlflow
+import openai
+import pandas as pd
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from contentml import registry
+from contentml.demo import free_port, model_server
+from serving.script_model import CompletionRequest, ScriptModel, StopFilter
+from tests.conftest import DATA_DIR, make_settings
+from training.data import load_youtube_trending
+from training.llm.package import FinishReason, Sampling, cut_at_stop, log_script_model
+from training.llm.tokenizer import train_tokenizer
+
+slow = pytest.mark.slow
+
+MAX_TOKENS_CAP = 24
+"""The served cap (`CONTENTML_SCRIPT_MAX_TOKENS`), low enough for requests to exceed it."""
+
+CHAT_PROMPTS = ["A Music title", "A Comedy title", "A Sports title", "A Gaming title"]
+
+
+def chat(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+def tiny_script_model(folder: Path) -> Path:
+    """A 2-layer Llama and a BPE tokenizer trained for a few seconds on trending titles asked
+    for by category, so that its chat answers look like titles and end with EOS."""
+    frame = load_youtube_trending(DATA_DIR).drop_duplicates("title").head(300)
+    tokenizer = train_tokenizer(frame["title"], vocab_size=512)
+    texts = [
+        tokenizer.apply_chat_template(
+            [*chat(f"A {category} title"), {"role": "assistant", "content": title}],
+            tokenize=False,
+        )
+        for title, category in zip(frame["title"], frame["category"], strict=True)
+    ]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    for _ in range(80):
+        rows = torch.randint(0, len(texts), (32,))
+        loss = model(
+            input_ids=batch["input_ids"][rows],
+            attention_mask=batch["attention_mask"][rows],
+            labels=labels[rows],
+        ).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    return make_settings(
+        tmp_path_factory.mktemp("script") / "state",
+        CONTENTML_SCRIPT_MAX_TOKENS=str(MAX_TOKENS_CAP),
+    )
+
+
+@pytest.fixture(scope="module")
+def champion(settings, tmp_path_factory, one_thread) -> str:
+    """Version 1 of `script`, logged from a training run and promoted to champion."""
+    folder = tiny_script_model(tmp_path_factory.mktemp("script-model"))
+    client = registry.connect(settings)
+    with mlflow.start_run(experiment_id=registry.experiment_id(client, settings)):
+        info = log_script_model(folder)
+    version = str(info.registered_model_version)
+    registry.promote(client, "script", version, reason="tests")
+    return version
+
+
+@pytest.fixture(scope="module")
+def generator(settings, champion):
+    """The champion's pyfunc, loaded in this process as the server loads it."""
+    registry.connect(settings)
+    return mlflow.pyfunc.load_model("models:/script@champion").unwrap_python_model()
+
+
+@pytest.fixture(scope="module")
+def server(settings, champion) -> Iterator[str]:
+    with model_server(settings, free_port()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{server}/openai/v1", api_key="unused", max_retries=0, timeout=60
+    ) as client:
+        yield client
+
+
+# --- the pyfunc ----------------------------------------------------------------------------
+
+
+@slow
+def test_the_registered_pyfunc_predicts_one_continuation_per_prompt(settings, champion):
+    registry.connect(settings)
+    model = mlflow.pyfunc.load_model("models:/script@champion")
+    frame = pd.DataFrame({"prompt": ["Music", "How to cook"]})
+    texts = model.predict(frame, params={"max_tokens": 6, "temperature": 0.0})
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert model.predict(frame, params={"max_tokens": 6}) == texts  # greedy by default
+
+
+@slow
+def test_a_generation_ends_early_only_at_eos(generator):
+    """Without stop sequences or a time limit, `stop` means EOS came before `max_tokens`;
+    the trained model ends most chat answers (titles) that way."""
+    endings = []
+    for content in CHAT_PROMPTS:
+        prompt = generator.tokenizer.apply_chat_template(chat(content), add_generation_prompt=True)
+        generation = generator.generate(prompt["input_ids"], Sampling(max_tokens=40))
+        assert "</s>" not in generation.text
+        ended_early = generation.completion_tokens < 40
+        assert (generation.finish_reason is FinishReason.STOP) == ended_early
+        endings.append(generation.finish_reason)
+    assert FinishReason.STOP in endings
+
+
+@slow
+def test_the_same_seed_samples_the_same_text(generator):
+    prompt = generator.tokenizer("Music")["input_ids"]
+    sampling = Sampling(max_tokens=12, temperature=1.0, seed=7)
+    assert generator.generate(prompt, sampling) == generator.generate(prompt, sampling)
+
+
+@slow
+def test_a_generation_past_the_time_limit_ends_with_length(settings, champion):
+    """The limit comes from the settings the predictor reads in `load()`."""
+    hurried = make_settings(settings.home, CONTENTML_SCRIPT_TIMEOUT_SECONDS="0.000001")
+    model = ScriptModel("script", hurried)
+    assert model.load()
+    request = CompletionRequest(model="script", prompt="Music", max_tokens=20, temperature=0)
+    answer = asyncio.run(model.create_completion(request))
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 1  # the clock is checked after each token
+
+
+# --- the OpenAI routes ---------------------------------------------------------------------
+
+
+@slow
+def test_a_completion_reports_usage_and_the_version(client: openai.OpenAI, champion: str):
+    completion = client.completions.create(
+        model="script", prompt="Music", max_tokens=8, temperature=0
+    )
+    (choice,) = completion.choices
+    assert isinstance(choice.text, str) and choice.finish_reason in ("stop", "length")
+    usage = completion.usage
+    assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 8
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert completion.system_fingerprint == f"script-v{champion}"
+
+
+@slow
+def test_a_streamed_chat_joins_to_the_unstreamed_answer(client: openai.OpenAI):
+    request = {"model": "script", "messages": chat(CHAT_PROMPTS[0]), "temperature": 0}
+    answer = client.chat.completions.create(**request)
+    chunks = list(
+        client.chat.completions.create(
+            **request, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    choices = [c.choices[0] for c in chunks if c.choices]
+    assert choices[0].delta.role == "assistant"
+    text = "".join(c.delta.content or "" for c in choices)
+    assert len([c for c in choices if c.delta.content]) >= 2  # pieces, not one final blob
+    assert text == answer.choices[0].message.content
+    assert choices[-1].finish_reason == answer.choices[0].finish_reason
+    assert [c.finish_reason for c in choices[:-1]] == [None] * (len(choices) - 1)
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+
+
+@slow
+def test_max_tokens_above_the_cap_is_clipped_not_refused(client: openai.OpenAI):
+    completion = client.completions.create(
+        model="script", prompt="Music", max_tokens=10_000, temperature=0
+    )
+    assert completion.usage.completion_tokens <= MAX_TOKENS_CAP
+    answer = client.chat.completions.create(
+        model="script", messages=chat("A Music title"), max_completion_tokens=10_000
+    )
+    assert answer.usage.completion_tokens <= MAX_TOKENS_CAP
+
+
+@slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_sequence_cuts_the_text(client: openai.OpenAI, stream: bool):
+    request = {"model": "script", "prompt": "Music", "max_tokens": 20, "temperature": 0}
+    full = client.completions.create(**request).choices[0].text
+    start = next(i for i in range(1, len(full) - 1) if full[i : i + 2].isascii())
+    stop = full[start : start + 2]
+    if stream:
+        chunks = list(client.completions.create(**request, stop=[stop], stream=True))
+        text = "".join(c.choices[0].text for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        (choice,) = client.completions.create(**request, stop=stop).choices
+        text, finish = choice.text, choice.finish_reason
+    assert text == full[: full.index(stop)]
+    assert finish == "stop"
+
+
+@slow
+def test_the_models_route_lists_script(client: openai.OpenAI):
+    assert [m.id for m in client.models.list()] == ["script"]
+
+
+@slow
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("chat/completions", {"model": "script"}, "messages"),
+        ("chat/completions", {"model": "script", "messages": []}, "messages"),
+        ("chat/completions", {"model": "script", "messages": chat("hi"), "n": 2}, "n"),
+        ("chat/completions", {"messages": chat("hi")}, "model"),
+        ("chat/completions", {"model": "script", "messages": [{"role": "robot"}]}, "messages"),
+        ("completions", {"model": "script", "prompt": "hi", "max_tokens": -1}, "max_tokens"),
+        ("completions", {"model": "script", "prompt": "  "}, "prompt"),
+        ("completions", {"model": "script", "prompt": ["a", "b"]}, "prompt"),
+        ("completions", {"model": "script", "prompt": "hi", "temperature": 3}, "temperature"),
+        ("completions", {"model": "script", "prompt": "hi", "stop": list("abcde")}, "stop"),
+        ("completions", {"model": "script", "prompt": "hi", "echo": True}, "echo"),
+        ("completions", {"model": "script", "prompt": "hi", "stream": True, "n": 3}, "n"),
+    ],
+)
+def test_a_malformed_request_gets_400_naming_the_field(server, route, body, param):
+    response = httpx.post(f"{server}/openai/v1/{route}", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+@slow
+def test_a_prompt_longer_than_the_context_gets_400(server):
+    body = {"model": "script", "prompt": "Music video " * 400}
+    response = httpx.post(f"{server}/openai/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400
+    assert "context" in response.json()["error"]["message"]
+
+
+@slow
+def test_a_body_that_is_not_json_gets_400(server):
+    response = httpx.post(f"{server}/openai/v1/completions", content=b"{nope", timeout=30)
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+
+
+@slow
+def test_the_v1_predict_route_points_at_the_openai_routes(server):
+    response = httpx.post(f"{server}/v1/models/script:predict", json={"instances": []})
+    assert response.status_code == 400
+    assert "/openai/v1/chat/completions" in response.json()["error"]
+
+
+@slow
+def test_an_unknown_model_gets_404(client: openai.OpenAI):
+    with pytest.raises(openai.NotFoundError, match="served: script"):
+        client.completions.create(model="gpt-4", prompt="hi")
+
+
+# --- stop sequences while streaming --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stop", "sent", "stopped"),
+    [
+        (["Hel", "lo wo", "rld"], ("o w",), "Hell", True),
+        (["Hel", "lo wo", "rld"], ("xyz",), "Hello world", False),
+        (["ab", "c"], ("bc", "c"), "a", True),
+        (["a", "b", "c"], (), "abc", False),
+        (["stop", "more"], ("stop",), "", True),
+    ],
+)
+def test_the_stop_filter_never_sends_a_stop_sequence(pieces, stop, sent, stopped):
+    held = StopFilter(stop)
+    out = []
+    for piece in pieces:
+        out.append(held.push(piece))
+        assert not any(s in "".join(out) for s in stop)
+    out.append(held.flush())
+    assert "".join(out) == sent and held.stopped is stopped
+
+
+def test_cut_at_stop_cuts_at_the_earliest_sequence():
+    assert cut_at_stop("one. two! three", (".", "!")) == ("one", True)
+    assert cut_at_stop("one two", ("!",)) == ("one two", False)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"max_seconds": 0}, {"stop": ("",)}],
+)
+def test_sampling_refuses_impossible_values(fields):
+    with pytest.raises(ValueError):
+        Sampling(**{"max_tokens": 4, **fields})
