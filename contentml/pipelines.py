@@ -16,12 +16,14 @@ from contentml.errors import UserError
 from contentml.settings import Settings
 from pipelines.niche import niche_automl
 from pipelines.quality import quality_training
+from pipelines.script import script_finetune
 from pipelines.training import training
 
 PIPELINES: dict[str, Callable] = {
     "training": training,
     "quality-training": quality_training,
     "niche-automl": niche_automl,
+    "script-finetune": script_finetune,
 }
 """Pipeline name (as in the KFP UI) -> pipeline function."""
 

@@ -108,3 +108,16 @@ def test_niche_pipeline_fans_out_over_niches_locally(tmp_path: Path):
     client = registry.connect(settings)
     for name in ("niche-global", "niche-music", "niche-comedy"):
         assert registry.alias_version(client, name, registry.Alias.CHAMPION) == "1"
+
+
+def test_kfp_loads_the_compiled_script_pipeline():
+    """One task: the recipe decides whether it trains in the task or submits a TrainJob."""
+    loaded = components.load_component_from_file(
+        str(pipelines.COMPILED_DIR / "script-finetune.yaml")
+    )
+    assert loaded.name == "script-finetune"
+    assert set(loaded.component_spec.inputs) == {"config"}
+    assert loaded.component_spec.inputs["config"].default == "training/llm/configs/tiny-cpu.yaml"
+    (task,) = loaded.pipeline_spec.root.dag.tasks.values()
+    assert task.component_ref.name == "comp-finetune-script"
+    assert not task.caching_options.enable_cache

@@ -1,0 +1,18 @@
+"""Components of the script model's pipeline. Imports sit inside the functions because KFP
+ships each function's source alone."""
+
+from kfp import dsl
+
+from components.training import PLATFORM_IMAGE
+
+
+@dsl.component(base_image=PLATFORM_IMAGE)
+def finetune_script(config: str) -> dict:
+    """Runs the recipe at `config` (relative to the image's working directory) in this task, or
+    submits it as a TrainJob and waits, as the recipe's `launcher` says."""
+    from pathlib import Path
+
+    from contentml.settings import Settings
+    from training.llm.trainjob import launch
+
+    return launch(Settings.from_env(), Path(config))
