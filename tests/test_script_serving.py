@@ -4,6 +4,7 @@ by `contentml serve` on the OpenAI routes and called with the real `openai` clie
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from contentml import registry
 from contentml.demo import free_port, model_server
 from serving.script_model import CompletionRequest, ScriptModel, StopFilter
+from serving.strategist import ContentStrategist
 from tests.conftest import DATA_DIR, make_settings
 from training.data import load_youtube_trending
 from training.llm.package import FinishReason, Sampling, cut_at_stop, log_script_model
 from training.llm.tokenizer import train_tokenizer
+from training.quality.gate import Decision
 
 slow = pytest.mark.slow
 
@@ -325,3 +328,15 @@ def test_cut_at_stop_cuts_at_the_earliest_sequence():
 def test_sampling_refuses_impossible_values(fields):
     with pytest.raises(ValueError):
         Sampling(**{"max_tokens": 4, **fields})
+
+
+@slow
+def test_the_strategist_writes_a_script_with_our_served_model(settings, server: str):
+    # The default chain (no API key): our endpoint only; the quality model is not served here,
+    # so the script goes to human review rather than out unchecked.
+    ours = dataclasses.replace(settings, serving_url=server)
+    with ContentStrategist.from_settings(ours, environ={}) as strategist:
+        script = strategist.generate_script("tomato varieties", "A calm gardening channel.")
+    assert script.provider == "contentml" and script.model == "script"
+    assert script.text and script.completion_tokens > 0 and script.cost_usd == 0
+    assert script.quality_decision == Decision.REVIEW and script.quality_score is None
