@@ -14,7 +14,9 @@ Every step overwrites what a previous run wrote, so running the flow twice is sa
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -257,7 +259,9 @@ def materialize(store: FeatureStore, end: datetime, views: list[FeatureView] | N
     the online store, for `views` (default: every online view); a later run overwrites what
     an earlier one wrote."""
     names = None if views is None else [view.name for view in views]
-    store.materialize(start_date=MATERIALIZE_START, end_date=_utc(end), feature_views=names)
+    # Feast prints its progress to stdout, which is the CLI's JSON answer: send it to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        store.materialize(start_date=MATERIALIZE_START, end_date=_utc(end), feature_views=names)
 
 
 NEW_CHANNEL_HISTORY = {

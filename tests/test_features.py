@@ -264,10 +264,13 @@ def test_second_run_changes_nothing(
 # --- the niche models' channel history ---------------------------------------------------
 
 
-def test_engagement_features_from_feast_are_the_in_memory_join(tmp_path: Path) -> None:
+def test_engagement_features_from_feast_are_the_in_memory_join(
+    tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
     # All 40 days: the point-in-time join must pick each row's own day among many.
     videos = load_youtube_trending(DATA_DIR)
     store = publish_engagement_features(_settings(tmp_path), videos)
+    assert capfd.readouterr().out == ""  # the CLI's stdout is its JSON answer
     joined = engagement_training_frame(store, engagement_rows(videos))
     pd.testing.assert_frame_equal(joined, engagement_frame(videos))
 
