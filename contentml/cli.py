@@ -95,12 +95,15 @@ def cmd_models_list(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
     from contentml import registry
 
+    if args.force and not args.reason:
+        raise UsageError("promote: --force needs --reason TEXT, which the history keeps")
     event = registry.promote(
         registry.connect(settings),
         args.model,
         args.version,
         registry.Alias(args.to),
-        reason=args.reason,
+        reason=args.reason or "manual promotion",
+        force=args.force,
     )
     _print_json(asdict(event))
     return 0
@@ -122,8 +125,9 @@ def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
         _print_json([asdict(e) for e in events])
     else:
         for e in events:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
             print(
-                f"{e.time:.0f} {e.alias}: v{e.from_version or '-'} -> v{e.to_version} "
+                f"{when} {e.alias}: v{e.from_version or '-'} -> v{e.to_version} "
                 f"({e.action} by {e.actor}: {e.reason})"
             )
     return 0
@@ -302,7 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("model")
     promote.add_argument("version", type=_positive)
     promote.add_argument("--to", choices=[a.value for a in Alias], default=Alias.CHAMPION.value)
-    promote.add_argument("--reason", default="manual promotion")
+    promote.add_argument("--reason", default=None, help="why, for the history")
+    promote.add_argument(
+        "--force",
+        action="store_true",
+        help="skip the champion checks (artifacts load, inputs match); needs --reason",
+    )
     promote.set_defaults(handler=cmd_promote)
 
     rollback = commands.add_parser("rollback", help="champion back to the previous champion")
