@@ -117,6 +117,30 @@ def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml import deploy
+
+    if args.canary and (args.promote or args.rollback):
+        raise UsageError("deploy: --canary renders a canary; --promote/--rollback end one")
+    if args.promote:
+        event, manifest = deploy.promote(settings, args.model, args.mode, args.namespace)
+    elif args.rollback:
+        event, manifest = deploy.rollback(settings, args.model, args.mode, args.namespace)
+    else:
+        event, manifest = (
+            None,
+            deploy.deploy_manifest(settings, args.model, args.canary, args.mode, args.namespace),
+        )
+    if event is not None:
+        print(json.dumps(asdict(event)), file=sys.stderr)
+    text = deploy.to_yaml(manifest)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     from contentml import registry
 
@@ -255,6 +279,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _percent(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole percent: {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be within 0..100, not {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -382,6 +416,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     llm_finetune.add_argument("--max-steps", type=_positive, default=None)
     llm_finetune.set_defaults(handler=cmd_llm_finetune)
+
+    deploy = commands.add_parser(
+        "deploy", help="render the KServe InferenceService of a model from its aliases"
+    )
+    deploy.add_argument("model", help="served model: trend, quality, niche, script")
+    deploy.add_argument(
+        "--canary", type=_percent, default=0, help="challenger's share of traffic (%%)"
+    )
+    deploy.add_argument("--mode", choices=["serverless", "raw"], default="serverless")
+    deploy.add_argument("--namespace", default=None)
+    deploy.add_argument("--output", default=None, help="YAML file (default: stdout)")
+    ending = deploy.add_mutually_exclusive_group()
+    ending.add_argument("--promote", action="store_true", help="challenger becomes champion")
+    ending.add_argument("--rollback", action="store_true", help="champion back to the previous")
+    deploy.set_defaults(handler=cmd_deploy)
 
     history = commands.add_parser("history", help="every alias change of a model")
     history.add_argument("model")
