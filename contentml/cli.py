@@ -72,10 +72,10 @@ def cmd_pipeline_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from serving.server import serve
+    from serving.server import parse_canary, serve
 
     names = args.models.split(",") if args.models else None
-    serve(settings, args.port, args.grpc_port, names)
+    serve(settings, args.port, args.grpc_port, names, canary=parse_canary(args.canary))
     return 0
 
 
@@ -326,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8080)
     serve.add_argument("--grpc-port", type=_port, default=None)
     serve.add_argument("--models", default=None, help="comma-separated model names")
+    serve.add_argument(
+        "--canary",
+        action="append",
+        default=[],
+        metavar="MODEL=PERCENT",
+        help="send PERCENT %% of MODEL's requests to its challenger (repeatable)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     models = commands.add_parser("models", help="registered models")

@@ -31,11 +31,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def model_server(settings: Settings, port: int) -> Iterator[str]:
-    """`contentml serve` as a child process, yielded once `/v2/health/ready` answers 200."""
+def model_server(settings: Settings, port: int, *serve_args: str) -> Iterator[str]:
+    """`contentml serve [SERVE_ARGS]` as a child process, yielded once `/v2/health/ready`
+    answers 200."""
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "contentml.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "contentml.cli", "serve", "--port", str(port), *serve_args],
         env={**os.environ, **settings.to_env()},
         stdout=sys.stderr,  # stdout carries only the demo's summary line
     )

@@ -53,6 +53,9 @@ READY_PATH = "/v2/health/ready"
 VERSION_ENV = "CONTENTML_MODEL_VERSION"
 """The registered version a predictor serves, beside `STORAGE_URI` (its artifacts)."""
 
+PINNED_ENV = "CONTENTML_PINNED_VERSIONS"
+"""`Settings.pinned_versions`: our model server then serves that version, not the alias."""
+
 SCRIPT_WEIGHTS_ARTIFACT = "model"
 """Artifact key of the merged causal LM inside the script pyfunc
 (`training.llm.package.MODEL_ARTIFACT`; not imported here, that module loads torch)."""
@@ -219,7 +222,13 @@ def _resources(target: Target) -> dict[str, dict[str, str]]:
 def _container_predictor(
     settings: Settings, model: str, target: Target, release: Release
 ) -> dict[str, Any]:
-    env = {**settings.to_env(), "STORAGE_URI": release.storage_uri, VERSION_ENV: release.version}
+    env = {
+        **settings.to_env(),
+        "STORAGE_URI": release.storage_uri,
+        VERSION_ENV: release.version,
+        # Each predictor serves its own version; KServe, not the server, moves the traffic.
+        PINNED_ENV: f"{target.registered_model}={release.version}",
+    }
     container = {
         "name": CONTAINER_NAME,
         "image": settings.platform_image,

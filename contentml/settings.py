@@ -90,6 +90,18 @@ class Settings:
     script_max_tokens: int = field(metadata=_env("CONTENTML_SCRIPT_MAX_TOKENS"))
     """Cap on `max_tokens` the served `script` model generates per request."""
 
+    prediction_cache: str = field(metadata=_env("CONTENTML_PREDICTION_CACHE"))
+    """Cache in front of the trend, quality and niche predictors: `memory` (an LRU per model
+    in the server process), `off`, or `redis://host:port/db` (shared by replicas)."""
+
+    serving_poll_seconds: float = field(metadata=_env("CONTENTML_SERVING_POLL_SECONDS"))
+    """How often the model server reads the aliases and swaps to the versions they name."""
+
+    pinned_versions: str = field(metadata=_env("CONTENTML_PINNED_VERSIONS"))
+    """`MODEL=VERSION[,...]`: registered models served at a fixed version, not following their
+    aliases. `contentml deploy` sets it in each KServe predictor, where KServe (not the
+    server) moves traffic between versions; empty elsewhere."""
+
     script_timeout_seconds: float = field(metadata=_env("CONTENTML_SCRIPT_TIMEOUT_SECONDS"))
     """Wall-clock limit of one generation on the served `script` model; the text so far is
     returned with `finish_reason: "length"` when it is reached."""
@@ -103,7 +115,8 @@ class Settings:
         for name in ("mlflow_tracking_uri", "feast_project", "optuna_storage", "serving_url"):
             if not getattr(self, name):
                 raise SettingsError(f"setting {name} must not be empty")
-        for name in ("script_max_tokens", "script_timeout_seconds"):
+        self.pinned()  # names a malformed value now, not at the first request
+        for name in ("script_max_tokens", "script_timeout_seconds", "serving_poll_seconds"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"setting {name} must be positive, not {getattr(self, name)}")
 
@@ -132,6 +145,9 @@ class Settings:
             "script_providers": PACKAGE_ROOT / "serving" / "script_providers.yaml",
             "script_max_tokens": 512,
             "script_timeout_seconds": 30.0,
+            "prediction_cache": "memory",
+            "serving_poll_seconds": 2.0,
+            "pinned_versions": "",
         }
         values = {}
         for f in dataclasses.fields(cls):
@@ -145,6 +161,18 @@ class Settings:
             else:
                 values[f.name] = raw
         return cls(**values)
+
+    def pinned(self) -> dict[str, str]:
+        """`pinned_versions` as {registered model: version}."""
+        pins = {}
+        for item in filter(None, (part.strip() for part in self.pinned_versions.split(","))):
+            name, _, version = item.partition("=")
+            if not name or not version.isdigit():
+                raise SettingsError(
+                    f"CONTENTML_PINNED_VERSIONS takes MODEL=VERSION[,...], not {item!r}"
+                )
+            pins[name] = version
+        return pins
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process (KFP tasks)."""

@@ -5,9 +5,9 @@ the instance's category and falls back to the global model for unknown niches.""
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pydantic
 from feast import FeatureStore
@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from contentml import features, registry
 from contentml.settings import Settings
 from serving.payloads import instances_from_v1, parse_instances
+from serving.versions import CachedPredictor, ServingOptions, load_pyfunc, request_key
 from training.niche.automl import GLOBAL, slug
 from training.niche.data import FEATURES, video_features
 
@@ -65,49 +66,58 @@ def _features(store: FeatureStore, videos: list[TrendingVideo]) -> pd.DataFrame:
     return pd.concat([video_features(first), history], axis=1)[list(FEATURES)]
 
 
-def _predict(estimator: Any, frame: pd.DataFrame) -> np.ndarray:
-    try:
-        return estimator.predict(frame.to_numpy(dtype=float))
-    except Exception as e:
-        raise InferenceError(f"niche prediction failed: {e}") from e
+def _feature_rows(store: FeatureStore, videos: list[TrendingVideo]) -> list[dict[str, float]]:
+    """The model input of each video, JSON-ready: what the prediction cache is keyed by."""
+    return _features(store, videos).astype(float).to_dict("records")
 
 
-class NicheModel(Model):
+@dataclass(frozen=True)
+class NicheVersion:
+    version: str
+    estimator: Any
+    """The winning trial's fitted estimator (`predict` on rows of `FEATURES`)."""
+
+
+class NicheModel(CachedPredictor[NicheVersion, TrendingVideo]):
     """One niche's champion: instances are `TrendingVideo`s."""
 
-    def __init__(self, name: str, settings: Settings):
-        super().__init__(name)
-        self.settings = settings
-        self.version: str | None = None
-
     def load(self) -> bool:
-        self.version, pyfunc = registry.load_champion(self.settings, self.name)
-        self.estimator = pyfunc.unwrap_python_model().estimator
         self.store = features.feature_store(self.settings)
-        self.ready = True
-        return self.ready
+        return super().load()
 
-    def predict(self, payload: dict, headers: dict[str, str] | None = None) -> dict:
-        videos = parse_instances(instances_from_v1(payload), TrendingVideo, MAX_INSTANCES)
-        values = _predict(self.estimator, _features(self.store, videos))
-        return {
-            "predictions": [
-                {"log_views_gained": float(v), "model_version": self.version} for v in values
-            ]
-        }
+    def load_version(self, version: str) -> NicheVersion:
+        return NicheVersion(
+            version, load_pyfunc(self.name, version).unwrap_python_model().estimator
+        )
+
+    def parse(self, payload: dict) -> list[TrendingVideo]:
+        return parse_instances(instances_from_v1(payload), TrendingVideo, MAX_INSTANCES)
+
+    def model_inputs(self, requests: list[TrendingVideo]) -> list[dict[str, Any]]:
+        return _feature_rows(self.store, requests)
+
+    def infer(self, state: NicheVersion, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        rows = pd.DataFrame.from_records(inputs, columns=list(FEATURES)).to_numpy(dtype=float)
+        try:
+            values = state.estimator.predict(rows)
+        except Exception as e:
+            raise InferenceError(f"niche prediction failed: {e}") from e
+        return [{"log_views_gained": float(v)} for v in values]
 
 
 class NicheRouter(Model):
-    """A `TrendingVideo` -> its category's niche model, else the global model."""
+    """A `TrendingVideo` -> its category's niche model, else the global model. The niche
+    models follow their own aliases (and canary split); the router only routes."""
 
-    def __init__(self, name: str, settings: Settings):
+    def __init__(self, name: str, settings: Settings, options: ServingOptions | None = None):
         super().__init__(name)
         self.settings = settings
+        self.options = options or ServingOptions()
 
     def load(self) -> bool:
         self.niches: dict[str, NicheModel] = {}
         for model_name in niche_model_names(self.settings):
-            model = NicheModel(model_name, self.settings)
+            model = NicheModel(model_name, self.settings, self.options)
             try:
                 model.load()
             except registry.RegistryError:
@@ -123,20 +133,18 @@ class NicheRouter(Model):
 
     def predict(self, payload: dict, headers: dict[str, str] | None = None) -> dict:
         videos = parse_instances(instances_from_v1(payload), TrendingVideo, MAX_INSTANCES)
-        frame = _features(self.store, videos)
+        inputs = _feature_rows(self.store, videos)
         chosen = [self.niches.get(slug(v.category), self.niches[GLOBAL]) for v in videos]
-        values = np.empty(len(videos))
+        predictions: list[dict[str, Any]] = [{} for _ in videos]
         for model in set(chosen):
             rows = [i for i, c in enumerate(chosen) if c is model]
-            values[rows] = _predict(model.estimator, frame.iloc[rows])
-        return {
-            "predictions": [
-                {
-                    "log_views_gained": float(value),
+            state = model.pick(request_key([videos[i] for i in rows]))
+            answers = model.answer(state, [inputs[i] for i in rows])
+            for i, answer in zip(rows, answers, strict=True):
+                predictions[i] = {
+                    **answer,
                     "model": model.name,
-                    "model_version": model.version,
+                    "model_version": state.version,
                     "fallback": model.name == f"{PREFIX}{GLOBAL}",
                 }
-                for value, model in zip(values, chosen, strict=True)
-            ]
-        }
+        return {"predictions": predictions}

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pydantic
-from kserve import Model
 from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from contentml import registry
-from contentml.settings import Settings
 from serving.payloads import instances_from_v1, parse_instances
+from serving.versions import CachedPredictor, load_pyfunc
 from training.data import load_texts
 from training.quality.gate import decide
 from training.quality.policy import PolicyChecker, TextKind, load_policy
@@ -39,42 +38,47 @@ class QualityRequest(pydantic.BaseModel):
         return text
 
 
-class QualityModel(Model):
-    def __init__(self, name: str, settings: Settings):
-        super().__init__(name)
-        self.settings = settings
-        self.version: str | None = None
+@dataclass(frozen=True)
+class QualityVersion:
+    version: str
+    classifier: Any
+    """The version's `QualityClassifier` (encoder, lexical model, calibration)."""
+    policy: PolicyChecker
+    """The policy lists the version was registered with, over the published texts."""
 
+
+class QualityModel(CachedPredictor[QualityVersion, QualityRequest]):
     def load(self) -> bool:
-        self.version, pyfunc = registry.load_champion(self.settings, self.name)
-        self.classifier = pyfunc.unwrap_python_model()
-        published = load_texts(self.settings.published_content)["text"]
-        self.policy = PolicyChecker(load_policy(self.classifier.policy_path), published)
-        self.ready = True
-        return self.ready
+        self.published = load_texts(self.settings.published_content)["text"]
+        return super().load()
 
-    def predict(
-        self, payload: dict | InferRequest, headers: dict[str, str] | None = None
-    ) -> dict | InferResponse:
-        if isinstance(payload, InferRequest):
-            requests = _requests_from_v2(payload)
-        else:
-            requests = parse_instances(instances_from_v1(payload), QualityRequest, MAX_INSTANCES)
-        verdicts = self._score(requests)
-        if isinstance(payload, InferRequest):
-            return _v2_response(self.name, self.version, payload.id, verdicts)
-        return {"predictions": [{**v, "model_version": self.version} for v in verdicts]}
+    def load_version(self, version: str) -> QualityVersion:
+        classifier = load_pyfunc(self.name, version).unwrap_python_model()
+        policy = PolicyChecker(load_policy(classifier.policy_path), self.published)
+        return QualityVersion(version, classifier, policy)
 
-    def _score(self, requests: list[QualityRequest]) -> list[dict[str, Any]]:
+    def parse(self, payload: dict | InferRequest) -> list[QualityRequest]:
+        if isinstance(payload, InferRequest):
+            return _requests_from_v2(payload)
+        return parse_instances(instances_from_v1(payload), QualityRequest, MAX_INSTANCES)
+
+    def infer(self, state: QualityVersion, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         try:
-            probabilities = self.classifier.probabilities([r.text for r in requests])
-            classes = self.classifier.calibration.classes(probabilities)
+            probabilities = state.classifier.probabilities([i["text"] for i in inputs])
+            classes = state.classifier.calibration.classes(probabilities)
             return [
-                decide(p, c, self.policy.check(r.text, r.kind)).to_dict()
-                for r, p, c in zip(requests, probabilities, classes, strict=True)
+                decide(p, c, state.policy.check(i["text"], TextKind(i["kind"]))).to_dict()
+                for i, p, c in zip(inputs, probabilities, classes, strict=True)
             ]
         except Exception as e:
             raise InferenceError(f"quality scoring failed: {e}") from e
+
+    def respond(
+        self, payload: dict | InferRequest, version: str, answers: list[dict[str, Any]]
+    ) -> dict | InferResponse:
+        if isinstance(payload, InferRequest):
+            return _v2_response(self.name, version, payload.id, answers)
+        return super().respond(payload, version, answers)
 
 
 def _requests_from_v2(request: InferRequest) -> list[QualityRequest]:

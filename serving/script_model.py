@@ -38,13 +38,11 @@ from typing import Any, ClassVar, Literal, TypeVar
 import pydantic
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from kserve import Model
 from kserve.errors import InferenceError, InvalidInput
 from kserve.model import BaseKServeModel
 from transformers import TextStreamer
 
-from contentml import registry
-from contentml.settings import Settings
+from serving.versions import VersionedModel, load_pyfunc
 from training.llm.package import (
     FinishReason,
     Generation,
@@ -308,21 +306,25 @@ class StopFilter:
 # --- the predictor -------------------------------------------------------------------------
 
 
-class ScriptModel(Model):
-    """The champion of the `script` model, answering OpenAI completions and chat completions."""
+@dataclass(frozen=True)
+class ScriptVersion:
+    version: str
+    generator: ScriptGenerator
 
-    def __init__(self, name: str, settings: Settings):
-        super().__init__(name)
-        self.settings = settings
-        self.version: str | None = None
+
+class ScriptModel(VersionedModel[ScriptVersion]):
+    """The champion of the `script` model (and its challenger for the canary's share of
+    requests), answering OpenAI completions and chat completions."""
+
+    client_errors = (InvalidInput, RequestError)
 
     def load(self) -> bool:
-        self.version, pyfunc = registry.load_champion(self.settings, self.name)
-        self.generator: ScriptGenerator = pyfunc.unwrap_python_model()
         self.max_tokens = self.settings.script_max_tokens
         self.timeout_seconds = self.settings.script_timeout_seconds
-        self.ready = True
-        return self.ready
+        return super().load()
+
+    def load_version(self, version: str) -> ScriptVersion:
+        return ScriptVersion(version, load_pyfunc(self.name, version).unwrap_python_model())
 
     def predict(self, payload: Any, headers: dict[str, str] | None = None) -> dict:
         raise InvalidInput(
@@ -331,29 +333,39 @@ class ScriptModel(Model):
         )
 
     async def create_completion(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
-        prompt_ids = self.generator.tokenizer(request.prompt)["input_ids"]
-        return await self._create(COMPLETION, request, prompt_ids, COMPLETION_DEFAULT_MAX_TOKENS)
+        state = self.pick(request.model_dump_json())
+        with self.observe(state.version):
+            prompt_ids = state.generator.tokenizer(request.prompt)["input_ids"]
+            return await self._create(
+                state, COMPLETION, request, prompt_ids, COMPLETION_DEFAULT_MAX_TOKENS
+            )
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest
     ) -> dict | AsyncIterator[str]:
-        # Role markers or EOS typed inside a message stay text: only the template's are tokens.
-        prompt_ids = self.generator.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.text} for m in request.messages],
-            add_generation_prompt=True,
-            sanitize_control_tokens=True,
-        )["input_ids"]
-        return await self._create(CHAT, request, prompt_ids, self.max_tokens)
+        state = self.pick(request.model_dump_json())
+        with self.observe(state.version):
+            # Role markers or EOS typed inside a message stay text: only the template's are
+            # tokens.
+            prompt_ids = state.generator.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.text} for m in request.messages],
+                add_generation_prompt=True,
+                sanitize_control_tokens=True,
+            )["input_ids"]
+            return await self._create(state, CHAT, request, prompt_ids, self.max_tokens)
 
     async def _create(
         self,
+        state: ScriptVersion,
         shape: _Shape,
         request: _GenerationRequest,
         prompt_ids: list[int],
         default_max_tokens: int,
     ) -> dict | AsyncIterator[str]:
+        """One generation by `state`'s version; a stream is timed until it starts."""
+        generator = state.generator
         try:
-            self.generator.new_token_budget(len(prompt_ids), 1)
+            generator.new_token_budget(len(prompt_ids), 1)
         except PromptTooLong as e:
             raise RequestError(str(e), shape.prompt_field) from e
         sampling = Sampling(
@@ -368,12 +380,14 @@ class ScriptModel(Model):
             "id": f"{shape.id_prefix}-{uuid.uuid4().hex}",
             "created": int(time.time()),
             "model": self.name,
-            "system_fingerprint": f"{self.name}-v{self.version}",
+            "system_fingerprint": f"{self.name}-v{state.version}",
         }
         if request.stream:
-            return self._stream(shape, header, prompt_ids, sampling, request.include_usage)
+            return self._stream(
+                generator, shape, header, prompt_ids, sampling, request.include_usage
+            )
         try:
-            generation = await asyncio.to_thread(self.generator.generate, prompt_ids, sampling)
+            generation = await asyncio.to_thread(generator.generate, prompt_ids, sampling)
         except Exception as e:
             raise InferenceError(f"generation failed: {e}") from e
         return {
@@ -385,6 +399,7 @@ class ScriptModel(Model):
 
     async def _stream(
         self,
+        generator: ScriptGenerator,
         shape: _Shape,
         header: dict,
         prompt_ids: list[int],
@@ -395,10 +410,10 @@ class ScriptModel(Model):
         if include_usage:
             chunk["usage"] = None
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        streamer = _QueueStreamer(self.generator.tokenizer, asyncio.get_running_loop(), pieces)
+        streamer = _QueueStreamer(generator.tokenizer, asyncio.get_running_loop(), pieces)
         cancel = threading.Event()
         task = asyncio.ensure_future(
-            asyncio.to_thread(self.generator.generate, prompt_ids, sampling, streamer, cancel)
+            asyncio.to_thread(generator.generate, prompt_ids, sampling, streamer, cancel)
         )
         # Queued after every piece the thread handed over, so it ends the loop below even
         # when generation fails before the streamer's end.

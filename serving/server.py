@@ -1,21 +1,26 @@
-"""One KServe ModelServer process hosting every model that has a champion."""
+"""One KServe ModelServer process hosting every model that has a champion, following the
+registry: a promotion or rollback is served within seconds, without a restart."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from kserve import ModelServer
 from kserve.model import BaseKServeModel
 from kserve.model_server import app
 
+from contentml.errors import UserError
 from contentml.registry import RegistryError
 from contentml.settings import Settings
+from serving.cache import CacheConfig
 from serving.niche_model import NicheRouter
 from serving.quality_model import QualityModel
 from serving.script_model import ScriptModel, openai_router
 from serving.trend_model import TrendModel
+from serving.versions import ServingOptions, VersionedModel, VersionWatcher
 
-PREDICTORS: dict[str, type[BaseKServeModel]] = {
+PREDICTORS: dict[str, type[VersionedModel] | type[NicheRouter]] = {
     "trend": TrendModel,
     "quality": QualityModel,
     "niche": NicheRouter,
@@ -31,15 +36,36 @@ class NothingToServe(RegistryError):
     """No model could be loaded: nothing has been promoted to champion yet."""
 
 
-def load_models(settings: Settings, names: list[str] | None = None) -> list[BaseKServeModel]:
-    """Load the champion of each named model; a model without a champion is skipped."""
+def parse_canary(items: list[str]) -> dict[str, int]:
+    """`["trend=10", ...]` (the CLI's `--canary`) -> `{"trend": 10}`."""
+    canary = {}
+    for item in items:
+        name, sep, percent = item.partition("=")
+        if not sep or not percent.strip().isdigit():
+            raise UserError(f"--canary takes MODEL=PERCENT, e.g. trend=10, not {item!r}")
+        canary[name.strip()] = int(percent)
+    return canary
+
+
+def load_models(
+    settings: Settings,
+    names: list[str] | None = None,
+    canary: Mapping[str, int] | None = None,
+    cache: CacheConfig | None = None,
+) -> list[BaseKServeModel]:
+    """Load the champion (and, with a canary share, the challenger) of each named model; a
+    model without a champion is skipped. `canary` maps a model name to the challenger's percent
+    of its requests (`niche` applies to every niche model); `cache` is the prediction cache in
+    front of trend, quality and the niche models."""
     names = names or list(PREDICTORS)
-    unknown = sorted(set(names) - set(PREDICTORS))
+    canary = dict(canary or {})
+    unknown = sorted((set(names) | set(canary)) - set(PREDICTORS))
     if unknown:
         raise ValueError(f"no predictor for {', '.join(unknown)}; known: {', '.join(PREDICTORS)}")
     models = []
     for name in names:
-        model = PREDICTORS[name](name, settings)
+        options = ServingOptions(canary_percent=canary.get(name, 0), cache=cache or CacheConfig())
+        model = PREDICTORS[name](name, settings, options)
         try:
             model.load()
         except RegistryError as e:
@@ -57,17 +83,32 @@ def load_models(settings: Settings, names: list[str] | None = None) -> list[Base
 
 
 def serve(
-    settings: Settings, port: int, grpc_port: int | None = None, names: list[str] | None = None
+    settings: Settings,
+    port: int,
+    grpc_port: int | None = None,
+    names: list[str] | None = None,
+    *,
+    canary: Mapping[str, int] | None = None,
 ) -> None:
     """Serve V1, V2 (Open Inference Protocol), OpenAI, health and /metrics on `port` until
-    stopped."""
-    models = load_models(settings, names)
+    stopped, reading the aliases every `settings.serving_poll_seconds` and swapping to the
+    versions they name."""
+    cache = CacheConfig(settings.prediction_cache)
+    models = load_models(settings, names, canary, cache)
     router = openai_router(models)
     if router is not None:
         # KServe's own OpenAI routes need vLLM (see serving/script_model.py); ours go on the
         # app KServe serves, which it imports by name when it starts.
         app.include_router(router)
+    watcher = VersionWatcher(
+        settings,
+        [m for m in models if isinstance(m, VersionedModel)],
+        settings.serving_poll_seconds,
+    ).start()
     server = ModelServer(
         http_port=port, grpc_port=grpc_port or 0, enable_grpc=grpc_port is not None, workers=1
     )
-    server.start(models)
+    try:
+        server.start(models)
+    finally:
+        watcher.stop()

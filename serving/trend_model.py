@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import mlflow
 import numpy as np
-from kserve import Model
 from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from contentml import features, registry
-from contentml.settings import Settings
+from contentml import features
 from serving.payloads import instances_from_v1, parse_instances
+from serving.versions import CachedPredictor, load_pyfunc
 from training.trend.forecasters import ForecastInputError
 from training.trend.model import TrendRequest, UnknownSeries
 
@@ -19,33 +20,28 @@ MAX_INSTANCES = 1_000
 """A larger batch belongs in a batch job, not a synchronous call."""
 
 
-class TrendModel(Model):
-    def __init__(self, name: str, settings: Settings):
-        super().__init__(name)
-        self.settings = settings
-        self.version: str | None = None
+@dataclass(frozen=True)
+class TrendVersion:
+    version: str
+    forecaster: mlflow.pyfunc.PyFuncModel
 
+
+class TrendModel(CachedPredictor[TrendVersion, TrendRequest]):
     def load(self) -> bool:
-        self.version, self.forecaster = registry.load_champion(self.settings, self.name)
         self.store = features.feature_store(self.settings)
-        self.ready = True
-        return self.ready
+        return super().load()
 
-    def predict(
-        self, payload: dict | InferRequest, headers: dict[str, str] | None = None
-    ) -> dict | InferResponse:
-        if isinstance(payload, InferRequest):
-            requests = _requests_from_v2(payload)
-        else:
-            requests = parse_instances(instances_from_v1(payload), TrendRequest, MAX_INSTANCES)
-        forecasts = self._forecast(requests)
-        if isinstance(payload, InferRequest):
-            return _v2_response(self.name, self.version, payload.id, forecasts)
-        return {"predictions": [{**f, "model_version": self.version} for f in forecasts]}
+    def load_version(self, version: str) -> TrendVersion:
+        return TrendVersion(version, load_pyfunc(self.name, version))
 
-    def _forecast(self, requests: list[TrendRequest]) -> list[dict[str, Any]]:
+    def parse(self, payload: dict | InferRequest) -> list[TrendRequest]:
+        if isinstance(payload, InferRequest):
+            return _requests_from_v2(payload)
+        return parse_instances(instances_from_v1(payload), TrendRequest, MAX_INSTANCES)
+
+    def model_inputs(self, requests: list[TrendRequest]) -> list[dict[str, Any]]:
         # Series known to the feature store are forecast from their online history, so a
-        # cached forecast is only served while it matches the latest data.
+        # precomputed (or cached) forecast is only served while it matches the latest data.
         by_id = [r.series_id for r in requests if r.series_id and r.history is None]
         histories = features.online_history(self.store, by_id) if by_id else {}
         inputs = []
@@ -54,12 +50,22 @@ class TrendModel(Model):
             if request.series_id in histories and histories[request.series_id] is not None:
                 item.setdefault("history", histories[request.series_id])
             inputs.append(item)
+        return inputs
+
+    def infer(self, state: TrendVersion, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         try:
-            return [f.model_dump() for f in self.forecaster.predict(inputs)]
+            return [f.model_dump() for f in state.forecaster.predict(inputs)]
         except (UnknownSeries, ForecastInputError) as e:
             raise InvalidInput(str(e)) from e
         except Exception as e:
             raise InferenceError(f"trend forecast failed: {e}") from e
+
+    def respond(
+        self, payload: dict | InferRequest, version: str, answers: list[dict[str, Any]]
+    ) -> dict | InferResponse:
+        if isinstance(payload, InferRequest):
+            return _v2_response(self.name, version, payload.id, answers)
+        return super().respond(payload, version, answers)
 
 
 def _requests_from_v2(request: InferRequest) -> list[TrendRequest]:

@@ -58,8 +58,19 @@ def test_every_field_is_documented_and_has_an_environment_variable():
         ({"CONTENTML_SCRIPT_MAX_TOKENS": "lots"}, "CONTENTML_SCRIPT_MAX_TOKENS must be an int"),
         ({"CONTENTML_SCRIPT_MAX_TOKENS": "0"}, "script_max_tokens must be positive, not 0"),
         ({"CONTENTML_SCRIPT_TIMEOUT_SECONDS": "1m"}, "TIMEOUT_SECONDS must be a float, not '1m'"),
+        ({"CONTENTML_SERVING_POLL_SECONDS": "0"}, "serving_poll_seconds must be positive"),
+        ({"CONTENTML_PINNED_VERSIONS": "trend"}, "takes MODEL=VERSION"),
+        ({"CONTENTML_PINNED_VERSIONS": "trend=v2"}, "takes MODEL=VERSION"),
     ],
 )
 def test_bad_values_are_refused(tmp_path: Path, environ, problem):
     with pytest.raises(SettingsError, match=problem):
         Settings.from_env({"CONTENTML_HOME": str(tmp_path), **environ})
+
+
+def test_pinned_versions_parse(tmp_path: Path):
+    settings = Settings.from_env(
+        {"CONTENTML_HOME": str(tmp_path), "CONTENTML_PINNED_VERSIONS": "trend=3, niche-global=1"}
+    )
+    assert settings.pinned() == {"trend": "3", "niche-global": "1"}
+    assert Settings.from_env({"CONTENTML_HOME": str(tmp_path)}).pinned() == {}

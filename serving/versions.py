@@ -1,0 +1,388 @@
+"""Serving follows the registry: every predictor serves immutable loaded versions, swapped by a
+watcher when an alias moves, with an optional champion/challenger split, per-version metrics
+and a prediction cache. One code path for every predictor; each adds only `load_version`.
+
+- **Hot swap.** A predictor's loaded state for one registered version is an immutable object
+  (`Loaded`: the version and whatever the predictor needs to answer). `VersionWatcher` (one
+  thread per server) polls the aliases every `settings.serving_poll_seconds`; when one moved,
+  the predictor loads the new version fully on that thread, then replaces one reference. A
+  request reads the reference once, so it is answered wholly by the version it started with,
+  and no request waits for or fails on a load. A model in `settings.pinned_versions` serves
+  that version only (KServe's predictors: KServe moves the traffic). A version that fails to
+  load is logged and counted (`contentml_model_load_failures_total{model,version}`) and the
+  current one keeps serving;
+  it is tried again once the alias has pointed elsewhere. The replaced champion stays in
+  memory, so a rollback to it is a swap without a load.
+- **A/B.** With `canary_percent` > 0 the `challenger` version answers that share of requests.
+  The split is by a hash of the request's instances, not random: a retried or repeated
+  request gets the same version (and its cached answer), and the share holds over many
+  distinct requests.
+- **Metrics.** `contentml_requests_total`, `contentml_request_errors_total` and
+  `contentml_request_seconds` by model and version (beside KServe's per-model histograms on
+  `/metrics`), `contentml_served_version{model,alias}`, `contentml_cache_lookups_total`.
+- **Cache.** `CachedPredictor` answers each instance from the prediction cache
+  (`serving/cache.py`) and sends only the misses to the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import mlflow
+import pydantic
+from kserve import Model
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferRequest, InferResponse
+from mlflow.tracking import MlflowClient
+from prometheus_client import Counter, Gauge, Histogram
+
+from contentml import registry
+from contentml.errors import UserError
+from contentml.registry import Alias, RegistryError
+from contentml.settings import Settings
+from serving.cache import CacheConfig, PredictionCache, canonical_json, make_cache
+
+logger = logging.getLogger(__name__)
+
+REQUESTS = Counter(
+    "contentml_requests", "Requests answered, by served version", ["model", "version"]
+)
+ERRORS = Counter(
+    "contentml_request_errors",
+    "Requests that failed: `invalid_input` (400) or `failed` (500); version is empty when the "
+    "payload failed before a version was chosen",
+    ["model", "version", "kind"],
+)
+LATENCY = Histogram(
+    "contentml_request_seconds", "Time to answer a request, by version", ["model", "version"]
+)
+CACHE_LOOKUPS = Counter(
+    "contentml_cache_lookups", "Instances looked up in the cache", ["model", "version", "result"]
+)
+LOADS = Counter("contentml_model_loads", "Versions loaded", ["model", "version"])
+LOAD_FAILURES = Counter(
+    "contentml_model_load_failures",
+    "Versions an alias pointed at that failed to load (the previous one kept serving)",
+    ["model", "version"],
+)
+SERVED_VERSION = Gauge(
+    "contentml_served_version", "Registered version served per alias", ["model", "alias"]
+)
+CANARY_PERCENT = Gauge(
+    "contentml_canary_percent", "Share of requests the challenger answers", ["model"]
+)
+
+
+class Loaded(Protocol):
+    """What a predictor loaded for one registered version. Never mutated after loading."""
+
+    @property
+    def version(self) -> str: ...
+
+
+S = TypeVar("S", bound=Loaded)
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How one model is served beside loading its champion."""
+
+    canary_percent: int = 0
+    """Percent of requests (0-100) the `challenger` version answers; 0 serves the champion
+    only."""
+
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The prediction cache in front of the model (models that sample, like `script`, have
+    none)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.canary_percent <= 100:
+            raise UserError(f"canary percent must be 0-100, not {self.canary_percent}")
+
+
+@dataclass(frozen=True)
+class Serving(Generic[S]):
+    """The versions answering now; replaced whole, never changed."""
+
+    champion: S
+    challenger: S | None = None
+
+
+def split_bucket(key: str) -> int:
+    """0-99 from a stable hash: the same request always lands in the same bucket."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 100
+
+
+def load_pyfunc(name: str, version: str) -> mlflow.pyfunc.PyFuncModel:
+    """A registered version's pyfunc (the registry URI is set by `registry.connect`)."""
+    return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+
+
+class VersionedModel(Model, Generic[S]):
+    """A KServe predictor serving its model's `champion` (and `challenger` when the canary is
+    on), following the aliases through `refresh()`. Subclasses implement `load_version`;
+    what every version shares (a Feast store) they load in `load()` before `super().load()`.
+    """
+
+    client_errors: tuple[type[Exception], ...] = (InvalidInput,)
+    """Exceptions that are the request's fault (HTTP 400), counted as `invalid_input`."""
+
+    def __init__(self, name: str, settings: Settings, options: ServingOptions | None = None):
+        super().__init__(name)
+        self.settings = settings
+        self.options = options or ServingOptions()
+        self._serving: Serving[S] | None = None
+        self._previous: S | None = None
+        self._failed: dict[Alias, str] = {}
+
+    def load_version(self, version: str) -> S:
+        """Load one registered version completely, ready to answer."""
+        raise NotImplementedError
+
+    @property
+    def pinned_version(self) -> str | None:
+        """The version `settings.pinned_versions` fixes this model at (KServe's predictors)."""
+        return self.settings.pinned().get(self.name)
+
+    def load(self) -> bool:
+        client = registry.connect(self.settings)
+        champion = self.pinned_version or registry.alias_version(client, self.name, Alias.CHAMPION)
+        if champion is None:
+            raise RegistryError(f"model {self.name!r} has no champion to serve")
+        self._serving = Serving(self._load(champion))
+        CANARY_PERCENT.labels(self.name).set(self.options.canary_percent)
+        self.refresh(client)  # the challenger, when the canary is on
+        self._report()
+        self.ready = True
+        return self.ready
+
+    @property
+    def serving(self) -> Serving[S]:
+        if self._serving is None:
+            raise RuntimeError(f"model {self.name!r} is not loaded")
+        return self._serving
+
+    @property
+    def version(self) -> str | None:
+        """The champion's version."""
+        return self._serving.champion.version if self._serving else None
+
+    # --- following the registry --------------------------------------------------------
+
+    def refresh(self, client: MlflowClient) -> bool:
+        """Serve the versions the aliases point at now; True when that changed anything."""
+        if self.pinned_version is not None:
+            return False  # KServe routes between pinned predictors, not this server
+        serving = self.serving
+        champion = self._follow(client, Alias.CHAMPION, serving.champion)
+        challenger = None
+        if self.options.canary_percent:
+            challenger = self._follow(client, Alias.CHALLENGER, serving.challenger)
+        if champion is serving.champion and challenger is serving.challenger:
+            return False
+        if champion is not serving.champion:
+            self._previous = serving.champion
+        self._serving = Serving(champion, challenger)  # the swap: one reference
+        self.on_swap()
+        self._report()
+        logger.info(
+            "%s now serves champion v%s%s",
+            self.name,
+            champion.version,
+            f", challenger v{challenger.version}" if challenger else "",
+        )
+        return True
+
+    def on_swap(self) -> None:
+        """Called after the served versions changed."""
+
+    def _follow(self, client: MlflowClient, alias: Alias, current: S | None) -> S | None:
+        version = registry.alias_version(client, self.name, alias)
+        if version is None:
+            # An unset champion keeps the last one serving; an unset challenger ends the split.
+            return current if alias is Alias.CHAMPION else None
+        if current is not None and current.version == version:
+            self._failed.pop(alias, None)
+            return current
+        if self._failed.get(alias) == version:
+            return current
+        try:
+            state = self._load(version)
+        except Exception as e:  # any failure to load must leave the current version serving
+            self._failed[alias] = version
+            LOAD_FAILURES.labels(self.name, version).inc()
+            logger.error(
+                "%s v%s (%s) failed to load; still serving v%s: %s",
+                self.name,
+                version,
+                alias.value,
+                current.version if current else "none",
+                e,
+                exc_info=e,
+            )
+            return current
+        self._failed.pop(alias, None)
+        return state
+
+    def _load(self, version: str) -> S:
+        serving = self._serving
+        kept = (serving.champion, serving.challenger, self._previous) if serving else ()
+        for state in kept:
+            if state is not None and state.version == version:
+                return state
+        started = time.monotonic()
+        state = self.load_version(version)
+        LOADS.labels(self.name, version).inc()
+        logger.info("%s v%s loaded in %.1f s", self.name, version, time.monotonic() - started)
+        return state
+
+    def _report(self) -> None:
+        serving = self.serving
+        SERVED_VERSION.labels(self.name, Alias.CHAMPION.value).set(int(serving.champion.version))
+        challenger = int(serving.challenger.version) if serving.challenger else 0
+        SERVED_VERSION.labels(self.name, Alias.CHALLENGER.value).set(challenger)
+
+    # --- answering ---------------------------------------------------------------------
+
+    def pick(self, key: str) -> S:
+        """The version that answers the request whose stable key is `key`."""
+        serving = self.serving
+        if serving.challenger is None:
+            return serving.champion
+        if split_bucket(key) < self.options.canary_percent:
+            return serving.challenger
+        return serving.champion
+
+    @contextlib.contextmanager
+    def observe(self, version: str) -> Iterator[None]:
+        """Count and time one request answered by `version`."""
+        started = time.perf_counter()
+        try:
+            yield
+        except self.client_errors:
+            ERRORS.labels(self.name, version, "invalid_input").inc()
+            raise
+        except Exception:
+            ERRORS.labels(self.name, version, "failed").inc()
+            raise
+        finally:
+            REQUESTS.labels(self.name, version).inc()
+            LATENCY.labels(self.name, version).observe(time.perf_counter() - started)
+
+
+Request = TypeVar("Request", bound=pydantic.BaseModel)
+
+
+class CachedPredictor(VersionedModel[S], Generic[S, Request]):
+    """A predictor that answers instance by instance: parse the payload, build each
+    instance's model input, answer misses of the prediction cache with the version the split
+    picks, and word the response. Subclasses implement the four steps."""
+
+    def load(self) -> bool:
+        self.cache: PredictionCache | None = make_cache(self.options.cache, self.name)
+        return super().load()
+
+    def on_swap(self) -> None:
+        if self.cache is not None:
+            self.cache.version_changed()
+
+    def parse(self, payload: Any) -> list[Request]:
+        """The validated instances of a V1 body or V2 `InferRequest` (`InvalidInput` if bad)."""
+        raise NotImplementedError
+
+    def model_inputs(self, requests: list[Request]) -> list[dict[str, Any]]:
+        """Everything the model reads per instance, as JSON-ready dicts: the cache key."""
+        return [r.model_dump(mode="json", exclude_none=True) for r in requests]
+
+    def infer(self, state: S, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One JSON-ready answer per input, from one loaded version."""
+        raise NotImplementedError
+
+    def respond(
+        self, payload: Any, version: str, answers: list[dict[str, Any]]
+    ) -> dict | InferResponse:
+        """The response body: V1 predictions carry `model_version`."""
+        if isinstance(payload, InferRequest):
+            raise InvalidInput(f"{self.name} answers V1 requests only (`:predict`)")
+        return {"predictions": [{**a, "model_version": version} for a in answers]}
+
+    def predict(
+        self, payload: dict | InferRequest, headers: dict[str, str] | None = None
+    ) -> dict | InferResponse:
+        try:
+            requests = self.parse(payload)
+        except InvalidInput:
+            ERRORS.labels(self.name, "", "invalid_input").inc()
+            raise
+        state = self.pick(request_key(requests))
+        answers = self.answer(state, self.model_inputs(requests))
+        return self.respond(payload, state.version, answers)
+
+    def answer(self, state: S, inputs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answers of `state`'s version, from the cache where it has them."""
+        with self.observe(state.version):
+            if self.cache is None:
+                return self.infer(state, list(inputs))
+            found = self.cache.get_many(state.version, inputs)
+            missing = [i for i, answer in enumerate(found) if answer is None]
+            hits = len(found) - len(missing)
+            if hits:
+                CACHE_LOOKUPS.labels(self.name, state.version, "hit").inc(hits)
+            if missing:
+                CACHE_LOOKUPS.labels(self.name, state.version, "miss").inc(len(missing))
+                computed = self.infer(state, [inputs[i] for i in missing])
+                for i, answer in zip(missing, computed, strict=True):
+                    found[i] = answer
+                self.cache.put_many(state.version, [(inputs[i], found[i]) for i in missing])
+            return found
+
+
+def request_key(requests: Sequence[pydantic.BaseModel]) -> str:
+    """The stable key a request is split by: its instances as sent (before any features are
+    joined in), the same for its V1 and V2 spellings."""
+    return canonical_json([r.model_dump(mode="json", exclude_none=True) for r in requests])
+
+
+class VersionWatcher:
+    """One thread that keeps every served model on the versions its aliases point at."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: Sequence[VersionedModel],
+        poll_seconds: float,
+    ):
+        if not poll_seconds > 0:
+            raise UserError(f"poll_seconds must be positive, not {poll_seconds}")
+        self.settings = settings
+        self.models = list(models)
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="version-watcher", daemon=True)
+
+    def start(self) -> VersionWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def poll_once(self, client: MlflowClient) -> None:
+        for model in self.models:
+            try:
+                model.refresh(client)
+            except Exception as e:  # the registry unreachable: keep serving, try again
+                logger.warning("reading the aliases of %s failed: %s", model.name, e)
+
+    def _run(self) -> None:
+        client = registry.connect(self.settings)
+        while not self._stop.wait(self.poll_seconds):
+            self.poll_once(client)
