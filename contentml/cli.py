@@ -141,6 +141,20 @@ def cmd_deploy(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift_check(settings: Settings, args: argparse.Namespace) -> int:
+    from monitoring.drift import run_drift_check
+
+    warnings.filterwarnings("ignore", message="ks_2samp: Exact calculation unsuccessful")
+    result = run_drift_check(settings, Path(args.reference), Path(args.current), args.model)
+    summary = {key: result[key] for key in ("drift_share", "drifted", "features", "report")}
+    if args.json:
+        _print_json(summary)
+    else:
+        state = "DRIFTED" if summary["drifted"] else "no drift"
+        print(f"{state}: {summary['drift_share']:.0%} of features drifted; {summary['report']}")
+    return 0  # drift is a finding, not a failure
+
+
 def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     from contentml import registry
 
@@ -438,6 +452,19 @@ def build_parser() -> argparse.ArgumentParser:
     ending.add_argument("--promote", action="store_true", help="challenger becomes champion")
     ending.add_argument("--rollback", action="store_true", help="champion back to the previous")
     deploy.set_defaults(handler=cmd_deploy)
+
+    drift = commands.add_parser("drift", help="data drift between two windows (Evidently)")
+    drift_commands = drift.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
+    drift_check = drift_commands.add_parser(
+        "check", help="share of drifted features, per-feature results, HTML report"
+    )
+    drift_check.add_argument(
+        "--model", default=None, help="compare this model's inputs (default: shared columns)"
+    )
+    drift_check.add_argument("--reference", required=True, help="CSV or parquet: the baseline")
+    drift_check.add_argument("--current", required=True, help="CSV or parquet: the new window")
+    drift_check.add_argument("--json", action="store_true")
+    drift_check.set_defaults(handler=cmd_drift_check)
 
     history = commands.add_parser("history", help="every alias change of a model")
     history.add_argument("model")

@@ -24,7 +24,7 @@ from monitoring.drift import (
     reference_from_frame,
     run_drift_check,
 )
-from tests.conftest import DATA_DIR, make_settings
+from tests.conftest import DATA_DIR, make_settings, run_cli
 from training.data import load_youtube_trending
 from training.niche.data import FEATURES, KEYS, TARGETS, engagement_frame
 
@@ -324,3 +324,25 @@ def test_quality_compares_text_statistics(settings, tmp_path):
         settings, tmp_path / "reference.csv", tmp_path / "titles.csv", "quality"
     )
     assert other["drifted"]
+
+
+def test_the_cli_prints_the_contract_and_exits_0_either_way(engagement, tmp_path):
+    reference, current = halves(engagement[list(FEATURES)], 1_000, seed=3)
+    reference.to_csv(tmp_path / "reference.csv", index=False)
+    current.to_parquet(tmp_path / "current.parquet")
+    shifted(reference, current).to_parquet(tmp_path / "shifted.parquet")
+    results = {}
+    for name in ("current", "shifted"):
+        run = run_cli(
+            tmp_path / "state", "drift", "check", "--model", "niche-music",
+            "--reference", str(tmp_path / "reference.csv"),
+            "--current", str(tmp_path / f"{name}.parquet"), "--json",
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        results[name] = json.loads(run.stdout)
+        assert set(results[name]) == {"drift_share", "drifted", "features", "report"}
+        assert Path(results[name]["report"]).is_file()
+    assert not results["current"]["drifted"]
+    assert results["shifted"]["drifted"] and results["shifted"]["drift_share"] >= 0.2
+    bad = run_cli(tmp_path / "state", "drift", "check", "--reference", "nope.csv", "--current", "x")
+    assert bad.returncode == 2 and "nope.csv" in bad.stderr

@@ -1,0 +1,51 @@
+"""The alert rules and the dashboard query metrics the model server really exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from prometheus_client import REGISTRY
+
+import serving.versions  # noqa: F401  (registers the serving metrics)
+
+MANIFESTS = Path(__file__).resolve().parents[1] / "manifests" / "monitoring"
+SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
+
+
+def exported() -> set[str]:
+    names = set()
+    for family in REGISTRY.collect():
+        names.add(family.name)
+        names.update(family.name + suffix for suffix in SUFFIXES)
+    return names
+
+
+def metric_names(text: str) -> set[str]:
+    return set(re.findall(r"\bcontentml_[a-z_]+", text))
+
+
+def test_alert_rules_use_exported_metrics():
+    rules = yaml.safe_load((MANIFESTS / "alert-rules.yaml").read_text())
+    (group,) = rules["spec"]["groups"]
+    alerts = {rule["alert"]: rule for rule in group["rules"]}
+    assert {"ContentmlErrorRateHigh", "ContentmlLatencyUp20Percent"} <= set(alerts)
+    assert "> 0.01" in alerts["ContentmlErrorRateHigh"]["expr"]
+    assert "1.2 *" in alerts["ContentmlLatencyUp20Percent"]["expr"]
+    assert alerts["ContentmlLatencyUp20Percent"]["for"] == "1h"
+    used = set().union(*(metric_names(rule["expr"]) for rule in group["rules"]))
+    assert used and used <= exported(), used - exported()
+
+
+def test_dashboard_panels_use_exported_metrics():
+    dashboard = json.loads((MANIFESTS / "dashboard.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for t in panel["targets"]
+        for name in metric_names(t["expr"])
+    }
+    assert len(dashboard["panels"]) >= 5
+    assert used and used <= exported(), used - exported()
