@@ -125,8 +125,8 @@ def test_every_rank_gets_the_same_settings(manifest, tmp_path):
     trainer = manifest["spec"]["trainer"]
     env = {item["name"]: item["value"] for item in trainer["env"]}
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow.svc:5000"
-    assert env["CONTENTML_HOME"] == str(tmp_path / "state")
-    assert env["CONTENTML_DATA_DIR"] == str(DATA_DIR)
+    assert env["CONTENTML_HOME"] == str((tmp_path / "state").resolve())
+    assert env["CONTENTML_DATA_DIR"] == str(DATA_DIR.resolve())  # settings resolve links
     # Ranks on the other node start over ssh: mpirun exports each variable by name.
     command = trainer["command"]
     exported = {command[i + 1] for i, flag in enumerate(command[:-1]) if flag == "-x"}

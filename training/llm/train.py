@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -146,17 +148,39 @@ def finetune(settings: Settings, config: FinetuneConfig) -> dict | None:
         enable_checkpointing=False,
         enable_progress_bar=False,
     )
-    started = time.monotonic()
-    trainer.fit(
-        module,
-        _loader(tokenizer, train, config, shuffle=True),
-        _loader(tokenizer, validation, config, shuffle=False),
-    )
-    train_seconds = time.monotonic() - started
-    with _gathered(peft_model, config):
-        if not trainer.is_global_zero:
-            return None
-        return _export(settings, config, module, tokenizer, validation, train_seconds)
+    with _rank_variables_scope():
+        started = time.monotonic()
+        trainer.fit(
+            module,
+            _loader(tokenizer, train, config, shuffle=True),
+            _loader(tokenizer, validation, config, shuffle=False),
+        )
+        train_seconds = time.monotonic() - started
+        with _gathered(peft_model, config):
+            if not trainer.is_global_zero:
+                return None
+            return _export(settings, config, module, tokenizer, validation, train_seconds)
+
+
+RANK_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
+"""What Lightning's DeepSpeed strategy writes into `os.environ` for the ranks it starts."""
+
+
+@contextlib.contextmanager
+def _rank_variables_scope() -> Iterator[None]:
+    """Put the rank variables back after training: left in `os.environ`, a child process
+    (the CLI run from a notebook or a test) reads `LOCAL_RANK` as "started by a launcher" and
+    never starts its other ranks. The process group stays: DeepSpeed keeps references to it,
+    and a second run in this process reuses it."""
+    before = {name: os.environ.get(name) for name in RANK_VARIABLES}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _loader(
