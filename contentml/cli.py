@@ -155,6 +155,32 @@ def cmd_drift_check(settings: Settings, args: argparse.Namespace) -> int:
     return 0  # drift is a finding, not a failure
 
 
+def cmd_monitor_check(settings: Settings, args: argparse.Namespace) -> int:
+    from monitoring.drift import run_drift_check
+    from monitoring.retrain import check_window
+
+    warnings.filterwarnings("ignore", message="ks_2samp: Exact calculation unsuccessful")
+    drift = run_drift_check(settings, Path(args.reference), Path(args.current), args.model)
+    result = check_window(
+        settings,
+        args.model,
+        args.window or "",
+        Path(args.current),
+        drift["drift_share"],
+        args.current_metric,
+        drift_run_id=drift["run_id"],
+    )
+    _print_json({**result, "report": drift["report"]})
+    return 0
+
+
+def cmd_monitor_triggers(settings: Settings, args: argparse.Namespace) -> int:
+    from monitoring.retrain import trigger_records
+
+    _print_json([record.to_dict() for record in trigger_records(settings, args.model)])
+    return 0
+
+
 def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     from contentml import registry
 
@@ -465,6 +491,27 @@ def build_parser() -> argparse.ArgumentParser:
     drift_check.add_argument("--current", required=True, help="CSV or parquet: the new window")
     drift_check.add_argument("--json", action="store_true")
     drift_check.set_defaults(handler=cmd_drift_check)
+
+    monitor = commands.add_parser("monitor", help="drift and performance checks, retraining")
+    monitor_commands = monitor.add_subparsers(
+        dest="action", required=True, parser_class=OneLineParser
+    )
+    monitor_check = monitor_commands.add_parser(
+        "check", help="drift check, then retrain the model once per drifted window"
+    )
+    monitor_check.add_argument("--model", required=True, help="registered model, e.g. quality")
+    monitor_check.add_argument("--reference", required=True, help="CSV or parquet: the baseline")
+    monitor_check.add_argument("--current", required=True, help="CSV or parquet: the new window")
+    monitor_check.add_argument(
+        "--window", default=None, help="window id (default: a hash of the current file)"
+    )
+    monitor_check.add_argument(
+        "--current-metric", type=float, default=None, help="the model's metric on the window"
+    )
+    monitor_check.set_defaults(handler=cmd_monitor_check)
+    monitor_triggers = monitor_commands.add_parser("triggers", help="retraining triggers fired")
+    monitor_triggers.add_argument("--model", default=None)
+    monitor_triggers.set_defaults(handler=cmd_monitor_triggers)
 
     history = commands.add_parser("history", help="every alias change of a model")
     history.add_argument("model")

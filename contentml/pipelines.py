@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ from kfp import compiler
 
 from contentml.errors import UserError
 from contentml.settings import Settings
+from pipelines.monitoring import monitoring
 from pipelines.niche import niche_automl
 from pipelines.quality import quality_training
 from pipelines.script import script_finetune
@@ -24,6 +27,7 @@ PIPELINES: dict[str, Callable] = {
     "quality-training": quality_training,
     "niche-automl": niche_automl,
     "script-finetune": script_finetune,
+    "monitoring": monitoring,
 }
 """Pipeline name (as in the KFP UI) -> pipeline function."""
 
@@ -95,6 +99,24 @@ def run_local(settings: Settings, name: str, arguments: dict[str, Any]) -> dict:
         except RuntimeError as e:
             raise PipelineFailed(str(e)) from e
     return task.output
+
+
+def start_local(settings: Settings, name: str, arguments: dict[str, Any]) -> str:
+    """Start `contentml pipeline run NAME --local` in the background (a monitor must not wait
+    for a training run); returns where to follow it: the process id and its log file."""
+    pipeline(name)  # an unknown name fails here, not in the background
+    log = settings.home / "kfp" / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    params = [item for key, value in arguments.items() for item in ("--param", f"{key}={value}")]
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "contentml.cli", "pipeline", "run", name, "--local", *params],
+            env={**os.environ, **settings.to_env()},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives this command
+        )
+    return f"local pid {process.pid}, log {log}"
 
 
 def submit(settings: Settings, name: str, arguments: dict[str, Any]) -> str:

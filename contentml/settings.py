@@ -94,6 +94,10 @@ class Settings:
     """Cache in front of the trend, quality and niche predictors: `memory` (an LRU per model
     in the server process), `off`, or `redis://host:port/db` (shared by replicas)."""
 
+    prediction_log: str = field(metadata=_env("CONTENTML_PREDICTION_LOG"))
+    """Where the model server logs every answered trend, quality and niche instance (parquet
+    part files, `serving/prediction_log.py`): a folder, an `s3://` URI, or `off`."""
+
     serving_poll_seconds: float = field(metadata=_env("CONTENTML_SERVING_POLL_SECONDS"))
     """How often the model server reads the aliases and swaps to the versions they name."""
 
@@ -112,7 +116,13 @@ class Settings:
                 f"CONTENTML_FEAST_ONLINE_STORE must be 'sqlite' or 'redis', "
                 f"not {self.feast_online_store!r}"
             )
-        for name in ("mlflow_tracking_uri", "feast_project", "optuna_storage", "serving_url"):
+        for name in (
+            "mlflow_tracking_uri",
+            "feast_project",
+            "optuna_storage",
+            "serving_url",
+            "prediction_log",
+        ):
             if not getattr(self, name):
                 raise SettingsError(f"setting {name} must not be empty")
         self.pinned()  # names a malformed value now, not at the first request
@@ -146,6 +156,7 @@ class Settings:
             "script_max_tokens": 512,
             "script_timeout_seconds": 30.0,
             "prediction_cache": "memory",
+            "prediction_log": str(home / "predictions"),
             "serving_poll_seconds": 2.0,
             "pinned_versions": "",
         }

@@ -5,6 +5,7 @@ the instance's category and falls back to the global model for unknown niches.""
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,13 @@ from mlflow.tracking import MlflowClient
 from contentml import features, registry
 from contentml.settings import Settings
 from serving.payloads import instances_from_v1, parse_instances
-from serving.versions import CachedPredictor, ServingOptions, load_pyfunc, request_key
+from serving.versions import (
+    CachedPredictor,
+    ServingOptions,
+    load_pyfunc,
+    request_id_of,
+    request_key,
+)
 from training.niche.automl import GLOBAL, slug
 from training.niche.data import FEATURES, video_features
 
@@ -132,6 +139,8 @@ class NicheRouter(Model):
         return self.ready
 
     def predict(self, payload: dict, headers: dict[str, str] | None = None) -> dict:
+        started = time.perf_counter()
+        request_id = request_id_of(payload, headers)
         videos = parse_instances(instances_from_v1(payload), TrendingVideo, MAX_INSTANCES)
         inputs = _feature_rows(self.store, videos)
         chosen = [self.niches.get(slug(v.category), self.niches[GLOBAL]) for v in videos]
@@ -140,6 +149,8 @@ class NicheRouter(Model):
             rows = [i for i, c in enumerate(chosen) if c is model]
             state = model.pick(request_key([videos[i] for i in rows]))
             answers = model.answer(state, [inputs[i] for i in rows])
+            latency = time.perf_counter() - started
+            model.log(request_id, state.version, [inputs[i] for i in rows], answers, latency, rows)
             for i, answer in zip(rows, answers, strict=True):
                 predictions[i] = {
                     **answer,
@@ -147,4 +158,4 @@ class NicheRouter(Model):
                     "model_version": state.version,
                     "fallback": model.name == f"{PREFIX}{GLOBAL}",
                 }
-        return {"predictions": predictions}
+        return {"predictions": predictions, "request_id": request_id}

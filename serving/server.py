@@ -14,7 +14,9 @@ from contentml.errors import UserError
 from contentml.registry import RegistryError
 from contentml.settings import Settings
 from serving.cache import CacheConfig
+from serving.channels import channels_router
 from serving.niche_model import NicheRouter
+from serving.prediction_log import PredictionLog, open_prediction_log
 from serving.quality_model import QualityModel
 from serving.script_model import ScriptModel, openai_router
 from serving.trend_model import TrendModel
@@ -52,11 +54,13 @@ def load_models(
     names: list[str] | None = None,
     canary: Mapping[str, int] | None = None,
     cache: CacheConfig | None = None,
+    prediction_log: PredictionLog | None = None,
 ) -> list[BaseKServeModel]:
     """Load the champion (and, with a canary share, the challenger) of each named model; a
     model without a champion is skipped. `canary` maps a model name to the challenger's percent
     of its requests (`niche` applies to every niche model); `cache` is the prediction cache in
-    front of trend, quality and the niche models."""
+    front of trend, quality and the niche models, `prediction_log` where they log what they
+    answered."""
     names = names or list(PREDICTORS)
     canary = dict(canary or {})
     unknown = sorted((set(names) | set(canary)) - set(PREDICTORS))
@@ -64,7 +68,11 @@ def load_models(
         raise ValueError(f"no predictor for {', '.join(unknown)}; known: {', '.join(PREDICTORS)}")
     models = []
     for name in names:
-        options = ServingOptions(canary_percent=canary.get(name, 0), cache=cache or CacheConfig())
+        options = ServingOptions(
+            canary_percent=canary.get(name, 0),
+            cache=cache or CacheConfig(),
+            prediction_log=prediction_log,
+        )
         model = PREDICTORS[name](name, settings, options)
         try:
             model.load()
@@ -90,16 +98,19 @@ def serve(
     *,
     canary: Mapping[str, int] | None = None,
 ) -> None:
-    """Serve V1, V2 (Open Inference Protocol), OpenAI, health and /metrics on `port` until
-    stopped, reading the aliases every `settings.serving_poll_seconds` and swapping to the
-    versions they name."""
+    """Serve V1, V2 (Open Inference Protocol), OpenAI, `/v1/channels`, health and /metrics on
+    `port` until stopped, reading the aliases every `settings.serving_poll_seconds` and
+    swapping to the versions they name. Answered instances go to the prediction log
+    (`settings.prediction_log`), written out when the server stops."""
     cache = CacheConfig(settings.prediction_cache)
-    models = load_models(settings, names, canary, cache)
+    prediction_log = open_prediction_log(settings)
+    models = load_models(settings, names, canary, cache, prediction_log)
     router = openai_router(models)
     if router is not None:
         # KServe's own OpenAI routes need vLLM (see serving/script_model.py); ours go on the
         # app KServe serves, which it imports by name when it starts.
         app.include_router(router)
+    app.include_router(channels_router(settings))  # CrisisManager: anomalies and quarantine
     watcher = VersionWatcher(
         settings,
         [m for m in models if isinstance(m, VersionedModel)],
@@ -112,3 +123,5 @@ def serve(
         server.start(models)
     finally:
         watcher.stop()
+        if prediction_log is not None:
+            prediction_log.close()

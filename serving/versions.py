@@ -22,6 +22,10 @@ and a prediction cache. One code path for every predictor; each adds only `load_
   `/metrics`), `contentml_served_version{model,alias}`, `contentml_cache_lookups_total`.
 - **Cache.** `CachedPredictor` answers each instance from the prediction cache
   (`serving/cache.py`) and sends only the misses to the model.
+- **Prediction log.** Every request has an id (`request_id_of`), returned in the response
+  (V1: top-level `request_id`; V2: the response `id`); each answered instance is handed to the
+  prediction log (`serving/prediction_log.py`, off the request path) under that id and its
+  position in the request, which is what ground truth joins on.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -48,6 +53,7 @@ from contentml.errors import UserError
 from contentml.registry import Alias, RegistryError
 from contentml.settings import Settings
 from serving.cache import CacheConfig, PredictionCache, canonical_json, make_cache
+from serving.prediction_log import PredictionLog
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +107,9 @@ class ServingOptions:
     cache: CacheConfig = field(default_factory=CacheConfig)
     """The prediction cache in front of the model (models that sample, like `script`, have
     none)."""
+
+    prediction_log: PredictionLog | None = None
+    """Where answered instances are logged (one log per server process); None logs nothing."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.canary_percent <= 100:
@@ -316,14 +325,34 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
     def predict(
         self, payload: dict | InferRequest, headers: dict[str, str] | None = None
     ) -> dict | InferResponse:
+        started = time.perf_counter()
+        request_id = request_id_of(payload, headers)
         try:
             requests = self.parse(payload)
         except InvalidInput:
             ERRORS.labels(self.name, "", "invalid_input").inc()
             raise
         state = self.pick(request_key(requests))
-        answers = self.answer(state, self.model_inputs(requests))
-        return self.respond(payload, state.version, answers)
+        inputs = self.model_inputs(requests)
+        answers = self.answer(state, inputs)
+        self.log(request_id, state.version, inputs, answers, time.perf_counter() - started)
+        return with_request_id(self.respond(payload, state.version, answers), request_id)
+
+    def log(
+        self,
+        request_id: str,
+        version: str,
+        inputs: Sequence[dict[str, Any]],
+        answers: Sequence[dict[str, Any]],
+        latency_s: float,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        """Hand answered instances to the prediction log (enqueued only; see `PredictionLog`);
+        `indices` are their positions in the request when not 0..n-1."""
+        if self.options.prediction_log is not None:
+            self.options.prediction_log.record(
+                self.name, version, request_id, inputs, answers, latency_s, indices
+            )
 
     def answer(self, state: S, inputs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Answers of `state`'s version, from the cache where it has them."""
@@ -342,6 +371,28 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
                     found[i] = answer
                 self.cache.put_many(state.version, [(inputs[i], found[i]) for i in missing])
             return found
+
+
+REQUEST_ID_HEADER = "x-request-id"
+"""Set by the cluster's ingress (Istio, Knative) and by callers that want to send ground truth
+back later; KServe hands the headers over lower-cased."""
+
+
+def request_id_of(payload: Any, headers: dict[str, str] | None) -> str:
+    """A request's id: a V2 request's own `id`, else the `x-request-id` header, else a new
+    uuid4."""
+    if isinstance(payload, InferRequest) and payload.id:
+        return str(payload.id)
+    given = (headers or {}).get(REQUEST_ID_HEADER)
+    return given if given else str(uuid.uuid4())
+
+
+def with_request_id(response: dict | InferResponse, request_id: str) -> dict | InferResponse:
+    """The response carrying its request id: V1 a top-level `request_id`, V2 its `id`."""
+    if isinstance(response, InferResponse):
+        response.id = request_id
+        return response
+    return {**response, "request_id": request_id}
 
 
 def request_key(requests: Sequence[pydantic.BaseModel]) -> str:

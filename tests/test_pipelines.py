@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -121,3 +122,37 @@ def test_kfp_loads_the_compiled_script_pipeline():
     (task,) = loaded.pipeline_spec.root.dag.tasks.values()
     assert task.component_ref.name == "comp-finetune-script"
     assert not task.caching_options.enable_cache
+
+
+def test_kfp_loads_the_compiled_monitoring_pipeline():
+    """The drift check, then the trigger; neither cached, as each run reads the files anew."""
+    loaded = components.load_component_from_file(str(pipelines.COMPILED_DIR / "monitoring.yaml"))
+    assert loaded.name == "monitoring"
+    assert set(loaded.component_spec.inputs) == {
+        "model",
+        "reference_path",
+        "current_path",
+        "window_id",
+        "current_metric",
+    }
+    tasks = loaded.pipeline_spec.root.dag.tasks
+    assert set(tasks) == {"drift-check", "retrain-trigger"}
+    assert list(tasks["retrain-trigger"].dependent_tasks) == ["drift-check"]
+    assert not any(task.caching_options.enable_cache for task in tasks.values())
+
+
+def test_start_local_runs_the_pipeline_in_the_background_with_a_log(tmp_path: Path):
+    settings = make_settings(tmp_path / "state")
+    with pytest.raises(PipelineError, match="unknown pipeline 'nope'"):
+        pipelines.start_local(settings, "nope", {})
+    missing = tmp_path / "missing.parquet"
+    started = pipelines.start_local(
+        settings,
+        "monitoring",
+        {"model": "quality", "reference_path": str(missing), "current_path": str(missing)},
+    )
+    pid = int(started.split()[2].rstrip(","))
+    log = Path(started.split("log ")[1])
+    _, status = os.waitpid(pid, 0)  # our child: the test waits, a monitor does not
+    assert os.waitstatus_to_exitcode(status) != 0
+    assert str(missing) in log.read_text()  # the run's own error, in its log
