@@ -16,19 +16,16 @@ from mlflow.models import Model
 from contentml import deploy, registry
 from contentml.deploy import DeployError, Mode
 from contentml.registry import Alias, RegistryError
-from tests.conftest import DATA_DIR, make_settings, run_cli
-from tests.test_llm_trainjob import strict
+from tests.conftest import SCHEMAS_DIR, crd_validator, make_settings, run_cli
 from tests.test_registry import Constant, register_versions
 
-CRD = DATA_DIR.parent / "schemas" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
+CRD = SCHEMAS_DIR / "kserve" / "serving.kserve.io_inferenceservices.yaml"
 IMAGE = "registry.example/contentml/platform:1.2.3"
 
 
 @pytest.fixture(scope="module")
 def validator() -> jsonschema.Validator:
-    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
-    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+    return crd_validator(CRD, "v1beta1")
 
 
 def errors(validator: jsonschema.Validator, manifest: dict) -> list[str]:

@@ -3,16 +3,14 @@ submit-and-wait loop against a scripted API, and every fine-tuning recipe."""
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
 
 from contentml.recipes import ConfigError
-from tests.conftest import DATA_DIR, make_settings
+from tests.conftest import DATA_DIR, SCHEMAS_DIR, crd_validator, make_settings
 from training.llm.config import CONFIGS, FinetuneConfig, Launcher, load_config
 from training.llm.trainjob import (
     HOSTFILE,
@@ -25,38 +23,14 @@ from training.llm.trainjob import (
     trainjob_manifest,
 )
 
-CRD = DATA_DIR.parent / "schemas" / "kubeflow-trainer" / "trainer.kubeflow.org_trainjobs.yaml"
+CRD = SCHEMAS_DIR / "kubeflow-trainer" / "trainer.kubeflow.org_trainjobs.yaml"
 RECIPE = CONFIGS / "a100x16.yaml"
 RECIPE_PATH = "training/llm/configs/a100x16.yaml"
 
 
-def strict(schema: dict) -> dict:
-    """The CRD's schema with unknown fields refused: the API server prunes them silently, so a
-    misspelt field would otherwise pass here and vanish in the cluster."""
-    schema = copy.deepcopy(schema)
-
-    def close(node: dict) -> None:
-        if node.get("properties") and "additionalProperties" not in node:
-            if not node.get("x-kubernetes-preserve-unknown-fields"):
-                node["additionalProperties"] = False
-        for child in (node.get("properties") or {}).values():
-            close(child)
-        for key in ("items", "additionalProperties"):
-            if isinstance(node.get(key), dict):
-                close(node[key])
-        for option in node.get("anyOf", []) + node.get("allOf", []) + node.get("oneOf", []):
-            close(option)
-
-    close(schema)
-    return schema
-
-
 @pytest.fixture(scope="module")
 def validator() -> jsonschema.Validator:
-    crd = yaml.safe_load(CRD.read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
-    schema = strict(version["schema"]["openAPIV3Schema"])
-    return jsonschema.Draft7Validator(schema)
+    return crd_validator(CRD, "v1alpha1")
 
 
 @pytest.fixture
