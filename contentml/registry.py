@@ -216,6 +216,11 @@ def _move_alias(
     raise RegistryError(message) from conflict
 
 
+def register_challenger(client: MlflowClient, name: str, version: str, reason: str) -> AliasEvent:
+    """A newly trained version becomes the `challenger` (recorded as action `register`)."""
+    return set_alias(client, name, Alias.CHALLENGER, version, action="register", reason=reason)
+
+
 def set_alias(
     client: MlflowClient, name: str, alias: Alias, version: str, *, action: str, reason: str
 ) -> AliasEvent:

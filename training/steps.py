@@ -128,14 +128,7 @@ def register(
         mlflow.log_metrics(metrics)
         info = MODEL_LOGGERS[family](model_dir, model_name)
     version = str(info.registered_model_version)
-    registry.set_alias(
-        client,
-        model_name,
-        registry.Alias.CHALLENGER,
-        version,
-        action="register",
-        reason=f"trained by {run_name}",
-    )
+    registry.register_challenger(client, model_name, version, f"trained by {run_name}")
     return version
 
 

@@ -247,9 +247,7 @@ def _export(
         mlflow.log_artifacts(str(adapter_dir), "adapter")
         info = log_script_model(model_dir, MODEL_NAME)
     version = str(info.registered_model_version)
-    registry.set_alias(
-        client, MODEL_NAME, registry.Alias.CHALLENGER, version, action="register", reason="lora"
-    )
+    registry.register_challenger(client, MODEL_NAME, version, "lora fine-tuning")
     gate = registry.promotion_gate(
         client,
         MODEL_NAME,

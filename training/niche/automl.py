@@ -300,9 +300,7 @@ def _register(
             ],
         )
     version = str(info.registered_model_version)
-    registry.set_alias(
-        client, name, registry.Alias.CHALLENGER, version, action="register", reason="niche automl"
-    )
+    registry.register_challenger(client, name, version, "niche automl")
     gate = registry.promotion_gate(
         client,
         name,
