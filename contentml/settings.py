@@ -101,6 +101,10 @@ class Settings:
     serving_poll_seconds: float = field(metadata=_env("CONTENTML_SERVING_POLL_SECONDS"))
     """How often the model server reads the aliases and swaps to the versions they name."""
 
+    pushgateway_url: str = field(metadata=_env("CONTENTML_PUSHGATEWAY_URL"))
+    """Prometheus Pushgateway the monitoring jobs push model performance to (they are batch
+    jobs, nothing scrapes them); empty: not pushed."""
+
     pinned_versions: str = field(metadata=_env("CONTENTML_PINNED_VERSIONS"))
     """`MODEL=VERSION[,...]`: registered models served at a fixed version, not following their
     aliases. `contentml deploy` sets it in each KServe predictor, where KServe (not the
@@ -159,6 +163,7 @@ class Settings:
             "prediction_log": str(home / "predictions"),
             "serving_poll_seconds": 2.0,
             "pinned_versions": "",
+            "pushgateway_url": "",
         }
         values = {}
         for f in dataclasses.fields(cls):

@@ -28,10 +28,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 from sklearn.metrics import f1_score
 
 from contentml import registry
 from contentml.errors import UserError
+from contentml.settings import Settings
 from training.data import TOXICITY_CLASSES
 from training.trend.metrics import smape
 
@@ -186,3 +188,26 @@ def compare_with_registration(client: MlflowClient, performance: pd.DataFrame) -
         for (model, _), value, base in zip(keys, performance["value"], values, strict=True)
     ]
     return performance.assign(registered=values, drop=drops)
+
+
+PERFORMANCE_DROP = "contentml_model_performance_drop"
+PERFORMANCE_DROP_HELP = "Relative drop of the model's metric against its registration"
+"""Gauge pushed by `publish_drop`: relative drop of a model's metric on the last window
+against its registration (0.05 = 5 % worse); the alert rules page on > 0.05."""
+
+
+def publish_drop(settings: Settings, model: str, drop: float) -> bool:
+    """Push a model's performance drop to `settings.pushgateway_url` (one series per model,
+    replaced on each push); False when no Pushgateway is configured."""
+    if not settings.pushgateway_url:
+        return False
+    registry = CollectorRegistry()
+    gauge = Gauge(PERFORMANCE_DROP, PERFORMANCE_DROP_HELP, ["model"], registry=registry)
+    gauge.labels(model).set(drop)
+    push_to_gateway(
+        settings.pushgateway_url,
+        job="contentml-monitoring",
+        grouping_key={"model": model},
+        registry=registry,
+    )
+    return True

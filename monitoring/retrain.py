@@ -391,6 +391,8 @@ def check_window(
     the champion's (`champion_drop`)."""
     window_id = window_id or window_of(Path(current_path))
     drop = None if current_metric is None else champion_drop(settings, model, current_metric)
+    if drop is not None:
+        performance.publish_drop(settings, model, drop)  # for the accuracy alert
     decision = decide(drift_share, drop)
     record = maybe_retrain(
         settings, model, window_id, drift_share, drop, launch=launch, drift_run_id=drift_run_id

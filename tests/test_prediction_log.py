@@ -9,7 +9,9 @@ registered through the training pipeline's `register` step with its metrics."""
 from __future__ import annotations
 
 import datetime
+import http.server
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +26,7 @@ from sklearn.dummy import DummyRegressor
 
 from contentml import registry
 from contentml.settings import Settings
+from monitoring import performance
 from monitoring.performance import (
     METRICS,
     Family,
@@ -472,3 +475,28 @@ def test_the_families_match_what_training_logs():
         family_of("script")
     with pytest.raises(PerformanceError, match="actual"):
         join_ground_truth(logged_frame("trend", "1", []), pd.DataFrame({"request_id": []}))
+
+
+def test_the_performance_drop_is_pushed_to_the_pushgateway(tmp_path):
+    received: list[tuple[str, str]] = []
+
+    class Pushgateway(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):  # noqa: N802 (the handler API's name)
+            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            received.append((self.path, body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pushgateway) as gateway:
+        threading.Thread(target=gateway.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{gateway.server_address[1]}"
+        settings = make_settings(tmp_path / "state", CONTENTML_PUSHGATEWAY_URL=url)
+        assert performance.publish_drop(settings, "quality", 0.07)
+        gateway.shutdown()
+    ((path, body),) = received
+    assert path == "/metrics/job/contentml-monitoring/model/quality"
+    assert 'contentml_model_performance_drop{model="quality"} 0.07' in body
+    assert not performance.publish_drop(make_settings(tmp_path / "other"), "quality", 0.07)
