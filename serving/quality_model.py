@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pydantic
 from kserve.errors import InferenceError, InvalidInput
-from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from kserve.protocol.infer_type import InferOutput, InferRequest
 
 from serving.payloads import instances_from_v1, parse_instances
 from serving.versions import CachedPredictor, load_pyfunc
@@ -73,12 +73,8 @@ class QualityModel(CachedPredictor[QualityVersion, QualityRequest]):
         except Exception as e:
             raise InferenceError(f"quality scoring failed: {e}") from e
 
-    def respond(
-        self, payload: dict | InferRequest, version: str, answers: list[dict[str, Any]]
-    ) -> dict | InferResponse:
-        if isinstance(payload, InferRequest):
-            return _v2_response(self.name, version, payload.id, answers)
-        return super().respond(payload, version, answers)
+    def v2_outputs(self, answers: list[dict[str, Any]]) -> list[InferOutput]:
+        return _v2_outputs(answers)
 
 
 def _requests_from_v2(request: InferRequest) -> list[QualityRequest]:
@@ -110,9 +106,7 @@ def _requests_from_v2(request: InferRequest) -> list[QualityRequest]:
     )
 
 
-def _v2_response(
-    name: str, version: str | None, request_id: str | None, verdicts: list[dict[str, Any]]
-) -> InferResponse:
+def _v2_outputs(verdicts: list[dict[str, Any]]) -> list[InferOutput]:
     rows = len(verdicts)
     outputs = [
         InferOutput(
@@ -137,6 +131,4 @@ def _v2_response(
             data=[json.dumps(v["reasons"]) for v in verdicts],
         ),
     ]
-    return InferResponse(
-        response_id=request_id or "", model_name=name, model_version=version, infer_outputs=outputs
-    )
+    return outputs

@@ -8,7 +8,7 @@ from typing import Any
 import mlflow
 import numpy as np
 from kserve.errors import InferenceError, InvalidInput
-from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from kserve.protocol.infer_type import InferOutput, InferRequest
 
 from contentml import features
 from serving.payloads import instances_from_v1, parse_instances
@@ -60,12 +60,8 @@ class TrendModel(CachedPredictor[TrendVersion, TrendRequest]):
         except Exception as e:
             raise InferenceError(f"trend forecast failed: {e}") from e
 
-    def respond(
-        self, payload: dict | InferRequest, version: str, answers: list[dict[str, Any]]
-    ) -> dict | InferResponse:
-        if isinstance(payload, InferRequest):
-            return _v2_response(self.name, version, payload.id, answers)
-        return super().respond(payload, version, answers)
+    def v2_outputs(self, answers: list[dict[str, Any]]) -> list[InferOutput]:
+        return _v2_outputs(answers)
 
 
 def _requests_from_v2(request: InferRequest) -> list[TrendRequest]:
@@ -101,9 +97,7 @@ def _requests_from_v2(request: InferRequest) -> list[TrendRequest]:
     )
 
 
-def _v2_response(
-    name: str, version: str | None, request_id: str | None, forecasts: list[dict[str, Any]]
-) -> InferResponse:
+def _v2_outputs(forecasts: list[dict[str, Any]]) -> list[InferOutput]:
     if len({len(f["forecast"]) for f in forecasts}) != 1:
         raise InvalidInput("a V2 request must use one horizon for every row")
     outputs = [
@@ -123,6 +117,4 @@ def _v2_response(
             data=[f["direction"] for f in forecasts],
         )
     )
-    return InferResponse(
-        response_id=request_id or "", model_name=name, model_version=version, infer_outputs=outputs
-    )
+    return outputs

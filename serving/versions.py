@@ -44,7 +44,7 @@ import mlflow
 import pydantic
 from kserve import Model
 from kserve.errors import InvalidInput
-from kserve.protocol.infer_type import InferRequest, InferResponse
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from mlflow.tracking import MlflowClient
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -317,10 +317,20 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
     def respond(
         self, payload: Any, version: str, answers: list[dict[str, Any]]
     ) -> dict | InferResponse:
-        """The response body: V1 predictions carry `model_version`."""
+        """The response body: V1 predictions carry `model_version`; V2 outputs are the
+        predictor's `v2_outputs`."""
         if isinstance(payload, InferRequest):
-            raise InvalidInput(f"{self.name} answers V1 requests only (`:predict`)")
+            return InferResponse(
+                response_id=payload.id or "",
+                model_name=self.name,
+                model_version=version,
+                infer_outputs=self.v2_outputs(answers),
+            )
         return {"predictions": [{**a, "model_version": version} for a in answers]}
+
+    def v2_outputs(self, answers: list[dict[str, Any]]) -> list[InferOutput]:
+        """The answers as Open Inference Protocol outputs; a V1-only predictor refuses."""
+        raise InvalidInput(f"{self.name} answers V1 requests only (`:predict`)")
 
     def predict(
         self, payload: dict | InferRequest, headers: dict[str, str] | None = None
