@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 PORT ?= 8080
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test compile serve bench lint constraints
+.PHONY: install demo test compile serve bench lint constraints manifests
 
 install: $(INSTALLED)
 
@@ -28,6 +28,12 @@ test: install
 
 compile: install
 	$(VENV)/bin/contentml pipeline compile
+
+# Render the dev and prod overlays with `kubectl kustomize` and check every object against
+# Kubernetes' schemas and the KServe / Kubeflow Trainer CRDs (tests/test_manifests.py too).
+manifests: install
+	@command -v kubectl >/dev/null || { echo "make manifests needs kubectl >= 1.27 (kustomize 5) on PATH"; exit 2; }
+	$(VENV)/bin/contentml manifests check --schemas ../shared/schemas
 
 serve: install
 	$(VENV)/bin/contentml serve --port $(PORT)

@@ -40,6 +40,17 @@ def _print_json(value) -> None:
     print(json.dumps(value, indent=None, default=str))
 
 
+def _write_yaml(manifest: dict, output: str | None) -> None:
+    """A manifest as `kubectl apply -f` reads it, to the file `output` or stdout."""
+    import yaml
+
+    text = yaml.safe_dump(manifest, sort_keys=False)
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        print(text, end="")
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from contentml.demo import run_demo
 
@@ -69,6 +80,39 @@ def cmd_pipeline_run(settings: Settings, args: argparse.Namespace) -> int:
     else:
         raise UsageError("pipeline run: pass --local, or set KFP_HOST to run on the cluster")
     return 0
+
+
+def cmd_pipeline_schedule(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml import pipelines
+
+    runs = pipelines.load_schedules(Path(args.file))
+    _print_json(pipelines.schedule(settings, runs, args.experiment))
+    return 0
+
+
+def cmd_features_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml.features import serve_features
+
+    serve_features(settings, args.host, args.port, args.workers)
+    return 0
+
+
+def cmd_manifests_check(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml import manifests
+
+    failed = False
+    for overlay in args.overlay or manifests.OVERLAYS:
+        report = manifests.check(overlay, Path(args.schemas).resolve())
+        kinds = ", ".join(f"{kind} {count}" for kind, count in report.kinds.items())
+        total = sum(report.kinds.values())
+        for problem in report.problems:
+            print(f"{overlay}: {problem}")
+        if report.problems:
+            failed = True
+            print(f"{overlay}: {len(report.problems)} problems in {total} objects ({kinds})")
+        else:
+            print(f"{overlay}: {total} objects valid ({kinds})")
+    return 1 if failed else 0
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -122,22 +166,17 @@ def cmd_deploy(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.canary and (args.promote or args.rollback):
         raise UsageError("deploy: --canary renders a canary; --promote/--rollback end one")
+    where = {"namespace": args.namespace, "overlay": args.overlay}
     if args.promote:
-        event, manifest = deploy.promote(settings, args.model, args.mode, args.namespace)
+        event, manifest = deploy.promote(settings, args.model, args.mode, **where)
     elif args.rollback:
-        event, manifest = deploy.rollback(settings, args.model, args.mode, args.namespace)
+        event, manifest = deploy.rollback(settings, args.model, args.mode, **where)
     else:
-        event, manifest = (
-            None,
-            deploy.deploy_manifest(settings, args.model, args.canary, args.mode, args.namespace),
-        )
+        manifest = deploy.deploy_manifest(settings, args.model, args.canary, args.mode, **where)
+        event = None
     if event is not None:
         print(json.dumps(asdict(event)), file=sys.stderr)
-    text = deploy.to_yaml(manifest)
-    if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
-    else:
-        print(text, end="")
+    _write_yaml(manifest, args.output)
     return 0
 
 
@@ -214,6 +253,18 @@ def cmd_llm_finetune(settings: Settings, args: argparse.Namespace) -> int:
     summary = finetune(settings, config)
     if summary is not None:  # rank 0 reports; the other ranks of a TrainJob stay quiet
         _print_json({**summary, "seconds": round(time.monotonic() - started, 1)})
+    return 0
+
+
+def cmd_llm_trainjob(settings: Settings, args: argparse.Namespace) -> int:
+    from training.llm.config import load_config
+    from training.llm.trainjob import trainjob_manifest
+
+    config = load_config(Path(args.config))
+    manifest = trainjob_manifest(
+        config, args.config, settings, args.name, args.namespace, suspend=args.suspend
+    )
+    _write_yaml(manifest, args.output)
     return 0
 
 
@@ -359,6 +410,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--local", action="store_true", help="run with kfp.local on this machine")
     run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     run.set_defaults(handler=cmd_pipeline_run)
+    schedule = pipeline_commands.add_parser(
+        "schedule", help="make the cluster KFP's recurring runs match a schedules YAML"
+    )
+    schedule.add_argument("file", help="e.g. manifests/base/pipelines/schedules.yaml")
+    schedule.add_argument("--experiment", default="contentml")
+    schedule.set_defaults(handler=cmd_pipeline_schedule)
+
+    features = commands.add_parser("features", help="the Feast feature store")
+    features_commands = features.add_subparsers(
+        dest="action", required=True, parser_class=OneLineParser
+    )
+    features_serve = features_commands.add_parser(
+        "serve", help="Feast's feature server (HTTP) over the configured online store"
+    )
+    features_serve.add_argument("--host", default="127.0.0.1")
+    features_serve.add_argument("--port", type=_port, default=6566)
+    features_serve.add_argument("--workers", type=_positive, default=1)
+    features_serve.set_defaults(handler=cmd_features_serve)
+
+    manifests = commands.add_parser("manifests", help="the Kubernetes manifests (kustomize)")
+    manifests_commands = manifests.add_subparsers(
+        dest="action", required=True, parser_class=OneLineParser
+    )
+    manifests_check = manifests_commands.add_parser(
+        "check", help="render each overlay and validate every object against its schema"
+    )
+    manifests_check.add_argument(
+        "--overlay", action="append", help="dev or prod (repeatable); default: every overlay"
+    )
+    manifests_check.add_argument(
+        "--schemas", default="../shared/schemas", help="folder of the KServe and Trainer CRDs"
+    )
+    manifests_check.set_defaults(handler=cmd_manifests_check)
 
     serve = commands.add_parser("serve", help="serve every champion model with KServe")
     serve.add_argument("--port", type=_port, default=8080)
@@ -461,6 +545,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     llm_finetune.add_argument("--max-steps", type=_positive, default=None)
     llm_finetune.set_defaults(handler=cmd_llm_finetune)
+    llm_trainjob = llm_commands.add_parser(
+        "trainjob", help="render the Kubeflow Trainer TrainJob of a `launcher: trainjob` recipe"
+    )
+    llm_trainjob.add_argument("config", help="recipe path inside the image (training/llm/configs/)")
+    llm_trainjob.add_argument("--name", required=True, help="the TrainJob's name (a DNS label)")
+    llm_trainjob.add_argument("--namespace", default=None)
+    llm_trainjob.add_argument(
+        "--suspend", action="store_true", help="created suspended: starts when unsuspended"
+    )
+    llm_trainjob.add_argument("--output", default=None, help="YAML file (default: stdout)")
+    llm_trainjob.set_defaults(handler=cmd_llm_trainjob)
 
     deploy = commands.add_parser(
         "deploy", help="render the KServe InferenceService of a model from its aliases"
@@ -471,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deploy.add_argument("--mode", choices=["serverless", "raw"], default="serverless")
     deploy.add_argument("--namespace", default=None)
+    deploy.add_argument(
+        "--overlay", default=None, help="shape as in manifests/overlays/OVERLAY (default: base)"
+    )
     deploy.add_argument("--output", default=None, help="YAML file (default: stdout)")
     ending = deploy.add_mutually_exclusive_group()
     ending.add_argument("--promote", action="store_true", help="challenger becomes champion")

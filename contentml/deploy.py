@@ -1,8 +1,10 @@
 """The KServe InferenceService of a model, rendered from the registry's aliases: the champion
 serves, the challenger takes a canary share of the traffic.
 
-The manifest is a function of the aliases and the canary percent, nothing else: promoting or
-rolling back is moving the `champion` alias and rendering again with no canary.
+Everything but the versions comes from the InferenceService in `manifests/` (the base, or an
+overlay's rendering with `overlay=`): runtime, resources, autoscaling, security. The manifest
+is then a function of the aliases and the canary percent: promoting or rolling back is moving
+the `champion` alias and rendering again with no canary.
 
 Where the canary goes, per deployment mode (the CRD in `../shared/schemas/kserve`):
 
@@ -18,14 +20,17 @@ Where the canary goes, per deployment mode (the CRD in `../shared/schemas/kserve
   canary's name and model) retargets KServe's stable route to the canary's Deployment without
   a restart, and dropping the canary entry removes its Deployment.
 
-KServe cannot read `models:/` URIs: each predictor gets the version's artifact location (in the
-cluster `s3://...`), which KServe's storage initializer downloads to `/mnt/models`.
+Our predictors (the `contentml` ServingRuntime) load their version from the registry
+themselves: each is pinned to it (`CONTENTML_PINNED_VERSIONS`). KServe's Hugging Face runtime
+cannot read `models:/` URIs: the script predictor gets the version's merged weights
+(`storageUri`, in the cluster `s3://...`), which KServe's storage initializer downloads.
 """
 
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -34,24 +39,20 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from contentml import registry
+from contentml import manifests, registry
 from contentml.errors import UserError
+from contentml.manifests import MANIFESTS_DIR
 from contentml.registry import Alias, AliasEvent
 from contentml.settings import Settings
 
 API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
-CONTAINER_NAME = "kserve-container"
-"""KServe's name for the model server container; the storage initializer is injected for it."""
 
-MODEL_MOUNT = "/mnt/models"
-"""Where KServe's storage initializer puts the artifacts of `STORAGE_URI`."""
-
-HTTP_PORT = 8080
-READY_PATH = "/v2/health/ready"
+SERVING_MANIFESTS = MANIFESTS_DIR / "base" / "serving" / "inferenceservices.yaml"
+"""The InferenceServices as applied before any deployment: the templates of `render`."""
 
 VERSION_ENV = "CONTENTML_MODEL_VERSION"
-"""The registered version a predictor serves, beside `STORAGE_URI` (its artifacts)."""
+"""The registered version a predictor serves."""
 
 PINNED_ENV = "CONTENTML_PINNED_VERSIONS"
 """`Settings.pinned_versions`: our model server then serves that version, not the alias."""
@@ -65,6 +66,9 @@ LABEL_CHAMPION = "contentml/champion-version"
 LABEL_CHALLENGER = "contentml/challenger-version"
 LABEL_VERSION = "contentml/version"
 DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+
+AUTOSCALING_FIELDS = ("minReplicas", "maxReplicas", "scaleMetric", "scaleMetricType", "scaleTarget")
+"""Fields KServe refuses on a RawDeployment canary; it scales the canary by its defaults."""
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _LOGGED_MODEL_URI = re.compile(r"models:/(m-[0-9a-f]+)")
@@ -88,7 +92,9 @@ accepted, but compared as written against the mode recorded in the status on upd
 
 
 class Runtime(StrEnum):
-    CONTAINER = "container"  # our image running `contentml serve`
+    """What runs a predictor: the template's `model.modelFormat.name`."""
+
+    CONTAINER = "contentml"  # our image running `contentml serve` (the `contentml` runtime)
     HUGGINGFACE = "huggingface"  # KServe's Hugging Face runtime (vLLM) on the merged weights
 
 
@@ -100,39 +106,25 @@ class Target:
     runtime: Runtime
     """What runs the predictor."""
 
-    requests: dict[str, str]
-    """Resource requests; limits are the same (Guaranteed QoS)."""
-
-    replicas: tuple[int, int] = (1, 3)
-    """(min, max) replicas of the stable predictor; canaries keep KServe's defaults."""
-
-    extra_args: tuple[str, ...] = field(default=())
-    """Arguments after the runtime's own."""
-
 
 TARGETS: dict[str, Target] = {
-    "trend": Target("trend", Runtime.CONTAINER, {"cpu": "1", "memory": "2Gi"}),
-    "quality": Target("quality", Runtime.CONTAINER, {"cpu": "2", "memory": "4Gi"}),
+    "trend": Target("trend", Runtime.CONTAINER),
+    "quality": Target("quality", Runtime.CONTAINER),
     # The router serves every `niche-<slug>` champion; the versions deployed are the global
     # model's, the per-niche models load their champions.
-    "niche": Target("niche-global", Runtime.CONTAINER, {"cpu": "1", "memory": "2Gi"}),
-    "script": Target(
-        "script",
-        Runtime.HUGGINGFACE,
-        {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": "1"},
-        replicas=(1, 1),
-        extra_args=("--backend=vllm",),
-    ),
+    "niche": Target("niche-global", Runtime.CONTAINER),
+    "script": Target("script", Runtime.HUGGINGFACE),
 }
-"""Served model (`serving.server.PREDICTORS`) -> how the cluster serves it."""
+"""Served model (`serving.server.PREDICTORS`, the InferenceService's name) -> its versions."""
 
 
 @dataclass(frozen=True)
 class Release:
-    """One registered version, where KServe can fetch it."""
+    """One registered version, and where KServe fetches it (None: the predictor loads it
+    from the registry itself)."""
 
     version: str
-    storage_uri: str
+    storage_uri: str | None = None
 
 
 def artifact_uri(client: MlflowClient, name: str, version: str) -> str:
@@ -165,10 +157,10 @@ def _script_weights_uri(uri: str, name: str, version: str) -> str:
 
 
 def _release(client: MlflowClient, target: Target, version: str) -> Release:
+    if target.runtime is not Runtime.HUGGINGFACE:
+        return Release(version)
     uri = artifact_uri(client, target.registered_model, version)
-    if target.runtime is Runtime.HUGGINGFACE:
-        uri = _script_weights_uri(uri, target.registered_model, version)
-    return Release(version, uri)
+    return Release(version, _script_weights_uri(uri, target.registered_model, version))
 
 
 def _check_request(model: str, canary_percent: int, mode: Mode | str, namespace: str | None):
@@ -215,82 +207,67 @@ def releases(settings: Settings, model: str, canary: bool) -> tuple[Release, Rel
     )
 
 
-def _resources(target: Target) -> dict[str, dict[str, str]]:
-    return {"requests": dict(target.requests), "limits": dict(target.requests)}
+def template(model: str, overlay: str | None = None) -> dict[str, Any]:
+    """The InferenceService named `model` in the base manifests, or in `overlay`'s rendering
+    (`manifests/overlays/<overlay>`, through `kubectl kustomize`)."""
+    if overlay is None:
+        documents = list(yaml.safe_load_all(SERVING_MANIFESTS.read_text(encoding="utf-8")))
+    else:
+        documents = manifests.render(manifests.overlay_dir(overlay))
+    for document in documents:
+        if document.get("kind") == KIND and document["metadata"]["name"] == model:
+            found = document
+            break
+    else:
+        where = SERVING_MANIFESTS if overlay is None else f"overlay {overlay!r}"
+        raise DeployError(f"no InferenceService {model!r} in {where}")
+    runtime = found["spec"]["predictor"].get("model", {}).get("modelFormat", {}).get("name")
+    if runtime != TARGETS[model].runtime:
+        raise DeployError(
+            f"the InferenceService {model!r} in {overlay or SERVING_MANIFESTS} runs model format "
+            f"{runtime!r}, not {TARGETS[model].runtime.value!r}"
+        )
+    return found
 
 
-def _container_predictor(
-    settings: Settings, model: str, target: Target, release: Release
-) -> dict[str, Any]:
-    env = {
-        **settings.to_env(),
-        "STORAGE_URI": release.storage_uri,
-        VERSION_ENV: release.version,
+def _released(predictor: dict[str, Any], target: Target, release: Release) -> dict[str, Any]:
+    """The template's predictor serving `release`."""
+    predictor = copy.deepcopy(predictor)
+    model = predictor["model"]
+    env = [e for e in model.get("env", []) if e["name"] not in (VERSION_ENV, PINNED_ENV)]
+    env.append({"name": VERSION_ENV, "value": release.version})
+    if target.runtime is Runtime.CONTAINER:
         # Each predictor serves its own version; KServe, not the server, moves the traffic.
-        PINNED_ENV: f"{target.registered_model}={release.version}",
-    }
-    container = {
-        "name": CONTAINER_NAME,
-        "image": settings.platform_image,
-        "command": ["contentml"],  # whatever the image's entrypoint
-        "args": ["serve", "--models", model, "--port", str(HTTP_PORT)],
-        "env": [{"name": k, "value": v} for k, v in env.items()],
-        "ports": [{"containerPort": HTTP_PORT, "protocol": "TCP"}],
-        "readinessProbe": {
-            "httpGet": {"path": READY_PATH, "port": HTTP_PORT},
-            "periodSeconds": 10,
-            "failureThreshold": 3,
-        },
-        "resources": _resources(target),
-    }
-    return {"containers": [container]}
+        env.append({"name": PINNED_ENV, "value": f"{target.registered_model}={release.version}"})
+    else:
+        model["storageUri"] = release.storage_uri
+        # The weights come from storageUri; a hub model id would take precedence.
+        model["args"] = [a for a in model.get("args", []) if not a.startswith("--model_id")]
+    model["env"] = env
+    return {**predictor, "labels": {**predictor.get("labels", {}), LABEL_VERSION: release.version}}
 
 
-def _huggingface_predictor(
-    settings: Settings, model: str, target: Target, release: Release
-) -> dict[str, Any]:
-    return {
-        "model": {
-            # The container name is KServe's default; the canary's schema requires it.
-            "name": CONTAINER_NAME,
-            "modelFormat": {"name": "huggingface"},
-            "storageUri": release.storage_uri,
-            "args": [f"--model_name={model}", *target.extra_args],
-            "env": [{"name": VERSION_ENV, "value": release.version}],
-            "resources": _resources(target),
-        }
-    }
-
-
-PREDICTOR_BUILDERS = {
-    Runtime.CONTAINER: _container_predictor,
-    Runtime.HUGGINGFACE: _huggingface_predictor,
-}
-
-
-def _predictor(settings: Settings, model: str, target: Target, release: Release) -> dict:
-    spec = PREDICTOR_BUILDERS[target.runtime](settings, model, target, release)
-    return {"labels": {LABEL_VERSION: release.version}, **spec}
-
-
-def _autoscaled(predictor: dict, target: Target) -> dict:
-    low, high = target.replicas
-    return {**predictor, "minReplicas": low, "maxReplicas": high}
+def _for_mode(predictor: dict[str, Any], mode: Mode) -> dict[str, Any]:
+    """A RawDeployment scales with an HPA on CPU: Knative's concurrency target does not apply."""
+    if mode is Mode.RAW and predictor.get("scaleMetric") == "concurrency":
+        return {k: v for k, v in predictor.items() if k not in ("scaleMetric", "scaleTarget")}
+    return predictor
 
 
 def render(
-    settings: Settings,
-    model: str,
+    template: dict[str, Any],
     champion: Release,
     challenger: Release | None,
     canary_percent: int,
     mode: Mode,
     namespace: str | None,
 ) -> dict[str, Any]:
-    """The InferenceService for these releases; `deploy_manifest` reads them from the
-    registry."""
+    """`template` (an InferenceService of `manifests/`) serving these releases;
+    `deploy_manifest` reads them from the registry."""
+    model = template["metadata"]["name"]
     target = TARGETS[model]
     labels = {
+        **template["metadata"].get("labels", {}),
         "app.kubernetes.io/part-of": "contentml",
         LABEL_MODEL: model,
         LABEL_CHAMPION: champion.version,
@@ -300,21 +277,26 @@ def render(
     metadata: dict[str, Any] = {
         "name": model,
         "labels": labels,
-        "annotations": {DEPLOYMENT_MODE_ANNOTATION: DEPLOYMENT_MODE[mode]},
+        "annotations": {
+            **template["metadata"].get("annotations", {}),
+            DEPLOYMENT_MODE_ANNOTATION: DEPLOYMENT_MODE[mode],
+        },
     }
+    namespace = namespace or template["metadata"].get("namespace")
     if namespace is not None:
         metadata["namespace"] = namespace
+    stable = _for_mode(template["spec"]["predictor"], mode)
     if mode is Mode.SERVERLESS:
-        serving = challenger if challenger is not None else champion
-        predictor = _autoscaled(_predictor(settings, model, target, serving), target)
+        predictor = _released(stable, target, challenger or champion)
         if challenger is not None:
             predictor["canaryTrafficPercent"] = canary_percent
         spec: dict[str, Any] = {"predictor": predictor}
     else:
-        predictor = _predictor(settings, model, target, champion)
-        spec = {"predictor": {"name": f"v{champion.version}", **_autoscaled(predictor, target)}}
+        predictor = _released(stable, target, champion)
+        spec = {"predictor": {"name": f"v{champion.version}", **predictor}}
         if challenger is not None:
-            canary = _predictor(settings, model, target, challenger)
+            canary = _released(stable, target, challenger)
+            canary = {k: v for k, v in canary.items() if k not in AUTOSCALING_FIELDS}
             spec["canary"] = [
                 {
                     "trafficPercent": canary_percent,
@@ -330,13 +312,15 @@ def deploy_manifest(
     canary_percent: int = 0,
     mode: Mode | str = Mode.SERVERLESS,
     namespace: str | None = None,
+    overlay: str | None = None,
 ) -> dict[str, Any]:
     """The InferenceService serving `model`'s champion, with its challenger on a canary of
-    `canary_percent` % of the traffic (0: no canary). Without `namespace`, `kubectl apply -n`
-    decides."""
+    `canary_percent` % of the traffic (0: no canary), shaped as `overlay`'s (default: the
+    base manifests). Without `namespace`, the overlay's, else `kubectl apply -n` decides."""
     _, mode = _check_request(model, canary_percent, mode, namespace)
+    shape = template(model, overlay)
     champion, challenger = releases(settings, model, canary=canary_percent > 0)
-    return render(settings, model, champion, challenger, canary_percent, mode, namespace)
+    return render(shape, champion, challenger, canary_percent, mode, namespace)
 
 
 def promote(
@@ -345,13 +329,15 @@ def promote(
     mode: Mode | str = Mode.SERVERLESS,
     namespace: str | None = None,
     reason: str = "canary promoted",
+    overlay: str | None = None,
 ) -> tuple[AliasEvent, dict[str, Any]]:
     """Make the challenger the champion; the manifest that follows serves it alone."""
     target, _ = _check_request(model, 0, mode, namespace)
+    template(model, overlay)  # a bad overlay fails before the alias moves
     _, challenger = releases(settings, model, canary=True)
     client = registry.connect(settings)
     event = registry.promote(client, target.registered_model, challenger.version, reason=reason)
-    return event, deploy_manifest(settings, model, 0, mode, namespace)
+    return event, deploy_manifest(settings, model, 0, mode, namespace, overlay)
 
 
 def rollback(
@@ -360,14 +346,11 @@ def rollback(
     mode: Mode | str = Mode.SERVERLESS,
     namespace: str | None = None,
     reason: str = "manual rollback",
+    overlay: str | None = None,
 ) -> tuple[AliasEvent, dict[str, Any]]:
     """Point the champion back at the previous one; the manifest that follows serves it."""
     target, _ = _check_request(model, 0, mode, namespace)
+    template(model, overlay)
     client = registry.connect(settings)
     event = registry.rollback(client, target.registered_model, reason=reason)
-    return event, deploy_manifest(settings, model, 0, mode, namespace)
-
-
-def to_yaml(manifest: dict[str, Any]) -> str:
-    """The manifest as `kubectl apply -f` reads it."""
-    return yaml.safe_dump(manifest, sort_keys=False)
+    return event, deploy_manifest(settings, model, 0, mode, namespace, overlay)

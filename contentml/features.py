@@ -374,3 +374,25 @@ def _utc(moment: datetime) -> pd.Timestamp:
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def serve_features(settings: Settings, host: str, port: int, workers: int) -> None:
+    """Run Feast's feature server (`/get-online-features`, `/push`, `/health`) over the
+    settings' store until stopped; Feast's own `feast serve` defaults otherwise."""
+    from feast.feature_server import start_server
+
+    start_server(
+        feature_store(settings),
+        host=host,
+        port=port,
+        no_access_log=True,
+        workers=workers,
+        worker_connections=1000,
+        max_requests=1000,
+        max_requests_jitter=50,
+        keep_alive_timeout=30,
+        registry_ttl_sec=60,
+        tls_key_path="",
+        tls_cert_path="",
+        metrics=False,
+    )

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kfp import compiler
 
+from contentml import cluster
 from contentml.errors import UserError
 from contentml.settings import Settings
 from pipelines.monitoring import monitoring
@@ -64,19 +69,44 @@ def compile_all(output_dir: Path = COMPILED_DIR) -> list[Path]:
 def parse_arguments(name: str, pairs: list[str]) -> dict[str, Any]:
     """`key=value` strings -> typed pipeline arguments, checked against the pipeline's inputs."""
     inputs = pipeline(name).component_spec.inputs or {}
-    casts = {"Integer": int, "Float": float, "String": str}
-    arguments = {}
+    raw = {}
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
+        key, sep, value = pair.partition("=")
         if not sep or key not in inputs:
             raise PipelineError(
                 f"bad parameter {pair!r}; {name} takes {', '.join(f'{k}=' for k in inputs)}"
             )
+        raw[key] = value
+    return typed_arguments(name, raw)
+
+
+_ACCEPTED: dict[type, tuple[type, ...]] = {
+    int: (str, int),
+    float: (str, int, float),
+    str: (str, int, float),
+}
+
+
+def typed_arguments(name: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """Pipeline arguments cast to the types of the pipeline's inputs; an unknown name or a
+    value of the wrong type is an error that names it."""
+    inputs = pipeline(name).component_spec.inputs or {}
+    casts = {"Integer": int, "Float": float, "String": str}
+    arguments = {}
+    for key, value in raw.items():
+        if key not in inputs:
+            raise PipelineError(
+                f"bad parameter {key!r}; {name} takes {', '.join(f'{k}=' for k in inputs)}"
+            )
         cast = casts.get(str(inputs[key].type), str)
         try:
-            arguments[key] = cast(raw)
-        except ValueError:
-            raise PipelineError(f"parameter {key} needs a {cast.__name__}, not {raw!r}") from None
+            # YAML values come typed: a string is parsed, a number kept if it fits; a bool,
+            # null, list or 2.5 for an int is refused, not coerced to 1, "None" or 2.
+            if isinstance(value, bool) or not isinstance(value, _ACCEPTED[cast]):
+                raise TypeError(value)
+            arguments[key] = cast(value)
+        except (TypeError, ValueError):
+            raise PipelineError(f"parameter {key} needs a {cast.__name__}, not {value!r}") from None
     return arguments
 
 
@@ -125,6 +155,116 @@ def submit(settings: Settings, name: str, arguments: dict[str, Any]) -> str:
 
     client = kfp.Client(host=settings.kfp_host)
     run = client.create_run_from_pipeline_func(
-        pipeline(name), arguments=arguments, experiment_name="contentml"
+        pipeline(name),
+        arguments=arguments,
+        experiment_name="contentml",
+        service_account=cluster.SERVICE_ACCOUNT,
     )
     return run.run_id
+
+
+_CRON_FIELDS = 6
+_RUN_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class RecurringRun:
+    """A KFP recurring run, as `manifests/base/pipelines/schedules.yaml` lists them."""
+
+    name: str
+    """Its name in the KFP UI; scheduling again replaces the recurring run of this name."""
+
+    pipeline: str
+    """A name of `PIPELINES`."""
+
+    cron: str
+    """KFP's cron: six fields, seconds first (`0 0 * * * *` is hourly)."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    """The pipeline's arguments; the others keep their defaults."""
+
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.name, str) and _RUN_NAME.fullmatch(self.name)):
+            raise PipelineError(f"recurring run name {self.name!r}: lower-case letters, digits, -")
+        pipeline(self.pipeline)
+        if not isinstance(self.cron, str) or len(self.cron.split()) != _CRON_FIELDS:
+            raise PipelineError(
+                f"recurring run {self.name}: cron {self.cron!r} must have six fields, seconds "
+                f"first ('0 0 * * * *' is hourly)"
+            )
+        if not isinstance(self.params, dict):
+            raise PipelineError(f"recurring run {self.name}: params must be a mapping")
+        object.__setattr__(self, "params", typed_arguments(self.pipeline, self.params))
+        # KFP accepts a run without an input that has no default; every run then fails.
+        inputs = pipeline(self.pipeline).component_spec.inputs or {}
+        missing = [k for k, spec in inputs.items() if not spec.optional and k not in self.params]
+        if missing:
+            raise PipelineError(
+                f"recurring run {self.name}: {self.pipeline} needs {', '.join(missing)}"
+            )
+
+
+def load_schedules(path: Path) -> list[RecurringRun]:
+    """The recurring runs a YAML file lists, each checked against its pipeline."""
+    try:
+        items = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise PipelineError(f"{path}: not a readable YAML file: {e}") from e
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise PipelineError(f"{path}: must be a list of recurring runs (name, pipeline, cron)")
+    known = {f.name for f in RecurringRun.__dataclass_fields__.values()}
+    runs = []
+    for item in items:
+        unknown = set(item) - known
+        if unknown:
+            raise PipelineError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        try:
+            runs.append(RecurringRun(**item))
+        except TypeError as e:  # a missing required key
+            raise PipelineError(f"{path}: {item.get('name', item)}: {e}") from e
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise PipelineError(f"{path}: recurring run names must be unique: {names}")
+    return runs
+
+
+def schedule(
+    settings: Settings, runs: list[RecurringRun], experiment: str = "contentml", client: Any = None
+) -> dict[str, str]:
+    """Make KFP's recurring runs of `experiment` named like `runs` match them (KFP cannot
+    update one: a recurring run of the same name is deleted and created again); returns
+    {name: recurring run id}. One run at a time per schedule, no catch-up of missed runs.
+    `client`: a `kfp.Client` (default: one for `settings.kfp_host`)."""
+    if client is None:
+        if not settings.kfp_host:
+            raise PipelineError("scheduling needs the cluster's KFP: set KFP_HOST")
+        import kfp
+
+        client = kfp.Client(host=settings.kfp_host)
+    experiment_id = client.create_experiment(experiment).experiment_id
+    wanted = {run.name for run in runs}
+    listing = client.list_recurring_runs(experiment_id=experiment_id, page_size=200)
+    for existing in listing.recurring_runs or []:
+        if existing.display_name in wanted:
+            client.delete_recurring_run(existing.recurring_run_id)
+    scheduled = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for run in runs:
+            package = Path(folder) / f"{run.pipeline}.yaml"
+            compiler.Compiler().compile(pipeline(run.pipeline), str(package))
+            created = client.create_recurring_run(
+                experiment_id=experiment_id,
+                job_name=run.name,
+                description=run.description or f"{run.pipeline} on {run.cron}",
+                cron_expression=run.cron,
+                max_concurrency=1,
+                no_catchup=True,
+                params=run.params,
+                pipeline_package_path=str(package),
+                enable_caching=False,
+                service_account=cluster.SERVICE_ACCOUNT,
+            )
+            scheduled[run.name] = created.recurring_run_id
+    return scheduled

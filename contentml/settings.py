@@ -76,6 +76,9 @@ class Settings:
     platform_image: str = field(metadata=_env("CONTENTML_IMAGE"))
     """Container image the KFP components and predictors run in on the cluster."""
 
+    training_image: str = field(metadata=_env("CONTENTML_TRAINING_IMAGE"))
+    """GPU image (CUDA, DeepSpeed ops, OpenMPI) of the ranks of a TrainJob."""
+
     serving_url: str = field(metadata=_env("CONTENTML_SERVING_URL"))
     """Base URL of the model server the content pipeline's client calls."""
 
@@ -154,6 +157,7 @@ class Settings:
             "optuna_storage": f"sqlite:///{home / 'optuna.db'}",
             "kfp_host": "",
             "platform_image": "ghcr.io/contentml/platform:0.1.0",
+            "training_image": "ghcr.io/contentml/training:0.1.0",
             "serving_url": "http://127.0.0.1:8080",
             "published_content": data_dir / "youtube-trending" / "USvideos.csv",
             "script_providers": PACKAGE_ROOT / "serving" / "script_providers.yaml",

@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -424,30 +423,14 @@ def schedule_monitoring(
     recurring run's id. Each run checks the drift of the file at `current_path` as it is then
     (its window id is the file's content); one run at a time, no catch-up of missed runs.
     `client`: a `kfp.Client` (default: one for `settings.kfp_host`)."""
-    from kfp import compiler
-
     from contentml import pipelines
 
     _check_name("model", model)
-    if len(cron.split()) != 6:
-        raise TriggerError(f"cron {cron!r}: KFP takes six fields, seconds first ({HOURLY!r})")
-    if client is None:
-        if not settings.kfp_host:
-            raise TriggerError("scheduling needs the cluster's KFP: set KFP_HOST")
-        import kfp
-
-        client = kfp.Client(host=settings.kfp_host)
-    experiment = client.create_experiment(MONITORING_EXPERIMENT)
-    with tempfile.TemporaryDirectory() as folder:
-        package = Path(folder) / "monitoring.yaml"
-        compiler.Compiler().compile(pipelines.pipeline("monitoring"), str(package))
-        run = client.create_recurring_run(
-            experiment_id=experiment.experiment_id,
-            job_name=f"monitoring-{model}",
-            description=f"drift check and retraining trigger for {model}",
-            cron_expression=cron,
-            max_concurrency=1,
-            no_catchup=True,
+    try:
+        run = pipelines.RecurringRun(
+            name=f"monitoring-{model}",
+            pipeline="monitoring",
+            cron=cron,
             params={
                 "model": model,
                 "reference_path": reference_path,
@@ -455,7 +438,9 @@ def schedule_monitoring(
                 "window_id": "",
                 "current_metric": "",
             },
-            pipeline_package_path=str(package),
-            enable_caching=False,
+            description=f"drift check and retraining trigger for {model}",
         )
-    return run.recurring_run_id
+        scheduled = pipelines.schedule(settings, [run], MONITORING_EXPERIMENT, client)
+    except pipelines.PipelineError as e:
+        raise TriggerError(str(e)) from e
+    return scheduled[run.name]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import subprocess
@@ -11,9 +10,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import jsonschema
 import pytest
-import yaml
 from threadpoolctl import threadpool_limits
 
 from contentml.settings import Settings
@@ -50,30 +47,6 @@ def run_cli(home: Path, *argv: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
-
-
-def crd_validator(crd: Path, version: str) -> jsonschema.Validator:
-    """A validator for one version of a CRD (`SCHEMAS_DIR / ...`) that refuses unknown fields:
-    the API server prunes them silently, so a misspelt field would otherwise pass here and
-    vanish in the cluster."""
-    spec = yaml.load(crd.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    (served,) = [v for v in spec["spec"]["versions"] if v["name"] == version]
-    schema = copy.deepcopy(served["schema"]["openAPIV3Schema"])
-
-    def close(node: dict) -> None:
-        if node.get("properties") and "additionalProperties" not in node:
-            if not node.get("x-kubernetes-preserve-unknown-fields"):
-                node["additionalProperties"] = False
-        for child in (node.get("properties") or {}).values():
-            close(child)
-        for key in ("items", "additionalProperties"):
-            if isinstance(node.get(key), dict):
-                close(node[key])
-        for option in node.get("anyOf", []) + node.get("allOf", []) + node.get("oneOf", []):
-            close(option)
-
-    close(schema)
-    return jsonschema.Draft7Validator(schema)
 
 
 def make_settings(home: Path, **overrides: str) -> Settings:

@@ -11,16 +11,16 @@ import jsonschema
 import mlflow
 import pytest
 import yaml
-from mlflow.models import Model
 
 from contentml import deploy, registry
 from contentml.deploy import DeployError, Mode
+from contentml.errors import UserError
+from contentml.manifests import crd_validator
 from contentml.registry import Alias, RegistryError
-from tests.conftest import SCHEMAS_DIR, crd_validator, make_settings, run_cli
+from tests.conftest import SCHEMAS_DIR, make_settings, run_cli
 from tests.test_registry import Constant, register_versions
 
 CRD = SCHEMAS_DIR / "kserve" / "serving.kserve.io_inferenceservices.yaml"
-IMAGE = "registry.example/contentml/platform:1.2.3"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def register_script_versions(settings, count: int, weights: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def trend(tmp_path_factory):
     """`trend` v1 champion, v2 challenger (read-only: tests that move aliases make their own)."""
-    settings = make_settings(tmp_path_factory.mktemp("deploy") / "state", CONTENTML_IMAGE=IMAGE)
+    settings = make_settings(tmp_path_factory.mktemp("deploy") / "state")
     versions = register_versions(settings, "trend", 2)
     with_aliases(settings, "trend", versions)
     return settings, versions
@@ -73,25 +73,29 @@ def trend(tmp_path_factory):
 
 @pytest.fixture
 def fresh_trend(tmp_path):
-    settings = make_settings(tmp_path / "state", CONTENTML_IMAGE=IMAGE)
+    settings = make_settings(tmp_path / "state")
     versions = register_versions(settings, "trend", 2)
     with_aliases(settings, "trend", versions)
     return settings, versions
 
 
-def container(predictor: dict) -> dict:
-    (only,) = predictor["containers"]
-    return only
-
-
 def env(predictor: dict) -> dict[str, str]:
-    return {item["name"]: item["value"] for item in container(predictor)["env"]}
+    return {item["name"]: item.get("value") for item in predictor["model"]["env"]}
 
 
 def served(predictor: dict) -> tuple[str, str]:
-    """(version, storage URI) of a container predictor."""
+    """(version, pinned versions) of one of our predictors."""
     values = env(predictor)
-    return values[deploy.VERSION_ENV], values["STORAGE_URI"]
+    return values[deploy.VERSION_ENV], values[deploy.PINNED_ENV]
+
+
+def base_template(model: str) -> dict:
+    (found,) = [
+        d
+        for d in yaml.safe_load_all(deploy.SERVING_MANIFESTS.read_text())
+        if d["metadata"]["name"] == model
+    ]
+    return found
 
 
 def version_uri(settings, name: str, version: str) -> str:
@@ -113,7 +117,6 @@ def test_manifests_validate_against_the_inferenceservice_crd(trend, validator, m
         "InferenceService",
     )
     assert manifest["metadata"]["namespace"] == "ml"
-    assert yaml.safe_load(deploy.to_yaml(manifest)) == manifest
 
 
 @pytest.mark.parametrize(
@@ -121,9 +124,9 @@ def test_manifests_validate_against_the_inferenceservice_crd(trend, validator, m
     [
         (Mode.RAW, ("spec", "canary", 0, "trafficPercent"), 150),
         (Mode.RAW, ("spec", "canary", 0, "trafficPercnt"), 25),  # misspelt: the server drops it
-        (Mode.RAW, ("spec", "canary", 0, "predictor", "containers", 0, "storageUri"), "s3://x"),
+        (Mode.RAW, ("spec", "canary", 0, "predictor", "model", "storageUrl"), "s3://x"),
         (Mode.SERVERLESS, ("spec", "predictor", "canaryTrafficPercent"), "25"),
-        (Mode.SERVERLESS, ("spec", "predictor", "containers", 0, "env", 0), {"value": "x"}),
+        (Mode.SERVERLESS, ("spec", "predictor", "model", "env", 0), {"value": "x"}),
     ],
 )
 def test_the_schema_check_catches_a_broken_manifest(trend, validator, mode, path, value):
@@ -143,7 +146,7 @@ def test_serverless_canary_is_the_predictor_with_canary_traffic_percent(trend):
     # The challenger is the new revision; KServe routes the other 75 % to the last revision
     # rolled out at 100 %: the champion's.
     assert spec["predictor"]["canaryTrafficPercent"] == 25
-    assert served(spec["predictor"]) == (v2, version_uri(settings, "trend", v2))
+    assert served(spec["predictor"]) == (v2, f"trend={v2}")
     assert spec["predictor"]["labels"] == {"contentml/version": v2}
     assert "name" not in spec["predictor"]
     assert manifest["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "Knative"}
@@ -155,35 +158,34 @@ def test_raw_canary_is_a_named_entry_of_spec_canary(trend):
     spec = manifest["spec"]
     assert "canaryTrafficPercent" not in spec["predictor"]
     assert spec["predictor"]["name"] == f"v{v1}"
-    assert served(spec["predictor"]) == (v1, version_uri(settings, "trend", v1))
+    assert served(spec["predictor"]) == (v1, f"trend={v1}")
     (canary,) = spec["canary"]
     assert canary["trafficPercent"] == 25
     assert canary["predictor"]["name"] == f"v{v2}"
-    assert served(canary["predictor"]) == (v2, version_uri(settings, "trend", v2))
-    # KServe refuses autoscaling fields on a canary; the stable predictor has them.
-    assert not {"minReplicas", "maxReplicas"} & set(canary["predictor"])
-    assert (spec["predictor"]["minReplicas"], spec["predictor"]["maxReplicas"]) == (1, 3)
+    assert served(canary["predictor"]) == (v2, f"trend={v2}")
+    # KServe refuses autoscaling fields on a canary; the stable predictor has the template's,
+    # less Knative's concurrency target (a RawDeployment's HPA scales on CPU).
+    assert not set(deploy.AUTOSCALING_FIELDS) & set(canary["predictor"])
+    stable = spec["predictor"]
+    assert (stable["minReplicas"], stable["maxReplicas"]) == (1, 4)
+    assert "scaleMetric" not in stable and "scaleTarget" not in stable
     assert manifest["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "Standard"}
 
 
 @pytest.mark.parametrize("mode", list(Mode))
-def test_storage_uris_are_each_versions_artifacts(trend, mode):
+def test_each_predictor_is_pinned_to_its_version(trend, mode):
+    """Our predictors load their version from the registry: no storage URI, no download."""
     settings, versions = trend
     manifest = deploy.deploy_manifest(settings, "trend", 10, mode)
     predictors = [manifest["spec"]["predictor"]] + [
         c["predictor"] for c in manifest["spec"].get("canary", [])
     ]
-    client = registry.connect(settings)
-    uris = {}
     for predictor in predictors:
-        version, uri = served(predictor)
-        assert not uri.startswith("models:/")
-        # The folder holds that version's own model, not just any model of the name.
-        logged = Model.load(str(local_path(uri)))
-        assert client.get_model_version("trend", version).source == f"models:/{logged.model_id}"
-        uris[version] = uri
-    if mode is Mode.RAW:
-        assert set(uris) == set(versions) and len(set(uris.values())) == 2
+        version, pinned = served(predictor)
+        assert pinned == f"trend={version}"
+        assert "storageUri" not in predictor["model"]
+    expected = {versions[1]} if mode is Mode.SERVERLESS else set(versions)
+    assert {served(p)[0] for p in predictors} == expected
 
 
 @pytest.mark.parametrize("mode", list(Mode))
@@ -202,19 +204,31 @@ def test_no_canary_serves_the_champion_alone(trend, mode):
     }
 
 
-def test_the_predictor_runs_our_server_with_the_settings(trend):
+def test_the_predictor_is_the_templates_with_its_version(trend):
+    """Runtime, resources, autoscaling and security come from manifests/; deploy adds only
+    the version. Settings reach the pod from the cluster's ConfigMap, not the manifest."""
     settings, (v1, v2) = trend
-    predictor = deploy.deploy_manifest(settings, "trend", 25, Mode.RAW)["spec"]["predictor"]
-    spec = container(predictor)
-    assert spec["name"] == "kserve-container" and spec["image"] == IMAGE
-    assert spec["command"] + spec["args"] == [
-        "contentml", "serve", "--models", "trend", "--port", "8080",
-    ]  # fmt: skip
-    assert spec["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
-    assert spec["resources"]["requests"] == spec["resources"]["limits"]
-    values = env(predictor)
-    own = {deploy.PINNED_ENV: f"trend={v1}"}  # the predictor serves its version, not the alias
-    assert settings.to_env() | own == {k: v for k, v in values.items() if k in settings.to_env()}
+    template = base_template("trend")["spec"]["predictor"]
+    predictor = deploy.deploy_manifest(settings, "trend", 0)["spec"]["predictor"]
+    assert predictor["model"]["runtime"] == "contentml"
+    assert predictor["model"]["modelFormat"] == {"name": "contentml"}
+    assert predictor["model"]["resources"] == template["model"]["resources"]
+    for key in ("serviceAccountName", "securityContext", "scaleMetric", "scaleTarget"):
+        assert predictor[key] == template[key]
+    assert env(predictor) == {deploy.VERSION_ENV: v1, deploy.PINNED_ENV: f"trend={v1}"}
+    assert settings.home.as_posix() not in str(predictor)
+
+
+def test_an_overlay_shapes_the_manifest(trend):
+    settings, (v1, _) = trend
+    prod = deploy.deploy_manifest(settings, "trend", 0, overlay="prod")
+    assert prod["spec"]["predictor"]["minReplicas"] == 2
+    assert prod["metadata"]["namespace"] == "contentml"
+    assert served(prod["spec"]["predictor"]) == (v1, f"trend={v1}")
+    dev = deploy.deploy_manifest(settings, "trend", 0, namespace="ml", overlay="dev")
+    assert dev["metadata"]["namespace"] == "ml" and dev["spec"]["predictor"]["minReplicas"] == 0
+    with pytest.raises(UserError, match="no overlay 'staging'"):
+        deploy.deploy_manifest(settings, "trend", 0, overlay="staging")
 
 
 def test_labels_name_champion_and_challenger(trend):
@@ -239,7 +253,7 @@ def test_promote_then_rollback_rerender_from_the_aliases(fresh_trend, validator,
     assert errors(validator, promoted) == []
     spec = promoted["spec"]
     assert "canary" not in spec and "canaryTrafficPercent" not in spec["predictor"]
-    assert served(spec["predictor"]) == (v2, version_uri(settings, "trend", v2))
+    assert served(spec["predictor"]) == (v2, f"trend={v2}")
     assert promoted["metadata"]["labels"]["contentml/champion-version"] == v2
     assert "contentml/challenger-version" not in promoted["metadata"]["labels"]
     if mode is Mode.RAW:
@@ -247,7 +261,7 @@ def test_promote_then_rollback_rerender_from_the_aliases(fresh_trend, validator,
         # to the canary's Deployment instead of starting a new one.
         (entry,) = canary["spec"]["canary"]
         assert spec["predictor"]["name"] == entry["predictor"]["name"] == f"v{v2}"
-        assert container(spec["predictor"]) == container(entry["predictor"])
+        assert spec["predictor"]["model"] == entry["predictor"]["model"]
     else:
         # The same predictor as the canary's revision, now taking all the traffic.
         assert served(spec["predictor"]) == served(canary["spec"]["predictor"])
@@ -260,7 +274,7 @@ def test_promote_then_rollback_rerender_from_the_aliases(fresh_trend, validator,
 
 
 def test_script_uses_the_hugging_face_runtime_on_the_merged_weights(tmp_path, validator):
-    settings = make_settings(tmp_path / "state", CONTENTML_IMAGE=IMAGE)
+    settings = make_settings(tmp_path / "state")
     versions = register_script_versions(settings, 2, tmp_path / "merged")
     with_aliases(settings, "script", versions)
     for mode in Mode:
@@ -273,8 +287,10 @@ def test_script_uses_the_hugging_face_runtime_on_the_merged_weights(tmp_path, va
             assert "containers" not in predictor
             model = predictor["model"]
             assert model["modelFormat"] == {"name": "huggingface"}
-            assert model["name"] == "kserve-container"
-            assert model["args"] == ["--model_name=script", "--backend=vllm"]
+            # The merged weights replace the hub's base model.
+            assert model["args"] == [
+                "--model_name=script", "--backend=vllm", "--max_model_len=4096",
+            ]  # fmt: skip
             assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
             version = next(e["value"] for e in model["env"] if e["name"] == deploy.VERSION_ENV)
             assert model["storageUri"].startswith(
@@ -345,8 +361,12 @@ def test_niche_deploys_the_global_models_versions(tmp_path):
     with_aliases(settings, "niche-global", versions)
     manifest = deploy.deploy_manifest(settings, "niche", 30, Mode.RAW)
     assert manifest["metadata"]["name"] == "niche"
-    assert container(manifest["spec"]["predictor"])["args"][1:3] == ["--models", "niche"]
-    assert served(manifest["spec"]["canary"][0]["predictor"])[0] == versions[1]
+    # The `contentml` runtime serves the model named like the InferenceService.
+    assert manifest["spec"]["predictor"]["model"]["runtime"] == "contentml"
+    assert served(manifest["spec"]["canary"][0]["predictor"]) == (
+        versions[1],
+        f"niche-global={versions[1]}",
+    )
 
 
 def test_the_cli_renders_a_canary_then_promotes(fresh_trend, validator, tmp_path):

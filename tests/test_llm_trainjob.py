@@ -9,8 +9,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from contentml import cluster
+from contentml.manifests import crd_validator
 from contentml.recipes import ConfigError
-from tests.conftest import DATA_DIR, SCHEMAS_DIR, crd_validator, make_settings
+from tests.conftest import SCHEMAS_DIR, make_settings
 from training.llm.config import CONFIGS, FinetuneConfig, Launcher, load_config
 from training.llm.trainjob import (
     HOSTFILE,
@@ -43,7 +45,7 @@ def manifest(recipe, tmp_path) -> dict:
     settings = make_settings(
         tmp_path / "state",
         MLFLOW_TRACKING_URI="http://mlflow.mlflow.svc:5000",
-        CONTENTML_IMAGE="registry.example/contentml/platform:1.2.3",
+        CONTENTML_TRAINING_IMAGE="registry.example/contentml/training:1.2.3",
     )
     return trainjob_manifest(recipe, RECIPE_PATH, settings, "finetune-a100x16-0a1b2c3d", "ml")
 
@@ -79,7 +81,7 @@ def test_manifest_runs_the_recipe_on_two_nodes_of_eight_gpus(manifest):
     spec = manifest["spec"]
     assert spec["runtimeRef"] == {
         "name": RUNTIME,
-        "kind": "ClusterTrainingRuntime",
+        "kind": "TrainingRuntime",
         "apiGroup": "trainer.kubeflow.org",
     }
     assert RUNTIME == "deepspeed-distributed"
@@ -87,7 +89,7 @@ def test_manifest_runs_the_recipe_on_two_nodes_of_eight_gpus(manifest):
     assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 8
     for kind in ("requests", "limits"):
         assert trainer["resourcesPerNode"][kind]["nvidia.com/gpu"] == "8"
-    assert trainer["image"] == "registry.example/contentml/platform:1.2.3"
+    assert trainer["image"] == "registry.example/contentml/training:1.2.3"
     # mpirun on the launcher starts 16 ranks over the runtime's hostfile; each runs the entry
     # point that `launcher: local` runs in-process.
     command = trainer["command"]
@@ -95,16 +97,32 @@ def test_manifest_runs_the_recipe_on_two_nodes_of_eight_gpus(manifest):
     assert trainer["args"] == ["contentml", "llm", "finetune", "--config", RECIPE_PATH]
 
 
-def test_every_rank_gets_the_same_settings(manifest, tmp_path):
+def test_every_rank_gets_the_settings_by_reference(manifest):
     trainer = manifest["spec"]["trainer"]
-    env = {item["name"]: item["value"] for item in trainer["env"]}
-    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow.svc:5000"
-    assert env["CONTENTML_HOME"] == str((tmp_path / "state").resolve())
-    assert env["CONTENTML_DATA_DIR"] == str(DATA_DIR.resolve())  # settings resolve links
+    env = {item["name"]: item for item in trainer["env"]}
+    # Every setting from the cluster's ConfigMap, every credential from its Secret; no value
+    # of this machine's settings (a laptop path, a password) is written into the manifest.
+    assert set(env) == set(cluster.CONFIG_VARIABLES) | set(cluster.SECRET_VARIABLES)
+    assert all("value" not in item for item in env.values())
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"] == {
+        "configMapKeyRef": {"name": cluster.SETTINGS_CONFIG_MAP, "key": "MLFLOW_TRACKING_URI"}
+    }
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == (
+        cluster.CREDENTIALS_SECRET
+    )
+    assert "http://mlflow.mlflow.svc:5000" not in str(manifest)
     # Ranks on the other node start over ssh: mpirun exports each variable by name.
     command = trainer["command"]
     exported = {command[i + 1] for i, flag in enumerate(command[:-1]) if flag == "-x"}
     assert set(env) <= exported
+
+
+def test_suspended_and_namespaced_as_asked(recipe, tmp_path):
+    settings = make_settings(tmp_path)
+    plain = trainjob_manifest(recipe, RECIPE_PATH, settings, "finetune-x")
+    assert "namespace" not in plain["metadata"] and "suspend" not in plain["spec"]
+    held = trainjob_manifest(recipe, RECIPE_PATH, settings, "finetune-x", "ml", suspend=True)
+    assert held["metadata"]["namespace"] == "ml" and held["spec"]["suspend"] is True
 
 
 def test_labels_name_the_recipe(manifest):

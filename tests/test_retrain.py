@@ -348,6 +348,15 @@ class FakeKfpClient:
         self.calls.append(("create_experiment", name))
         return type("Experiment", (), {"experiment_id": "exp-1"})
 
+    def list_recurring_runs(self, experiment_id, page_size):
+        self.calls.append(("list_recurring_runs", experiment_id))
+        old = type("RecurringRun", (), {"display_name": "monitoring-niche-music"})
+        old.recurring_run_id = "rr-0"
+        return type("Listing", (), {"recurring_runs": [old]})
+
+    def delete_recurring_run(self, recurring_run_id):
+        self.calls.append(("delete_recurring_run", recurring_run_id))
+
     def create_recurring_run(self, **kwargs):
         kwargs["package"] = Path(kwargs["pipeline_package_path"]).read_text()
         self.calls.append(("create_recurring_run", kwargs))
@@ -360,8 +369,11 @@ def test_schedule_monitoring_creates_an_hourly_recurring_run(settings):
         settings, "niche-music", "/data/reference.parquet", "/data/current.parquet", client=client
     )
     assert run_id == "rr-1"
-    (_, experiment), (_, kwargs) = client.calls
+    (_, experiment), listed, replaced, (_, kwargs) = client.calls
     assert experiment == "contentml-monitoring"
+    # KFP cannot update a recurring run: the one of the same name is replaced.
+    assert listed == ("list_recurring_runs", "exp-1")
+    assert replaced == ("delete_recurring_run", "rr-0")
     package = kwargs.pop("package")
     assert package == (pipelines.COMPILED_DIR / "monitoring.yaml").read_text()
     assert kwargs == {
@@ -380,6 +392,7 @@ def test_schedule_monitoring_creates_an_hourly_recurring_run(settings):
         },
         "pipeline_package_path": kwargs["pipeline_package_path"],
         "enable_caching": False,
+        "service_account": "contentml",
     }
 
 

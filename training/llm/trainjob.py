@@ -2,13 +2,12 @@
 Trainer `TrainJob` of `num_nodes` x `devices` GPUs (`launcher: trainjob`) that this process
 submits and waits for. Both run the same entry point, `contentml llm finetune --config ...`.
 
-The TrainJob references upstream's `deepspeed-distributed` ClusterTrainingRuntime (OpenMPI):
-its launcher pod runs our command, `mpirun` over the runtime's hostfile, which starts
-`devices` ranks on every node; Lightning reads the ranks from MPI (`MPIEnvironment`, which
-needs `mpi4py`). The runtime applies the TrainJob's image and command to the launcher only
-(env and resources to every node), so the cluster's runtime must run the platform image on its
-`node` job too (Helm value `runtimes.deepspeedDistributed.image`), and that image must carry
-OpenMPI, sshd and mpi4py as the upstream DeepSpeed runtime image does.
+The TrainJob references the `deepspeed-distributed` TrainingRuntime of its namespace
+(`manifests/base/training/deepspeed-runtime.yaml`: upstream's OpenMPI runtime with our training
+image on every node): its launcher pod runs our command, `mpirun` over the runtime's hostfile,
+which starts `devices` ranks on every node; Lightning reads the ranks from MPI
+(`MPIEnvironment`, which needs `mpi4py`, installed in `Dockerfile.training`). The settings
+reach every rank by reference to the cluster's ConfigMap and Secret (`contentml.cluster`).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from contentml import cluster
 from contentml.errors import UserError
 from contentml.settings import Settings
 from training.llm.config import FinetuneConfig, Launcher, load_config
@@ -29,7 +29,9 @@ VERSION = "v1alpha1"
 PLURAL = "trainjobs"
 
 RUNTIME = "deepspeed-distributed"
-"""Upstream's ClusterTrainingRuntime for DeepSpeed: an MPI launcher plus ssh-reachable nodes."""
+"""The namespace's TrainingRuntime for DeepSpeed: an MPI launcher plus ssh-reachable nodes."""
+
+RUNTIME_KIND = "TrainingRuntime"
 
 HOSTFILE = "/etc/mpi/hostfile"
 """Where the MPI runtime mounts the hostfile: one line per node, `slots=numProcPerNode`."""
@@ -85,10 +87,17 @@ class CustomObjects(Protocol):
 
 
 def trainjob_manifest(
-    config: FinetuneConfig, config_path: str, settings: Settings, name: str, namespace: str
+    config: FinetuneConfig,
+    config_path: str,
+    settings: Settings,
+    name: str,
+    namespace: str | None = None,
+    suspend: bool = False,
 ) -> dict:
     """The TrainJob that runs `config` (read from `config_path` in the image) on
-    `config.num_nodes` nodes of `config.devices` GPUs, with the pods on these settings."""
+    `config.num_nodes` nodes of `config.devices` GPUs in `settings.training_image`. Without
+    `namespace`, `kubectl apply -n` (or kustomize) decides; a suspended TrainJob waits for
+    `kubectl patch trainjob NAME --type=merge -p '{"spec":{"suspend":false}}'`."""
     if config.launcher != Launcher.TRAINJOB or config.accelerator != "gpu":
         raise TrainJobRecipeError(
             f"{config_path}: a TrainJob runs recipes with launcher 'trainjob' on accelerator "
@@ -96,50 +105,55 @@ def trainjob_manifest(
         )
     if not _NAME.match(name) or len(name) > 63:
         raise TrainJobRecipeError(f"TrainJob name {name!r} is not a DNS label (RFC 1035)")
-    environment = settings.to_env()
+    environment = cluster.env_references()
     resources = {
         "cpu": str(CPU_PER_DEVICE * config.devices),
         "memory": f"{MEMORY_PER_DEVICE_GI * config.devices}Gi",
         "nvidia.com/gpu": str(config.devices),
     }
     # OpenMPI hands a rank started over ssh only the variables named with -x.
-    exports = [flag for variable in environment for flag in ("-x", variable)]
+    exports = [flag for variable in environment for flag in ("-x", variable["name"])]
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {
+            "app.kubernetes.io/part-of": "contentml",
+            "app.kubernetes.io/component": "script-finetune",
+            "contentml/recipe": _label_value(Path(config_path).stem),
+        },
+    }
+    if namespace is not None:
+        metadata["namespace"] = namespace
+    spec: dict[str, Any] = {
+        "runtimeRef": {"name": RUNTIME, "kind": RUNTIME_KIND, "apiGroup": GROUP},
+        "activeDeadlineSeconds": DEADLINE_SECONDS,
+    }
+    if suspend:
+        spec["suspend"] = True
+    spec["trainer"] = {
+        "image": settings.training_image,
+        "numNodes": config.num_nodes,
+        "numProcPerNode": config.devices,
+        "command": [
+            "mpirun",
+            "--hostfile",
+            HOSTFILE,
+            "-np",
+            str(config.world_size),
+            "--bind-to",
+            "none",
+            "-x",
+            "PATH",
+            *exports,
+        ],
+        "args": [*ENTRY_POINT, config_path],
+        "env": environment,
+        "resourcesPerNode": {"requests": resources, "limits": resources},
+    }
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainJob",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {
-                "app.kubernetes.io/part-of": "contentml",
-                "app.kubernetes.io/component": "script-finetune",
-                "contentml/recipe": _label_value(Path(config_path).stem),
-            },
-        },
-        "spec": {
-            "runtimeRef": {"name": RUNTIME, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
-            "activeDeadlineSeconds": DEADLINE_SECONDS,
-            "trainer": {
-                "image": settings.platform_image,
-                "numNodes": config.num_nodes,
-                "numProcPerNode": config.devices,
-                "command": [
-                    "mpirun",
-                    "--hostfile",
-                    HOSTFILE,
-                    "-np",
-                    str(config.world_size),
-                    "--bind-to",
-                    "none",
-                    "-x",
-                    "PATH",
-                    *exports,
-                ],
-                "args": [*ENTRY_POINT, config_path],
-                "env": [{"name": key, "value": value} for key, value in environment.items()],
-                "resourcesPerNode": {"requests": resources, "limits": resources},
-            },
-        },
+        "metadata": metadata,
+        "spec": spec,
     }
 
 
