@@ -13,13 +13,21 @@ from contentml.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-SHELL_LINES = [
-    line.strip()
-    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-    for line in block.splitlines()
-    if line.strip()
-]
+DEPLOY_GUIDE = (ROOT / "docs" / "deploy.md").read_text()
+
+
+def shell_lines(text: str) -> list[str]:
+    return [
+        line.strip()
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+        for line in block.splitlines()
+        if line.strip()
+    ]
+
+
+SHELL_LINES = shell_lines(README)
 CONTENTML_COMMANDS = [line for line in SHELL_LINES if "bin/contentml " in line]
+DEPLOY_COMMANDS = [line for line in shell_lines(DEPLOY_GUIDE) if line.startswith("contentml ")]
 
 
 def test_readme_has_commands():
@@ -35,7 +43,14 @@ def test_readme_contentml_commands_parse(line):
     build_parser().parse_args(argv)
 
 
+@pytest.mark.parametrize("line", DEPLOY_COMMANDS)
+def test_deploy_guide_contentml_commands_parse(line):
+    build_parser().parse_args(shlex.split(line.split("|")[0].split("#")[0])[1:])
+
+
 def test_readme_make_targets_exist():
     makefile = (ROOT / "Makefile").read_text()
-    for target in re.findall(r"`make (\w+)`", README) + ["demo", "test"]:
+    mentioned = re.findall(r"`make (\w+)`", README + DEPLOY_GUIDE)
+    mentioned += re.findall(r"^make (\w+)", "\n".join(shell_lines(DEPLOY_GUIDE)), flags=re.M)
+    for target in mentioned + ["demo", "test"]:
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
