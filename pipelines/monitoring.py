@@ -4,6 +4,7 @@ recurring run (`monitoring.retrain.schedule_monitoring`)."""
 from kfp import dsl
 
 from components.monitoring import drift_check, retrain_trigger
+from pipelines.platform import on_cluster
 
 
 @dsl.pipeline(
@@ -44,4 +45,5 @@ def monitoring(
         drift_run_id=drift.outputs["run_id"],
     )
     trigger.set_caching_options(False)
+    on_cluster(drift, trigger)
     return trigger.output

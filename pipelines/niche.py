@@ -3,6 +3,7 @@
 from kfp import dsl
 
 from components.niche import global_study, niche_study
+from pipelines.platform import on_cluster
 
 PARALLELISM = 2
 """Niche studies running at once. KFP fixes it when the pipeline compiles: raise it (and
@@ -28,4 +29,5 @@ def niche_automl(budget_minutes: float = 10.0, niches: str = "") -> list:
         found = niche_study(
             niche=item.niche, study_seconds=item.study_seconds, global_version=item.global_version
         )
+    on_cluster(work, found)
     return dsl.Collected(found.output)

@@ -4,6 +4,7 @@ from kfp import dsl
 
 from components.quality import evaluate_quality, ingest_toxicity, quality_gate, train_quality
 from components.training import register
+from pipelines.platform import on_cluster
 from training.quality.config import QualityConfig
 
 DEFAULTS = QualityConfig()
@@ -55,4 +56,5 @@ def quality_training(
         scores=scored.outputs["Output"],
         margin=promotion_margin,
     )
+    on_cluster(data, fitted, scored, version, gate)
     return gate.output

@@ -3,6 +3,7 @@
 from kfp import dsl
 
 from components.training import build_features, evaluate, ingest, promotion_gate, register, train
+from pipelines.platform import on_cluster
 from training.trend.ensemble import DEFAULT_MEMBERS as ENSEMBLE_MEMBERS
 
 DEFAULT_MEMBERS = ",".join(member.value for member in ENSEMBLE_MEMBERS)
@@ -65,4 +66,5 @@ def training(
         scores=scored.outputs["Output"],
         margin=promotion_margin,
     )
+    on_cluster(raw, frame, fitted, scored, version, gate)
     return gate.output

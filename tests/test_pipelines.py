@@ -1,4 +1,5 @@
-"""Pipelines compile to the committed YAML, which KFP's own loader accepts."""
+"""Pipelines compile to the committed YAML, which KFP's own loader accepts and whose
+`platforms.kubernetes` section places every task in the cluster."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from kfp import components
 
-from contentml import pipelines, registry
+from contentml import cluster, pipelines, registry
 from contentml.pipelines import PipelineError
+from contentml.settings import Settings
 from tests.conftest import DATA_DIR, make_settings
 
 
@@ -47,7 +50,7 @@ def test_arguments_are_typed_from_the_pipeline_inputs():
     ("name", "pairs", "problem"),
     [
         ("nope", [], "unknown pipeline 'nope'"),
-        ("training", ["colour=red"], "bad parameter 'colour=red'"),
+        ("training", ["colour=red"], "bad parameter 'colour"),
         ("training", ["max_series"], "bad parameter 'max_series'"),
         ("training", ["max_series=many"], "max_series needs a int"),
     ],
@@ -112,16 +115,46 @@ def test_niche_pipeline_fans_out_over_niches_locally(tmp_path: Path):
 
 
 def test_kfp_loads_the_compiled_script_pipeline():
-    """One task: the recipe decides whether it trains in the task or submits a TrainJob."""
+    """One task per node pool, of which a run takes the one its `node_pool` names; the recipe
+    decides whether that task trains itself or submits a TrainJob."""
     loaded = components.load_component_from_file(
         str(pipelines.COMPILED_DIR / "script-finetune.yaml")
     )
     assert loaded.name == "script-finetune"
-    assert set(loaded.component_spec.inputs) == {"config"}
-    assert loaded.component_spec.inputs["config"].default == "training/llm/configs/tiny-cpu.yaml"
-    (task,) = loaded.pipeline_spec.root.dag.tasks.values()
-    assert task.component_ref.name == "comp-finetune-script"
-    assert not task.caching_options.enable_cache
+    inputs = loaded.component_spec.inputs
+    assert set(inputs) == {"config", "node_pool"}
+    assert inputs["config"].default == "training/llm/configs/tiny-cpu.yaml"
+    assert inputs["node_pool"].default == "cpu"
+    components_ = loaded.pipeline_spec.components
+    (branches,) = loaded.pipeline_spec.root.dag.tasks.values()
+    pools = {
+        branch.task_info.name: branch.trigger_policy.condition
+        for branch in components_[branches.component_ref.name].dag.tasks.values()
+    }
+    gpu_test = "inputs.parameter_values['pipelinechannel--node_pool'] == 'gpu'"
+    assert pools == {"gpu-pool": gpu_test, "cpu-pool": f"!({gpu_test})"}
+    for branch in components_[branches.component_ref.name].dag.tasks.values():
+        (task,) = components_[branch.component_ref.name].dag.tasks.values()
+        assert task.component_ref.name.startswith("comp-finetune-script")
+        assert not task.caching_options.enable_cache
+
+
+@pytest.mark.slow
+def test_script_pipeline_runs_locally_on_either_pool(tmp_path: Path):
+    """kfp.local takes the branch `node_pool` names (it ignores the pool's placement) and
+    returns the summary through `dsl.OneOf`; the CLI's `--param config=` is unchanged."""
+    from tests.test_llm_training import TINY  # here: its module imports torch and DeepSpeed
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY, "max_steps": 4, "warmup_steps": 1}))
+    settings = make_settings(tmp_path / "state")
+    versions = []
+    for pairs in ([f"config={recipe}"], [f"config={recipe}", "node_pool=gpu"]):
+        arguments = pipelines.parse_arguments("script-finetune", pairs)
+        summary = pipelines.run_local(settings, "script-finetune", arguments)
+        assert summary["model"] == "script" and summary["bits_per_byte"] > 0
+        versions.append(summary["version"])
+    assert versions == ["1", "2"]
 
 
 def test_kfp_loads_the_compiled_monitoring_pipeline():
@@ -156,3 +189,75 @@ def test_start_local_runs_the_pipeline_in_the_background_with_a_log(tmp_path: Pa
     _, status = os.waitpid(pid, 0)  # our child: the test waits, a monitor does not
     assert os.waitstatus_to_exitcode(status) != 0
     assert str(missing) in log.read_text()  # the run's own error, in its log
+
+
+# --- the cluster: what kfp-kubernetes writes into each compiled YAML ------------------------
+
+GPU_EXECUTORS = {"script-finetune": {"exec-finetune-script"}}
+"""Executors that run on the GPU pool (one A100 for a `launcher: local` recipe)."""
+
+
+def compiled_executors(name: str) -> tuple[dict, dict]:
+    """(executor label -> executor of the pipeline spec, label -> its Kubernetes config)."""
+    text = (pipelines.COMPILED_DIR / f"{name}.yaml").read_text()
+    spec, platform = yaml.safe_load_all(text)
+    return (
+        spec["deploymentSpec"]["executors"],
+        platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"],
+    )
+
+
+@pytest.mark.parametrize("name", pipelines.PIPELINES)
+def test_every_task_reads_the_cluster_settings_credentials_and_data(name: str):
+    executors, kubernetes = compiled_executors(name)
+    assert set(kubernetes) == set(executors), "a task lacks `on_cluster` (pipelines/platform.py)"
+    for label, executor in executors.items():
+        assert executor["container"]["image"] == Settings.from_env().platform_image, label
+        config = kubernetes[label]
+        (settings,) = config["configMapAsEnv"]
+        assert settings["configMapName"] == cluster.SETTINGS_CONFIG_MAP
+        assert not settings["optional"], "every setting must come from the cluster"
+        assert {(e["configMapKey"], e["envVar"]) for e in settings["keyToEnv"]} == {
+            (variable, variable) for variable in cluster.CONFIG_VARIABLES
+        }
+        (credentials,) = config["secretAsEnv"]
+        assert credentials["secretName"] == cluster.CREDENTIALS_SECRET
+        assert {(e["secretKey"], e["envVar"]) for e in credentials["keyToEnv"]} == {
+            (variable, variable) for variable in cluster.SECRET_VARIABLES
+        }
+        (data,) = config["pvcMount"]
+        assert (data["constant"], data["mountPath"]) == (cluster.DATA_CLAIM, cluster.DATA_MOUNT)
+        assert config["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": str(cluster.RUN_AS_USER),
+        }
+
+
+@pytest.mark.parametrize("name", pipelines.PIPELINES)
+def test_every_task_has_a_node_pool_and_only_the_gpu_task_a_gpu(name: str):
+    executors, kubernetes = compiled_executors(name)
+    gpu_tolerations = [dict(toleration) for toleration in cluster.GPU_TOLERATIONS]
+    for label, executor in executors.items():
+        accelerator = executor["container"].get("resources", {}).get("accelerator")
+        if label in GPU_EXECUTORS.get(name, set()):
+            assert kubernetes[label]["nodeSelector"]["labels"] == cluster.GPU_NODE_SELECTOR
+            assert kubernetes[label]["tolerations"] == gpu_tolerations
+            assert accelerator["resourceType"] == "nvidia.com/gpu"
+            assert accelerator["resourceCount"] == "1"
+        else:
+            assert kubernetes[label]["nodeSelector"]["labels"] == cluster.CPU_NODE_SELECTOR
+            assert "tolerations" not in kubernetes[label] and accelerator is None, label
+
+
+@pytest.mark.parametrize("name", pipelines.PIPELINES)
+def test_no_credential_is_written_into_the_yaml(name: str):
+    """Credentials reach a task by reference to the Secret only: no task sets one as a literal
+    environment variable, and this machine's values of them appear nowhere in the file."""
+    executors, _ = compiled_executors(name)
+    for label, executor in executors.items():
+        literal = {variable["name"] for variable in executor["container"].get("env", [])}
+        assert not literal & set(cluster.SECRET_VARIABLES), label
+    text = (pipelines.COMPILED_DIR / f"{name}.yaml").read_text()
+    here = Settings.from_env().to_env()
+    for variable in cluster.SECRET_VARIABLES:
+        assert not here.get(variable) or here[variable] not in text, variable
