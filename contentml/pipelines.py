@@ -120,8 +120,10 @@ def run_local(settings: Settings, name: str, arguments: dict[str, Any]) -> dict:
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(settings.home / "kfp")
     )
     with warnings.catch_warnings():
-        # Locally the tasks run in this environment, not in the cluster's platform image.
+        # Locally the tasks run in this environment, not in the cluster's platform image, and
+        # on this machine's CPUs whatever the cluster's requests (pipelines/platform.py).
         warnings.filterwarnings("ignore", message=".*non-Python base image")
+        warnings.filterwarnings("ignore", message=".*no effect in the current local runner")
         try:
             # kfp.local prints task logs on stdout; stdout is kept for the run's result.
             with contextlib.redirect_stdout(sys.stderr):
