@@ -4,9 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PORT ?= 8080
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= ghcr.io/contentml/platform:$(VERSION)
+TRAINING_IMAGE ?= ghcr.io/contentml/training:$(VERSION)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test compile serve bench lint constraints manifests
+.PHONY: install demo test compile serve bench lint constraints manifests images
 
 install: $(INSTALLED)
 
@@ -34,6 +37,12 @@ compile: install
 manifests: install
 	@command -v kubectl >/dev/null || { echo "make manifests needs kubectl >= 1.27 (kustomize 5) on PATH"; exit 2; }
 	$(VENV)/bin/contentml manifests check --schemas ../shared/schemas
+
+# The platform image (KFP components, predictors, MLflow and Feast servers) and the GPU image of
+# the TrainJob ranks; docs/deploy.md says where to push them.
+images:
+	docker build -t $(IMAGE) .
+	docker build -f Dockerfile.training -t $(TRAINING_IMAGE) .
 
 serve: install
 	$(VENV)/bin/contentml serve --port $(PORT)

@@ -13,6 +13,7 @@ from enum import StrEnum
 from kfp import dsl, kubernetes
 
 from contentml import cluster
+from contentml.settings import Settings
 
 
 class Pool(StrEnum):
@@ -25,6 +26,8 @@ class Pool(StrEnum):
 
 @dataclass(frozen=True)
 class Placement:
+    image: str
+    """The image a task runs in on this pool: CUDA and DeepSpeed's ops on the GPUs."""
     node_selector: dict[str, str]
     """Labels of the pool's nodes."""
     tolerations: tuple[dict[str, str], ...] = ()
@@ -33,10 +36,15 @@ class Placement:
     """`nvidia.com/gpu` the task's container asks for."""
 
 
+# Resolved when the pipeline is compiled, as the components' base image.
+_SETTINGS = Settings.from_env()
+
 POOL_TO_PLACEMENT: dict[Pool, Placement] = {
-    Pool.CPU: Placement(cluster.CPU_NODE_SELECTOR),
+    Pool.CPU: Placement(_SETTINGS.platform_image, cluster.CPU_NODE_SELECTOR),
     # One A100 for a `launcher: local` recipe; a TrainJob asks for its own GPUs.
-    Pool.GPU: Placement(cluster.GPU_NODE_SELECTOR, cluster.GPU_TOLERATIONS, gpus=1),
+    Pool.GPU: Placement(
+        _SETTINGS.training_image, cluster.GPU_NODE_SELECTOR, cluster.GPU_TOLERATIONS, gpus=1
+    ),
 }
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -46,10 +54,11 @@ GPU_RESOURCE = "nvidia.com/gpu"
 def on_cluster(*tasks: dsl.PipelineTask, pool: Pool = Pool.CPU) -> None:
     """Give each task the platform's settings (ConfigMap) and credentials (Secret) as
     environment variables, by reference, the data claim at `cluster.DATA_MOUNT`, the images'
-    non-root user, and the nodes of `pool`. A pipeline calls it once with all its tasks;
+    non-root user, and the image and nodes of `pool`. A pipeline calls it once with all its tasks;
     tests/test_pipelines.py checks that none is left out."""
     placement = POOL_TO_PLACEMENT[pool]
     for task in tasks:
+        task.set_container_image(placement.image)
         kubernetes.use_config_map_as_env(
             task, cluster.SETTINGS_CONFIG_MAP, {name: name for name in cluster.CONFIG_VARIABLES}
         )

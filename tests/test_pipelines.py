@@ -209,8 +209,12 @@ def compiled_executors(name: str) -> tuple[dict, dict]:
 def test_every_task_reads_the_cluster_settings_credentials_and_data(name: str):
     executors, kubernetes = compiled_executors(name)
     assert set(kubernetes) == set(executors), "a task lacks `on_cluster` (pipelines/platform.py)"
+    images = Settings.from_env()
     for label, executor in executors.items():
-        assert executor["container"]["image"] == Settings.from_env().platform_image, label
+        # The GPU pool runs the training image (CUDA, DeepSpeed's ops), the rest the platform's.
+        gpu = label in GPU_EXECUTORS.get(name, set())
+        image = images.training_image if gpu else images.platform_image
+        assert executor["container"]["image"] == image, label
         config = kubernetes[label]
         (settings,) = config["configMapAsEnv"]
         assert settings["configMapName"] == cluster.SETTINGS_CONFIG_MAP
