@@ -113,6 +113,10 @@ class Settings:
     aliases. `contentml deploy` sets it in each KServe predictor, where KServe (not the
     server) moves traffic between versions; empty elsewhere."""
 
+    revenue_store: str = field(metadata=_env("CONTENTML_REVENUE_STORE"))
+    """Database of the RevenueOptimizer's experiments and rewards (`training/revenue/store.py`):
+    SQLite locally, `postgresql://` in the cluster, shared by the server's replicas."""
+
     script_timeout_seconds: float = field(metadata=_env("CONTENTML_SCRIPT_TIMEOUT_SECONDS"))
     """Wall-clock limit of one generation on the served `script` model; the text so far is
     returned with `finish_reason: "length"` when it is reached."""
@@ -129,6 +133,7 @@ class Settings:
             "optuna_storage",
             "serving_url",
             "prediction_log",
+            "revenue_store",
         ):
             if not getattr(self, name):
                 raise SettingsError(f"setting {name} must not be empty")
@@ -168,6 +173,7 @@ class Settings:
             "serving_poll_seconds": 2.0,
             "pinned_versions": "",
             "pushgateway_url": "",
+            "revenue_store": f"sqlite:///{home / 'revenue.db'}",
         }
         values = {}
         for f in dataclasses.fields(cls):

@@ -18,6 +18,7 @@ from serving.channels import channels_router
 from serving.niche_model import NicheRouter
 from serving.prediction_log import PredictionLog, open_prediction_log
 from serving.quality_model import QualityModel
+from serving.revenue_model import RevenueModel, revenue_router
 from serving.script_model import ScriptModel, openai_router
 from serving.trend_model import TrendModel
 from serving.versions import ServingOptions, VersionedModel, VersionWatcher
@@ -27,9 +28,12 @@ PREDICTORS: dict[str, type[VersionedModel] | type[NicheRouter]] = {
     "quality": QualityModel,
     "niche": NicheRouter,
     "script": ScriptModel,
+    "revenue": RevenueModel,
 }
 """Served model name -> the predictor class that serves it. With `niche`, every registered
-`niche-<slug>` model is served too; `script` answers on the OpenAI routes (`/openai/v1/...`)."""
+`niche-<slug>` model is served too; `script` answers on the OpenAI routes (`/openai/v1/...`);
+`revenue` (the RevenueOptimizer's bandits) needs no registered model, and takes rewards on
+`/v1/experiments/...`."""
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +115,9 @@ def serve(
         # app KServe serves, which it imports by name when it starts.
         app.include_router(router)
     app.include_router(channels_router(settings))  # CrisisManager: anomalies and quarantine
+    for model in models:
+        if isinstance(model, RevenueModel):
+            app.include_router(revenue_router(model))
     watcher = VersionWatcher(
         settings,
         [m for m in models if isinstance(m, VersionedModel)],

@@ -48,13 +48,13 @@ def test_every_object_of_every_overlay_is_valid(overlay):
     name, _ = overlay
     report = manifests.check(name, SCHEMAS_DIR)
     assert report.problems == []
-    assert report.kinds["InferenceService"] == 4
+    assert report.kinds["InferenceService"] == 5
 
 
 def test_prod_serves_the_four_models_and_trains_on_two_nodes_of_eight_gpus(prod):
     services = {d["metadata"]["name"]: d for d in find(prod, "InferenceService")}
-    assert set(services) == {"trend", "quality", "niche", "script"}
-    for name in ("trend", "quality", "niche"):
+    assert set(services) == {"trend", "quality", "niche", "script", "revenue"}
+    for name in ("trend", "quality", "niche", "revenue"):
         predictor = services[name]["spec"]["predictor"]
         assert predictor["model"]["runtime"] == "contentml"
         assert predictor["minReplicas"] >= 2 and predictor["maxReplicas"] > predictor["minReplicas"]
@@ -257,7 +257,7 @@ def test_make_manifests_reports_each_overlay(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == list(manifests.OVERLAYS)
-    assert all(re.fullmatch(r"\w+: \d+ objects valid \(.*InferenceService 4.*\)", x) for x in lines)
+    assert all(re.fullmatch(r"\w+: \d+ objects valid \(.*InferenceService 5.*\)", x) for x in lines)
 
 
 @pytest.mark.parametrize(

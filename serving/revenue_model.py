@@ -1,0 +1,168 @@
+"""RevenueOptimizer on the model server: `revenue` picks an arm of an experiment (a title,
+thumbnail or hook variant), and `/v1/experiments/{name}/rewards` takes back what it earned.
+
+    POST /v1/models/revenue:predict   {"instances": [{"experiment": "E", "arms": ["a", "b"]}]}
+        -> {"predictions": [{"arm": "b", "probabilities": {"a": 0.3, "b": 0.7}}]}
+        (optional per instance: "metric": ctr | watch_time | revenue | rpm, "policy":
+        thompson | epsilon_greedy | even; an experiment is created on first use)
+    POST /v1/experiments/{name}/rewards   {"arm": "b", "reward": 1.0} or a list of them
+    GET  /v1/experiments/{name}           the A/B report (JSON); `.../report.html` as a page
+    GET  /v1/experiments                  every experiment
+
+Every choice and reward goes to the shared store (`Settings.revenue_store`) before the answer,
+so replicas agree and a restart loses nothing. A bad instance or reward is refused (400) before
+anything of its request is stored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from kserve import Model
+from kserve.errors import InvalidInput
+
+from contentml.settings import Settings
+from training.revenue.experiment import Metric, Policy
+from training.revenue.policies import choose
+from training.revenue.report import report, report_html
+from training.revenue.store import ExperimentError, RewardStore, UnknownExperiment
+
+MAX_INSTANCES = 100
+MAX_REWARDS = 10_000
+MAX_BODY_BYTES = 2_000_000
+INSTANCE_KEYS = {"experiment", "arms", "metric", "policy"}
+
+
+def _enum(kind: type, value: Any, what: str):
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidInput(
+            f"{what} must be one of {', '.join(k.value for k in kind)}, not {value!r}"
+        ) from None
+
+
+class RevenueModel(Model):
+    """Chooses arms by each experiment's policy over the rewards stored so far."""
+
+    def __init__(self, name: str, settings: Settings, options: Any = None):
+        super().__init__(name)
+        self.settings = settings
+        self.store: RewardStore | None = None
+
+    def load(self) -> bool:
+        self.store = RewardStore(self.settings.revenue_store)
+        self.rng = np.random.default_rng()
+        self.ready = True
+        return self.ready
+
+    def _parse(self, payload: Any) -> list[tuple[str, list[str], Metric | None, Policy | None]]:
+        instances = payload.get("instances") if isinstance(payload, dict) else None
+        if not isinstance(instances, list) or not 1 <= len(instances) <= MAX_INSTANCES:
+            raise InvalidInput(
+                f'expected {{"instances": [...]}} with 1 to {MAX_INSTANCES} choices '
+                f'(V1 protocol), each {{"experiment": "E", "arms": ["a", "b"]}}'
+            )
+        requests = []
+        for index, instance in enumerate(instances):
+            if not isinstance(instance, dict) or not {"experiment", "arms"} <= set(instance):
+                raise InvalidInput(f"instance {index}: needs 'experiment' and 'arms'")
+            unknown = set(instance) - INSTANCE_KEYS
+            if unknown:
+                raise InvalidInput(f"instance {index}: unknown keys {sorted(unknown)}")
+            metric = _enum(Metric, instance.get("metric"), f"instance {index}: metric")
+            policy = _enum(Policy, instance.get("policy"), f"instance {index}: policy")
+            try:
+                self.store.check_request(instance["experiment"], instance["arms"], metric, policy)
+            except ExperimentError as e:
+                raise InvalidInput(f"instance {index}: {e}") from e
+            requests.append((instance["experiment"], list(instance["arms"]), metric, policy))
+        return requests
+
+    def predict(self, payload: Any, headers: dict[str, str] | None = None) -> dict:
+        # Every instance is checked before any is answered: a bad one stores nothing.
+        requests = self._parse(payload)
+        predictions = []
+        for name, arms, metric, policy in requests:
+            experiment = self.store.ensure(name, arms, metric, policy)
+            choice = choose(self.store.stats(name), experiment.kind, experiment.policy, self.rng)
+            self.store.record_impression(name, choice.arm)
+            predictions.append({"arm": choice.arm, "probabilities": choice.probabilities})
+        return {"predictions": predictions}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message})
+
+
+def _outcomes(body: Any) -> list[tuple[Any, Any]]:
+    items = body if isinstance(body, list) else [body]
+    if not 1 <= len(items) <= MAX_REWARDS:
+        raise ExperimentError(f"send 1 to {MAX_REWARDS} rewards, not {len(items)}")
+    outcomes = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) != {"arm", "reward"}:
+            raise ExperimentError(f'reward {index}: expected {{"arm": "...", "reward": number}}')
+        outcomes.append((item["arm"], item["reward"]))
+    return outcomes
+
+
+def revenue_router(model: RevenueModel) -> APIRouter:
+    """The experiments' routes over the model's store."""
+
+    async def add_rewards(name: str, raw: Request) -> JSONResponse:
+        body = await raw.body()
+        if len(body) > MAX_BODY_BYTES:
+            return _error(413, f"body over {MAX_BODY_BYTES} bytes: send rewards in batches")
+        try:
+            stored = model.store.add_rewards(name, _outcomes(json.loads(body)))
+        except UnknownExperiment as e:
+            return _error(404, str(e))
+        except ExperimentError as e:
+            return _error(400, str(e))
+        except ValueError as e:  # not JSON
+            return _error(400, f"body is not JSON: {e}")
+        return JSONResponse({"experiment": name, "stored": stored})
+
+    def _report(name: str) -> tuple[Any, dict]:
+        experiment = model.store.experiment(name)
+        return experiment, report(model.store.stats(name), experiment.metric)
+
+    async def get_report(name: str) -> JSONResponse:
+        try:
+            experiment, summary = _report(name)
+        except UnknownExperiment as e:
+            return _error(404, str(e))
+        return JSONResponse({"experiment": name, "policy": experiment.policy.value, **summary})
+
+    async def get_report_html(name: str):
+        try:
+            experiment = model.store.experiment(name)
+        except UnknownExperiment as e:
+            return _error(404, str(e))
+        page = report_html(model.store.history(name), experiment.metric, title=name)
+        return HTMLResponse(page)
+
+    async def listing() -> JSONResponse:
+        return JSONResponse(
+            {
+                "experiments": [
+                    {"name": e.name, "metric": e.metric.value, "policy": e.policy.value,
+                     "arms": list(e.arms), "created_at": e.created_at.isoformat()}
+                    for e in model.store.all()
+                ]
+            }
+        )  # fmt: skip
+
+    router = APIRouter(prefix="/v1/experiments", tags=["RevenueOptimizer"])
+    router.add_api_route("", listing, methods=["GET"])
+    router.add_api_route("/{name}", get_report, methods=["GET"])
+    router.add_api_route("/{name}/report.html", get_report_html, methods=["GET"])
+    router.add_api_route("/{name}/rewards", add_rewards, methods=["POST"])
+    return router

@@ -1,0 +1,165 @@
+"""`revenue` on a real model server: a client that hides the arms' click rates asks for an arm
+per impression and posts what it earned; the bandit moves the traffic to the best arm, survives
+a restart, refuses bad input without storing it, and the report names the winner."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import numpy as np
+import pytest
+
+from contentml.demo import free_port, model_server
+from tests.conftest import make_settings, run_cli
+
+RATES = {"calm": 0.10, "bold": 0.30, "plain": 0.18}
+"""Hidden click rates of three thumbnails; `bold` is the best."""
+BATCH = 50
+"""Rewards come back in batches (delayed feedback), as the content pipeline reports them."""
+
+
+def impressions(url: str, experiment: str, count: int, rng: np.random.Generator) -> list[str]:
+    """`count` impressions: choose, show, report clicks every BATCH; returns the arms shown."""
+    shown, pending = [], []
+    with httpx.Client(base_url=url, timeout=10.0) as client:
+        for _ in range(count):
+            answer = client.post(
+                "/v1/models/revenue:predict",
+                json={"instances": [{"experiment": experiment, "arms": list(RATES)}]},
+            )
+            assert answer.status_code == 200, answer.text
+            (prediction,) = answer.json()["predictions"]
+            assert math.isclose(sum(prediction["probabilities"].values()), 1.0, abs_tol=1e-6)
+            arm = prediction["arm"]
+            shown.append(arm)
+            pending.append({"arm": arm, "reward": float(rng.random() < RATES[arm])})
+            if len(pending) == BATCH:
+                stored = client.post(f"/v1/experiments/{experiment}/rewards", json=pending)
+                assert stored.json() == {"experiment": experiment, "stored": BATCH}
+                pending = []
+    return shown
+
+
+def report(home, experiment: str) -> dict:
+    done = run_cli(home, "experiments", "report", experiment, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("revenue") / "state"
+
+
+def test_the_bandit_finds_the_best_arm_and_survives_a_restart(home):
+    settings = make_settings(home)
+    rng = np.random.default_rng(7)
+    port = free_port()
+    with model_server(settings, port, "--models", "revenue") as url:
+        first = impressions(url, "thumbs", 1_000, rng)
+    # Killed and started again mid-experiment: the store holds every choice and reward.
+    before = report(home, "thumbs")
+    assert sum(a["impressions"] for a in before["arms"]) == 1_000
+    assert sum(a["rewards"] for a in before["arms"]) == 1_000
+    with model_server(settings, port, "--models", "revenue") as url:
+        assert report(home, "thumbs")["arms"] == before["arms"]
+        second = impressions(url, "thumbs", 1_000, rng)
+        page = httpx.get(f"{url}/v1/experiments/thumbs/report.html", timeout=30.0)
+    shown = first + second
+    last = shown[-500:]
+    assert last.count("bold") / len(last) >= 0.8
+    best = max(RATES.values())
+    regret = sum(best - RATES[arm] for arm in shown)
+    even = len(shown) * (best - sum(RATES.values()) / len(RATES))
+    assert regret <= 0.3 * even, (regret, even)
+
+    final = report(home, "thumbs")
+    assert final["best_arm"] == "bold"
+    (bold,) = [a for a in final["arms"] if a["arm"] == "bold"]
+    assert bold["probability_best"] >= 0.95
+    assert bold["ci_low"] <= RATES["bold"] <= bold["ci_high"]
+    assert final["recommendation"].startswith("stop")
+    assert page.status_code == 200 and all(arm in page.text for arm in RATES)
+
+
+@pytest.fixture(scope="module")
+def server(home):
+    with model_server(make_settings(home), free_port(), "--models", "revenue") as url:
+        yield url
+
+
+def counts(url: str, experiment: str) -> list[tuple[int, int]]:
+    found = httpx.get(f"{url}/v1/experiments/{experiment}", timeout=10.0).json()
+    return [(a["impressions"], a["rewards"]) for a in found["arms"]]
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ({"instances": [{"experiment": "e2", "arms": ["a"]}]}, "2 to 100 names"),
+        ({"instances": [{"experiment": "e2", "arms": ["a", "a"]}]}, "distinct"),
+        ({"instances": [{"experiment": "e2 x", "arms": ["a", "b"]}]}, "experiment must be"),
+        ({"instances": [{"experiment": "e2"}]}, "needs 'experiment' and 'arms'"),
+        ({"instances": [{"experiment": "e2", "arms": ["a", "b"], "metric": "likes"}]}, "ctr"),
+        ({"instances": [{"experiment": "e2", "arms": ["a", "b"], "colour": 1}]}, "unknown keys"),
+        ({"instances": []}, "1 to 100 choices"),
+        ({"inputs": []}, "1 to 100 choices"),
+        # One bad instance after a good one: the good one is not answered or stored either.
+        (
+            {"instances": [{"experiment": "e3", "arms": ["a", "b"]}, {"experiment": "e3"}]},
+            "instance 1",
+        ),
+    ],
+)
+def test_a_malformed_choice_gets_400_and_stores_nothing(server, payload, problem):
+    answer = httpx.post(f"{server}/v1/models/revenue:predict", json=payload, timeout=10.0)
+    assert answer.status_code == 400 and problem in answer.text
+    listed = httpx.get(f"{server}/v1/experiments", timeout=10.0).json()["experiments"]
+    assert not {"e2", "e3"} & {e["name"] for e in listed}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "problem"),
+    [
+        ('{"arm": "z", "reward": 1}', 400, "has no arm 'z'"),
+        ('{"arm": "a", "reward": NaN}', 400, "finite number, not nan"),
+        ('{"arm": "a", "reward": "1"}', 400, "finite number"),
+        ('{"arm": "a", "reward": 2}', 400, "rates in [0, 1]"),
+        ('[{"arm": "a", "reward": 1}, {"arm": "b"}]', 400, "reward 1"),
+        ('[{"arm": "a", "reward": 1}, {"arm": "b", "reward": -1}]', 400, "rates in [0, 1]"),
+        ("[]", 400, "1 to 10000 rewards"),
+        ("not json", 400, "not JSON"),
+    ],
+)
+def test_a_malformed_reward_gets_400_and_stores_nothing(server, body, status, problem):
+    httpx.post(
+        f"{server}/v1/models/revenue:predict",
+        json={"instances": [{"experiment": "r1", "arms": ["a", "b"]}]},
+        timeout=10.0,
+    )
+    before = counts(server, "r1")
+    answer = httpx.post(
+        f"{server}/v1/experiments/r1/rewards",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=10.0,
+    )
+    assert answer.status_code == status and problem in answer.json()["error"]
+    assert counts(server, "r1") == before
+
+
+def test_an_unknown_experiment_is_404(server):
+    answer = httpx.post(
+        f"{server}/v1/experiments/ghost/rewards", json={"arm": "a", "reward": 1}, timeout=10.0
+    )
+    assert answer.status_code == 404
+    assert httpx.get(f"{server}/v1/experiments/ghost", timeout=10.0).status_code == 404
+
+
+def test_the_cli_lists_experiments_and_refuses_an_unknown_one(home, server):
+    listed = run_cli(home, "experiments", "list", "--json")
+    assert listed.returncode == 0 and "r1" in {e["name"] for e in json.loads(listed.stdout)}
+    missing = run_cli(home, "experiments", "report", "ghost", "--json")
+    assert missing.returncode == 2 and "no experiment 'ghost'" in missing.stderr

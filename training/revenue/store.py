@@ -1,0 +1,329 @@
+"""The durable record of every experiment: its definition, each reward as reported, and per arm
+the running totals a posterior needs. SQLite embedded, PostgreSQL in the cluster
+(`Settings.revenue_store`), so a restarted server, or any of several replicas, continues an
+experiment exactly where it stands.
+
+Totals are updated in the same transaction as the rewards they sum (`x = x + ?`, atomic on
+both databases), so a choice reads a handful of rows however long the experiment ran; the raw
+rewards stay for the report's history and to rebuild the totals (`rebuild`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from contentml.errors import UserError
+from training.revenue.experiment import METRIC_KIND, ArmStats, Metric, Policy, RewardKind
+
+MAX_ARMS = 100
+MAX_NAME = 200
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+
+metadata = sa.MetaData()
+
+experiments = sa.Table(
+    "revenue_experiments",
+    metadata,
+    sa.Column("name", sa.String(MAX_NAME), primary_key=True),
+    sa.Column("metric", sa.String(32), nullable=False),
+    sa.Column("policy", sa.String(32), nullable=False),
+    sa.Column("arms", sa.Text, nullable=False),  # JSON list, in the order first given
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+arm_totals = sa.Table(
+    "revenue_arm_totals",
+    metadata,
+    sa.Column("experiment", sa.String(MAX_NAME), primary_key=True),
+    sa.Column("arm", sa.String(MAX_NAME), primary_key=True),
+    sa.Column("impressions", sa.BigInteger, nullable=False),
+    sa.Column("rewards", sa.BigInteger, nullable=False),
+    sa.Column("reward_sum", sa.Float, nullable=False),
+    sa.Column("reward_square_sum", sa.Float, nullable=False),
+)
+
+rewards = sa.Table(
+    "revenue_rewards",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("experiment", sa.String(MAX_NAME), nullable=False, index=True),
+    sa.Column("arm", sa.String(MAX_NAME), nullable=False),
+    sa.Column("reward", sa.Float, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+class ExperimentError(UserError):
+    """A request the experiment cannot take (unknown arm, bad reward, ...); nothing is stored."""
+
+
+class UnknownExperiment(ExperimentError):
+    """No experiment of that name."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    metric: Metric
+    policy: Policy
+    arms: tuple[str, ...]
+    created_at: datetime.datetime
+
+    @property
+    def kind(self) -> RewardKind:
+        return METRIC_KIND[self.metric]
+
+
+def check_name(what: str, name: object) -> str:
+    if not (isinstance(name, str) and len(name) <= MAX_NAME and _NAME.fullmatch(name)):
+        raise ExperimentError(
+            f"{what} must be letters, digits and _.:- (at most {MAX_NAME}), not {name!r}"
+        )
+    return name
+
+
+def check_arms(arms: object) -> tuple[str, ...]:
+    if not isinstance(arms, list | tuple) or not 2 <= len(arms) <= MAX_ARMS:
+        raise ExperimentError(f"arms must be a list of 2 to {MAX_ARMS} names, not {arms!r}")
+    names = tuple(check_name("an arm", arm) for arm in arms)
+    if len(set(names)) != len(names):
+        raise ExperimentError(f"arms must be distinct: {list(names)}")
+    return names
+
+
+def check_reward(experiment: Experiment, arm: object, reward: object) -> tuple[str, float]:
+    """One reported outcome, checked against the experiment: a known arm, a finite number,
+    within [0, 1] for a rate."""
+    if arm not in experiment.arms:
+        raise ExperimentError(
+            f"experiment {experiment.name!r} has no arm {arm!r}; arms: {list(experiment.arms)}"
+        )
+    if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
+        raise ExperimentError(f"reward for arm {arm!r} must be a finite number, not {reward!r}")
+    if experiment.kind is RewardKind.RATE and not 0.0 <= reward <= 1.0:
+        raise ExperimentError(
+            f"{experiment.metric.value} rewards are rates in [0, 1] (a click is 1), not {reward!r}"
+        )
+    return str(arm), float(reward)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    # Several server processes may share the file: wait for a writer instead of failing.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class RewardStore:
+    """Experiments, their rewards and running totals, in the database at `url`."""
+
+    def __init__(self, url: str):
+        if url.startswith("postgresql://"):  # psycopg 3, not SQLAlchemy's default psycopg2
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+        self.engine = sa.create_engine(url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            if self.engine.url.database not in (None, "", ":memory:"):
+                # SQLite creates the database file, not its folder.
+                Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def experiment(self, name: str) -> Experiment:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                sa.select(experiments).where(experiments.c.name == name)
+            ).one_or_none()
+        if row is None:
+            raise UnknownExperiment(f"no experiment {name!r}")
+        return Experiment(
+            row.name, Metric(row.metric), Policy(row.policy), tuple(json.loads(row.arms)),
+            row.created_at,
+        )  # fmt: skip
+
+    def ensure(
+        self,
+        name: str,
+        arms: Sequence[str],
+        metric: Metric | None = None,
+        policy: Policy | None = None,
+    ) -> Experiment:
+        """The experiment `name`, created on first use with these arms (CTR and Thompson
+        sampling unless given); an existing one must have the same arms (in any order), and the
+        metric and policy when they are given."""
+        arms = check_arms(arms)
+        found = self.check_request(name, arms, metric, policy)
+        if found is None:
+            found = self._create(name, arms, metric or Metric.CTR, policy or Policy.THOMPSON)
+            found = self.check_request(name, arms, metric, policy)  # another replica's
+        return found
+
+    def check_request(
+        self,
+        name: str,
+        arms: Sequence[str],
+        metric: Metric | None = None,
+        policy: Policy | None = None,
+    ) -> Experiment | None:
+        """What `ensure` checks, without storing anything: the existing experiment (None when
+        there is none yet), or an error naming what does not match."""
+        check_name("experiment", name)
+        arms = check_arms(arms)
+        try:
+            found = self.experiment(name)
+        except UnknownExperiment:
+            return None
+        if set(found.arms) != set(arms):
+            raise ExperimentError(
+                f"experiment {name!r} has arms {list(found.arms)}, not {list(arms)}; "
+                f"start a new experiment for other variants"
+            )
+        for asked, kept in ((metric, found.metric), (policy, found.policy)):
+            if asked is not None and asked != kept:
+                raise ExperimentError(f"experiment {name!r} uses {kept.value}, not {asked.value}")
+        return found
+
+    def _create(self, name: str, arms: Sequence[str], metric: Metric, policy: Policy):
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    experiments.insert().values(
+                        name=name,
+                        metric=metric.value,
+                        policy=policy.value,
+                        arms=json.dumps(list(arms)),
+                        created_at=_now(),
+                    )
+                )
+                connection.execute(
+                    arm_totals.insert(),
+                    [
+                        {"experiment": name, "arm": arm, "impressions": 0, "rewards": 0,
+                         "reward_sum": 0.0, "reward_square_sum": 0.0}
+                        for arm in arms
+                    ],
+                )  # fmt: skip
+        except IntegrityError:
+            pass  # another replica created it first: use theirs
+        return self.experiment(name)
+
+    def stats(self, name: str) -> list[ArmStats]:
+        """Each arm's totals, in the experiment's arm order."""
+        experiment = self.experiment(name)
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(arm_totals).where(arm_totals.c.experiment == name)
+            ).all()
+        by_arm = {
+            row.arm: ArmStats(
+                row.arm, row.impressions, row.rewards, row.reward_sum, row.reward_square_sum
+            )
+            for row in rows
+        }
+        return [by_arm[arm] for arm in experiment.arms]
+
+    def record_impression(self, name: str, arm: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                arm_totals.update()
+                .where(arm_totals.c.experiment == name, arm_totals.c.arm == arm)
+                .values(impressions=arm_totals.c.impressions + 1)
+            )
+
+    def add_rewards(self, name: str, outcomes: list[tuple[object, object]]) -> int:
+        """Store `(arm, reward)` pairs in one transaction: all of them, or none when one is
+        bad. Returns how many were stored."""
+        experiment = self.experiment(name)
+        if not outcomes:
+            raise ExperimentError("no rewards given")
+        checked = [check_reward(experiment, arm, reward) for arm, reward in outcomes]
+        now = _now()
+        per_arm: dict[str, list[float]] = {}
+        for arm, reward in checked:
+            per_arm.setdefault(arm, []).append(reward)
+        with self.engine.begin() as connection:
+            connection.execute(
+                rewards.insert(),
+                [
+                    {"experiment": name, "arm": arm, "reward": reward, "created_at": now}
+                    for arm, reward in checked
+                ],
+            )
+            for arm, values in per_arm.items():
+                connection.execute(
+                    arm_totals.update()
+                    .where(arm_totals.c.experiment == name, arm_totals.c.arm == arm)
+                    .values(
+                        rewards=arm_totals.c.rewards + len(values),
+                        reward_sum=arm_totals.c.reward_sum + sum(values),
+                        reward_square_sum=arm_totals.c.reward_square_sum
+                        + sum(v * v for v in values),
+                    )
+                )
+        return len(checked)
+
+    def history(self, name: str) -> pd.DataFrame:
+        """Every reward of the experiment in the order it was stored: timestamp, arm, reward."""
+        self.experiment(name)
+        query = (
+            sa.select(rewards.c.created_at.label("timestamp"), rewards.c.arm, rewards.c.reward)
+            .where(rewards.c.experiment == name)
+            .order_by(rewards.c.id)
+        )
+        with self.engine.connect() as connection:
+            return pd.DataFrame(
+                connection.execute(query).all(), columns=["timestamp", "arm", "reward"]
+            )
+
+    def rebuild(self, name: str) -> list[ArmStats]:
+        """Recompute the reward totals from the stored rewards (impressions are counted only
+        in the totals) and return the stats."""
+        self.experiment(name)
+        sums = (
+            sa.select(
+                rewards.c.arm,
+                sa.func.count().label("n"),
+                sa.func.sum(rewards.c.reward).label("total"),
+                sa.func.sum(rewards.c.reward * rewards.c.reward).label("squares"),
+            )
+            .where(rewards.c.experiment == name)
+            .group_by(rewards.c.arm)
+        )
+        with self.engine.begin() as connection:
+            found = {row.arm: row for row in connection.execute(sums)}
+            for arm in self.experiment(name).arms:
+                row = found.get(arm)
+                connection.execute(
+                    arm_totals.update()
+                    .where(arm_totals.c.experiment == name, arm_totals.c.arm == arm)
+                    .values(
+                        rewards=row.n if row else 0,
+                        reward_sum=float(row.total) if row else 0.0,
+                        reward_square_sum=float(row.squares) if row else 0.0,
+                    )
+                )
+        return self.stats(name)
+
+    def all(self) -> list[Experiment]:
+        with self.engine.connect() as connection:
+            found = connection.execute(
+                sa.select(experiments.c.name).order_by(experiments.c.created_at)
+            ).all()
+        return [self.experiment(row.name) for row in found]
