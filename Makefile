@@ -50,6 +50,8 @@ serve: install
 bench: install
 	$(PY) -m benchmarks.trend
 	$(PY) -m benchmarks.quality
+	$(PY) -m benchmarks.revenue
+	$(PY) -m benchmarks.optimization
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -115,6 +115,75 @@ def cmd_manifests_check(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_optimize_suggest(settings: Settings, args: argparse.Namespace) -> int:
+    from training.revenue.channel_settings import load_space, suggest
+
+    _quiet_optuna()
+    space = load_space(Path(args.space)) if args.space else None
+    _print_json(suggest(settings, args.study, space))
+    return 0
+
+
+def cmd_optimize_tell(settings: Settings, args: argparse.Namespace) -> int:
+    from training.revenue.channel_settings import tell
+
+    _quiet_optuna()
+    _print_json(tell(settings, args.study, args.trial, args.value))
+    return 0
+
+
+def cmd_optimize_best(settings: Settings, args: argparse.Namespace) -> int:
+    from training.revenue.channel_settings import best
+
+    _quiet_optuna()
+    _print_json(best(settings, args.study))
+    return 0
+
+
+def cmd_experiments_list(settings: Settings, args: argparse.Namespace) -> int:
+    from training.revenue.store import RewardStore
+
+    store = RewardStore(settings.revenue_store)
+    rows = [
+        {"name": e.name, "metric": e.metric.value, "policy": e.policy.value,
+         "arms": list(e.arms), "created_at": e.created_at.isoformat()}
+        for e in store.all()
+    ]  # fmt: skip
+    if args.json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            print(f"{row['name']}\t{row['metric']}\t{row['policy']}\t{','.join(row['arms'])}")
+    return 0
+
+
+def cmd_experiments_report(settings: Settings, args: argparse.Namespace) -> int:
+    from training.revenue.report import report, report_html
+    from training.revenue.store import RewardStore
+
+    store = RewardStore(settings.revenue_store)
+    experiment = store.experiment(args.experiment)
+    summary = report(store.stats(args.experiment), experiment.metric)
+    if args.html:
+        page = report_html(store.history(args.experiment), experiment.metric, args.experiment)
+        Path(args.html).write_text(page, encoding="utf-8")
+    if args.json:
+        _print_json({"experiment": experiment.name, "metric": experiment.metric.value,
+                     "policy": experiment.policy.value, **summary})  # fmt: skip
+        return 0
+    print(f"{experiment.name}: {experiment.metric.value}, {experiment.policy.value}")
+    print("arm\timpressions\trewards\tmean [95% CI]\tP(best)\texpected loss")
+    for arm in summary["arms"]:
+        mean = "-" if arm["mean"] is None else f"{arm['mean']:.4g}"
+        interval = f"[{arm['ci_low']:.4g}, {arm['ci_high']:.4g}]"
+        print(
+            f"{arm['arm']}\t{arm['impressions']}\t{arm['rewards']}\t{mean} {interval}\t"
+            f"{arm['probability_best']:.3f}\t{arm['expected_loss']:.4g}"
+        )
+    print(summary["recommendation"])
+    return 0
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from serving.server import parse_canary, serve
 
@@ -535,6 +604,29 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--budget-minutes", type=_minutes, default=5.0)
     adapt.set_defaults(handler=cmd_niche_adapt)
 
+    optimize = commands.add_parser(
+        "optimize", help="Bayesian optimization of channel settings (GP sampler, ask/tell)"
+    )
+    optimize_commands = optimize.add_subparsers(
+        dest="action", required=True, parser_class=OneLineParser
+    )
+    optimize_suggest = optimize_commands.add_parser(
+        "suggest", help="start a trial: the channel settings to put live next"
+    )
+    optimize_suggest.add_argument("--study", required=True, help="letters, digits, - and _")
+    optimize_suggest.add_argument(
+        "--space", default=None, help="search space YAML for a new study (default: packaged)"
+    )
+    optimize_suggest.set_defaults(handler=cmd_optimize_suggest)
+    optimize_tell = optimize_commands.add_parser("tell", help="report a running trial's outcome")
+    optimize_tell.add_argument("--study", required=True)
+    optimize_tell.add_argument("--trial", type=int, required=True)
+    optimize_tell.add_argument("--value", type=float, required=True, help="e.g. the day's RPM")
+    optimize_tell.set_defaults(handler=cmd_optimize_tell)
+    optimize_best = optimize_commands.add_parser("best", help="the best finished trial")
+    optimize_best.add_argument("--study", required=True)
+    optimize_best.set_defaults(handler=cmd_optimize_best)
+
     llm = commands.add_parser("llm", help="the script model (LoRA fine-tuned causal LM)")
     llm_commands = llm.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
     llm_finetune = llm_commands.add_parser(
@@ -556,6 +648,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     llm_trainjob.add_argument("--output", default=None, help="YAML file (default: stdout)")
     llm_trainjob.set_defaults(handler=cmd_llm_trainjob)
+
+    experiments = commands.add_parser(
+        "experiments", help="RevenueOptimizer's bandit experiments (A/B/n tests)"
+    )
+    experiments_commands = experiments.add_subparsers(
+        dest="action", required=True, parser_class=OneLineParser
+    )
+    experiments_list = experiments_commands.add_parser("list", help="every experiment")
+    experiments_list.add_argument("--json", action="store_true")
+    experiments_list.set_defaults(handler=cmd_experiments_list)
+    experiments_report = experiments_commands.add_parser(
+        "report", help="per arm: mean, 95%% interval, P(best), expected loss; stop or continue"
+    )
+    experiments_report.add_argument("experiment")
+    experiments_report.add_argument("--json", action="store_true")
+    experiments_report.add_argument(
+        "--html", default=None, help="also write the page with the posteriors over time"
+    )
+    experiments_report.set_defaults(handler=cmd_experiments_report)
 
     deploy = commands.add_parser(
         "deploy", help="render the KServe InferenceService of a model from its aliases"

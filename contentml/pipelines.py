@@ -23,6 +23,7 @@ from contentml.errors import UserError
 from contentml.settings import Settings
 from pipelines.monitoring import monitoring
 from pipelines.niche import niche_automl
+from pipelines.optimization import optimization
 from pipelines.quality import quality_training
 from pipelines.script import script_finetune
 from pipelines.training import training
@@ -33,6 +34,7 @@ PIPELINES: dict[str, Callable] = {
     "niche-automl": niche_automl,
     "script-finetune": script_finetune,
     "monitoring": monitoring,
+    "optimization": optimization,
 }
 """Pipeline name (as in the KFP UI) -> pipeline function."""
 

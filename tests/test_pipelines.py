@@ -15,6 +15,7 @@ from contentml import cluster, pipelines, registry
 from contentml.pipelines import PipelineError
 from contentml.settings import Settings
 from tests.conftest import DATA_DIR, make_settings
+from training.revenue import channel_settings
 
 
 def test_compiled_yaml_is_committed_and_current(tmp_path: Path):
@@ -170,6 +171,34 @@ def test_kfp_loads_the_compiled_monitoring_pipeline():
     assert set(tasks) == {"drift-check", "retrain-trigger"}
     assert list(tasks["retrain-trigger"].dependent_tasks) == ["drift-check"]
     assert not any(task.caching_options.enable_cache for task in tasks.values())
+
+
+def test_kfp_loads_the_compiled_optimization_pipeline():
+    """Tell the day's outcomes, then publish the next settings; neither cached, as each run
+    reads the file and the studies anew."""
+    loaded = components.load_component_from_file(str(pipelines.COMPILED_DIR / "optimization.yaml"))
+    assert loaded.name == "optimization"
+    inputs = loaded.component_spec.inputs
+    assert set(inputs) == {"outcomes_path", "studies"}
+    assert inputs["studies"].default == ""
+    tasks = loaded.pipeline_spec.root.dag.tasks
+    assert set(tasks) == {"tell-outcomes", "publish-settings"}
+    assert list(tasks["publish-settings"].dependent_tasks) == ["tell-outcomes"]
+    assert not any(task.caching_options.enable_cache for task in tasks.values())
+
+
+@pytest.mark.slow
+def test_optimization_pipeline_tells_and_publishes_locally(tmp_path: Path):
+    """A trial's outcome goes in, the study's next trial comes out (kfp.local)."""
+    settings = make_settings(tmp_path / "state")
+    asked = channel_settings.suggest(settings, "main")
+    outcomes = tmp_path / "outcomes.csv"
+    pd.DataFrame({"study": ["main"], "trial": [asked["trial"]], "value": [4.0]}).to_csv(
+        outcomes, index=False
+    )
+    published = pipelines.run_local(settings, "optimization", {"outcomes_path": str(outcomes)})
+    assert list(published) == ["main"] and published["main"]["trial"] == asked["trial"] + 1
+    assert channel_settings.best(settings, "main")["value"] == 4.0
 
 
 def test_start_local_runs_the_pipeline_in_the_background_with_a_log(tmp_path: Path):
