@@ -18,7 +18,7 @@ from training.revenue.policies import (
     expected_loss,
     probability_best,
 )
-from training.revenue.report import MIN_REWARDS_PER_ARM, report, report_html
+from training.revenue.report import MIN_REWARDS, report, report_html
 from training.revenue.simulator import Simulator, WatchTimeSimulator, run_bandit
 
 RATES = {"plain": 0.04, "bold": 0.08, "question": 0.05}
@@ -215,8 +215,12 @@ def test_report_says_stop_for_a_clear_winner():
 def test_report_says_continue_for_equal_arms_and_for_too_little_data():
     equal = stats_of({"a": (20_000, 1_000.0), "b": (20_000, 1_000.0)})
     assert report(equal, Metric.CTR)["recommendation"].startswith("continue: ")
-    few = stats_of({"a": (MIN_REWARDS_PER_ARM - 1, 0.0), "b": (5_000, 2_500.0)})
+    few = stats_of({"a": (MIN_REWARDS // 2, 0.0), "b": (MIN_REWARDS // 2 - 1, 40.0)})
     assert report(few, Metric.CTR)["recommendation"].startswith("continue: not enough data")
+    # A loser the bandit starved of impressions does not hold the report back: its wide
+    # posterior is in the probability of being best.
+    starved = stats_of({"a": (5, 0.0), "b": (5_000, 2_500.0)})
+    assert report(starved, Metric.CTR)["recommendation"].startswith("stop: b is best")
 
 
 def test_report_html_plots_every_arm():

@@ -79,7 +79,10 @@ def test_the_bandit_finds_the_best_arm_and_survives_a_restart(home):
     assert final["best_arm"] == "bold"
     (bold,) = [a for a in final["arms"] if a["arm"] == "bold"]
     assert bold["probability_best"] >= 0.95
-    assert bold["ci_low"] <= RATES["bold"] <= bold["ci_high"]
+    # The bandit's draws are not seeded: a check that fails 5 % of runs (the interval missing
+    # the rate) would be a flaky test, so the estimate is held to 4 standard errors instead.
+    assert bold["ci_low"] < bold["mean"] < bold["ci_high"]
+    assert abs(bold["mean"] - RATES["bold"]) < 0.05
     assert final["recommendation"].startswith("stop")
     assert page.status_code == 200 and all(arm in page.text for arm in RATES)
 

@@ -5,10 +5,11 @@ The stop rule is Bayesian: stop when one arm is best with probability >= `STOP_P
 *and* choosing it for good costs, in expectation, less than `LOSS_TOLERANCE` of its mean (or
 `LOSS_FLOOR[metric]` when its mean is about zero). Both must hold: a high probability alone can
 come from arms that are practically equal, and a small loss alone from an experiment too young
-to tell. Before every arm has `MIN_REWARDS_PER_ARM` rewards the answer is always "continue": a
+to tell. Before the experiment has `MIN_REWARDS` rewards the answer is always "continue": a
 posterior of a few rewards is too sensitive to its prior and to early luck to act on. The
-minimum is small on purpose: a bandit gives a losing arm few impressions by design, and the
-posterior's width already says how little is known about it.
+minimum is over the whole experiment, not per arm: a bandit gives a losing arm few impressions
+by design, and that arm's wide posterior already keeps the leader's probability of being best
+down until the difference is clear.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ LOSS_FLOOR: dict[Metric, float] = {
 """Absolute expected-loss threshold, in the metric's unit: the one used when 1 % of the best
 arm's mean is smaller (a mean near zero)."""
 
-MIN_REWARDS_PER_ARM = 20
-"""Rewards every arm needs before the report may recommend stopping."""
+MIN_REWARDS = 100
+"""Rewards the experiment needs, all arms together, before the report may recommend stopping."""
 
 CREDIBLE_LEVEL = 0.95
 """Level of the reported credible intervals."""
@@ -103,13 +104,9 @@ def report(stats: Sequence[ArmStats], metric: Metric, rng_seed: int = 0) -> dict
 
 def recommendation(stats: Sequence[ArmStats], metric: Metric, best: dict) -> str:
     """`stop: ...` or `continue: ...` for the best arm's figures, by the module docstring's rule."""
-    short = [s for s in stats if s.rewards < MIN_REWARDS_PER_ARM]
-    if short:
-        fewest = min(short, key=lambda s: s.rewards)
-        return (
-            f"continue: not enough data ({fewest.arm} has {fewest.rewards} of the "
-            f"{MIN_REWARDS_PER_ARM} rewards every arm needs)"
-        )
+    total = sum(s.rewards for s in stats)
+    if total < MIN_REWARDS:
+        return f"continue: not enough data ({total} of the {MIN_REWARDS} rewards needed)"
     threshold = max(LOSS_TOLERANCE * abs(best["mean"]), LOSS_FLOOR[Metric(metric)])
     arm, p, loss = best["arm"], best["probability_best"], best["expected_loss"]
     if p >= STOP_PROBABILITY and loss < threshold:
