@@ -29,12 +29,15 @@ from contentml.settings import Settings
 from training.revenue.experiment import Metric, Policy
 from training.revenue.policies import choose
 from training.revenue.report import report, report_html
-from training.revenue.store import ExperimentError, RewardStore, UnknownExperiment
+from training.revenue.store import Experiment, ExperimentError, RewardStore, UnknownExperiment
 
 MAX_INSTANCES = 100
 MAX_REWARDS = 10_000
 MAX_BODY_BYTES = 2_000_000
 INSTANCE_KEYS = {"experiment", "arms", "metric", "policy"}
+
+Choosing = tuple[str, list[str], Metric | None, Policy | None, Experiment | None]
+"""A checked instance: experiment, arms, metric, policy, and the experiment when it exists."""
 
 
 def _enum(kind: type, value: Any, what: str):
@@ -62,7 +65,7 @@ class RevenueModel(Model):
         self.ready = True
         return self.ready
 
-    def _parse(self, payload: Any) -> list[tuple[str, list[str], Metric | None, Policy | None]]:
+    def _parse(self, payload: Any) -> list[Choosing]:
         instances = payload.get("instances") if isinstance(payload, dict) else None
         if not isinstance(instances, list) or not 1 <= len(instances) <= MAX_INSTANCES:
             raise InvalidInput(
@@ -79,19 +82,23 @@ class RevenueModel(Model):
             metric = _enum(Metric, instance.get("metric"), f"instance {index}: metric")
             policy = _enum(Policy, instance.get("policy"), f"instance {index}: policy")
             try:
-                self.store.check_request(instance["experiment"], instance["arms"], metric, policy)
+                found = self.store.check_request(
+                    instance["experiment"], instance["arms"], metric, policy
+                )
             except ExperimentError as e:
                 raise InvalidInput(f"instance {index}: {e}") from e
-            requests.append((instance["experiment"], list(instance["arms"]), metric, policy))
+            requests.append((instance["experiment"], list(instance["arms"]), metric, policy, found))
         return requests
 
     def predict(self, payload: Any, headers: dict[str, str] | None = None) -> dict:
         # Every instance is checked before any is answered: a bad one stores nothing.
         requests = self._parse(payload)
         predictions = []
-        for name, arms, metric, policy in requests:
-            experiment = self.store.ensure(name, arms, metric, policy)
-            choice = choose(self.store.stats(name), experiment.kind, experiment.policy, self.rng)
+        for name, arms, metric, policy, found in requests:
+            # Created on first use; an existing experiment was read (and checked) above.
+            experiment = found or self.store.ensure(name, arms, metric, policy)
+            stats = self.store.stats_of(experiment)
+            choice = choose(stats, experiment.kind, experiment.policy, self.rng)
             self.store.record_impression(name, choice.arm)
             predictions.append({"arm": choice.arm, "probabilities": choice.probabilities})
         return {"predictions": predictions}

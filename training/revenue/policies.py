@@ -205,6 +205,11 @@ def share_best(draws: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.bincount(argmax_random(draws, rng), minlength=draws.shape[1]) / len(draws)
 
 
+def losses(draws: np.ndarray) -> np.ndarray:
+    """Each column's mean shortfall from the row's largest value (its expected loss)."""
+    return (draws.max(axis=1, keepdims=True) - draws).mean(axis=0)
+
+
 # A policy, given the posteriors: `size` choices (column indices) and, when `samples` > 0, every
 # arm's probability of being chosen (exact, or Monte Carlo over max(size, samples) draws).
 Rule = Callable[
@@ -309,9 +314,7 @@ def expected_loss(
     """Each arm's expected loss E[max_j theta_j - theta_i]: what choosing it for good costs per
     impression, in the metric's unit, averaged over the posterior (Monte Carlo)."""
     post = posteriors(Sums.of(stats, kind), kind, prior)
-    draws = post.draw(rng, samples)
-    loss = (draws.max(axis=1, keepdims=True) - draws).mean(axis=0)
-    return dict(zip(post.arms, loss.tolist(), strict=True))
+    return dict(zip(post.arms, losses(post.draw(rng, samples)).tolist(), strict=True))
 
 
 def credible_interval(

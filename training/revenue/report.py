@@ -24,13 +24,7 @@ from plotly.colors import hex_to_rgb, qualitative
 
 from contentml.errors import UserError
 from training.revenue.experiment import METRIC_KIND, ArmStats, Metric, RewardKind
-from training.revenue.policies import (
-    NormalPrior,
-    Sums,
-    expected_loss,
-    posteriors,
-    probability_best,
-)
+from training.revenue.policies import NormalPrior, Sums, losses, posteriors, share_best
 
 STOP_PROBABILITY = 0.95
 """The best arm's posterior probability of being best needed to stop."""
@@ -75,10 +69,13 @@ def report(stats: Sequence[ArmStats], metric: Metric, rng_seed: int = 0) -> dict
     kind = METRIC_KIND[metric]
     sums = Sums.of(stats, kind)
     prior = NormalPrior.pooled(sums) if kind is RewardKind.CONTINUOUS else None
-    low, high = posteriors(sums, kind, prior).interval(CREDIBLE_LEVEL)
+    post = posteriors(sums, kind, prior)
+    low, high = post.interval(CREDIBLE_LEVEL)
     rng = np.random.default_rng(rng_seed)
-    p_best = probability_best(stats, kind, rng, SAMPLES, prior)
-    loss = expected_loss(stats, kind, rng, SAMPLES, prior)
+    # One set of joint draws serves both figures.
+    draws = post.draw(rng, SAMPLES)
+    p_best = dict(zip(sums.arms, share_best(draws, rng).tolist(), strict=True))
+    loss = dict(zip(sums.arms, losses(draws).tolist(), strict=True))
     arms = [
         {
             "arm": s.arm,

@@ -226,10 +226,13 @@ class RewardStore:
 
     def stats(self, name: str) -> list[ArmStats]:
         """Each arm's totals, in the experiment's arm order."""
-        experiment = self.experiment(name)
+        return self.stats_of(self.experiment(name))
+
+    def stats_of(self, experiment: Experiment) -> list[ArmStats]:
+        """`stats` of an experiment already read (one query fewer on the choice's path)."""
         with self.engine.connect() as connection:
             rows = connection.execute(
-                sa.select(arm_totals).where(arm_totals.c.experiment == name)
+                sa.select(arm_totals).where(arm_totals.c.experiment == experiment.name)
             ).all()
         by_arm = {
             row.arm: ArmStats(
