@@ -157,20 +157,28 @@ def test_the_record_is_in_mlflow_for_the_ui(settings):
     json.dumps(record.to_dict())  # JSON-ready for the CLI
 
 
-def test_concurrent_threads_launch_once_and_return_the_same_record(settings):
-    launch = FakeLaunch(seconds=0.5)
-    start = threading.Barrier(4)
+def concurrently(threads: int, call) -> list:
+    """`call()` in `threads` threads released together; their results."""
+    start = threading.Barrier(threads)
     results = []
 
-    def monitor():
+    def run():
         start.wait()
-        results.append(maybe_retrain(settings, "niche-music", "w1", 0.3, launch=launch))
+        results.append(call())
 
-    threads = [threading.Thread(target=monitor) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return results
+
+
+def test_concurrent_threads_launch_once_and_return_the_same_record(settings):
+    launch = FakeLaunch(seconds=0.5)
+    results = concurrently(
+        4, lambda: maybe_retrain(settings, "niche-music", "w1", 0.3, launch=launch)
+    )
     assert len(launch.calls) == 1
     assert len(results) == 4 and len({r.record_id for r in results}) == 1
     assert len(trigger_records(settings)) == 1
@@ -182,18 +190,7 @@ def test_without_a_lock_the_earliest_claim_launches(settings, monkeypatch):
     monkeypatch.setattr(retrain, "EXCLUSIVE_SCHEMES", frozenset())
     monkeypatch.setattr(retrain, "SETTLE_SECONDS", 1.0)
     launch = FakeLaunch()
-    start = threading.Barrier(3)
-    results = []
-
-    def monitor():
-        start.wait()
-        results.append(maybe_retrain(settings, "trend", "w1", 0.3, launch=launch))
-
-    threads = [threading.Thread(target=monitor) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = concurrently(3, lambda: maybe_retrain(settings, "trend", "w1", 0.3, launch=launch))
     assert len(launch.calls) == 1
     (record,) = trigger_records(settings)  # the losers deleted their claims
     assert {r.record_id for r in results} == {record.record_id}
