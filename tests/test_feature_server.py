@@ -23,15 +23,12 @@ from feast import FeatureStore
 
 from contentml.demo import free_port
 from contentml.features import (
-    apply_definitions,
-    feature_store,
-    materialize,
     online_history,
-    write_sources,
 )
 from contentml.settings import Settings
 from feature_repo.feature_services import niche_engagement_v1, trend_serving_v1
 from tests.conftest import DATA_DIR, make_settings, run_cli
+from tests.test_features import feature_step
 from training.data import load_m4_hourly, load_youtube_trending
 from training.niche.data import CHANNEL_HISTORY, channel_history_frame
 
@@ -54,11 +51,7 @@ def published(
     """The training pipeline's feature step on a small slice of the real data."""
     root = tmp_path_factory.mktemp("feature-server")
     settings = make_settings(root / "home", CONTENTML_FEAST_DATA_DIR=str(root / "offline"))
-    series = load_m4_hourly(M4_PATH, limit=len(SERIES_IDS))
-    store = feature_store(settings)
-    write_sources(settings, series, videos)
-    apply_definitions(store)
-    materialize(store, series["event_timestamp"].max())
+    store = feature_step(settings, load_m4_hourly(M4_PATH, limit=len(SERIES_IDS)), videos)
     yield settings, store
     store.teardown()
 

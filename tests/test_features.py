@@ -56,7 +56,7 @@ def _settings(root: Path, **env: str) -> Settings:
     return make_settings(root / "home", CONTENTML_FEAST_DATA_DIR=str(root / "offline"), **env)
 
 
-def _feature_step(settings: Settings, series: pd.DataFrame, videos: pd.DataFrame) -> FeatureStore:
+def feature_step(settings: Settings, series: pd.DataFrame, videos: pd.DataFrame) -> FeatureStore:
     store = feature_store(settings)
     write_sources(settings, series, videos)
     apply_definitions(store)
@@ -82,7 +82,7 @@ def local(
     tmp_path_factory: pytest.TempPathFactory, series: pd.DataFrame, videos: pd.DataFrame
 ) -> Iterator[tuple[Settings, FeatureStore]]:
     settings = _settings(tmp_path_factory.mktemp("feast"))
-    store = _feature_step(settings, series, videos)
+    store = feature_step(settings, series, videos)
     yield settings, store
     store.teardown()
 
@@ -187,7 +187,7 @@ def test_training_rows_never_see_the_future(
     poisoned = series.copy()
     future = poisoned["event_timestamp"] > cutoff
     poisoned.loc[future, "interest"] = 1e9
-    store = _feature_step(_settings(tmp_path), poisoned, videos)
+    store = feature_step(_settings(tmp_path), poisoned, videos)
     start = series["event_timestamp"].min() - 2 * HOUR
     again = trend_training_frame(store, SERIES_IDS, start, SERIES_END)
 
@@ -252,7 +252,7 @@ def test_second_run_changes_nothing(
     videos: pd.DataFrame,
 ) -> None:
     settings, _ = local
-    store = _feature_step(settings, series, videos)
+    store = feature_step(settings, series, videos)
     assert online_history(store, ["H1"])["H1"] == _expected_history(series, "H1")
     start = series["event_timestamp"].min() - 2 * HOUR
     pd.testing.assert_frame_equal(
