@@ -318,8 +318,18 @@ def deploy_manifest(
     `canary_percent` % of the traffic (0: no canary), shaped as `overlay`'s (default: the
     base manifests). Without `namespace`, the overlay's, else `kubectl apply -n` decides."""
     _, mode = _check_request(model, canary_percent, mode, namespace)
-    shape = template(model, overlay)
-    champion, challenger = releases(settings, model, canary=canary_percent > 0)
+    return _from_aliases(settings, template(model, overlay), canary_percent, mode, namespace)
+
+
+def _from_aliases(
+    settings: Settings,
+    shape: dict[str, Any],
+    canary_percent: int,
+    mode: Mode,
+    namespace: str | None,
+) -> dict[str, Any]:
+    """`shape` serving the versions the aliases name now."""
+    champion, challenger = releases(settings, shape["metadata"]["name"], canary_percent > 0)
     return render(shape, champion, challenger, canary_percent, mode, namespace)
 
 
@@ -332,12 +342,12 @@ def promote(
     overlay: str | None = None,
 ) -> tuple[AliasEvent, dict[str, Any]]:
     """Make the challenger the champion; the manifest that follows serves it alone."""
-    target, _ = _check_request(model, 0, mode, namespace)
-    template(model, overlay)  # a bad overlay fails before the alias moves
+    target, mode = _check_request(model, 0, mode, namespace)
+    shape = template(model, overlay)  # a bad overlay fails before the alias moves
     _, challenger = releases(settings, model, canary=True)
     client = registry.connect(settings)
     event = registry.promote(client, target.registered_model, challenger.version, reason=reason)
-    return event, deploy_manifest(settings, model, 0, mode, namespace, overlay)
+    return event, _from_aliases(settings, shape, 0, mode, namespace)
 
 
 def rollback(
@@ -349,8 +359,8 @@ def rollback(
     overlay: str | None = None,
 ) -> tuple[AliasEvent, dict[str, Any]]:
     """Point the champion back at the previous one; the manifest that follows serves it."""
-    target, _ = _check_request(model, 0, mode, namespace)
-    template(model, overlay)
+    target, mode = _check_request(model, 0, mode, namespace)
+    shape = template(model, overlay)  # a bad overlay fails before the alias moves
     client = registry.connect(settings)
     event = registry.rollback(client, target.registered_model, reason=reason)
-    return event, deploy_manifest(settings, model, 0, mode, namespace, overlay)
+    return event, _from_aliases(settings, shape, 0, mode, namespace)
