@@ -248,16 +248,20 @@ def schedule(
 
         client = kfp.Client(host=settings.kfp_host)
     experiment_id = client.create_experiment(experiment).experiment_id
-    wanted = {run.name for run in runs}
     listing = client.list_recurring_runs(experiment_id=experiment_id, page_size=200)
-    for existing in listing.recurring_runs or []:
-        if existing.display_name in wanted:
-            client.delete_recurring_run(existing.recurring_run_id)
+    existing: dict[str, list[str]] = {}
+    for found in listing.recurring_runs or []:
+        existing.setdefault(found.display_name, []).append(found.recurring_run_id)
     scheduled = {}
     with tempfile.TemporaryDirectory() as folder:
+        # Every package compiles (once per pipeline) before any recurring run is replaced.
+        packages = {}
+        for name in dict.fromkeys(run.pipeline for run in runs):
+            packages[name] = Path(folder) / f"{name}.yaml"
+            compiler.Compiler().compile(pipeline(name), str(packages[name]))
         for run in runs:
-            package = Path(folder) / f"{run.pipeline}.yaml"
-            compiler.Compiler().compile(pipeline(run.pipeline), str(package))
+            for old in existing.get(run.name, []):
+                client.delete_recurring_run(old)
             created = client.create_recurring_run(
                 experiment_id=experiment_id,
                 job_name=run.name,
@@ -266,7 +270,7 @@ def schedule(
                 max_concurrency=1,
                 no_catchup=True,
                 params=run.params,
-                pipeline_package_path=str(package),
+                pipeline_package_path=str(packages[run.pipeline]),
                 enable_caching=False,
                 service_account=cluster.SERVICE_ACCOUNT,
             )
