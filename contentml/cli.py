@@ -143,12 +143,7 @@ def cmd_optimize_best(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_experiments_list(settings: Settings, args: argparse.Namespace) -> int:
     from training.revenue.store import RewardStore
 
-    store = RewardStore(settings.revenue_store)
-    rows = [
-        {"name": e.name, "metric": e.metric.value, "policy": e.policy.value,
-         "arms": list(e.arms), "created_at": e.created_at.isoformat()}
-        for e in store.all()
-    ]  # fmt: skip
+    rows = [e.to_dict() for e in RewardStore(settings.revenue_store).all()]
     if args.json:
         _print_json(rows)
     else:
@@ -158,20 +153,18 @@ def cmd_experiments_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_experiments_report(settings: Settings, args: argparse.Namespace) -> int:
-    from training.revenue.report import report, report_html
+    from training.revenue.report import experiment_report, report_html
     from training.revenue.store import RewardStore
 
     store = RewardStore(settings.revenue_store)
-    experiment = store.experiment(args.experiment)
-    summary = report(store.stats(args.experiment), experiment.metric)
+    summary = experiment_report(store, args.experiment)
     if args.html:
-        page = report_html(store.history(args.experiment), experiment.metric, args.experiment)
+        page = report_html(store.history(args.experiment), summary["metric"], args.experiment)
         Path(args.html).write_text(page, encoding="utf-8")
     if args.json:
-        _print_json({"experiment": experiment.name, "metric": experiment.metric.value,
-                     "policy": experiment.policy.value, **summary})  # fmt: skip
+        _print_json(summary)
         return 0
-    print(f"{experiment.name}: {experiment.metric.value}, {experiment.policy.value}")
+    print(f"{summary['experiment']}: {summary['metric']}, {summary['policy']}")
     print("arm\timpressions\trewards\tmean [95% CI]\tP(best)\texpected loss")
     for arm in summary["arms"]:
         mean = "-" if arm["mean"] is None else f"{arm['mean']:.4g}"

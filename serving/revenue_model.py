@@ -28,7 +28,7 @@ from kserve.errors import InvalidInput
 from contentml.settings import Settings
 from training.revenue.experiment import Metric, Policy
 from training.revenue.policies import choose
-from training.revenue.report import report, report_html
+from training.revenue.report import experiment_report, report_html
 from training.revenue.store import Experiment, ExperimentError, RewardStore, UnknownExperiment
 
 MAX_INSTANCES = 100
@@ -137,16 +137,11 @@ def revenue_router(model: RevenueModel) -> APIRouter:
             return _error(400, f"body is not JSON: {e}")
         return JSONResponse({"experiment": name, "stored": stored})
 
-    def _report(name: str) -> tuple[Any, dict]:
-        experiment = model.store.experiment(name)
-        return experiment, report(model.store.stats(name), experiment.metric)
-
     async def get_report(name: str) -> JSONResponse:
         try:
-            experiment, summary = _report(name)
+            return JSONResponse(experiment_report(model.store, name))
         except UnknownExperiment as e:
             return _error(404, str(e))
-        return JSONResponse({"experiment": name, "policy": experiment.policy.value, **summary})
 
     async def get_report_html(name: str):
         try:
@@ -157,15 +152,7 @@ def revenue_router(model: RevenueModel) -> APIRouter:
         return HTMLResponse(page)
 
     async def listing() -> JSONResponse:
-        return JSONResponse(
-            {
-                "experiments": [
-                    {"name": e.name, "metric": e.metric.value, "policy": e.policy.value,
-                     "arms": list(e.arms), "created_at": e.created_at.isoformat()}
-                    for e in model.store.all()
-                ]
-            }
-        )  # fmt: skip
+        return JSONResponse({"experiments": [e.to_dict() for e in model.store.all()]})
 
     router = APIRouter(prefix="/v1/experiments", tags=["RevenueOptimizer"])
     router.add_api_route("", listing, methods=["GET"])

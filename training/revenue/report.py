@@ -25,6 +25,7 @@ from plotly.colors import hex_to_rgb, qualitative
 from contentml.errors import UserError
 from training.revenue.experiment import METRIC_KIND, ArmStats, Metric, RewardKind
 from training.revenue.policies import NormalPrior, Sums, losses, posteriors, share_best
+from training.revenue.store import RewardStore
 
 STOP_PROBABILITY = 0.95
 """The best arm's posterior probability of being best needed to stop."""
@@ -97,6 +98,14 @@ def report(stats: Sequence[ArmStats], metric: Metric, rng_seed: int = 0) -> dict
         "best_arm": best["arm"],
         "recommendation": recommendation(stats, metric, best),
     }
+
+
+def experiment_report(store: RewardStore, name: str) -> dict:
+    """`report` of the stored experiment `name`, with its name and policy: what
+    `contentml experiments report --json` prints and `GET /v1/experiments/{name}` answers."""
+    experiment = store.experiment(name)
+    summary = report(store.stats_of(experiment), experiment.metric)
+    return {"experiment": experiment.name, "policy": experiment.policy.value, **summary}
 
 
 def recommendation(stats: Sequence[ArmStats], metric: Metric, best: dict) -> str:

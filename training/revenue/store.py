@@ -83,6 +83,23 @@ class Experiment:
     def kind(self) -> RewardKind:
         return METRIC_KIND[self.metric]
 
+    def to_dict(self) -> dict:
+        """JSON-ready, as `contentml experiments list` and `GET /v1/experiments` give it."""
+        return {
+            "name": self.name,
+            "metric": self.metric.value,
+            "policy": self.policy.value,
+            "arms": list(self.arms),
+            "created_at": self.created_at.isoformat(),
+        }
+
+    @classmethod
+    def from_row(cls, row: sa.Row) -> Experiment:
+        return cls(
+            row.name, Metric(row.metric), Policy(row.policy), tuple(json.loads(row.arms)),
+            row.created_at,
+        )  # fmt: skip
+
 
 def check_name(what: str, name: object) -> str:
     if not (isinstance(name, str) and len(name) <= MAX_NAME and _NAME.fullmatch(name)):
@@ -153,10 +170,7 @@ class RewardStore:
             ).one_or_none()
         if row is None:
             raise UnknownExperiment(f"no experiment {name!r}")
-        return Experiment(
-            row.name, Metric(row.metric), Policy(row.policy), tuple(json.loads(row.arms)),
-            row.created_at,
-        )  # fmt: skip
+        return Experiment.from_row(row)
 
     def ensure(
         self,
@@ -326,7 +340,5 @@ class RewardStore:
 
     def all(self) -> list[Experiment]:
         with self.engine.connect() as connection:
-            found = connection.execute(
-                sa.select(experiments.c.name).order_by(experiments.c.created_at)
-            ).all()
-        return [self.experiment(row.name) for row in found]
+            rows = connection.execute(sa.select(experiments).order_by(experiments.c.created_at))
+            return [Experiment.from_row(row) for row in rows]
