@@ -23,7 +23,7 @@ from serving.script_model import ScriptModel, openai_router
 from serving.trend_model import TrendModel
 from serving.versions import ServingOptions, VersionedModel, VersionWatcher
 
-PREDICTORS: dict[str, type[VersionedModel] | type[NicheRouter]] = {
+PREDICTORS: dict[str, type[VersionedModel] | type[NicheRouter] | type[RevenueModel]] = {
     "trend": TrendModel,
     "quality": QualityModel,
     "niche": NicheRouter,
