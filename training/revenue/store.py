@@ -16,12 +16,12 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from contentml.db import open_database
 from contentml.errors import UserError
 from training.revenue.experiment import METRIC_KIND, ArmStats, Metric, Policy, RewardKind
 
@@ -138,27 +138,11 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _sqlite_pragmas(connection, _record) -> None:
-    # Several server processes may share the file: wait for a writer instead of failing.
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
-
-
 class RewardStore:
     """Experiments, their rewards and running totals, in the database at `url`."""
 
     def __init__(self, url: str):
-        if url.startswith("postgresql://"):  # psycopg 3, not SQLAlchemy's default psycopg2
-            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-        self.engine = sa.create_engine(url, pool_pre_ping=True)
-        if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-            if self.engine.url.database not in (None, "", ":memory:"):
-                # SQLite creates the database file, not its folder.
-                Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
-        metadata.create_all(self.engine)
+        self.engine = open_database(url, metadata)
 
     def close(self) -> None:
         self.engine.dispose()
