@@ -121,6 +121,19 @@ class Settings:
     """Wall-clock limit of one generation on the served `script` model; the text so far is
     returned with `finish_reason: "length"` when it is reached."""
 
+    backend_store: str = field(metadata=_env("CONTENTML_BACKEND_STORE"))
+    """Database of the backend's batch jobs (items, results, dead letters) and of its cost
+    ledger (`serving/batch.py`, `serving/costs.py`): SQLite locally, `postgresql://` in the
+    cluster, shared by the API and the batch workers."""
+
+    batch_queue: str = field(metadata=_env("CONTENTML_BATCH_QUEUE"))
+    """The batch workers' task queue (huey): `sqlite:///<file>` locally, `redis://host:port/db`
+    in the cluster."""
+
+    compute_usd_per_hour: float = field(metadata=_env("CONTENTML_COMPUTE_USD_PER_HOUR"))
+    """Price of one hour of a serving or worker process's compute, charged to each call and
+    batch job by the seconds it took (`contentml costs`)."""
+
     def __post_init__(self) -> None:
         if self.feast_online_store not in ("sqlite", "redis"):
             raise SettingsError(
@@ -134,6 +147,8 @@ class Settings:
             "serving_url",
             "prediction_log",
             "revenue_store",
+            "backend_store",
+            "batch_queue",
         ):
             if not getattr(self, name):
                 raise SettingsError(f"setting {name} must not be empty")
@@ -141,6 +156,15 @@ class Settings:
         for name in ("script_max_tokens", "script_timeout_seconds", "serving_poll_seconds"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"setting {name} must be positive, not {getattr(self, name)}")
+        if not self.compute_usd_per_hour >= 0:
+            raise SettingsError(
+                f"setting compute_usd_per_hour must be >= 0, not {self.compute_usd_per_hour}"
+            )
+        if not self.batch_queue.startswith(("sqlite:///", "redis://", "rediss://")):
+            raise SettingsError(
+                "CONTENTML_BATCH_QUEUE must be sqlite:///<file> or redis://host:port/db, "
+                f"not {self.batch_queue!r}"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -174,6 +198,10 @@ class Settings:
             "pinned_versions": "",
             "pushgateway_url": "",
             "revenue_store": f"sqlite:///{home / 'revenue.db'}",
+            "backend_store": f"sqlite:///{home / 'backend.db'}",
+            "batch_queue": f"sqlite:///{home / 'batch-queue.db'}",
+            # A 2-vCPU on-demand instance's price per hour, about what one replica costs.
+            "compute_usd_per_hour": 0.10,
         }
         values = {}
         for f in dataclasses.fields(cls):

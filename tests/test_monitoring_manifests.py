@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 
 import serving.versions  # noqa: F401  (registers the serving metrics)
 from monitoring.performance import PERFORMANCE_DROP
+from serving.costs import COST_METRICS
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests" / "monitoring"
 SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
@@ -18,6 +19,7 @@ SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
 
 def exported() -> set[str]:
     names = {PERFORMANCE_DROP}  # pushed by the monitoring pipeline, not scraped
+    names.update(COST_METRICS)  # registered by the server with its ledger (tests/test_costs.py)
     for family in REGISTRY.collect():
         names.add(family.name)
         names.update(family.name + suffix for suffix in SUFFIXES)
@@ -36,11 +38,13 @@ def test_alert_rules_use_exported_metrics():
         "ContentmlErrorRateHigh",
         "ContentmlLatencyUp20Percent",
         "ContentmlAccuracyDown5Percent",
+        "ContentmlCostPerVideoOverBudget",
     } <= set(alerts)
     assert "> 0.05" in alerts["ContentmlAccuracyDown5Percent"]["expr"]
     assert "> 0.01" in alerts["ContentmlErrorRateHigh"]["expr"]
     assert "1.2 *" in alerts["ContentmlLatencyUp20Percent"]["expr"]
     assert alerts["ContentmlLatencyUp20Percent"]["for"] == "1h"
+    assert ">= 10" in alerts["ContentmlCostPerVideoOverBudget"]["expr"]
     used = set().union(*(metric_names(rule["expr"]) for rule in group["rules"]))
     assert used and used <= exported(), used - exported()
 
