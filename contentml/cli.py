@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -181,7 +182,137 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from serving.server import parse_canary, serve
 
     names = args.models.split(",") if args.models else None
-    serve(settings, args.port, args.grpc_port, names, canary=parse_canary(args.canary))
+    serve(
+        settings,
+        args.port,
+        args.grpc_port,
+        names,
+        canary=parse_canary(args.canary),
+        workers=args.workers,
+    )
+    return 0
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.server import serve_api
+
+    serve_api(settings, args.port)
+    return 0
+
+
+def _batch_items(path: str) -> list:
+    """The items of a job file: a JSON list of items, or an object with `items`."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+    except ValueError as e:
+        raise UserError(f"{path} is not JSON: {e}") from e
+    items = raw.get("items") if isinstance(raw, dict) else raw
+    if not isinstance(items, list):
+        raise UserError(f"{path} must hold a JSON list of items or an object with `items`")
+    return items
+
+
+def cmd_batch_submit(settings: Settings, args: argparse.Namespace) -> int:
+    import pydantic
+
+    from serving.batch import BatchQueue, BatchRequest
+    from serving.tasks import Task
+
+    try:
+        request = BatchRequest(
+            items=_batch_items(args.file), priority=args.priority, channel=args.channel
+        )
+    except pydantic.ValidationError as e:
+        raise UserError(f"{args.file}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from e
+    queue = BatchQueue(settings)
+    try:
+        _print_json(queue.submit(Task(args.task), request).model_dump(mode="json"))
+    finally:
+        queue.close()
+    return 0
+
+
+def cmd_batch_status(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.batch import JobStore
+
+    store = JobStore(settings.backend_store)
+    try:
+        _print_json(store.report(args.job_id).model_dump(mode="json"))
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_batch_results(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.batch import JobStore
+
+    store = JobStore(settings.backend_store)
+    try:
+        _print_json([r.model_dump(mode="json") for r in store.results(args.job_id)])
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_batch_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.server import work
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    work(settings, args.threads)
+    return 0
+
+
+def cmd_batch_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.batch import JobStore
+
+    store = JobStore(settings.backend_store)
+    try:
+        letters = store.dead_letters(args.job)
+    finally:
+        store.close()
+    if args.json:
+        _print_json([letter.model_dump(mode="json") for letter in letters])
+    else:
+        for letter in letters:
+            print(f"{letter.job_id}  {letter.id}  {letter.error}")
+    return 0
+
+
+def cmd_batch_dlq_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.batch import BatchQueue
+
+    if args.id and not args.job:
+        raise UserError("--id needs --job: item ids are unique within a job")
+    queue = BatchQueue(settings)
+    try:
+        count = queue.retry_dead_letters(args.job, args.id)
+    finally:
+        queue.close()
+    _print_json({"requeued": count})
+    return 0
+
+
+def cmd_costs(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.costs import CostLedger
+
+    ledger = CostLedger.from_settings(settings)
+    try:
+        days = ledger.summary(channel=args.channel, since=args.since, until=args.until)
+        alert = ledger.alert()
+    finally:
+        ledger.close()
+    if args.json:
+        _print_json({"days": days, "alert": alert})
+        return 0
+    for day in days:
+        per_video = "" if day["usd_per_video"] is None else f", ${day['usd_per_video']:.4f}/video"
+        print(
+            f"{day['day']}  {day['channel']}: ${day['usd']:.4f} ({day['calls']} calls{per_video})"
+        )
+    if alert["firing"]:
+        print(f"ALERT: {alert['streak']} videos in a row cost more than ${alert['budget_usd']:.2f}")
     return 0
 
 
@@ -420,6 +551,24 @@ def _minutes(text: str) -> float:
     return value
 
 
+def _date(text: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
+
+
+def _count(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -517,7 +666,57 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL=PERCENT",
         help="send PERCENT %% of MODEL's requests to its challenger (repeatable)",
     )
+    serve.add_argument(
+        "--workers",
+        type=_count,
+        default=1,
+        help="batch workers to start beside the server (with every model served; 0: none)",
+    )
     serve.set_defaults(handler=cmd_serve)
+
+    api = commands.add_parser(
+        "api", help="the backend API alone: /generate/script, /batch (the cluster's API pods)"
+    )
+    api.add_argument("--port", type=_port, default=8080)
+    api.set_defaults(handler=cmd_api)
+
+    batch = commands.add_parser("batch", help="batch jobs: submit, follow, work, dead letters")
+    batch_commands = batch.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
+    tasks = ("trend", "quality", "script")
+    batch_submit = batch_commands.add_parser("submit", help="queue a job; prints its id")
+    batch_submit.add_argument("task", choices=tasks)
+    batch_submit.add_argument("file", help="JSON: a list of items, or an object with `items`")
+    batch_submit.add_argument("--priority", choices=("bulk", "urgent"), default="bulk")
+    batch_submit.add_argument("--channel", default=None, help="channel the cost is booked to")
+    batch_submit.set_defaults(handler=cmd_batch_submit)
+    batch_status = batch_commands.add_parser("status", help="a job's status and counts (JSON)")
+    batch_status.add_argument("job_id")
+    batch_status.set_defaults(handler=cmd_batch_status)
+    batch_results = batch_commands.add_parser("results", help="a job's results (JSON)")
+    batch_results.add_argument("job_id")
+    batch_results.set_defaults(handler=cmd_batch_results)
+    batch_worker = batch_commands.add_parser("worker", help="answer queued chunks until stopped")
+    batch_worker.add_argument("--threads", type=_positive, default=1)
+    batch_worker.set_defaults(handler=cmd_batch_worker)
+    dlq = batch_commands.add_parser("dlq", help="the dead-letter queue")
+    dlq_commands = dlq.add_subparsers(dest="dlq_action", required=True, parser_class=OneLineParser)
+    dlq_list = dlq_commands.add_parser("list", help="dead-lettered items with their errors")
+    dlq_list.add_argument("--job", default=None, help="only this job's items")
+    dlq_list.add_argument("--json", action="store_true")
+    dlq_list.set_defaults(handler=cmd_batch_dlq_list)
+    dlq_retry = dlq_commands.add_parser("retry", help="queue dead-lettered items again")
+    dlq_retry.add_argument("--job", default=None, help="only this job's items (default: all)")
+    dlq_retry.add_argument("--id", action="append", default=[], help="only this item (repeatable)")
+    dlq_retry.set_defaults(handler=cmd_batch_dlq_retry)
+
+    costs = commands.add_parser(
+        "costs", help="what scripts and batch jobs cost, per channel and day"
+    )
+    costs.add_argument("--channel", default=None)
+    costs.add_argument("--since", type=_date, default=None, help="first day, YYYY-MM-DD")
+    costs.add_argument("--until", type=_date, default=None, help="last day, YYYY-MM-DD")
+    costs.add_argument("--json", action="store_true")
+    costs.set_defaults(handler=cmd_costs)
 
     models = commands.add_parser("models", help="registered models")
     models_commands = models.add_subparsers(

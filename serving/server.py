@@ -1,11 +1,25 @@
-"""One KServe ModelServer process hosting every model that has a champion, following the
-registry: a promotion or rollback is served within seconds, without a restart."""
+"""The serving processes:
+- `serve`: one KServe ModelServer hosting every model that has a champion, following the
+  registry (a promotion or rollback is served within seconds, without a restart), with each
+  served model's task route (`/predict/trend`, `/score/quality`). Serving every model (no
+  `names`: a laptop, CI) it is the backend API too: `/generate/script`, `/batch/...`, and the
+  batch workers as child processes.
+- `serve_api`: the backend API alone (the cluster's `contentml-api` Deployment).
+- `work`: one batch worker (`contentml batch worker`), answering queued chunks with the models
+  loaded in-process.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
+import uvicorn
+from fastapi import FastAPI
 from kserve import ModelServer
 from kserve.model import BaseKServeModel
 from kserve.model_server import app
@@ -13,13 +27,16 @@ from kserve.model_server import app
 from contentml.errors import UserError
 from contentml.registry import RegistryError
 from contentml.settings import Settings
+from serving.batch import BatchQueue, Heartbeat, batch_router
 from serving.cache import CacheConfig
 from serving.channels import channels_router
+from serving.costs import CostLedger, register_cost_metrics
 from serving.niche_model import NicheRouter
 from serving.prediction_log import PredictionLog, open_prediction_log
 from serving.quality_model import QualityModel
 from serving.revenue_model import RevenueModel, revenue_router
 from serving.script_model import ScriptModel, openai_router
+from serving.tasks import TASKS, Task, TaskAnswerer, tasks_router
 from serving.trend_model import TrendModel
 from serving.versions import ServingOptions, VersionedModel, VersionWatcher
 
@@ -94,6 +111,13 @@ def load_models(
     return models
 
 
+WORKER_NICENESS = 5
+"""Batch workers started by `serve` yield the CPU to the server's own requests."""
+
+WORKER_SHUTDOWN_SECONDS = 50.0
+"""A stopping worker finishes its chunk this long, within Kubernetes' 60 s grace period."""
+
+
 def serve(
     settings: Settings,
     port: int,
@@ -101,11 +125,13 @@ def serve(
     names: list[str] | None = None,
     *,
     canary: Mapping[str, int] | None = None,
+    workers: int = 1,
 ) -> None:
-    """Serve V1, V2 (Open Inference Protocol), OpenAI, `/v1/channels`, health and /metrics on
-    `port` until stopped, reading the aliases every `settings.serving_poll_seconds` and
-    swapping to the versions they name. Answered instances go to the prediction log
-    (`settings.prediction_log`), written out when the server stops."""
+    """Serve V1, V2 (Open Inference Protocol), OpenAI, the task routes, `/v1/channels`, health
+    and /metrics on `port` until stopped, reading the aliases every
+    `settings.serving_poll_seconds` and swapping to the versions they name. Answered instances
+    go to the prediction log (`settings.prediction_log`), written out when the server stops.
+    Without `names` (every model) it is the backend API too, with `workers` batch workers."""
     cache = CacheConfig(settings.prediction_cache)
     prediction_log = open_prediction_log(settings)
     models = load_models(settings, names, canary, cache, prediction_log)
@@ -118,6 +144,17 @@ def serve(
     for model in models:
         if isinstance(model, RevenueModel):
             app.include_router(revenue_router(model))
+    is_api = names is None
+    ledger = CostLedger.from_settings(settings) if is_api else None
+    answerer = TaskAnswerer(settings, models, ledger)
+    served = {m.name for m in models}
+    tasks = [t for t in Task if TASKS[t].model in served or (is_api and t is Task.SCRIPT)]
+    app.include_router(tasks_router(answerer, tasks))
+    queue = None
+    if ledger is not None:
+        queue = BatchQueue(settings, ledger=ledger)
+        app.include_router(batch_router(queue))
+        register_cost_metrics(ledger)
     watcher = VersionWatcher(
         settings,
         [m for m in models if isinstance(m, VersionedModel)],
@@ -127,8 +164,94 @@ def serve(
         http_port=port, grpc_port=grpc_port or 0, enable_grpc=grpc_port is not None, workers=1
     )
     try:
-        server.start(models)
+        with batch_workers(settings, workers if queue is not None else 0):
+            server.start(models)
     finally:
         watcher.stop()
+        answerer.close()
+        if queue is not None:
+            queue.close()
         if prediction_log is not None:
             prediction_log.close()
+
+
+@contextmanager
+def batch_workers(settings: Settings, count: int) -> Iterator[None]:
+    """`count` `contentml batch worker` child processes while the block runs."""
+    command = [sys.executable, "-m", "contentml.cli", "batch", "worker"]
+    children = [
+        subprocess.Popen(
+            command,
+            env={**os.environ, **settings.to_env()},
+            preexec_fn=lambda: os.nice(WORKER_NICENESS),
+        )
+        for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for child in children:
+            child.terminate()  # SIGTERM: the worker finishes its chunk, then exits
+        for child in children:
+            try:
+                child.wait(timeout=WORKER_SHUTDOWN_SECONDS + 5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def serve_api(settings: Settings, port: int) -> None:
+    """The backend API without models (the cluster's `contentml-api`): `/generate/script`
+    through the provider chain, batch jobs, health, the OpenAPI schema and /metrics."""
+    from prometheus_client import make_asgi_app
+
+    ledger = CostLedger.from_settings(settings)
+    answerer = TaskAnswerer(settings, [], ledger)
+    queue = BatchQueue(settings, ledger=ledger)
+    register_cost_metrics(ledger)
+    api = FastAPI(title="contentml backend API")
+    api.include_router(tasks_router(answerer, [Task.SCRIPT]))
+    api.include_router(batch_router(queue))
+    api.add_api_route("/v2/health/live", lambda: {"live": True}, methods=["GET"])
+    api.add_api_route("/v2/health/ready", lambda: {"ready": True}, methods=["GET"])
+    api.mount("/metrics", make_asgi_app())
+    try:
+        uvicorn.run(api, host="0.0.0.0", port=port)  # noqa: S104 (a pod's port)
+    finally:
+        answerer.close()
+        queue.close()
+
+
+def work(settings: Settings, threads: int) -> None:
+    """One batch worker until SIGTERM (finishes the chunks in hand) or SIGINT: huey's consumer
+    with `threads` threads, the trend and quality champions loaded here, following the
+    registry like the server."""
+    models: list[BaseKServeModel] = []
+    try:
+        models = load_models(settings, ["trend", "quality"], cache=CacheConfig("off"))
+    except NothingToServe:
+        logger.warning("no trend or quality champion: trend items get fallback forecasts")
+    ledger = CostLedger.from_settings(settings)
+    answerer = TaskAnswerer(settings, models, ledger)
+    queue = BatchQueue(settings, answerer=answerer, ledger=ledger)
+    watcher = VersionWatcher(
+        settings,
+        [m for m in models if isinstance(m, VersionedModel)],
+        settings.serving_poll_seconds,
+    ).start()
+    heartbeat = Heartbeat(queue)
+    heartbeat.start()
+    consumer = queue.huey.create_consumer(
+        workers=threads,
+        periodic=False,
+        graceful_signal="TERM",
+        shutdown_timeout=WORKER_SHUTDOWN_SECONDS,
+    )
+    logger.info("batch worker %s: %d threads on %s", queue.worker, threads, settings.batch_queue)
+    try:
+        consumer.run()
+    finally:
+        heartbeat.stop()
+        watcher.stop()
+        answerer.close()
+        queue.close()
+        ledger.close()

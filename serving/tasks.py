@@ -1,0 +1,440 @@
+"""The backend's task routes: plain JSON for services that do not speak KServe's V1/V2, one
+route per task, each answered within its SLA (the backend team's contract):
+
+    POST /predict/trend    5 s   {"history": [hourly floats], "horizon": 48, "topic": "id"}
+                                 -> {"forecast": [...], "model_version", "fallback": false, ...}
+    POST /score/quality    2 s   {"text": "..."}
+                                 -> {"score", "decision": "pass|review|reject", "reasons",
+                                     "model_version"}
+    POST /generate/script 30 s   {"topic": "...", "persona": "...", "channel": "optional"}
+                                 -> {"script", "provider", "cost_usd", ...}
+
+A route maps its body onto the predictor that serves the model in this process (the same
+`predict()` as `/v1/models/<name>:predict`, so the prediction cache, the log and the metrics see
+it), or for scripts onto the ContentStrategist's provider chain. `TaskAnswerer.answer` takes a
+list of bodies: the batch workers (`serving/batch.py`) answer a chunk of items with it.
+
+SLAs are enforced here: the answer runs in a thread and the route stops waiting at the SLA.
+- trend: a forecast that is late or fails (or no trend model served) is replaced by the cached
+  forecast of the same request, else the seasonal-naive one, marked `"fallback": true`.
+- quality: late is 504 with a body saying so; no model is 503.
+- script: the chain already falls back from provider to provider; a chain that is late is 504,
+  one whose every provider failed is 503 with each provider's reason.
+Bodies are validated by their pydantic models (422 naming the field; FastAPI's `detail` list);
+bodies larger than `MAX_BODY_BYTES` are 413 (FastAPI's `max_body_size`). The OpenAPI schema at
+`/openapi.json` describes every route and body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from http import HTTPStatus
+from typing import Any
+
+import numpy as np
+import pydantic
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from kserve.errors import InvalidInput
+from kserve.model import BaseKServeModel
+
+from contentml.errors import UserError
+from contentml.settings import Settings
+from serving.client import ClientError, ContentMLClientError
+from serving.costs import CostEntry, CostLedger, compute_cost
+from serving.quality_model import MAX_TEXT_CHARS
+from serving.strategist import AllProvidersFailed, ContentStrategist
+from training.quality.policy import TextKind
+from training.trend.metrics import direction, seasonal_naive
+from training.trend.model import MAX_HISTORY, MAX_HORIZON, MIN_HISTORY
+
+logger = logging.getLogger(__name__)
+
+UNASSIGNED_CHANNEL = "unassigned"
+"""The channel costs are booked to when a request names none."""
+
+TREND_FALLBACK_MARGIN_SECONDS = 0.5
+"""Time kept back from the trend SLA to compute the fallback and answer."""
+
+
+class Task(StrEnum):
+    TREND = "trend"
+    QUALITY = "quality"
+    SCRIPT = "script"
+
+
+# --- bodies and answers --------------------------------------------------------------------
+
+
+class TrendBody(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    history: list[float] = pydantic.Field(
+        min_length=MIN_HISTORY,
+        max_length=MAX_HISTORY,
+        description="Hourly interest of the topic, oldest first.",
+    )
+    horizon: int = pydantic.Field(48, ge=1, le=MAX_HORIZON, description="Hours to forecast.")
+    topic: str | None = pydantic.Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="The topic's series id: a series the model was fitted on is answered "
+        "from its precomputed forecast while the history still ends as it did.",
+    )
+
+    @pydantic.field_validator("history")
+    @classmethod
+    def finite(cls, history: list[float]) -> list[float]:
+        if not all(math.isfinite(v) for v in history):
+            raise ValueError("history must hold finite numbers only")
+        return history
+
+    def instance(self) -> dict[str, Any]:
+        """The V1 instance of the trend predictor."""
+        return {"history": self.history, "horizon": self.horizon, "series_id": self.topic}
+
+
+class TrendAnswer(pydantic.BaseModel):
+    forecast: list[float]
+    lower: list[float] | None = pydantic.Field(description="80 % interval; null in a fallback.")
+    upper: list[float] | None
+    direction: str = pydantic.Field(description="`up` or `down` against the last hours.")
+    model_version: str = pydantic.Field(
+        description="The registered version that answered, or `seasonal-naive`."
+    )
+    fallback: bool = pydantic.Field(
+        description="True when the model was late or failed and a cached or seasonal-naive "
+        "forecast answered instead."
+    )
+    topic: str | None = None
+
+
+class QualityBody(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    text: pydantic.StrictStr = pydantic.Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    kind: TextKind = TextKind.SCRIPT
+
+    @pydantic.field_validator("text")
+    @classmethod
+    def not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("text is empty")
+        return text
+
+    def instance(self) -> dict[str, Any]:
+        return {"text": self.text, "kind": self.kind.value}
+
+
+class QualityAnswer(pydantic.BaseModel):
+    score: float
+    decision: str = pydantic.Field(description="`pass`, `review` (a person decides) or `reject`.")
+    reasons: list[dict[str, Any]] = pydantic.Field(description="Why it did not pass.")
+    model_version: str
+
+
+class ScriptBody(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    topic: str = pydantic.Field(min_length=1, max_length=500)
+    persona: str = pydantic.Field(min_length=1, max_length=2_000)
+    target_seconds: int = pydantic.Field(60, ge=5, le=1_200, description="Spoken length.")
+    channel: str | None = pydantic.Field(
+        None, min_length=1, max_length=200, description="Channel the cost is booked to."
+    )
+    video_id: str | None = pydantic.Field(
+        None, min_length=1, max_length=200, description="Video the cost is booked to."
+    )
+
+    @pydantic.field_validator("topic", "persona")
+    @classmethod
+    def not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
+class ScriptAnswer(pydantic.BaseModel):
+    script: str
+    provider: str = pydantic.Field(description="The provider of the chain that wrote it.")
+    cost_usd: float = pydantic.Field(description="Tokens x the provider's price + compute.")
+    cached: bool
+    quality_decision: str
+    quality_score: float | None
+    quality_reasons: list[str]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    route: str
+    sla_seconds: float
+    body: type[pydantic.BaseModel]
+    answer: type[pydantic.BaseModel]
+    model: str
+    """The served model the route maps onto."""
+
+
+TASKS: dict[Task, TaskSpec] = {
+    Task.TREND: TaskSpec("/predict/trend", 5.0, TrendBody, TrendAnswer, "trend"),
+    Task.QUALITY: TaskSpec("/score/quality", 2.0, QualityBody, QualityAnswer, "quality"),
+    Task.SCRIPT: TaskSpec("/generate/script", 30.0, ScriptBody, ScriptAnswer, "script"),
+}
+
+
+# --- answering -----------------------------------------------------------------------------
+
+
+class TaskUnavailable(Exception):
+    """Nothing here can answer the task now (no model served, every provider failed): 503,
+    and a batch item is retried."""
+
+
+class QualityUnavailable(ContentMLClientError):
+    """The in-process quality model could not score a script (the strategist sends it to
+    review)."""
+
+
+def naive_forecast(body: TrendBody) -> TrendAnswer:
+    """The seasonal-naive forecast: yesterday repeated, the floor every model must beat."""
+    history = np.asarray(body.history, dtype=float)
+    point = seasonal_naive(history, body.horizon)
+    return TrendAnswer(
+        forecast=point.tolist(),
+        lower=None,
+        upper=None,
+        direction="up" if direction(history, point) > 0 else "down",
+        model_version="seasonal-naive",
+        fallback=True,
+        topic=body.topic,
+    )
+
+
+def _trend_answer(prediction: Mapping[str, Any], body: TrendBody, fallback: bool) -> TrendAnswer:
+    return TrendAnswer(
+        forecast=prediction["forecast"],
+        lower=prediction["lower"],
+        upper=prediction["upper"],
+        direction=prediction["direction"],
+        model_version=str(prediction["model_version"]),
+        fallback=fallback,
+        topic=body.topic,
+    )
+
+
+class TaskAnswerer:
+    """Answers task bodies with this process's predictors and the script provider chain."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: Iterable[BaseKServeModel],
+        ledger: CostLedger,
+        strategist: Callable[[], ContentStrategist] | None = None,
+    ):
+        """`strategist` builds the provider chain on first use; None: from `settings`, scoring
+        scripts with this process's quality model when it serves one."""
+        self.settings = settings
+        self.models = {m.name: m for m in models}
+        self.ledger = ledger
+        self._make_strategist = strategist or self._strategist_from_settings
+        self._strategist: ContentStrategist | None = None
+        self._strategist_lock = threading.Lock()
+
+    def serves(self, task: Task) -> bool:
+        """Scripts come from the chain; trend answers (with its fallback) even without a model;
+        quality needs its model."""
+        return task is not Task.QUALITY or TASKS[task].model in self.models
+
+    def answer(
+        self, task: Task, bodies: Sequence[pydantic.BaseModel], channel: str | None = None
+    ) -> list[dict[str, Any]]:
+        """One JSON answer per body. Raises `InvalidInput` when the model refuses a body (the
+        request's fault), `TaskUnavailable` when nothing can answer now, and anything else
+        when the model failed."""
+        if task is Task.TREND:
+            return [a.model_dump() for a in self._trend(bodies)]  # type: ignore[arg-type]
+        if task is Task.QUALITY:
+            return [a.model_dump() for a in self._quality(bodies)]  # type: ignore[arg-type]
+        return [self._script(body, channel).model_dump() for body in bodies]  # type: ignore[arg-type]
+
+    def trend_fallback(self, body: TrendBody) -> TrendAnswer:
+        """The cached forecast of this request, else the seasonal-naive one."""
+        model = self.models.get("trend")
+        cache = getattr(model, "cache", None)
+        if model is not None and cache is not None and model.ready:
+            version = model.serving.champion.version
+            request = model.parse({"instances": [body.instance()]})
+            (hit,) = cache.get_many(version, model.model_inputs(request))
+            if hit is not None:
+                return _trend_answer({**hit, "model_version": version}, body, fallback=True)
+        return naive_forecast(body)
+
+    def _predict(self, name: str, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        model = self.models.get(name)
+        if model is None or not model.ready:
+            raise TaskUnavailable(f"the {name} model is not served here")
+        return model.predict({"instances": instances}, {})["predictions"]
+
+    def _trend(self, bodies: Sequence[TrendBody]) -> list[TrendAnswer]:
+        try:
+            predictions = self._predict("trend", [b.instance() for b in bodies])
+        except InvalidInput:
+            raise
+        except Exception as e:  # the roadmap's rule: fall back to a simpler model
+            logger.warning("trend model failed, answering %d with fallbacks: %s", len(bodies), e)
+            return [self.trend_fallback(body) for body in bodies]
+        return [_trend_answer(p, b, False) for p, b in zip(predictions, bodies, strict=True)]
+
+    def _quality(self, bodies: Sequence[QualityBody]) -> list[QualityAnswer]:
+        predictions = self._predict("quality", [b.instance() for b in bodies])
+        return [
+            QualityAnswer(
+                score=p["score"],
+                decision=p["decision"],
+                reasons=p["reasons"],
+                model_version=str(p["model_version"]),
+            )
+            for p in predictions
+        ]
+
+    def _script(self, body: ScriptBody, channel: str | None) -> ScriptAnswer:
+        started = time.perf_counter()
+        try:
+            script = self.strategist().generate_script(
+                body.topic, body.persona, target_seconds=body.target_seconds
+            )
+        except AllProvidersFailed as e:
+            raise TaskUnavailable(str(e)) from e
+        except ClientError as e:
+            raise InvalidInput(str(e)) from e
+        seconds = time.perf_counter() - started
+        cost = script.cost_usd + compute_cost(seconds, self.settings.compute_usd_per_hour)
+        self.ledger.record(
+            CostEntry(
+                channel=body.channel or channel or UNASSIGNED_CHANNEL,
+                kind="script",
+                usd=cost,
+                compute_seconds=seconds,
+                provider=script.provider,
+                prompt_tokens=0 if script.cached else script.prompt_tokens,
+                completion_tokens=0 if script.cached else script.completion_tokens,
+                video_id=body.video_id,
+            )
+        )
+        return ScriptAnswer(
+            script=script.text,
+            provider=script.provider,
+            cost_usd=cost,
+            cached=script.cached,
+            quality_decision=script.quality_decision.value,
+            quality_score=script.quality_score,
+            quality_reasons=list(script.quality_reasons),
+        )
+
+    def strategist(self) -> ContentStrategist:
+        with self._strategist_lock:
+            if self._strategist is None:
+                try:
+                    self._strategist = self._make_strategist()
+                except UserError as e:  # no usable provider: say so per call, retry later
+                    raise TaskUnavailable(str(e)) from e
+            return self._strategist
+
+    def _strategist_from_settings(self) -> ContentStrategist:
+        scorer = self._score_script if "quality" in self.models else None
+        return ContentStrategist.from_settings(self.settings, quality=scorer)
+
+    def _score_script(self, text: str) -> dict[str, Any]:
+        try:
+            return self.answer(Task.QUALITY, [QualityBody(text=text[:MAX_TEXT_CHARS])])[0]
+        except Exception as e:  # any failure to score: the strategist sends the script to review
+            raise QualityUnavailable(f"quality model could not score the script: {e}") from e
+
+    def close(self) -> None:
+        if self._strategist is not None:
+            self._strategist.close()
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+def _problem(status: HTTPStatus, detail: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": detail})
+
+
+async def answer_within_sla(
+    answerer: TaskAnswerer, task: Task, body: pydantic.BaseModel
+) -> dict[str, Any] | JSONResponse:
+    """The answer to one body, or the response that replaces it: fallback, 4xx, 503, 504."""
+    sla = TASKS[task].sla_seconds
+    wait = sla - TREND_FALLBACK_MARGIN_SECONDS if task is Task.TREND else sla
+    work = asyncio.ensure_future(asyncio.to_thread(answerer.answer, task, [body]))
+    try:
+        (answer,) = await asyncio.wait_for(asyncio.shield(work), wait)
+        return answer
+    except TimeoutError:
+        # The thread cannot be stopped; it finishes on its own and its answer is dropped.
+        work.add_done_callback(_log_late_failure)
+        if task is Task.TREND:
+            logger.warning("trend answer late after %.1f s: answering the fallback", wait)
+            return answerer.trend_fallback(body).model_dump()  # type: ignore[arg-type]
+        return _problem(
+            HTTPStatus.GATEWAY_TIMEOUT,
+            f"{task} did not finish within its {sla:g} s SLA; try again or submit a batch job",
+        )
+    except InvalidInput as e:
+        return _problem(HTTPStatus.UNPROCESSABLE_ENTITY, str(e))
+    except TaskUnavailable as e:
+        return _problem(HTTPStatus.SERVICE_UNAVAILABLE, str(e))
+
+
+def _log_late_failure(work: asyncio.Future) -> None:
+    if not work.cancelled() and work.exception() is not None:
+        logger.warning("a late task answer failed: %s", work.exception())
+
+
+def tasks_router(answerer: TaskAnswerer, tasks: Iterable[Task] = tuple(Task)) -> APIRouter:
+    """`POST` routes for the `tasks` this process can answer (see `TaskAnswerer.serves`)."""
+    router = APIRouter(tags=["tasks"])
+    for task in tasks:
+        if not answerer.serves(task):
+            continue
+        spec = TASKS[task]
+        router.add_api_route(
+            spec.route,
+            _endpoint(answerer, task, spec.body),
+            methods=["POST"],
+            max_body_size=MAX_BODY_BYTES,
+            response_model=spec.answer,
+            summary=f"{task} within {spec.sla_seconds:g} s",
+            responses={
+                413: {"description": f"body over {MAX_BODY_BYTES} bytes"},
+                503: {"description": "nothing can answer now (the detail says why)"},
+                504: {"description": "not answered within the SLA"},
+            },
+        )
+    return router
+
+
+def _endpoint(answerer: TaskAnswerer, task: Task, body_type: type[pydantic.BaseModel]):
+    # FastAPI reads the body type from the annotation, so each route gets its own function.
+    async def endpoint(body: body_type) -> Any:  # type: ignore[valid-type]
+        return await answer_within_sla(answerer, task, body)
+
+    endpoint.__name__ = f"{task}_route"
+    return endpoint
+
+
+# --- body size -----------------------------------------------------------------------------
+
+MAX_BODY_BYTES = 1_000_000
+"""Largest task body (413 beyond, before parsing): a trend history at its limit (20,000 hours)
+is about 400 kB."""
