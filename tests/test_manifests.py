@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from contentml import cluster, manifests
+from contentml.cli import build_parser
 from contentml.manifests import ManifestError
 from contentml.settings import Settings
+from serving.tasks import TASKS, Task
 from tests.conftest import SCHEMAS_DIR, make_settings, run_cli
 from training.llm.config import load_config
 from training.llm.trainjob import RUNTIME, trainjob_manifest
@@ -24,6 +26,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 PROD_TRAINJOB = manifests.MANIFESTS_DIR / "overlays" / "prod" / "trainjob-a100x16.yaml"
+
+BACKEND_INGRESS = "contentml-backend"
+API = "contentml-api"
+BATCH_WORKER = "contentml-batch-worker"
+API_ONLY_PATHS = ("/batch", "/openapi.json")
+"""Backend routes that are no task's: the batch jobs and the OpenAPI schema."""
+PREDICTOR_PORT = 80
+"""The port of the Service KServe makes for a predictor, `<isvc>-predictor`."""
 
 
 @pytest.fixture(scope="module", params=manifests.OVERLAYS)
@@ -49,6 +59,7 @@ def test_every_object_of_every_overlay_is_valid(overlay):
     report = manifests.check(name, SCHEMAS_DIR)
     assert report.problems == []
     assert report.kinds["InferenceService"] == 5
+    assert report.kinds["Ingress"] == 1
 
 
 def test_prod_serves_the_four_models_and_trains_on_two_nodes_of_eight_gpus(prod):
@@ -179,6 +190,165 @@ def test_the_mlflow_server_runs_with_auth_postgres_and_s3(prod):
     assert any(a.startswith("--artifacts-destination=s3://") for a in args)
     store = next(e for e in container["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI")
     assert store["valueFrom"]["secretKeyRef"]["name"] == "mlflow-server"
+
+
+def _ingress_routes(documents: list[dict]) -> dict[str, tuple[str, int]]:
+    """path -> (Service, port) of the backend Ingress."""
+    (ingress,) = find(documents, "Ingress", BACKEND_INGRESS)
+    routes = {}
+    for rule in ingress["spec"]["rules"]:
+        for path in rule["http"]["paths"]:
+            assert path["pathType"] == "Prefix", path
+            service = path["backend"]["service"]
+            routes[path["path"]] = (service["name"], service["port"]["number"])
+    return routes
+
+
+def _served_by_our_runtime(documents: list[dict]) -> set[str]:
+    """The InferenceServices whose predictor is `contentml serve`: each serves the model named
+    like itself, and that model's task route."""
+    return {
+        d["metadata"]["name"]
+        for d in find(documents, "InferenceService")
+        if d["spec"]["predictor"]["model"].get("runtime") == "contentml"
+    }
+
+
+def test_the_ingress_sends_each_task_to_the_process_that_serves_it(overlay):
+    """A task whose model one of our predictors serves goes to that InferenceService's
+    predictor Service; every other backend route (scripts, batch jobs, the schema) to the API."""
+    _, documents = overlay
+    ours = _served_by_our_runtime(documents)
+    (api_service,) = find(documents, "Service", API)
+    (api_port,) = [p["port"] for p in api_service["spec"]["ports"]]
+    expected = {path: (API, api_port) for path in API_ONLY_PATHS}
+    for spec in TASKS.values():
+        if spec.model in ours:
+            expected[spec.route] = (f"{spec.model}-predictor", PREDICTOR_PORT)
+        else:
+            expected[spec.route] = (API, api_port)
+    assert _ingress_routes(documents) == expected
+    # The issue's split: trend and quality on their predictors, scripts on the API.
+    assert expected[TASKS[Task.TREND].route][0] == "trend-predictor"
+    assert expected[TASKS[Task.QUALITY].route][0] == "quality-predictor"
+    assert expected[TASKS[Task.SCRIPT].route][0] == API
+
+
+def test_every_service_the_ingress_names_is_rendered_or_made_by_kserve(overlay):
+    """A backend is a rendered Service that selects a rendered Deployment's pods on a port they
+    open, or the predictor Service KServe makes for a rendered InferenceService."""
+    _, documents = overlay
+    (ingress,) = find(documents, "Ingress", BACKEND_INGRESS)
+    namespace = ingress["metadata"]["namespace"]
+
+    def here(kind: str) -> list[dict]:
+        return [d for d in find(documents, kind) if d["metadata"].get("namespace") == namespace]
+
+    predictors = {f"{d['metadata']['name']}-predictor" for d in here("InferenceService")}
+    services = {d["metadata"]["name"]: d["spec"] for d in here("Service")}
+    for name, port in set(_ingress_routes(documents).values()):
+        if name in predictors:
+            assert port == PREDICTOR_PORT
+            continue
+        assert name in services, f"the Ingress names {name}, which is not rendered"
+        (target,) = [p["targetPort"] for p in services[name]["ports"] if p["port"] == port]
+        selector = services[name]["selector"].items()
+        pods = [
+            _pod(d)
+            for d in here("Deployment")
+            if selector <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert pods, f"Service {name} selects no rendered Deployment's pods"
+        for pod in pods:
+            opened = {
+                key
+                for c in pod["containers"]
+                for p in c.get("ports", [])
+                for key in (p.get("name"), p["containerPort"])
+            }
+            assert target in opened, f"Service {name} sends port {port} to {target}, not opened"
+
+
+@pytest.mark.parametrize(("name", "command"), [(API, ["api"]), (BATCH_WORKER, ["batch", "worker"])])
+def test_the_backend_runs_the_platform_image_with_the_platforms_settings(overlay, name, command):
+    """`contentml api` and `contentml batch worker` with every setting and credential by
+    reference, on the CPU pool, restricted, with no Kubernetes API access."""
+    _, documents = overlay
+    (deployment,) = find(documents, "Deployment", name)
+    pod = _pod(deployment)
+    (container,) = pod["containers"]
+    assert "command" not in container  # the image's entrypoint is `contentml`
+    assert container["args"][: len(command)] == command
+    assert container["envFrom"] == cluster.env_from()
+    assert pod["nodeSelector"] == cluster.CPU_NODE_SELECTOR
+    context = {**pod["securityContext"], **container["securityContext"]}
+    assert cluster.CONTAINER_SECURITY_CONTEXT.items() <= context.items()
+    bound = {s["name"] for b in find(documents, "RoleBinding") for s in b["subjects"]}
+    assert pod["serviceAccountName"] not in bound
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_the_api_is_probed_on_its_health_routes_and_reached_from_the_ingress(overlay):
+    _, documents = overlay
+    (deployment,) = find(documents, "Deployment", API)
+    (container,) = _pod(deployment)["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    (port,) = container["ports"]
+    (policy,) = find(documents, "NetworkPolicy", API)
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port["containerPort"]}]
+    assert {"namespaceSelector": {"matchLabels": {"contentml.io/platform": "true"}}} in rule["from"]
+    assert {"namespaceSelector": {"matchLabels": {"contentml.io/ingress": "true"}}} in rule["from"]
+
+
+def test_batch_workers_open_no_port_and_finish_their_chunk_on_sigterm(overlay):
+    _, documents = overlay
+    (deployment,) = find(documents, "Deployment", BATCH_WORKER)
+    pod = _pod(deployment)
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    assert not any(c.get("ports") for c in pod["containers"])
+    (policy,) = find(documents, "NetworkPolicy", BATCH_WORKER)
+    assert policy["spec"]["policyTypes"] == ["Ingress"] and not policy["spec"].get("ingress")
+
+
+def test_predictors_take_no_batch_items(overlay):
+    """Every predictor pod is `contentml serve --workers 0`: batch items are the workers'."""
+    _, documents = overlay
+    (runtime,) = find(documents, "ServingRuntime", "contentml")
+    (container,) = runtime["spec"]["containers"]
+    args = container["args"]
+    assert args[0] == "serve" and "--workers" in args, args
+    assert args[args.index("--workers") + 1] == "0"
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [("Deployment", API), ("Deployment", BATCH_WORKER), ("ServingRuntime", "contentml")],
+)
+def test_the_backend_pods_run_commands_the_cli_accepts(prod, kind, name):
+    (document,) = find(prod, kind, name)
+    spec = document["spec"] if kind == "ServingRuntime" else _pod(document)
+    # KServe puts the InferenceService's name in `{{.Name}}`.
+    args = [a.replace("{{.Name}}", "trend") for a in spec["containers"][0]["args"]]
+    try:
+        build_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{kind} {name}: `contentml {' '.join(args)}` does not parse")
+
+
+def test_prod_runs_two_of_each_backend_process_and_drains_one_at_a_time(prod):
+    for name in (API, BATCH_WORKER):
+        (deployment,) = find(prod, "Deployment", name)
+        assert deployment["spec"]["replicas"] == 2
+        labels = deployment["spec"]["template"]["metadata"]["labels"].items()
+        budgets = [
+            b["spec"]
+            for b in find(prod, "PodDisruptionBudget")
+            if b["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+            and b["spec"]["selector"]["matchLabels"].items() <= labels
+        ]
+        assert [b["maxUnavailable"] for b in budgets] == [1], name
 
 
 def broken(documents: list[dict], kind: str, name: str, change) -> dict:
