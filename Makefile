@@ -54,6 +54,7 @@ bench: install
 	$(PY) -m benchmarks.quality
 	$(PY) -m benchmarks.revenue
 	$(PY) -m benchmarks.optimization
+	$(PY) -m benchmarks.batch
 
 lint: install
 	$(VENV)/bin/ruff check .

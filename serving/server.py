@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from kserve import ModelServer
 from kserve.model import BaseKServeModel
 from kserve.model_server import app
+from threadpoolctl import threadpool_limits
 
 from contentml.errors import UserError
 from contentml.registry import RegistryError
@@ -113,6 +114,9 @@ def load_models(
 
 WORKER_NICENESS = 5
 """Batch workers started by `serve` yield the CPU to the server's own requests."""
+
+QUEUE_POLL_SECONDS = 1.0
+"""An idle worker looks at the queue at least this often (huey backs off to 10 s otherwise)."""
 
 WORKER_SHUTDOWN_SECONDS = 50.0
 """A stopping worker finishes its chunk this long, within Kubernetes' 60 s grace period."""
@@ -238,11 +242,15 @@ def work(settings: Settings, threads: int) -> None:
         [m for m in models if isinstance(m, VersionedModel)],
         settings.serving_poll_seconds,
     ).start()
+    # One process per core scales; BLAS/OpenMP threads inside each only spin against the others.
+    # OpenMP's limit is per thread, so each of huey's worker threads sets it when it starts.
+    queue.huey.on_startup("one_blas_thread")(lambda: threadpool_limits(1))
     heartbeat = Heartbeat(queue)
     heartbeat.start()
     consumer = queue.huey.create_consumer(
         workers=threads,
         periodic=False,
+        max_delay=QUEUE_POLL_SECONDS,
         graceful_signal="TERM",
         shutdown_timeout=WORKER_SHUTDOWN_SECONDS,
     )

@@ -284,6 +284,8 @@ class TaskAnswerer:
         return model.predict({"instances": instances}, {})["predictions"]
 
     def _trend(self, bodies: Sequence[TrendBody]) -> list[TrendAnswer]:
+        if "trend" not in self.models:  # no champion yet: the simpler model is all there is
+            return [naive_forecast(body) for body in bodies]
         try:
             predictions = self._predict("trend", [b.instance() for b in bodies])
         except InvalidInput:
@@ -425,10 +427,11 @@ def tasks_router(answerer: TaskAnswerer, tasks: Iterable[Task] = tuple(Task)) ->
 
 
 def _endpoint(answerer: TaskAnswerer, task: Task, body_type: type[pydantic.BaseModel]):
-    # FastAPI reads the body type from the annotation, so each route gets its own function.
-    async def endpoint(body: body_type) -> Any:  # type: ignore[valid-type]
+    async def endpoint(body: pydantic.BaseModel) -> Any:
         return await answer_within_sla(answerer, task, body)
 
+    # FastAPI reads the body's type from the annotation: each route gets its own.
+    endpoint.__annotations__ = {"body": body_type, "return": Any}
     endpoint.__name__ = f"{task}_route"
     return endpoint
 
