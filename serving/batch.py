@@ -422,6 +422,17 @@ class JobStore:
         with self.engine.begin() as connection:
             connection.execute(workers.delete().where(workers.c.worker == worker))
 
+    def live_workers(self, stale_after: float = STALE_AFTER_SECONDS) -> list[str]:
+        """Workers that beat within `stale_after` seconds."""
+        with self.engine.connect() as connection:
+            return list(
+                connection.scalars(
+                    sa.select(workers.c.worker).where(
+                        workers.c.heartbeat_at >= time.time() - stale_after
+                    )
+                )
+            )
+
     def abandoned(self, stale_after: float) -> list[tuple[str, int, str, int]]:
         """(job, chunk, worker, attempts) of chunks claimed by workers silent `stale_after`."""
         alive = sa.select(workers.c.worker).where(

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -112,6 +114,9 @@ def load_models(
     return models
 
 
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal a child gets when its parent dies."""
+
 WORKER_NICENESS = 5
 """Batch workers started by `serve` yield the CPU to the server's own requests."""
 
@@ -187,7 +192,7 @@ def batch_workers(settings: Settings, count: int) -> Iterator[None]:
         subprocess.Popen(
             command,
             env={**os.environ, **settings.to_env()},
-            preexec_fn=lambda: os.nice(WORKER_NICENESS),
+            preexec_fn=_as_worker_child,
         )
         for _ in range(count)
     ]
@@ -201,6 +206,15 @@ def batch_workers(settings: Settings, count: int) -> Iterator[None]:
                 child.wait(timeout=WORKER_SHUTDOWN_SECONDS + 5)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+def _as_worker_child() -> None:
+    """In the child before it runs: lower priority, and SIGTERM when the server dies, however
+    it dies (Linux's parent-death signal), so no worker outlives its server."""
+    os.nice(WORKER_NICENESS)
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def serve_api(settings: Settings, port: int) -> None:
