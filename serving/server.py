@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from kserve import ModelServer
 from kserve.model import BaseKServeModel
 from kserve.model_server import app
@@ -39,7 +40,7 @@ from serving.prediction_log import PredictionLog, open_prediction_log
 from serving.quality_model import QualityModel
 from serving.revenue_model import RevenueModel, revenue_router
 from serving.script_model import ScriptModel, openai_router
-from serving.tasks import TASKS, Task, TaskAnswerer, tasks_router
+from serving.tasks import TASKS, Task, TaskAnswerer, tasks_router, validation_problem
 from serving.trend_model import TrendModel
 from serving.versions import ServingOptions, VersionedModel, VersionWatcher
 
@@ -157,8 +158,11 @@ def serve(
     ledger = CostLedger.from_settings(settings) if is_api else None
     answerer = TaskAnswerer(settings, models, ledger)
     served = {m.name for m in models}
-    tasks = [t for t in Task if TASKS[t].model in served or (is_api and t is Task.SCRIPT)]
+    # The whole platform answers every task it can (trend falls back without a champion); a
+    # predictor pod answers its model's.
+    tasks = [t for t in Task if is_api or TASKS[t].model in served]
     app.include_router(tasks_router(answerer, tasks))
+    app.add_exception_handler(RequestValidationError, validation_problem)
     queue = None
     if ledger is not None:
         queue = BatchQueue(settings, ledger=ledger)
@@ -227,6 +231,7 @@ def serve_api(settings: Settings, port: int) -> None:
     queue = BatchQueue(settings, ledger=ledger)
     register_cost_metrics(ledger)
     api = FastAPI(title="contentml backend API")
+    api.add_exception_handler(RequestValidationError, validation_problem)
     api.include_router(tasks_router(answerer, [Task.SCRIPT]))
     api.include_router(batch_router(queue))
     api.add_api_route("/v2/health/live", lambda: {"live": True}, methods=["GET"])

@@ -33,6 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from http import HTTPStatus
@@ -40,7 +41,9 @@ from typing import Any
 
 import numpy as np
 import pydantic
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve.errors import InvalidInput
 from kserve.model import BaseKServeModel
@@ -59,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 UNASSIGNED_CHANNEL = "unassigned"
 """The channel costs are booked to when a request names none."""
+
+TASK_THREADS = 4
+"""Answers of one task computed at once in a server; more wait for a thread (within the SLA)."""
 
 TREND_FALLBACK_MARGIN_SECONDS = 0.5
 """Time kept back from the trend SLA to compute the fallback and answer."""
@@ -247,6 +253,13 @@ class TaskAnswerer:
         self._make_strategist = strategist or self._strategist_from_settings
         self._strategist: ContentStrategist | None = None
         self._strategist_lock = threading.Lock()
+        # A pool per task: a script waits on this same server's OpenAI route, which runs its
+        # generation in the default pool; sharing one pool, scripts could fill it and wait on
+        # themselves, and starve trend and quality.
+        self.executors = {
+            task: ThreadPoolExecutor(TASK_THREADS, thread_name_prefix=f"task-{task}")
+            for task in Task
+        }
 
     def serves(self, task: Task) -> bool:
         """Scripts come from the chain; trend answers (with its fallback) even without a model;
@@ -361,6 +374,8 @@ class TaskAnswerer:
             raise QualityUnavailable(f"quality model could not score the script: {e}") from e
 
     def close(self) -> None:
+        for executor in self.executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
         if self._strategist is not None:
             self._strategist.close()
 
@@ -378,7 +393,8 @@ async def answer_within_sla(
     """The answer to one body, or the response that replaces it: fallback, 4xx, 503, 504."""
     sla = TASKS[task].sla_seconds
     wait = sla - TREND_FALLBACK_MARGIN_SECONDS if task is Task.TREND else sla
-    work = asyncio.ensure_future(asyncio.to_thread(answerer.answer, task, [body]))
+    loop = asyncio.get_running_loop()
+    work = loop.run_in_executor(answerer.executors[task], answerer.answer, task, [body])
     try:
         (answer,) = await asyncio.wait_for(asyncio.shield(work), wait)
         return answer
@@ -396,6 +412,16 @@ async def answer_within_sla(
         return _problem(HTTPStatus.UNPROCESSABLE_ENTITY, str(e))
     except TaskUnavailable as e:
         return _problem(HTTPStatus.SERVICE_UNAVAILABLE, str(e))
+
+
+async def validation_problem(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 without each error's `input`: the input may be a value JSON cannot carry
+    (NaN, Infinity, which Python's parser accepts), and the field and message name the
+    problem."""
+    errors = [{k: v for k, v in e.items() if k != "input"} for e in error.errors()]
+    return JSONResponse(
+        status_code=HTTPStatus.UNPROCESSABLE_ENTITY, content={"detail": jsonable_encoder(errors)}
+    )
 
 
 def _log_late_failure(work: asyncio.Future) -> None:

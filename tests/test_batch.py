@@ -91,9 +91,7 @@ def test_a_submitted_job_is_queued_in_chunks(settings: Settings):
 def test_urgent_jobs_are_dequeued_before_bulk_ones(settings: Settings):
     queue = BatchQueue(settings)
     bulk = queue.submit(Task.TREND, BatchRequest(items=trend_items(100)))
-    urgent = queue.submit(
-        Task.TREND, BatchRequest(items=trend_items(1), priority=Priority.URGENT)
-    )
+    urgent = queue.submit(Task.TREND, BatchRequest(items=trend_items(1), priority=Priority.URGENT))
     first = queue.huey.dequeue()
     assert first.args[0] == urgent.job_id
     assert queue.huey.dequeue().args[0] == bulk.job_id

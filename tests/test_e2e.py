@@ -3,16 +3,25 @@ commands, and `contentml serve` answering real HTTP on a free port."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from benchmarks.batch import trend_items
 from contentml.demo import free_port, model_server
+from serving.batch import JobStatus, JobStore
 from serving.client import ClientError, ContentMLClient
-from tests.conftest import make_settings, run_cli
+from serving.tasks import MAX_BODY_BYTES, TASKS, Task
+from tests.conftest import DATA_DIR, make_settings, run_cli
+from training.data import load_m4_hourly
 
 pytestmark = pytest.mark.slow
 
@@ -134,6 +143,126 @@ def test_client_raises_client_error_without_retrying(server: str):
         client.predict_trend(series_id="H999")
 
 
+# --- the backend's task routes -------------------------------------------------------------
+
+TREND_SLA_SECONDS = 5.0
+
+
+@pytest.fixture(scope="module")
+def h1_history() -> list[float]:
+    """The whole of series H1, one of the demo's: the history the champion was fitted on."""
+    return load_m4_hourly(DATA_DIR / "m4-hourly" / "Hourly-train.csv", limit=1)["interest"].tolist()
+
+
+@pytest.fixture(scope="module")
+def champion(server: str, home: Path) -> str:
+    listed = json.loads(run_cli(home, "models", "list", "--json").stdout)
+    return listed[0]["aliases"]["champion"]
+
+
+def post_trend(server: str, body: dict) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    response = httpx.post(f"{server}/predict/trend", json=body, timeout=30)
+    return response, time.perf_counter() - started
+
+
+def test_trend_route_answers_a_new_history_within_its_sla(server: str, champion: str):
+    # Fitting a new history takes about 4 s of CPU: on a busy machine the model may miss the
+    # SLA, and then the seasonal-naive forecast answers in time instead.
+    history = [float(10 + (h % 24) + h / 100) for h in range(24 * 7)]
+    response, seconds = post_trend(server, {"history": history})
+    assert response.status_code == 200, response.text
+    assert seconds < TREND_SLA_SECONDS
+    answer = response.json()
+    assert len(answer["forecast"]) == 48 and all(isinstance(f, float) for f in answer["forecast"])
+    assert (answer["fallback"], answer["model_version"]) in {
+        (False, champion),
+        (True, "seasonal-naive"),
+    }
+
+
+def test_trend_route_answers_a_fitted_history_from_the_model(server: str, champion: str):
+    history = [float(20 + (h % 24) - h / 50) for h in range(24 * 5)]
+    # Fitted once without a deadline, the forecast is in the prediction cache.
+    v1 = httpx.post(
+        f"{server}/v1/models/trend:predict", json={"instances": [{"history": history}]}, timeout=60
+    )
+    assert v1.status_code == 200, v1.text
+    (fitted,) = v1.json()["predictions"]
+    response, seconds = post_trend(server, {"history": history})
+    assert response.status_code == 200, response.text
+    assert seconds < TREND_SLA_SECONDS
+    answer = response.json()
+    assert answer["fallback"] is False and answer["model_version"] == champion
+    assert answer["forecast"] == fitted["forecast"] and len(answer["forecast"]) == 48
+    assert answer["lower"] == fitted["lower"] and answer["direction"] == fitted["direction"]
+
+
+def test_trend_route_answers_a_known_topic_from_its_precomputed_forecast(
+    server: str, champion: str, h1_history: list[float]
+):
+    response, seconds = post_trend(server, {"history": h1_history, "topic": "H1", "horizon": 24})
+    assert response.status_code == 200, response.text
+    assert seconds < TREND_SLA_SECONDS
+    answer = response.json()
+    assert answer["topic"] == "H1" and answer["fallback"] is False
+    assert answer["model_version"] == champion
+    with ContentMLClient(server) as client:
+        precomputed = client.predict_trend(series_id="H1", horizon=24)
+    assert precomputed["source"] == "cache"
+    assert answer["forecast"] == precomputed["forecast"]
+
+
+HISTORY = [1.0] * 48
+
+
+@pytest.mark.parametrize(
+    ("body", "location"),
+    [
+        (b"{}", ["body", "history"]),
+        (json.dumps({"history": [1.0] * 47}).encode(), ["body", "history"]),
+        (json.dumps({"history": [1, "x", *HISTORY]}).encode(), ["body", "history", 1]),
+        (b'{"history": [NaN' + b", 1.0" * 48 + b"]}", ["body", "history"]),
+        (b'{"history": [1e999' + b", 1.0" * 48 + b"]}", ["body", "history"]),
+        (json.dumps({"history": HISTORY, "horizon": 0}).encode(), ["body", "horizon"]),
+        (json.dumps({"history": HISTORY, "topic": ""}).encode(), ["body", "topic"]),
+        (json.dumps({"history": HISTORY, "colour": "red"}).encode(), ["body", "colour"]),
+        (json.dumps([HISTORY]).encode(), ["body"]),
+        (b"{not json", ["body", 1]),
+    ],
+)
+def test_a_malformed_trend_body_gets_422_naming_the_field(server: str, body: bytes, location):
+    response = httpx.post(
+        f"{server}/predict/trend",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 422, response.text
+    assert [error["loc"] for error in response.json()["detail"]] == [location]
+
+
+def test_a_trend_body_over_the_limit_gets_413(server: str):
+    body = b'{"history": [' + b"1.0, " * (MAX_BODY_BYTES // 5) + b"1.0]}"
+    assert len(body) > MAX_BODY_BYTES
+    response = httpx.post(
+        f"{server}/predict/trend",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 413, response.text
+
+
+def test_openapi_describes_the_trend_route_and_not_quality(server: str):
+    schema = httpx.get(f"{server}/openapi.json").json()
+    assert "post" in schema["paths"]["/predict/trend"]
+    assert "history" in schema["components"]["schemas"]["TrendBody"]["properties"]
+    # The demo home has no quality champion: its route is not mounted.
+    assert "/score/quality" not in schema["paths"]
+    assert httpx.post(f"{server}/score/quality", json={"text": "hi"}).status_code == 404
+
+
 def test_promote_rollback_history(first_demo: dict, home: Path, server: str):
     # Runs after the second demo (test order): versions 1 and 2 exist.
     promoted = run_cli(home, "promote", "trend", "2", "--reason", "e2e")
@@ -145,3 +274,67 @@ def test_promote_rollback_history(first_demo: dict, home: Path, server: str):
     history = json.loads(run_cli(home, "history", "trend", "--json").stdout)
     assert [e["action"] for e in history][-2:] == ["promote", "rollback"]
     assert history[-1]["to_version"] == rolled_event["to_version"]
+
+
+# --- batch jobs on the demo's champion -----------------------------------------------------
+
+
+def worker_chunks(store: JobStore, pid: int) -> int:
+    """Chunks a worker process holds now (worker ids are `<host>-<pid>-<random>`; with a
+    negative staleness every claimed chunk counts as abandoned)."""
+    return sum(1 for _, _, worker, _ in store.abandoned(-1.0) if f"-{pid}-" in worker)
+
+
+def test_a_batch_survives_a_killed_worker_and_urgent_calls_keep_their_sla(server: str, home: Path):
+    """1,000 trend items: a worker SIGKILLed while it holds a chunk, another started; every item
+    ends in the results or the dead letters, none twice, and single requests made meanwhile
+    are answered within the trend SLA."""
+    settings = make_settings(home)
+    store = JobStore(settings.backend_store)
+    items = trend_items(settings, 1_001)
+    probe, items = items[0], items[1:]
+    with batch_worker(settings) as doomed:
+        deadline = time.monotonic() + 120
+        while not any(f"-{doomed.pid}-" in w for w in store.live_workers()):
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.1)
+        job = httpx.post(f"{server}/batch/trend", json={"items": items}, timeout=60)
+        assert job.status_code == 202, job.text
+        job_id = job.json()["job_id"]
+        while not worker_chunks(store, doomed.pid):
+            assert time.monotonic() < deadline, "the worker never took a chunk"
+            time.sleep(0.02)
+        doomed.kill()
+        doomed.wait()
+    urgent = []
+    with batch_worker(settings):
+        while store.report(job_id).status not in (JobStatus.DONE, JobStatus.FAILED):
+            started = time.perf_counter()
+            body = {"history": probe["history"], "horizon": 48}
+            assert httpx.post(f"{server}/predict/trend", json=body, timeout=10).status_code == 200
+            urgent.append(time.perf_counter() - started)
+            assert time.monotonic() < deadline + 120, store.report(job_id)
+            time.sleep(0.5)
+    report = store.report(job_id)
+    answered = [r["id"] for r in httpx.get(f"{server}/batch/jobs/{job_id}/results").json()]
+    dead = [d.id for d in store.dead_letters(job_id)]
+    assert len(answered) == len(set(answered)) and not set(answered) & set(dead)
+    assert sorted(answered + dead) == sorted(item["id"] for item in items)
+    assert (report.status, report.succeeded + report.failed) == (JobStatus.DONE, 1_000)
+    assert urgent and max(urgent) < TASKS[Task.TREND].sla_seconds
+    store.close()
+
+
+@contextlib.contextmanager
+def batch_worker(settings) -> Iterator[subprocess.Popen]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "contentml.cli", "batch", "worker"],
+        env={**os.environ, **settings.to_env()},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=60)

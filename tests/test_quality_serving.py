@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import yaml
 
 from contentml.cli import main
 from contentml.demo import free_port, model_server
+from serving.quality_model import MAX_TEXT_CHARS
 from tests.conftest import make_settings, run_cli
 from tests.test_quality import CLEAN, TINY_RECIPE, sample_toxicity, write_csv
 from training.data import TOXICITY_CLASSES
@@ -364,3 +366,78 @@ def test_bad_v2_inputs_get_400(server: str, inputs, problem: str):
     response = v2_infer(server, inputs)
     assert response.status_code == 400, response.text
     assert problem in response.json()["error"]
+
+
+# --- the backend's task route ---------------------------------------------------------------
+
+QUALITY_SLA_SECONDS = 2.0
+
+
+def score(server: str, body) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    response = httpx.post(f"{server}/score/quality", json=body, timeout=30)
+    return response, time.perf_counter() - started
+
+
+def test_quality_route_scores_within_its_sla_as_v1_does(server: str, trained: dict):
+    body = {"text": "How to Fix a Leaky Faucet in 5 Minutes", "kind": "title"}
+    response, seconds = score(server, body)
+    assert response.status_code == 200, response.text
+    assert seconds < QUALITY_SLA_SECONDS
+    answer = response.json()
+    assert 0.0 <= answer["score"] <= 1.0
+    assert answer["decision"] in {"pass", "review", "reject"}
+    assert isinstance(answer["reasons"], list)
+    assert answer["model_version"] == trained["version"]
+    (v1,) = predict(server, [body]).json()["predictions"]
+    assert answer["score"] == pytest.approx(v1["score"], abs=1e-6)
+
+
+def test_quality_route_rejects_a_title_with_an_email_address(server: str):
+    response, _ = score(server, {"text": "Write to john.doe@example.com", "kind": "title"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["decision"] == "reject"
+    assert "personal_data" in [r["check"] for r in answer["reasons"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "location"),
+    [
+        ({"text": ""}, ["body", "text"]),
+        ({"text": " \n\t "}, ["body", "text"]),
+        ({"text": "x" * (MAX_TEXT_CHARS + 1)}, ["body", "text"]),
+        ({"text": 42}, ["body", "text"]),
+        ({"text": ["a", "b"]}, ["body", "text"]),
+        ({"kind": "title"}, ["body", "text"]),
+        ({"text": "hi", "kind": "tweet"}, ["body", "kind"]),
+        ({"text": "hi", "colour": "red"}, ["body", "colour"]),
+    ],
+)
+def test_a_malformed_quality_body_gets_422_naming_the_field(server: str, body, location):
+    response, _ = score(server, body)
+    assert response.status_code == 422, response.text
+    assert [error["loc"] for error in response.json()["detail"]] == [location]
+
+
+def test_a_quality_body_with_a_nan_gets_422_not_500(server: str):
+    # Python's JSON parser reads the NaN literal; the 422 must still render.
+    response = httpx.post(
+        f"{server}/score/quality",
+        content=b'{"text": NaN}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 422, response.text
+    assert [error["loc"] for error in response.json()["detail"]] == [["body", "text"]]
+
+
+def test_openapi_describes_the_quality_route(server: str):
+    schema = httpx.get(f"{server}/openapi.json").json()
+    assert "post" in schema["paths"]["/score/quality"]
+    assert "text" in schema["components"]["schemas"]["QualityBody"]["properties"]
+    # No trend champion in this home: the route answers with the seasonal-naive fallback.
+    assert "/predict/trend" in schema["paths"]
+    body = {"history": [float(h % 24) for h in range(72)], "horizon": 24}
+    forecast = httpx.post(f"{server}/predict/trend", json=body, timeout=10).json()
+    assert (forecast["fallback"], forecast["model_version"]) == (True, "seasonal-naive")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from contentml import registry
 from contentml.demo import free_port, model_server
 from serving.script_model import CompletionRequest, ScriptModel, StopFilter
 from serving.strategist import ContentStrategist
-from tests.conftest import DATA_DIR, make_settings
+from tests.conftest import DATA_DIR, make_settings, run_cli
 from training.data import load_youtube_trending
 from training.llm.package import FinishReason, Sampling, cut_at_stop, log_script_model
 from training.llm.tokenizer import train_tokenizer
@@ -111,7 +113,11 @@ def generator(settings, champion):
 
 @pytest.fixture(scope="module")
 def server(settings, champion) -> Iterator[str]:
-    with model_server(settings, free_port()) as url:
+    """`contentml serve` with `serving_url` naming itself, as a deployment sets it: the
+    strategist behind `/generate/script` calls this very server's OpenAI routes."""
+    port = free_port()
+    ours = dataclasses.replace(settings, serving_url=f"http://127.0.0.1:{port}")
+    with model_server(ours, port) as url:
         yield url
 
 
@@ -340,3 +346,42 @@ def test_the_strategist_writes_a_script_with_our_served_model(settings, server: 
     assert script.provider == "contentml" and script.model == "script"
     assert script.text and script.completion_tokens > 0 and script.cost_usd == 0
     assert script.quality_decision == Decision.REVIEW and script.quality_score is None
+
+
+# --- the backend's script route ------------------------------------------------------------
+
+SCRIPT_SLA_SECONDS = 30.0
+
+
+@slow
+def test_the_script_route_writes_a_script_and_books_its_cost(settings, server: str):
+    body = {
+        "topic": "tomato varieties",
+        "persona": "A calm gardening channel.",
+        "channel": "garden-channel",
+    }
+    started = time.perf_counter()
+    response = httpx.post(f"{server}/generate/script", json=body, timeout=60)
+    seconds = time.perf_counter() - started
+    assert response.status_code == 200, response.text
+    assert seconds < SCRIPT_SLA_SECONDS
+    answer = response.json()
+    assert answer["script"].strip() and answer["provider"] == "contentml"
+    assert answer["cached"] is False
+    # Our endpoint's tokens are free: the cost is the call's compute seconds at the hourly price.
+    assert 0 < answer["cost_usd"] <= seconds * settings.compute_usd_per_hour / 3600
+    # No quality model here: the script goes to a person.
+    assert answer["quality_decision"] == "review" and answer["quality_score"] is None
+
+    result = run_cli(settings.home, "costs", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (day,) = [d for d in json.loads(result.stdout)["days"] if d["channel"] == "garden-channel"]
+    assert day["usd"] == pytest.approx(answer["cost_usd"])
+    assert day["calls"] == 1 and day["videos"] == 1 and day["completion_tokens"] > 0
+
+
+@slow
+def test_a_script_body_without_persona_gets_422(server: str):
+    response = httpx.post(f"{server}/generate/script", json={"topic": "tomatoes"}, timeout=30)
+    assert response.status_code == 422, response.text
+    assert [error["loc"] for error in response.json()["detail"]] == [["body", "persona"]]
