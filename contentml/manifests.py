@@ -2,7 +2,9 @@
 server would: built-in kinds against Kubernetes' own OpenAPI schemas (`kubernetes-validate`),
 KServe and Kubeflow Trainer resources against their CRDs (`../shared/schemas`), unknown
 fields refused everywhere (the API server would prune them silently). Then the platform's own
-rules: no secret value in plain text, no container that may run as root.
+rules: no secret value in plain text, no container that may run as root, and every pod template
+(Deployments, Jobs, ServingRuntimes, InferenceService predictors, TrainingRuntimes) within the
+Pod Security Standards' `restricted` profile, with resources and a read-only root filesystem.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import functools
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -164,16 +167,37 @@ def secret_problems(document: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _pod_specs(document: dict[str, Any]) -> Iterator[tuple[dict, list[tuple[str, dict]]]]:
-    """(pod-level spec, its containers by path) of every pod `document` makes; a KServe
-    predictor's `model` is its model server's container."""
+_CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
+
+
+@dataclass(frozen=True)
+class Pod:
+    """One pod template found in a document: its pod-level fields and its containers."""
+
+    path: str
+    spec: dict[str, Any]
+    containers: list[tuple[str, dict[str, Any]]]
+    """(path, container) of its init, app and ephemeral containers."""
+
+    @property
+    def context(self) -> dict[str, Any]:
+        return self.spec.get("securityContext") or {}
+
+
+def pod_templates(document: dict[str, Any]) -> Iterator[Pod]:
+    """Every pod `document` makes: a pod spec is whatever holds a `containers` list (a
+    Deployment's or Job's template, a ServingRuntime's spec, a TrainingRuntime's replicated
+    jobs); a KServe predictor's `model` is its model server's container."""
     for path, node in walk(document):
         if not isinstance(node, dict):
             continue
-        if isinstance(node.get("containers"), list):
-            yield node, [(f"{path}.containers[{i}]", c) for i, c in enumerate(node["containers"])]
-        elif path.endswith("predictor") and isinstance(node.get("model"), dict):
-            yield node, [(f"{path}.model", node["model"])]
+        is_predictor = path.endswith("predictor") and isinstance(node.get("model"), dict)
+        if not (isinstance(node.get("containers"), list) or is_predictor):
+            continue
+        containers = [(f"{path}.model", node["model"])] if is_predictor else []
+        for key in _CONTAINER_LISTS:
+            containers += [(f"{path}.{key}[{i}]", c) for i, c in enumerate(node.get(key) or [])]
+        yield Pod(path, node, containers)
 
 
 def _runs_as_root(pod: dict, container: dict) -> bool:
@@ -188,13 +212,264 @@ def root_problems(document: dict[str, Any]) -> list[str]:
     """Containers that may run as root: each must say runAsNonRoot with a non-zero user, in
     its own securityContext or its pod's. A ServingRuntime's containers say it themselves."""
     problems = []
-    for pod, containers in _pod_specs(document):
-        for path, container in containers:
-            if _runs_as_root(pod, container):
+    for pod in pod_templates(document):
+        for path, container in pod.containers:
+            if _runs_as_root(pod.spec, container):
                 problems.append(
                     f"{_name(document)}: {path} may run as root: set runAsNonRoot and "
                     f"runAsUser {cluster.RUN_AS_USER}"
                 )
+    return problems
+
+
+# The Pod Security Standards' `restricted` profile, baseline's controls included, as
+# https://kubernetes.io/docs/concepts/security/pod-security-standards/ lists them for
+# Kubernetes 1.32. Written out here rather than run through a policy checker: the reference
+# implementation (k8s.io/pod-security-admission) is Go inside the API server, kubescape,
+# kube-score, polaris and kube-linter are Go binaries pip cannot install, and checkov, the one
+# maintained checker on PyPI, conflicts with constraints.txt (it pins tabulate < 0.10) and reads
+# only built-in workload kinds, not the pod templates inside ServingRuntimes, InferenceServices
+# and TrainingRuntimes that make most of our pods. Each rule reads one pod template as it is
+# written; KServe merges a ServingRuntime's container into each predictor's `model`, and each
+# of the two must pass on its own.
+
+
+class Rule(StrEnum):
+    """A control of the restricted profile (its name in the standard), or one of the
+    platform's own (the last two)."""
+
+    HOST_PROCESS = "HostProcess"
+    HOST_NAMESPACES = "Host Namespaces"
+    PRIVILEGED = "Privileged Containers"
+    CAPABILITIES = "Capabilities"
+    HOST_PATH = "HostPath Volumes"
+    HOST_PORTS = "Host Ports"
+    APPARMOR = "AppArmor"
+    SELINUX = "SELinux"
+    PROC_MOUNT = "/proc Mount Type"
+    SECCOMP = "Seccomp"
+    SYSCTLS = "Sysctls"
+    VOLUME_TYPES = "Volume Types"
+    PRIVILEGE_ESCALATION = "Privilege Escalation"
+    RUN_AS_NON_ROOT = "Running as Non-root"
+    RUN_AS_NON_ROOT_USER = "Running as Non-root user"
+    RESOURCES = "Resources"
+    """Requests of CPU and memory and a memory limit: a pod without them is the first evicted
+    and may take a node's memory."""
+    READ_ONLY_ROOT = "Read-only Root Filesystem"
+    """Processes write only to volumes (an emptyDir on /tmp), never into the image."""
+
+
+ALLOWED_VOLUME_TYPES = frozenset(
+    {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+     "projected", "secret"}
+)  # fmt: skip
+ALLOWED_CAPABILITIES = frozenset({"NET_BIND_SERVICE"})
+SAFE_SYSCTLS = frozenset(
+    {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_local_reserved_ports",
+     "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range",
+     "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+     "net.ipv4.tcp_keepalive_probes"}
+)  # fmt: skip
+ALLOWED_SECCOMP = frozenset({"RuntimeDefault", "Localhost"})
+ALLOWED_APPARMOR = frozenset({"RuntimeDefault", "Localhost"})
+ALLOWED_SELINUX_TYPES = frozenset(
+    {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+)
+
+Finding = tuple[str, str]
+"""(where: the pod's path, or a container's path and name; what is wrong)."""
+
+
+def _where(path: str, container: dict[str, Any]) -> str:
+    return f"{path} ({container.get('name', '?')!r})"
+
+
+def _contexts(pod: Pod) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, securityContext) of the pod and of each container."""
+    yield pod.path, pod.context
+    for path, container in pod.containers:
+        yield _where(path, container), container.get("securityContext") or {}
+
+
+def _host_process(pod: Pod) -> Iterator[Finding]:
+    for where, context in _contexts(pod):
+        if (context.get("windowsOptions") or {}).get("hostProcess"):
+            yield where, "windowsOptions.hostProcess is true"
+
+
+def _host_namespaces(pod: Pod) -> Iterator[Finding]:
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.spec.get(key):
+            yield pod.path, f"{key} is true"
+
+
+def _privileged(pod: Pod) -> Iterator[Finding]:
+    for path, container in pod.containers:
+        if (container.get("securityContext") or {}).get("privileged"):
+            yield _where(path, container), "securityContext.privileged is true"
+
+
+def _capabilities(pod: Pod) -> Iterator[Finding]:
+    for path, container in pod.containers:
+        capabilities = (container.get("securityContext") or {}).get("capabilities") or {}
+        if "ALL" not in (capabilities.get("drop") or []):
+            yield _where(path, container), "capabilities.drop does not include ALL"
+        added = sorted(set(capabilities.get("add") or []) - ALLOWED_CAPABILITIES)
+        if added:
+            yield _where(path, container), f"capabilities.add has {added}: only NET_BIND_SERVICE"
+
+
+def _volume_types(volume: dict[str, Any]) -> set[str]:
+    return set(volume) - {"name"}
+
+
+def _host_path(pod: Pod) -> Iterator[Finding]:
+    for volume in pod.spec.get("volumes") or []:
+        if "hostPath" in volume:
+            yield pod.path, f"volume {volume.get('name')!r} is a hostPath"
+
+
+def _volumes(pod: Pod) -> Iterator[Finding]:
+    for volume in pod.spec.get("volumes") or []:
+        kinds = sorted(_volume_types(volume) - ALLOWED_VOLUME_TYPES - {"hostPath"})
+        if kinds:
+            yield pod.path, f"volume {volume.get('name')!r} is of type {', '.join(kinds)}"
+
+
+def _host_ports(pod: Pod) -> Iterator[Finding]:
+    for path, container in pod.containers:
+        for port in container.get("ports") or []:
+            if port.get("hostPort"):
+                yield _where(path, container), f"hostPort {port['hostPort']} is set"
+
+
+def _apparmor(pod: Pod) -> Iterator[Finding]:
+    for where, context in _contexts(pod):
+        kind = (context.get("appArmorProfile") or {}).get("type")
+        if kind is not None and kind not in ALLOWED_APPARMOR:
+            yield where, f"appArmorProfile.type is {kind}"
+
+
+def _selinux(pod: Pod) -> Iterator[Finding]:
+    for where, context in _contexts(pod):
+        options = context.get("seLinuxOptions") or {}
+        if options.get("type", "") not in ALLOWED_SELINUX_TYPES:
+            yield where, f"seLinuxOptions.type is {options['type']}"
+        for key in ("user", "role"):
+            if options.get(key):
+                yield where, f"seLinuxOptions.{key} is set"
+
+
+def _proc_mount(pod: Pod) -> Iterator[Finding]:
+    for path, container in pod.containers:
+        mount = (container.get("securityContext") or {}).get("procMount", "Default")
+        if mount != "Default":
+            yield _where(path, container), f"procMount is {mount}"
+
+
+def _seccomp(pod: Pod) -> Iterator[Finding]:
+    default = (pod.context.get("seccompProfile") or {}).get("type")
+    if default is not None and default not in ALLOWED_SECCOMP:
+        yield pod.path, f"seccompProfile.type is {default}"
+    for path, container in pod.containers:
+        own = ((container.get("securityContext") or {}).get("seccompProfile") or {}).get("type")
+        kind = own or default
+        if kind not in ALLOWED_SECCOMP:
+            yield (
+                _where(path, container),
+                f"seccompProfile.type is {kind}: set RuntimeDefault in the container or the pod",
+            )
+
+
+def _sysctls(pod: Pod) -> Iterator[Finding]:
+    for sysctl in pod.context.get("sysctls") or []:
+        if sysctl.get("name") not in SAFE_SYSCTLS:
+            yield pod.path, f"sysctl {sysctl.get('name')} is not a safe one"
+
+
+def _privilege_escalation(pod: Pod) -> Iterator[Finding]:
+    for path, container in pod.containers:
+        if (container.get("securityContext") or {}).get("allowPrivilegeEscalation") is not False:
+            yield _where(path, container), "allowPrivilegeEscalation is not false"
+
+
+def _run_as_non_root(pod: Pod) -> Iterator[Finding]:
+    default = pod.context.get("runAsNonRoot")
+    if default is False:
+        yield pod.path, "runAsNonRoot is false"
+    for path, container in pod.containers:
+        own = (container.get("securityContext") or {}).get("runAsNonRoot")
+        if (default if own is None else own) is not True:
+            yield _where(path, container), "runAsNonRoot is not true (container or pod)"
+
+
+def _run_as_non_root_user(pod: Pod) -> Iterator[Finding]:
+    for where, context in _contexts(pod):
+        if context.get("runAsUser") == 0:
+            yield where, "runAsUser is 0"
+
+
+def resource_problems(resources: dict[str, Any] | None) -> list[str]:
+    """What `resources` (a container's, or a TrainJob's `resourcesPerNode`) lacks."""
+    resources = resources or {}
+    wanted = [("requests", "cpu"), ("requests", "memory"), ("limits", "memory")]
+    return [f"resources.{a}.{b} is not set" for a, b in wanted if b not in (resources.get(a) or {})]
+
+
+def _resources(pod: Pod) -> Iterator[Finding]:
+    for path, container in pod.containers:
+        for problem in resource_problems(container.get("resources")):
+            yield _where(path, container), problem
+
+
+def _read_only_root(pod: Pod) -> Iterator[Finding]:
+    for path, container in pod.containers:
+        if (container.get("securityContext") or {}).get("readOnlyRootFilesystem") is not True:
+            yield (
+                _where(path, container),
+                "readOnlyRootFilesystem is not true (mount an emptyDir where it writes)",
+            )
+
+
+RULES: dict[Rule, Callable[[Pod], Iterator[Finding]]] = {
+    Rule.HOST_PROCESS: _host_process,
+    Rule.HOST_NAMESPACES: _host_namespaces,
+    Rule.PRIVILEGED: _privileged,
+    Rule.CAPABILITIES: _capabilities,
+    Rule.HOST_PATH: _host_path,
+    Rule.HOST_PORTS: _host_ports,
+    Rule.APPARMOR: _apparmor,
+    Rule.SELINUX: _selinux,
+    Rule.PROC_MOUNT: _proc_mount,
+    Rule.SECCOMP: _seccomp,
+    Rule.SYSCTLS: _sysctls,
+    Rule.VOLUME_TYPES: _volumes,
+    Rule.PRIVILEGE_ESCALATION: _privilege_escalation,
+    Rule.RUN_AS_NON_ROOT: _run_as_non_root,
+    Rule.RUN_AS_NON_ROOT_USER: _run_as_non_root_user,
+    Rule.RESOURCES: _resources,
+    Rule.READ_ONLY_ROOT: _read_only_root,
+}
+
+
+def restricted_problems(document: dict[str, Any]) -> list[str]:
+    """Where a pod template of `document` leaves the restricted profile or runs without
+    resources or with a writable root filesystem, one line per container and rule. A TrainJob's
+    `resourcesPerNode` replaces its runtime's container resources, so it is held to the same."""
+    problems = [
+        f"{_name(document)}: {where}: {rule.value}: {what}"
+        for pod in pod_templates(document)
+        for rule, findings in RULES.items()
+        for where, what in findings(pod)
+    ]
+    if document.get("kind") == "TrainJob":
+        trainer = (document.get("spec") or {}).get("trainer") or {}
+        if "resourcesPerNode" in trainer:
+            problems += [
+                f"{_name(document)}: spec.trainer.resourcesPerNode: {Rule.RESOURCES.value}: {p}"
+                for p in resource_problems(trainer["resourcesPerNode"])
+            ]
     return problems
 
 
@@ -210,5 +485,6 @@ def check(overlay: str, schemas_dir: Path, manifests_dir: Path = MANIFESTS_DIR) 
         problems += schema_problems(document, schemas_dir)
         problems += secret_problems(document)
         problems += root_problems(document)
+        problems += restricted_problems(document)
     kinds = Counter(str(d.get("kind")) for d in documents)
     return Report(overlay, dict(sorted(kinds.items())), problems)

@@ -321,6 +321,54 @@ def _check_pip_install(dockerfile: str, arguments: list[str], locked: dict, copi
             )
 
 
+SECRET_FILES = (
+    ".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", "id_ecdsa*", ".netrc",
+    ".git-credentials", ".pypirc", "basic_auth.ini", "kubeconfig", "*.kubeconfig", "credentials",
+    "credentials.*", "*.p12", "*.pfx", "*.db", "*.sqlite", "mlflow.db",
+)  # fmt: skip
+"""Names of files that hold credentials or local state (MLflow's SQLite store, .env files,
+keys): none may reach an image."""
+SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "ACCESS_KEY", "API_KEY", "CREDENTIAL")
+
+
+def build_context_files(dockerfile: str) -> list[str]:
+    """The repository files that the Dockerfile's COPY and ADD send into an image (a folder
+    with everything below it), less what .dockerignore keeps out."""
+    patterns, files = dockerignore(), set()
+    for stage in stages_of(dockerfile):
+        for argument in stage.arguments("COPY") + stage.arguments("ADD"):
+            flags, sources, _ = copy_arguments(argument)
+            if "from" in flags:
+                continue
+            for source in sources:
+                for match in ROOT.glob(source.strip("/")):
+                    found = [match] if match.is_file() else match.rglob("*")
+                    files.update(f.relative_to(ROOT).as_posix() for f in found if f.is_file())
+    return sorted(f for f in files if not ignored(f, patterns))
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_no_secret_reaches_an_image(dockerfile):
+    """No credential file or local state is copied in, and no ENV or ARG carries a credential
+    (both stay in the image's history)."""
+    files = build_context_files(dockerfile)
+    assert "contentml/settings.py" in files
+    for path in files:
+        name = path.rsplit("/", 1)[-1]
+        assert not any(fnmatch.fnmatchcase(name, p) for p in SECRET_FILES), (
+            f"{dockerfile} copies {path} into the image"
+        )
+        assert not {".contentml", "mlruns", ".git"} & set(path.split("/")), path
+    for stage in stages_of(dockerfile):
+        for keyword in ("ENV", "ARG"):
+            for argument in stage.arguments(keyword):
+                for token in shlex.split(argument):
+                    name = token.partition("=")[0].upper()
+                    assert not any(word in name for word in SECRET_WORDS), (
+                        f"{dockerfile}: {keyword} {name} puts a credential in the image"
+                    )
+
+
 def test_dockerignore_keeps_local_state_out():
     patterns = dockerignore()
     for path in (".venv", ".contentml", ".git", "tests", ".contentml/mlflow.db"):
@@ -405,6 +453,8 @@ def test_training_image_serves_the_runtimes_sshd_and_launcher():
     sshd_config = container["args"][container["args"].index("-f") + 1]
     copied = [copy_arguments(a)[2] for a in final.arguments("COPY")]
     assert sshd_config in copied, f"Dockerfile.training does not install {sshd_config}"
+    # The pods' root filesystem is read-only and HOME an emptyDir, which would hide it.
+    assert not sshd_config.startswith(home + "/"), f"{sshd_config} is under HOME"
     # sshd gives the ranks it starts a fresh environment: the image's ENV must be in SetEnv.
     set_env = [i for i, x in enumerate(final.instructions) if "SetEnv" in x.arguments]
     assert set_env and sshd_config in final.instructions[set_env[0]].arguments

@@ -1,19 +1,22 @@
 """The kustomize overlays, rendered with the real kubectl and checked offline: every object
 against its schema (Kubernetes' own, KServe's and Kubeflow Trainer's CRDs), no plain-text
-secret, no root container, and what production needs is there."""
+secret, no root container, every pod within the restricted Pod Security Standard, and what
+production needs is there."""
 
 from __future__ import annotations
 
 import copy
 import re
 import shutil
+from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import yaml
 
 from contentml import cluster, manifests
 from contentml.cli import build_parser
-from contentml.manifests import ManifestError
+from contentml.manifests import ManifestError, Rule
 from contentml.settings import Settings
 from serving.tasks import TASKS, Task
 from tests.conftest import SCHEMAS_DIR, make_settings, run_cli
@@ -181,15 +184,35 @@ def test_images_are_the_platforms_at_the_overlays_tag(overlay):
     assert images == {"ghcr.io/contentml/platform:0.1.0", "ghcr.io/contentml/training:0.1.0"}
 
 
-def test_the_mlflow_server_runs_with_auth_postgres_and_s3(prod):
+def test_the_mlflow_server_runs_with_auth_postgres_and_s3(prod, monkeypatch):
+    """`mlflow server` with basic auth, started through the check of its admin password; the
+    backend store URI (with the database password) from the Secret by environment, never on
+    the command line."""
+    from mlflow.cli import server
+
     (deployment,) = find(prod, "Deployment", "mlflow")
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    pod = _pod(deployment)
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "contentml.mlflow_server"]
     args = container["args"]
     assert "--app-name=basic-auth" in args and "--serve-artifacts" in args
-    assert "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)" in args
     assert any(a.startswith("--artifacts-destination=s3://") for a in args)
-    store = next(e for e in container["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI")
+    assert not any("BACKEND_STORE" in a or "@" in a for a in args)
+    env = {e["name"]: e for e in container["env"]}
+    store = env["MLFLOW_BACKEND_STORE_URI"]
     assert store["valueFrom"]["secretKeyRef"]["name"] == "mlflow-server"
+    # The installed MLflow takes these options and reads the store from the environment.
+    monkeypatch.setenv("MLFLOW_BACKEND_STORE_URI", "postgresql://mlflow:pw@postgres:5432/mlflow")
+    params = server.make_context("server", list(args)).params
+    assert params["backend_store_uri"] == "postgresql://mlflow:pw@postgres:5432/mlflow"
+    assert params["app_name"] == "basic-auth"
+    # The auth configuration the check reads is the Secret's basic_auth.ini.
+    config = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    (mount,) = [m for m in container["volumeMounts"] if config.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "mlflow-server"
+    assert volume["secret"]["items"] == [{"key": "basic_auth.ini", "path": config.rsplit("/")[-1]}]
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
 def _ingress_routes(documents: list[dict]) -> dict[str, tuple[str, int]]:
@@ -411,8 +434,273 @@ def test_the_check_names_a_broken_object(prod, kind, name, change, problem):
         manifests.schema_problems(document, SCHEMAS_DIR)
         + manifests.secret_problems(document)
         + manifests.root_problems(document)
+        + manifests.restricted_problems(document)
     )
     assert any(problem in line for line in found), found
+
+
+POD_KINDS = {
+    "Deployment": 4,
+    "Job": 1,
+    "ServingRuntime": 1,
+    "InferenceService": 5,
+    "TrainingRuntime": 2,
+}
+"""Pod templates per kind in each overlay: the four servers' Deployments, the schedules Job, our
+runtime, the five predictors, the DeepSpeed runtime's node and launcher."""
+
+
+def test_every_pod_of_every_overlay_is_restricted(overlay):
+    _, documents = overlay
+    pods: Counter[str] = Counter()
+    for document in documents:
+        assert manifests.restricted_problems(document) == []
+        pods[document["kind"]] += len(list(manifests.pod_templates(document)))
+    assert dict(pods - Counter()) == POD_KINDS
+    # The MLflow namespace admits only restricted pods; `contentml` warns (KServe's and
+    # Knative's injected containers are the cluster's, not ours).
+    labels = {d["metadata"]["name"]: d["metadata"]["labels"] for d in find(documents, "Namespace")}
+    assert labels["contentml-system"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert labels["contentml"]["pod-security.kubernetes.io/warn"] == "restricted"
+
+
+def test_read_only_containers_write_to_empty_dirs(overlay):
+    """Each pod that runs our code mounts an emptyDir on /tmp (CONTENTML_HOME, caches) and on
+    the HOME it sets; a predictor of our runtime gets the runtime's."""
+    _, documents = overlay
+    settings = manifests.MANIFESTS_DIR / "base" / "platform" / "settings.env"
+    assert "CONTENTML_HOME=/tmp/contentml" in settings.read_text().splitlines()
+    for document in documents:
+        for pod in manifests.pod_templates(document):
+            if pod.spec.get("model", {}).get("runtime") == "contentml":
+                continue
+            empty = {v["name"] for v in pod.spec.get("volumes", []) if "emptyDir" in v}
+            for path, container in pod.containers:
+                mounted = container.get("volumeMounts", [])
+                mounts = {m["mountPath"] for m in mounted if m["name"] in empty}
+                where = f"{document['kind']} {document['metadata']['name']}: {path}"
+                assert "/tmp" in mounts, where
+                homes = [e["value"] for e in container.get("env", []) if e["name"] == "HOME"]
+                for home in homes:
+                    assert any(home == m or home.startswith(m + "/") for m in mounts), where
+
+
+def test_training_pods_run_sshd_restricted(overlay):
+    """sshd as uid 1000 on an unprivileged port, with no capability; its HOME (PidFile, the
+    ranks' caches) an emptyDir over which Trainer mounts the ssh keys."""
+    _, documents = overlay
+    (runtime,) = find(documents, "TrainingRuntime", RUNTIME)
+    mpi = runtime["spec"]["mlPolicy"]["mpi"]
+    home = mpi["sshAuthMountPath"].rsplit("/", 1)[0]
+    for job in runtime["spec"]["template"]["spec"]["replicatedJobs"]:
+        pod = job["template"]["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == cluster.RUN_AS_USER
+        (container,) = pod["containers"]
+        assert "add" not in container["securityContext"]["capabilities"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mounts[home]]
+        assert volume["emptyDir"] == {}
+        if job["name"] == "node":
+            assert container["command"] == ["/usr/sbin/sshd"]
+            config = container["args"][container["args"].index("-f") + 1]
+            assert not config.startswith(home + "/"), "the emptyDir on HOME would hide it"
+            assert container["readinessProbe"]["tcpSocket"]["port"] > 1024
+
+
+def restricted_deployment() -> dict:
+    """A Deployment whose one pod passes every rule, shaped like the overlays' own."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "contentml"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 1000,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": "app",
+                            "image": "ghcr.io/contentml/platform:0.1.0",
+                            "resources": {
+                                "requests": {"cpu": "1", "memory": "1Gi"},
+                                "limits": {"memory": "1Gi"},
+                            },
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]},
+                            },
+                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                        }
+                    ],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                }
+            }
+        },
+    }
+
+
+def _context(pod: dict) -> dict:
+    return pod["containers"][0]["securityContext"]
+
+
+def _job_pod(runtime: dict, index: int) -> dict:
+    return runtime["spec"]["template"]["spec"]["replicatedJobs"][index]["template"]["spec"][
+        "template"
+    ]["spec"]
+
+
+POD = "spec.template.spec"
+APP = "spec.template.spec.containers[0] ('app')"
+
+BREAKS: dict[Rule, tuple[Callable[[dict], object], str]] = {
+    Rule.HOST_PROCESS: (lambda p: _context(p).update(windowsOptions={"hostProcess": True}), APP),
+    Rule.HOST_NAMESPACES: (lambda p: p.update(hostPID=True), POD),
+    Rule.PRIVILEGED: (lambda p: _context(p).update(privileged=True), APP),
+    Rule.CAPABILITIES: (lambda p: _context(p)["capabilities"]["add"].append("SYS_ADMIN"), APP),
+    Rule.HOST_PATH: (
+        lambda p: p["volumes"].append({"name": "docker", "hostPath": {"path": "/var/run"}}),
+        POD,
+    ),
+    Rule.HOST_PORTS: (
+        lambda p: p["containers"][0].update(ports=[{"containerPort": 80, "hostPort": 80}]),
+        APP,
+    ),
+    Rule.APPARMOR: (lambda p: _context(p).update(appArmorProfile={"type": "Unconfined"}), APP),
+    Rule.SELINUX: (lambda p: _context(p).update(seLinuxOptions={"type": "spc_t"}), APP),
+    Rule.PROC_MOUNT: (lambda p: _context(p).update(procMount="Unmasked"), APP),
+    Rule.SECCOMP: (lambda p: _context(p).update(seccompProfile={"type": "Unconfined"}), APP),
+    Rule.SYSCTLS: (
+        lambda p: p["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}]),
+        POD,
+    ),
+    Rule.VOLUME_TYPES: (
+        lambda p: p["volumes"].append({"name": "nfs", "nfs": {"server": "nas", "path": "/"}}),
+        POD,
+    ),
+    Rule.PRIVILEGE_ESCALATION: (lambda p: _context(p).update(allowPrivilegeEscalation=True), APP),
+    Rule.RUN_AS_NON_ROOT: (lambda p: _context(p).update(runAsNonRoot=False), APP),
+    Rule.RUN_AS_NON_ROOT_USER: (lambda p: _context(p).update(runAsUser=0), APP),
+    Rule.RESOURCES: (lambda p: p["containers"][0]["resources"].pop("limits"), APP),
+    Rule.READ_ONLY_ROOT: (lambda p: _context(p).pop("readOnlyRootFilesystem"), APP),
+}
+"""Each rule broken in the smallest way, and where the report must say it is."""
+
+
+def _rules(problems: list[str]) -> set[Rule]:
+    return {rule for rule in Rule for line in problems if f": {rule.value}: " in line}
+
+
+def test_the_restricted_deployment_passes_and_every_rule_has_a_break():
+    assert manifests.restricted_problems(restricted_deployment()) == []
+    assert set(BREAKS) == set(Rule)
+
+
+@pytest.mark.parametrize("rule", list(Rule), ids=lambda r: r.name.lower())
+def test_each_broken_rule_is_reported_with_the_container_and_the_rule(rule):
+    document = restricted_deployment()
+    change, where = BREAKS[rule]
+    change(_pod(document))
+    problems = manifests.restricted_problems(document)
+    assert problems, rule
+    assert _rules(problems) == {rule}, problems
+    for line in problems:
+        assert line.startswith(f"Deployment contentml/web: {where}: {rule.value}: "), line
+
+
+@pytest.mark.parametrize(
+    ("change", "rule", "where"),
+    [
+        # Missing, not wrong: the profile wants each of them said.
+        (lambda p: _context(p)["capabilities"].pop("drop"), Rule.CAPABILITIES, APP),
+        (lambda p: p["securityContext"].pop("seccompProfile"), Rule.SECCOMP, APP),
+        (lambda p: p["securityContext"].pop("runAsNonRoot"), Rule.RUN_AS_NON_ROOT, APP),
+        (lambda p: _context(p).pop("allowPrivilegeEscalation"), Rule.PRIVILEGE_ESCALATION, APP),
+        (lambda p: p["securityContext"].update(runAsUser=0), Rule.RUN_AS_NON_ROOT_USER, POD),
+        # A pod-level setting the containers override is still refused.
+        (lambda p: p["securityContext"].update(runAsNonRoot=False), Rule.RUN_AS_NON_ROOT, POD),
+        (
+            lambda p: p["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+            Rule.SECCOMP,
+            POD,
+        ),
+        # Init containers are held to the same rules.
+        (
+            lambda p: p.update(initContainers=[{"name": "init", "securityContext": {}}]),
+            Rule.PRIVILEGE_ESCALATION,
+            "spec.template.spec.initContainers[0] ('init')",
+        ),
+    ],
+)
+def test_a_missing_setting_is_reported_too(change, rule, where):
+    document = restricted_deployment()
+    change(_pod(document))
+    problems = manifests.restricted_problems(document)
+    assert any(line.startswith(f"Deployment contentml/web: {where}: {rule.value}: ")
+               for line in problems), problems  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "change", "where", "rule"),
+    [
+        (
+            "ServingRuntime",
+            "contentml",
+            lambda d: d["spec"]["containers"][0]["securityContext"].pop("seccompProfile"),
+            "spec.containers[0] ('kserve-container')",
+            Rule.SECCOMP,
+        ),
+        (
+            "ServingRuntime",
+            "contentml",
+            lambda d: d["spec"].update(hostIPC=True),
+            "spec",
+            Rule.HOST_NAMESPACES,
+        ),
+        (
+            "InferenceService",
+            "trend",
+            lambda d: d["spec"]["predictor"]["model"]["securityContext"]["capabilities"].pop(
+                "drop"
+            ),
+            "spec.predictor.model ('kserve-container')",
+            Rule.CAPABILITIES,
+        ),
+        (
+            "InferenceService",
+            "script",
+            lambda d: d["spec"]["predictor"]["volumes"].append(
+                {"name": "cache", "hostPath": {"path": "/data"}}
+            ),
+            "spec.predictor",
+            Rule.HOST_PATH,
+        ),
+        (
+            "TrainingRuntime",
+            RUNTIME,
+            lambda d: _context(_job_pod(d, 0))["capabilities"].update(add=["SYS_PTRACE"]),
+            "spec.template.spec.replicatedJobs[0].template.spec.template.spec.containers[0]"
+            " ('node')",
+            Rule.CAPABILITIES,
+        ),
+        (
+            "TrainJob",
+            "finetune-a100x16",
+            lambda d: d["spec"]["trainer"]["resourcesPerNode"].pop("limits"),
+            "spec.trainer.resourcesPerNode",
+            Rule.RESOURCES,
+        ),
+    ],
+)
+def test_every_kind_of_pod_template_is_checked(prod, kind, name, change, where, rule):
+    document = broken(prod, kind, name, change)
+    problems = manifests.restricted_problems(document)
+    prefix = f"{kind} contentml/{name}: {where}: {rule.value}: "
+    assert any(line.startswith(prefix) for line in problems), problems
 
 
 def test_a_secret_with_values_and_an_unknown_kind_are_refused():
