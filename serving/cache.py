@@ -67,7 +67,9 @@ class CacheConfig:
     def __post_init__(self) -> None:
         scheme = urlsplit(self.url).scheme
         if self.url not in (OFF, MEMORY) and scheme not in ("redis", "rediss", "unix"):
-            raise UserError(f"cache must be 'memory', 'off' or a redis:// URL, not {self.url!r}")
+            # The scheme only: a URL may carry a password.
+            shown = f"a {scheme}:// URL" if scheme else "a value without a scheme"
+            raise UserError(f"cache must be 'memory', 'off' or a redis:// URL, not {shown}")
         if self.entries < 1:
             raise UserError(f"cache entries must be at least 1, not {self.entries}")
         if self.ttl_seconds < 1:

@@ -135,7 +135,9 @@ class CostLedger:
         # Only the cost_ tables: serving/batch.py keeps its own in the same database.
         self.engine = open_database(url, metadata)
         if self.engine.dialect.name not in UPSERT:
-            raise UserError(f"the cost ledger needs SQLite or PostgreSQL, not {url!r}")
+            raise UserError(
+                f"the cost ledger needs SQLite or PostgreSQL, not {self.engine.dialect.name}"
+            )
         self.video_budget_usd = video_budget_usd
         self.streak_length = streak_length
         self._lock = threading.Lock()
