@@ -9,7 +9,7 @@ IMAGE ?= ghcr.io/contentml/platform:$(VERSION)
 TRAINING_IMAGE ?= ghcr.io/contentml/training:$(VERSION)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test compile serve bench lint constraints manifests images
+.PHONY: install demo test compile serve bench loadtest lint constraints manifests images
 
 install: $(INSTALLED)
 
@@ -55,6 +55,13 @@ bench: install
 	$(PY) -m benchmarks.revenue
 	$(PY) -m benchmarks.optimization
 	$(PY) -m benchmarks.batch
+
+# Load and soak tests with locust against a real `contentml serve` (tests/load/; not part of
+# `make test`): steady state, promote/rollback cycles, 2x saturation and a soak of SOAK_MINUTES;
+# about 10 minutes, plus the training pipeline where CONTENTML_HOME has no trend champion.
+SOAK_MINUTES ?= 2
+loadtest: install
+	$(PY) -m tests.load --soak-minutes $(SOAK_MINUTES)
 
 lint: install
 	$(VENV)/bin/ruff check .
