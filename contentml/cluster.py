@@ -29,6 +29,7 @@ SECRET_VARIABLES: tuple[str, ...] = (
     "AWS_ACCESS_KEY_ID",  # the artifact bucket, read by boto3
     "AWS_SECRET_ACCESS_KEY",
     "HF_TOKEN",  # gated base models on the Hugging Face hub
+    "CONTENTML_API_TOKEN",  # bearer token of the model endpoints
 )
 """Variables the Secret `contentml-credentials` holds."""
 

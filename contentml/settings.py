@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,23 @@ class Settings:
     """Price of one hour of a serving or worker process's compute, charged to each call and
     batch job by the seconds it took (`contentml costs`)."""
 
+    max_concurrent_requests: int = field(metadata=_env("CONTENTML_MAX_CONCURRENT_REQUESTS"))
+    """Requests one model takes at once on one route (V1, V2, OpenAI, task routes); the next
+    is answered 429 with `Retry-After` at once instead of queueing (`serving/admission.py`)."""
+
+    shutdown_drain_seconds: float = field(metadata=_env("CONTENTML_SHUTDOWN_DRAIN_SECONDS"))
+    """After SIGTERM, how long the server answers readiness with 503 while still serving every
+    request, so the cluster stops routing to it before it stops listening."""
+
+    shutdown_grace_seconds: float = field(metadata=_env("CONTENTML_SHUTDOWN_GRACE_SECONDS"))
+    """After the drain, how long the server waits for requests in flight before cancelling
+    them; models are unloaded only then. The pod's `terminationGracePeriodSeconds` must exceed
+    drain + grace."""
+
+    api_token: str = field(repr=False, metadata=_env("CONTENTML_API_TOKEN"))
+    """Bearer token every route of the model server and backend API requires, but health and
+    /metrics (a Secret in the cluster); empty: no check (a laptop)."""
+
     def __post_init__(self) -> None:
         if self.feast_online_store not in ("sqlite", "redis"):
             raise SettingsError(
@@ -153,13 +171,22 @@ class Settings:
             if not getattr(self, name):
                 raise SettingsError(f"setting {name} must not be empty")
         self.pinned()  # names a malformed value now, not at the first request
-        for name in ("script_max_tokens", "script_timeout_seconds", "serving_poll_seconds"):
+        for name in (
+            "script_max_tokens",
+            "script_timeout_seconds",
+            "serving_poll_seconds",
+            "max_concurrent_requests",
+            "shutdown_grace_seconds",
+        ):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"setting {name} must be positive, not {getattr(self, name)}")
-        if not self.compute_usd_per_hour >= 0:
-            raise SettingsError(
-                f"setting compute_usd_per_hour must be >= 0, not {self.compute_usd_per_hour}"
-            )
+        for name in ("compute_usd_per_hour", "shutdown_drain_seconds"):
+            if not getattr(self, name) >= 0:
+                raise SettingsError(f"setting {name} must be >= 0, not {getattr(self, name)}")
+        # Sent as `Authorization: Bearer <token>`: a space or non-ASCII character would never
+        # match. The message never quotes the token.
+        if not re.fullmatch(r"[!-~]*", self.api_token):
+            raise SettingsError("CONTENTML_API_TOKEN must be printable ASCII without spaces")
         if not self.batch_queue.startswith(("sqlite:///", "redis://", "rediss://")):
             raise SettingsError(
                 "CONTENTML_BATCH_QUEUE must be sqlite:///<file> or redis://host:port/db, "
@@ -202,6 +229,11 @@ class Settings:
             "batch_queue": f"sqlite:///{home / 'batch-queue.db'}",
             # A 2-vCPU on-demand instance's price per hour, about what one replica costs.
             "compute_usd_per_hour": 0.10,
+            "max_concurrent_requests": 32,
+            # A second on a laptop; the cluster's ConfigMap waits for its routes to update.
+            "shutdown_drain_seconds": 1.0,
+            "shutdown_grace_seconds": 30.0,
+            "api_token": "",
         }
         values = {}
         for f in dataclasses.fields(cls):

@@ -4,12 +4,15 @@ Three calls, one per served task: `predict_trend` and `score_quality` go to KSer
 `:predict` routes over httpx; `generate_script` goes to the server's OpenAI-compatible
 `/openai/v1` routes through the `openai` client. All three share one retry loop with the same
 rules: retry 5xx answers, connection errors and attempt timeouts with exponential backoff and
-jitter; never retry a 4xx or a malformed answer; and stop when the task's deadline (the total
-time of the call, retries included) is spent.
+jitter; retry a 429 or 503 with `Retry-After` (a busy or draining server) after the delay it
+asks for, or give up at once when that is past the deadline; never retry another 4xx or a
+malformed answer; and stop when the task's deadline (the total time of the call, retries
+included) is spent.
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import random
@@ -27,6 +30,7 @@ __all__ = [
     "ClientError",
     "ContentMLClient",
     "ContentMLClientError",
+    "RetryLater",
     "ServerError",
     "ServiceUnavailable",
     "Task",
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The OpenAI client insists on a key; our endpoint ignores it.
+# The OpenAI client insists on a key; our endpoint ignores it unless it checks tokens.
 PLACEHOLDER_API_KEY = "contentml-no-key"
 
 # Backoff delays vary by up to this fraction either way, so clients that failed together
@@ -82,6 +86,23 @@ class ServerError(ContentMLClientError):
         self.message = message
 
 
+class RetryLater(ContentMLClientError):
+    """The server is busy or draining (429 or 503 with `Retry-After`). Retried after the delay it
+    asks for when that fits in the deadline; like `ServerError`, only ever the `__cause__` of
+    the `ServiceUnavailable` that ends the call."""
+
+    def __init__(self, task: Task, status_code: int, message: str, retry_after: float) -> None:
+        super().__init__(
+            f"{task} request refused with HTTP {status_code}, retry after {retry_after:g}s: "
+            f"{message}"
+        )
+        self.task = task
+        self.status_code = status_code
+        self.message = message
+        self.retry_after = retry_after
+        """Seconds the server asked to wait before the next attempt."""
+
+
 class BadResponse(ContentMLClientError):
     """The server answered 2xx, but not with what the route promises (not JSON, no
     `predictions`, no message content). Not retried: it is a server bug, not a hiccup."""
@@ -114,6 +135,7 @@ class ServiceUnavailable(ContentMLClientError):
 # Failures of one attempt that a later attempt may not see.
 _TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     ServerError,
+    RetryLater,
     httpx.TimeoutException,
     httpx.NetworkError,
     # The server closed the connection without answering (a restarting pod).
@@ -149,8 +171,9 @@ class ContentMLClient:
             base_url: Root of the model server, e.g. "http://127.0.0.1:8080".
             retries: Further attempts after the first fails transiently.
             backoff_seconds: Wait before the first retry; doubles for each further one.
-            api_key: Bearer token for the server; None sends none to the KServe routes and a
-                placeholder to the OpenAI routes (our endpoint needs no key).
+            api_key: Bearer token for the server (its `Settings.api_token`); None sends none to
+                the KServe routes and a placeholder to the OpenAI routes (a server without a
+                token checks none).
             deadlines: Overrides of `DEADLINES` for this client, keyed by `Task` or its value.
         """
         if retries < 0:
@@ -254,7 +277,7 @@ class ContentMLClient:
                 completion = self._openai.chat.completions.create(**request, timeout=timeout)
             except openai.APIStatusError as e:
                 raise _status_error(
-                    Task.GENERATE, e.status_code, _message(e.body, e.message)
+                    Task.GENERATE, e.status_code, _message(e.body, e.message), e.response.headers
                 ) from e
             except openai.APIResponseValidationError as e:
                 raise BadResponse(Task.GENERATE, str(e), str(e.body or "")) from e
@@ -269,7 +292,9 @@ class ContentMLClient:
         def attempt(timeout: float) -> dict[str, Any]:
             response = self._http.post(path, json=payload, timeout=timeout)
             if not response.is_success:
-                raise _status_error(task, response.status_code, _response_message(response))
+                raise _status_error(
+                    task, response.status_code, _response_message(response), response.headers
+                )
             try:
                 body = response.json()
             except ValueError as e:
@@ -285,7 +310,8 @@ class ContentMLClient:
 
     def _call(self, task: Task, attempt: Callable[[float], T]) -> T:
         """Run `attempt(timeout)` until it succeeds, fails for good, or `task`'s deadline or
-        the retries run out. Each attempt's timeout is the time left."""
+        the retries run out. Each attempt's timeout is the time left; a retry waits at least
+        what a `RetryLater` asked for, and is not made when that wait ends past the deadline."""
         deadline = self.deadlines[task]
         start = time.monotonic()
         end = start + deadline
@@ -295,6 +321,8 @@ class ContentMLClient:
             if attempts:
                 delay = self.backoff_seconds * 2 ** (attempts - 1)
                 delay *= 1 + random.uniform(-_JITTER, _JITTER)
+                if isinstance(last_error, RetryLater):
+                    delay = max(delay, last_error.retry_after)
                 if time.monotonic() + delay >= end:
                     break
                 time.sleep(delay)
@@ -311,13 +339,32 @@ class ContentMLClient:
         raise ServiceUnavailable(task, attempts, elapsed, deadline, last_error) from last_error
 
 
-def _status_error(task: Task, status_code: int, message: str) -> ContentMLClientError:
-    """The error for a non-2xx answer: 5xx retried, 4xx not, anything else malformed."""
+def _status_error(
+    task: Task, status_code: int, message: str, headers: Mapping[str, str]
+) -> ContentMLClientError:
+    """The error for a non-2xx answer: a 429 or 503 with `Retry-After` retried after that
+    delay, other 5xx retried, other 4xx not, anything else malformed."""
+    retry_after = _retry_after(headers.get("retry-after"))
+    if status_code in (429, 503) and retry_after is not None:
+        return RetryLater(task, status_code, message, retry_after)
     if status_code >= 500:
         return ServerError(task, status_code, message)
     if status_code >= 400:
         return ClientError(task, status_code, message)
     return BadResponse(task, f"unexpected HTTP {status_code}", message)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a `Retry-After` value asks to wait: delay-seconds or an HTTP date (RFC 9110,
+    10.2.3); None when there is none or it is unreadable."""
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    date = email.utils.parsedate_tz(value)
+    if date is None:
+        return None
+    return max(0.0, email.utils.mktime_tz(date) - time.time())
 
 
 def _response_message(response: httpx.Response) -> str:

@@ -7,6 +7,9 @@
 - `serve_api`: the backend API alone (the cluster's `contentml-api` Deployment).
 - `work`: one batch worker (`contentml batch worker`), answering queued chunks with the models
   loaded in-process.
+
+Both servers check the bearer token, bound each model's requests in flight and drain on
+SIGTERM (`serving/admission.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from kserve import ModelServer
 from kserve.model import BaseKServeModel
@@ -31,6 +34,7 @@ from threadpoolctl import threadpool_limits
 from contentml.errors import UserError
 from contentml.registry import RegistryError
 from contentml.settings import Settings
+from serving.admission import Admission, AdmissionMiddleware, drain_on_sigterm
 from serving.batch import BatchQueue, Heartbeat, batch_router
 from serving.cache import CacheConfig
 from serving.channels import channels_router
@@ -39,7 +43,7 @@ from serving.niche_model import NicheRouter
 from serving.prediction_log import PredictionLog, open_prediction_log
 from serving.quality_model import QualityModel
 from serving.revenue_model import RevenueModel, revenue_router
-from serving.script_model import ScriptModel, openai_router
+from serving.script_model import OPENAI_ROUTE_PREFIX, ScriptModel, openai_router
 from serving.tasks import TASKS, Task, TaskAnswerer, tasks_router, validation_problem
 from serving.trend_model import TrendModel
 from serving.versions import ServingOptions, VersionedModel, VersionWatcher
@@ -55,6 +59,17 @@ PREDICTORS: dict[str, type[VersionedModel] | type[NicheRouter] | type[RevenueMod
 `niche-<slug>` model is served too; `script` answers on the OpenAI routes (`/openai/v1/...`);
 `revenue` (the RevenueOptimizer's bandits) needs no registered model, and takes rewards on
 `/v1/experiments/...`."""
+
+LIMITED_ROUTES: dict[str, str] = {
+    **{spec.route: spec.model for spec in TASKS.values()},
+    # The OpenAI routes name their model in the body; only the script model answers there.
+    **{
+        f"{OPENAI_ROUTE_PREFIX}/v1/{kind}": TASKS[Task.SCRIPT].model
+        for kind in ("completions", "chat/completions")
+    },
+}
+"""Routes that name no model in their path -> the model whose limit of requests in flight
+they count against (`Settings.max_concurrent_requests`, per route)."""
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +156,19 @@ def serve(
     and /metrics on `port` until stopped, reading the aliases every
     `settings.serving_poll_seconds` and swapping to the versions they name. Answered instances
     go to the prediction log (`settings.prediction_log`), written out when the server stops.
-    Without `names` (every model) it is the backend API too, with `workers` batch workers."""
+    Without `names` (every model) it is the backend API too, with `workers` batch workers.
+
+    On SIGTERM it drains (`serving/admission.py`), and only once the last request is answered
+    unloads the models, stops the batch workers and the registry's follower, and writes the
+    prediction log out."""
     cache = CacheConfig(settings.prediction_cache)
     prediction_log = open_prediction_log(settings)
     models = load_models(settings, names, canary, cache, prediction_log)
+    admission = Admission.from_settings(settings, (m.name for m in models), LIMITED_ROUTES)
+    app.add_middleware(AdmissionMiddleware, admission=admission)
+    # KServe creates the app: an included router's lifespan is how one is added to it.
+    drain = drain_on_sigterm(admission, settings.shutdown_drain_seconds)
+    app.include_router(APIRouter(lifespan=drain))
     router = openai_router(models)
     if router is not None:
         # KServe's own OpenAI routes need vLLM (see serving/script_model.py); ours go on the
@@ -173,8 +197,14 @@ def serve(
         [m for m in models if isinstance(m, VersionedModel)],
         settings.serving_poll_seconds,
     ).start()
+    # KServe gives the grace period to uvicorn's graceful shutdown, whose end runs KServe's
+    # own SIGTERM handler: it unloads the models after the last request.
     server = ModelServer(
-        http_port=port, grpc_port=grpc_port or 0, enable_grpc=grpc_port is not None, workers=1
+        http_port=port,
+        grpc_port=grpc_port or 0,
+        enable_grpc=grpc_port is not None,
+        workers=1,
+        grace_period=settings.shutdown_grace_seconds,
     )
     try:
         with batch_workers(settings, workers if queue is not None else 0):
@@ -223,14 +253,20 @@ def _as_worker_child() -> None:
 
 def serve_api(settings: Settings, port: int) -> None:
     """The backend API without models (the cluster's `contentml-api`): `/generate/script`
-    through the provider chain, batch jobs, health, the OpenAPI schema and /metrics."""
+    through the provider chain, batch jobs, health, the OpenAPI schema and /metrics; it
+    drains on SIGTERM like `serve`."""
     from prometheus_client import make_asgi_app
 
     ledger = CostLedger.from_settings(settings)
     answerer = TaskAnswerer(settings, [], ledger)
     queue = BatchQueue(settings, ledger=ledger)
     register_cost_metrics(ledger)
-    api = FastAPI(title="contentml backend API")
+    admission = Admission.from_settings(settings, fixed_routes=LIMITED_ROUTES)
+    api = FastAPI(
+        title="contentml backend API",
+        lifespan=drain_on_sigterm(admission, settings.shutdown_drain_seconds),
+    )
+    api.add_middleware(AdmissionMiddleware, admission=admission)
     api.add_exception_handler(RequestValidationError, validation_problem)
     api.include_router(tasks_router(answerer, [Task.SCRIPT]))
     api.include_router(batch_router(queue))
@@ -238,7 +274,12 @@ def serve_api(settings: Settings, port: int) -> None:
     api.add_api_route("/v2/health/ready", lambda: {"ready": True}, methods=["GET"])
     api.mount("/metrics", make_asgi_app())
     try:
-        uvicorn.run(api, host="0.0.0.0", port=port)  # noqa: S104 (a pod's port)
+        uvicorn.run(
+            api,
+            host="0.0.0.0",  # noqa: S104 (a pod's port)
+            port=port,
+            timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        )
     finally:
         answerer.close()
         queue.close()

@@ -451,7 +451,8 @@ class ContentStrategist:
         environ = os.environ if environ is None else environ
         providers = []
         for provider in config.providers:
-            api_key = PLACEHOLDER_API_KEY
+            # Our own endpoint (no base_url) gets its token; no other provider ever sees it.
+            api_key = (provider.base_url is None and settings.api_token) or PLACEHOLDER_API_KEY
             if provider.api_key_env is not None:
                 api_key = environ.get(provider.api_key_env, "")
                 if not api_key:
@@ -485,7 +486,7 @@ class ContentStrategist:
             )
         on_close: list[Callable[[], None]] = []
         if quality is None:
-            quality_client = ContentMLClient(settings.serving_url)
+            quality_client = ContentMLClient(settings.serving_url, api_key=settings.api_token)
             quality = quality_client.score_quality
             on_close.append(quality_client.close)
         return cls(

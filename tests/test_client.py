@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -19,6 +20,7 @@ from serving.client import (
     BadResponse,
     ClientError,
     ContentMLClient,
+    RetryLater,
     ServerError,
     ServiceUnavailable,
     Task,
@@ -35,6 +37,7 @@ class Reply:
     status: int = 200
     body: dict[str, Any] | str = field(default_factory=dict)
     delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,6 +98,8 @@ class ScriptedServer:
                 self.send_response(reply.status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -255,6 +260,44 @@ def test_4xx_is_client_error_after_one_request(serve, task: Task, status: int) -
     assert raised.value.status_code == status
     assert raised.value.message == "horizon too long"
     assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("task", list(Task))
+@pytest.mark.parametrize("status", [429, 503])
+def test_busy_server_with_retry_after_is_retried(serve, task: Task, status: int) -> None:
+    busy = Reply(status, {"error": "at its limit"}, headers={"Retry-After": "0"})
+    server = serve(busy, Reply(body=ROUTES[task].ok))
+    with ContentMLClient(server.url, **FAST) as client:
+        assert ROUTES[task].call(client) == ROUTES[task].expected
+    assert len(server.requests) == 2
+
+
+def test_retry_after_is_waited_for(serve) -> None:
+    server = serve(Reply(429, headers={"Retry-After": "1"}), Reply(body=ROUTES[Task.QUALITY].ok))
+    with ContentMLClient(server.url, backoff_seconds=0.01, deadlines={"quality": 3.0}) as client:
+        start = time.monotonic()
+        client.score_quality("x")
+    assert time.monotonic() - start >= 1.0
+    assert len(server.requests) == 2
+
+
+# Retry-After's two forms, a minute from when the test runs.
+A_MINUTE = {"seconds": lambda: "60", "http-date": lambda: formatdate(time.time() + 60, usegmt=True)}
+
+
+@pytest.mark.parametrize("task", list(Task))
+@pytest.mark.parametrize("form", list(A_MINUTE))
+def test_retry_after_past_the_deadline_gives_up_at_once(serve, task: Task, form: str) -> None:
+    server = serve(Reply(503, {"error": "draining"}, headers={"Retry-After": A_MINUTE[form]()}))
+    with ContentMLClient(server.url, **FAST) as client:
+        start = time.monotonic()
+        with pytest.raises(ServiceUnavailable) as raised:
+            ROUTES[task].call(client)
+    assert time.monotonic() - start < 0.5
+    assert len(server.requests) == 1
+    cause = raised.value.__cause__
+    assert isinstance(cause, RetryLater) and 55 <= cause.retry_after <= 60
+    assert "retry after" in str(raised.value) and "draining" in str(raised.value)
 
 
 @pytest.mark.parametrize(

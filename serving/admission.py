@@ -1,0 +1,229 @@
+"""Admission control in front of the model server and the backend API: who may call, how many
+requests each model takes at once, and when the cluster should stop routing here.
+
+- Auth: with `Settings.api_token` set, every route but health and /metrics needs
+  `Authorization: Bearer <token>`; other callers get 401, and the answer quotes nothing they
+  sent.
+- Backpressure: each route of each model takes `Settings.max_concurrent_requests` requests at
+  once; the next one gets 429 with `Retry-After` at once, before its body is read, instead of
+  waiting in a queue until its caller gives up. Only requests that wait without blocking the
+  event loop pile up here (the task routes' thread pools, an async `predict`): KServe runs a
+  synchronous `predict` on the loop itself, one request at a time, and the others wait in the
+  socket, before any middleware sees them.
+- Draining: from SIGTERM the readiness routes answer 503 (the cluster stops routing here) while
+  every request, in flight or new, is still served for `Settings.shutdown_drain_seconds`; then
+  uvicorn's own graceful shutdown closes the listener and waits up to
+  `Settings.shutdown_grace_seconds` for the requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import prometheus_client
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
+
+from contentml.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 1
+"""What a refused caller is told to wait: a slot frees as soon as one request of the model
+ends, in milliseconds to seconds."""
+
+REJECTED = prometheus_client.Counter(
+    "contentml_requests_rejected",
+    "Requests answered 429 because their model had its limit of requests in flight on the route",
+    ["model", "route"],
+)
+
+MODEL_ROUTES = tuple(
+    (template, compile_path(template)[0])
+    for template in (
+        "/v1/models/{model}:predict",
+        "/v1/models/{model}:explain",
+        "/v2/models/{model}/infer",
+        "/v2/models/{model}/versions/{version}/infer",
+    )
+)
+"""KServe's inference routes (POST): limited per model named in the path."""
+
+READINESS = tuple(
+    compile_path(template)[0]
+    for template in (
+        "/v2/health/ready",
+        "/v2/models/{model}/ready",
+        "/v2/models/{model}/versions/{version}/ready",
+        "/v1/models/{model}",
+    )
+)
+"""Readiness routes (GET): 503 while the server drains."""
+
+OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics", "/metrics/"})
+"""Answered without a token: the kubelet's probes and Prometheus' scrapes carry none."""
+
+UNAUTHORIZED = (
+    "missing or wrong bearer token: send `Authorization: Bearer <token>` with the server's "
+    "CONTENTML_API_TOKEN"
+)
+
+
+@dataclass
+class Admission:
+    """What `AdmissionMiddleware` enforces, and its state: one per server process, shared by
+    the middleware and the SIGTERM handler of `drain_on_sigterm`."""
+
+    max_concurrent: int
+    """Requests one route of one model takes at once."""
+
+    token: str = field(default="", repr=False)
+    """Bearer token every route but `OPEN_PATHS` requires; empty: none."""
+
+    models: frozenset[str] = frozenset()
+    """Models served here. A KServe route naming another is not counted (KServe answers 404),
+    so made-up names add neither pools nor metric labels."""
+
+    fixed_routes: Mapping[str, str] = field(default_factory=dict)
+    """Limited routes that name no model in their path (the task and OpenAI routes) -> the
+    model they count under."""
+
+    draining: bool = False
+    """Set on SIGTERM: readiness answers 503 from then on."""
+
+    in_flight: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Requests being answered per (route, model)."""
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, not {self.max_concurrent}")
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        models: Iterable[str] = (),
+        fixed_routes: Mapping[str, str] | None = None,
+    ) -> Admission:
+        """The limit and token of `settings`, for `models` and `fixed_routes` (see the fields)."""
+        return cls(
+            settings.max_concurrent_requests,
+            settings.api_token,
+            frozenset(models),
+            dict(fixed_routes or {}),
+        )
+
+    def pool(self, method: str, path: str) -> tuple[str, str] | None:
+        """The (route, model) whose limit a request counts against; None: not limited."""
+        if method != "POST":
+            return None
+        if path in self.fixed_routes:
+            return path, self.fixed_routes[path]
+        for template, pattern in MODEL_ROUTES:
+            match = pattern.match(path)
+            if match and match["model"] in self.models:
+                return template, match["model"]
+        return None
+
+    def refusal(self, scope: Scope) -> JSONResponse | None:
+        """The answer to a request refused before any limit: 401 without the token, 503 to a
+        readiness check while draining; None: admitted so far."""
+        path = scope["path"]
+        if self.token and path not in OPEN_PATHS and not self._authorized(Headers(scope=scope)):
+            return JSONResponse({"error": UNAUTHORIZED}, 401, {"WWW-Authenticate": "Bearer"})
+        if self.draining and scope["method"] == "GET" and any(r.match(path) for r in READINESS):
+            return JSONResponse({"error": "shutting down: finishing the requests in flight"}, 503)
+        return None
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, credentials = get_authorization_scheme_param(headers.get("authorization"))
+        # As bytes: compare_digest refuses strings with non-ASCII characters (headers are latin-1).
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.encode("latin-1"), self.token.encode()
+        )
+
+
+class AdmissionMiddleware:
+    """Pure ASGI middleware applying an `Admission`. A refused request's body is never read: a
+    refusal costs the server microseconds."""
+
+    def __init__(self, app: ASGIApp, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        admission = self.admission
+        refusal = admission.refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        pool = admission.pool(scope["method"], scope["path"])
+        if pool is None:
+            await self.app(scope, receive, send)
+            return
+        if admission.in_flight[pool] >= admission.max_concurrent:
+            route, model = pool
+            REJECTED.labels(model, route).inc()
+            busy = JSONResponse(
+                {
+                    "error": f"{model} has {admission.max_concurrent} requests in flight on "
+                    f"{route}, its limit: retry after {RETRY_AFTER_SECONDS} s"
+                },
+                429,
+                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+            await busy(scope, receive, send)
+            return
+        admission.in_flight[pool] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admission.in_flight[pool] -= 1
+            if not admission.in_flight[pool]:
+                del admission.in_flight[pool]
+
+
+def drain_on_sigterm(admission: Admission, seconds: float) -> Lifespan[Any]:
+    """The lifespan of an app uvicorn serves that turns SIGTERM into a drain: `admission` turns
+    not ready at once, every request is still served for `seconds`, then uvicorn's own handler
+    runs (it closes the listener, waits for the requests in flight up to its
+    `timeout_graceful_shutdown`, and returns from `serve`). SIGINT (Ctrl+C) still stops at once."""
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        # uvicorn installs its handler while it serves and restores the previous one when it
+        # stops, which removes this one too.
+        stop = signal.getsignal(signal.SIGTERM)
+        if not callable(stop):
+            raise RuntimeError(
+                f"SIGTERM has no server handler to drain into ({stop!r}): "
+                "serve the app with uvicorn, from the main thread"
+            )
+        loop = asyncio.get_running_loop()
+
+        def drain() -> None:
+            if admission.draining:
+                return
+            admission.draining = True
+            logger.info("SIGTERM: not ready; serving %g s more, then finishing", seconds)
+            loop.call_later(seconds, stop, signal.SIGTERM, None)
+
+        # A signal handler runs between any two bytecodes of the loop: it only schedules.
+        signal.signal(signal.SIGTERM, lambda signum, frame: loop.call_soon_threadsafe(drain))
+        yield
+
+    return lifespan

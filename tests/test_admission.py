@@ -1,0 +1,228 @@
+"""Admission control (`serving/admission.py`): the bearer token, the limit of requests in flight
+per model and route, and draining on SIGTERM. The middleware on a bare app in-process; the
+drain on a real `contentml serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from contentml.demo import READY_TIMEOUT_SECONDS, free_port
+from contentml.settings import SettingsError
+from serving.admission import Admission, AdmissionMiddleware
+from tests.conftest import make_settings
+
+TOKEN = "s3cret-Token_1"
+PREDICT = "/v1/models/{model}:predict"
+FIXED = {"/predict/trend": "trend"}
+
+
+def app_with(admission: Admission, gate: asyncio.Event | None = None) -> Starlette:
+    """Health, /metrics, a V1 predict route and a task route; `trend` predictions wait for
+    `gate`, so a test holds them in flight."""
+
+    async def predict(request: Request) -> JSONResponse:
+        if gate is not None and request.path_params["name"] == "trend":
+            await gate.wait()
+        return JSONResponse({"predictions": [1.0]})
+
+    async def ok(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    routes = [
+        Route("/v1/models/{name}:predict", predict, methods=["POST"]),
+        Route("/v1/models/{name}", ok),
+        Route("/predict/trend", ok, methods=["POST"]),
+        Route("/v2/health/ready", ok),
+        Route("/metrics", ok),
+    ]
+    app = Starlette(routes=routes)
+    app.add_middleware(AdmissionMiddleware, admission=admission)
+    return app
+
+
+def rejected(model: str, route: str) -> float:
+    labels = {"model": model, "route": route}
+    return REGISTRY.get_sample_value("contentml_requests_rejected_total", labels) or 0.0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "pool"),
+    [
+        ("POST", "/v1/models/trend:predict", (PREDICT, "trend")),
+        ("POST", "/v2/models/quality/infer", ("/v2/models/{model}/infer", "quality")),
+        (
+            "POST",
+            "/v2/models/trend/versions/3/infer",
+            ("/v2/models/{model}/versions/{version}/infer", "trend"),
+        ),
+        ("POST", "/predict/trend", ("/predict/trend", "trend")),
+        ("POST", "/v1/models/made-up:predict", None),  # KServe answers 404: no pool, no label
+        ("GET", "/v1/models/trend", None),
+        ("POST", "/v1/experiments/e/rewards", None),
+    ],
+)
+def test_each_model_route_has_its_own_pool(method: str, path: str, pool) -> None:
+    admission = Admission(2, models=frozenset({"trend", "quality"}), fixed_routes=FIXED)
+    assert admission.pool(method, path) == pool
+
+
+def test_a_request_over_the_limit_gets_429_with_retry_after_at_once() -> None:
+    admission = Admission(2, models=frozenset({"trend", "quality"}))
+    before = rejected("trend", PREDICT)
+
+    async def scenario() -> tuple[list[int], httpx.Response, float, int, int]:
+        gate = asyncio.Event()
+        transport = httpx.ASGITransport(app_with(admission, gate))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            held = [
+                asyncio.create_task(client.post("/v1/models/trend:predict", json={}))
+                for _ in range(2)
+            ]
+            while sum(admission.in_flight.values()) < 2:
+                await asyncio.sleep(0.001)
+            start = time.perf_counter()
+            refused = await client.post("/v1/models/trend:predict", json={})
+            elapsed = time.perf_counter() - start
+            other = await client.post("/v1/models/quality:predict", json={})  # its own pool
+            gate.set()
+            answered = [r.status_code for r in await asyncio.gather(*held)]
+            again = await client.post("/v1/models/trend:predict", json={})
+            return answered, refused, elapsed, other.status_code, again.status_code
+
+    answered, refused, elapsed, other, again = asyncio.run(scenario())
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert "trend" in refused.json()["error"]
+    assert elapsed < 0.05
+    assert answered == [200, 200] and other == 200 and again == 200
+    assert not admission.in_flight
+    assert rejected("trend", PREDICT) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status"),
+    [
+        ("POST", "/v1/models/trend:predict", {}, 401),
+        ("POST", "/v1/models/trend:predict", {"Authorization": "Bearer wrong-token"}, 401),
+        ("POST", "/v1/models/trend:predict", {"Authorization": TOKEN}, 401),
+        ("POST", "/v1/models/trend:predict", {"Authorization": f"Bearer {TOKEN}"}, 200),
+        ("POST", "/v1/models/trend:predict", {"Authorization": f"bearer {TOKEN}"}, 200),
+        ("POST", "/predict/trend", {"Authorization": "Bearer wrong-token"}, 401),
+        ("GET", "/v1/models/trend", {}, 401),
+        ("GET", "/v2/health/ready", {}, 200),
+        ("GET", "/metrics", {}, 200),
+    ],
+)
+def test_with_a_token_only_health_and_metrics_are_open(method, path, headers, status) -> None:
+    admission = Admission(2, token=TOKEN, models=frozenset({"trend"}), fixed_routes=FIXED)
+    with TestClient(app_with(admission)) as client:
+        answer = client.request(method, path, headers=headers)
+    assert answer.status_code == status
+    if status == 401:
+        assert answer.headers["WWW-Authenticate"] == "Bearer"
+        assert "wrong-token" not in answer.text and TOKEN not in answer.text
+
+
+def test_a_token_that_can_never_match_is_refused_without_quoting_it(tmp_path) -> None:
+    with pytest.raises(SettingsError) as raised:
+        make_settings(tmp_path, CONTENTML_API_TOKEN="two words")
+    assert "two words" not in str(raised.value)
+
+
+def test_while_draining_readiness_is_503_and_requests_are_served() -> None:
+    admission = Admission(2, models=frozenset({"trend"}), draining=True)
+    with TestClient(app_with(admission)) as client:
+        assert client.get("/v2/health/ready").status_code == 503
+        assert client.get("/v1/models/trend").status_code == 503  # V1's model readiness
+        assert client.post("/v1/models/trend:predict", json={}).status_code == 200
+
+
+# --- SIGTERM on a real server ---------------------------------------------------------------
+
+IN_FLIGHT = 50
+DRAIN_SECONDS = 1.0
+
+
+async def held_rewards(url: str, server: subprocess.Popen) -> tuple[int, int, list[int]]:
+    """IN_FLIGHT rewards whose bodies are held half-sent across SIGTERM and the drain (the
+    route waits for its whole body: requests stay in flight as long as the test wants, with no
+    sleeping route in the product). Returns the statuses of readiness after SIGTERM, of a
+    request sent while draining, and of the rewards."""
+    release = asyncio.Event()
+    half_sent: list[int] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"arm": "a", '
+        half_sent.append(1)
+        await release.wait()
+        yield b'"reward": 1.0}'
+
+    limits = httpx.Limits(max_connections=IN_FLIGHT + 5)
+    async with httpx.AsyncClient(base_url=url, timeout=30.0, limits=limits) as client:
+        rewards = [
+            asyncio.create_task(client.post("/v1/experiments/drain/rewards", content=body()))
+            for _ in range(IN_FLIGHT)
+        ]
+        while len(half_sent) < IN_FLIGHT:
+            await asyncio.sleep(0.01)
+        server.send_signal(signal.SIGTERM)
+        for _ in range(100):
+            readiness = (await client.get("/v2/health/ready")).status_code
+            if readiness != 200:
+                break
+            await asyncio.sleep(0.01)
+        during = (await client.get("/v1/experiments")).status_code
+        # Past the drain the server no longer listens, and still holds the requests.
+        await asyncio.sleep(DRAIN_SECONDS + 0.5)
+        assert server.poll() is None
+        release.set()
+        return readiness, during, [r.status_code for r in await asyncio.gather(*rewards)]
+
+
+def test_sigterm_turns_not_ready_and_finishes_every_request_in_flight(tmp_path) -> None:
+    settings = make_settings(
+        tmp_path / "state", CONTENTML_SHUTDOWN_DRAIN_SECONDS=str(DRAIN_SECONDS)
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = ["serve", "--models", "revenue", "--workers", "0", "--port", str(port)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "contentml.cli", *command], env={**os.environ, **settings.to_env()}
+    )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while not _ready(url):
+            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        choose = {"instances": [{"experiment": "drain", "arms": ["a", "b"]}]}
+        assert httpx.post(f"{url}/v1/models/revenue:predict", json=choose).status_code == 200
+
+        readiness, during, rewards = asyncio.run(held_rewards(url, server))
+
+        assert readiness == 503 and during == 200
+        assert rewards == [200] * IN_FLIGHT
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _ready(url: str) -> bool:
+    with contextlib.suppress(httpx.TransportError):
+        return httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200
+    return False
