@@ -37,9 +37,8 @@ from typing import Any
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
-from mlflow.tracking import MlflowClient
 
-from contentml import manifests, registry
+from contentml import manifests, names, registry
 from contentml.errors import UserError
 from contentml.manifests import MANIFESTS_DIR
 from contentml.registry import Alias, AliasEvent
@@ -71,8 +70,6 @@ AUTOSCALING_FIELDS = ("minReplicas", "maxReplicas", "scaleMetric", "scaleMetricT
 """Fields KServe refuses on a RawDeployment canary; it scales the canary by its defaults."""
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_LOGGED_MODEL_URI = re.compile(r"models:/(m-[0-9a-f]+)")
-"""A version's source when it was registered from an MLflow 3 logged model."""
 
 
 class DeployError(UserError):
@@ -127,22 +124,6 @@ class Release:
     storage_uri: str | None = None
 
 
-def artifact_uri(client: MlflowClient, name: str, version: str) -> str:
-    """The artifact location of a version (`s3://...` in the cluster, a local path or `file://`
-    here), never a `models:/` URI."""
-    uri = client.get_model_version_download_uri(name, version)
-    if uri.startswith("models:/"):
-        # A backend that stored the logged model's URI as is: follow it to its artifacts.
-        found = registry.model_version(client, name, version)
-        logged = _LOGGED_MODEL_URI.fullmatch(found.source or "")
-        model_id = found.model_id or (logged.group(1) if logged else None)
-        if model_id:
-            uri = client.get_logged_model(model_id).artifact_location
-    if uri.startswith("models:/"):
-        raise DeployError(f"model {name!r} version {version} has no artifact location ({uri})")
-    return uri
-
-
 def _script_weights_uri(uri: str, name: str, version: str) -> str:
     """The merged model folder inside the script pyfunc, as its MLmodel records it."""
     try:
@@ -153,13 +134,15 @@ def _script_weights_uri(uri: str, name: str, version: str) -> str:
             f"model {name!r} version {version} has no {SCRIPT_WEIGHTS_ARTIFACT!r} artifact "
             f"with the merged weights the Hugging Face runtime serves"
         ) from e
-    return f"{uri.rstrip('/')}/{path}"
+    # The MLmodel file is data: a path out of the version's folder must not reach KServe.
+    return f"{uri.rstrip('/')}/{names.artifact_path(path)}"
 
 
-def _release(client: MlflowClient, target: Target, version: str) -> Release:
+def _release(client: registry.RegistryClient, target: Target, version: str) -> Release:
     if target.runtime is not Runtime.HUGGINGFACE:
         return Release(version)
-    uri = artifact_uri(client, target.registered_model, version)
+    # KServe's storage initializer downloads whatever it is given: only the registry's store.
+    uri = registry.stored_artifact_uri(client, target.registered_model, version)
     return Release(version, _script_weights_uri(uri, target.registered_model, version))
 
 

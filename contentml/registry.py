@@ -21,6 +21,21 @@ lock chosen by the tracking URI's scheme (`ALIAS_LOCKS`), with these guarantees:
   `from_version` can be stale.
 
 Both locks are released by the kernel or the server when the holding process dies.
+
+A change killed at any point (SIGKILL) leaves the registry consistent, and running it again
+finishes it. Its record is written first, marked pending; moving the alias is the commit
+point; then the mark is removed. A pending record counts as having happened exactly when its
+alias moved to its version (`_landed`): the next change of that alias found it there, or,
+with none yet, it is there now. `history` reads records that way, and the next change settles
+them for good (`_settle`: kept, or deleted when the alias never moved). A change whose alias
+already points at its version, as recorded, does nothing: re-running a promotion that was
+killed after its commit point adds no record. A rollback is done once its alias moved; running
+it again rolls back one champion further. Without a lock, a pending record may belong to a
+change still running, so only those older than `UNLOCKED_SETTLE_SECONDS` are settled.
+
+Only artifacts from the registry's own store are loaded: `stored_artifact_uri` refuses a
+version whose artifacts lie outside the configured artifact root (its `source` may name any
+URI), and every name is checked (`contentml.names`) before it reaches the registry.
 """
 
 from __future__ import annotations
@@ -29,13 +44,16 @@ import fcntl
 import getpass
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from urllib.parse import urlparse
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
@@ -43,12 +61,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema
 
+from contentml import names
 from contentml.errors import UserError
 from contentml.settings import Settings
 
 EVENT_TAG_PREFIX = "contentml.alias_event."
+PENDING = "pending"
+"""Key set (true) in an event's record while its alias move may not have happened yet."""
 REDO_ATTEMPTS = 5
 """How often an unlocked change redoes itself before giving up (see the module docstring)."""
+UNLOCKED_SETTLE_SECONDS = 60.0
+"""Without a lock, the age from which a pending record is taken for a killed change's."""
 
 
 class Alias(StrEnum):
@@ -63,25 +86,38 @@ class RegistryError(UserError):
     """A registry request names something that does not exist or cannot be done."""
 
 
-def connect(settings: Settings) -> MlflowClient:
+class RegistryClient(MlflowClient):
+    """An MLflow client on the settings' backend that knows the registry's own artifact store."""
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+        roots = [settings.mlflow_artifact_root]
+        if urlparse(settings.mlflow_tracking_uri).scheme in ("http", "https"):
+            # A tracking server's proxied store (`--artifacts-destination`), named without a
+            # host: a `mlflow-artifacts://host/` URI could name another server.
+            roots.append("mlflow-artifacts:/")
+        self.artifact_roots: tuple[str, ...] = tuple(roots)
+        """Where versions' artifacts may lie: a folder, `s3://bucket/prefix`, ..."""
+
+
+def connect(settings: Settings) -> RegistryClient:
     """Point MLflow at the settings' tracking and registry backend (one URI for both)."""
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
-    return MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+    return RegistryClient(settings)
 
 
 def experiment_id(client: MlflowClient, settings: Settings) -> str:
     """The training experiment, created on first use with the configured artifact root."""
-    experiment = client.get_experiment_by_name(settings.mlflow_experiment)
+    name = names.experiment_name(settings.mlflow_experiment)
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(
-            settings.mlflow_experiment, artifact_location=settings.mlflow_artifact_root
-        )
+        return client.create_experiment(name, artifact_location=settings.mlflow_artifact_root)
     except MlflowException:
         # Another process created it between our lookup and create.
-        return client.get_experiment_by_name(settings.mlflow_experiment).experiment_id
+        return client.get_experiment_by_name(name).experiment_id
 
 
 @dataclass(frozen=True)
@@ -98,28 +134,83 @@ class AliasEvent:
 
 def model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
     """A registered version, or a `RegistryError` naming the model and version."""
-    version = str(version)
+    name, version = names.model_name(name), names.version(version)
     try:
-        return client.get_model_version(name, str(version))
+        return client.get_model_version(name, version)
     except MlflowException as e:
         raise RegistryError(f"model {name!r} has no version {version!r}") from e
 
 
 def alias_version(client: MlflowClient, name: str, alias: Alias) -> str | None:
     """The version an alias points at, or None when unset."""
+    name = names.model_name(name)
     try:
         return str(client.get_model_version_by_alias(name, alias.value).version)
     except MlflowException:
         return None
 
 
-def load_champion(settings: Settings, name: str) -> tuple[str, mlflow.pyfunc.PyFuncModel]:
-    """The champion's version and its pyfunc: what a predictor serves."""
-    client = connect(settings)
-    version = alias_version(client, name, Alias.CHAMPION)
-    if version is None:
-        raise RegistryError(f"model {name!r} has no champion to serve")
-    return version, mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+_LOGGED_MODEL_URI = re.compile(r"models:/(m-[0-9a-f]+)")
+"""A version's source when it was registered from an MLflow 3 logged model."""
+
+
+def artifact_uri(client: MlflowClient, name: str, version: str) -> str:
+    """The artifact location of a version (`s3://...` in the cluster, a local path or `file://`
+    here), never a `models:/` URI."""
+    found = model_version(client, name, version)
+    uri = client.get_model_version_download_uri(found.name, found.version)
+    if uri.startswith("models:/"):
+        # A backend that stored the logged model's URI as is: follow it to its artifacts.
+        logged = _LOGGED_MODEL_URI.fullmatch(found.source or "")
+        model_id = found.model_id or (logged.group(1) if logged else None)
+        if model_id:
+            uri = client.get_logged_model(model_id).artifact_location
+    if uri.startswith("models:/"):
+        raise RegistryError(f"model {name!r} version {version} has no artifact location ({uri})")
+    return uri
+
+
+def _local_path(uri: str) -> Path | None:
+    """The absolute, resolved path of a local artifact URI (as loading decodes and follows it),
+    or None for a remote one."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "":
+        return Path(uri).resolve()
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(url2pathname(parsed.path)).resolve()
+    return None
+
+
+def _within(uri: str, root: str) -> bool:
+    """Whether artifact `uri` lies inside `root`: a folder, or a bucket and prefix."""
+    path, root_path = _local_path(uri), _local_path(root)
+    if path is not None or root_path is not None:
+        return path is not None and root_path is not None and path.is_relative_to(root_path)
+    target, base = urlparse(uri), urlparse(root)
+    if (target.scheme, target.netloc) != (base.scheme, base.netloc):
+        return False
+    # A store may decode escapes: `%2e%2e` is `..` there.
+    if {".", ".."} & set(unquote(target.path).split("/")):
+        return False
+    return f"{target.path.rstrip('/')}/".startswith(f"{base.path.rstrip('/')}/")
+
+
+def _store_problem(client: RegistryClient, uri: str) -> str | None:
+    """Why artifacts at `uri` are not the registry's own to load, or None."""
+    if any(_within(uri, root) for root in client.artifact_roots):
+        return None
+    store = ", ".join(client.artifact_roots)
+    return f"its artifacts at {uri} lie outside the registry's artifact store ({store})"
+
+
+def stored_artifact_uri(client: RegistryClient, name: str, version: str) -> str:
+    """`artifact_uri`, refused unless it lies in the registry's own artifact store: a version
+    registered from anywhere else (`file:///etc`, another bucket) is never loaded."""
+    uri = artifact_uri(client, name, version)
+    problem = _store_problem(client, uri)
+    if problem is not None:
+        raise RegistryError(f"refusing to load model {name!r} version {version}: {problem}")
+    return uri
 
 
 @contextmanager
@@ -161,55 +252,122 @@ ALIAS_LOCKS: dict[str, Callable[[str, str], AbstractContextManager[None]]] = {
 }
 
 
+def _lock_of(client: MlflowClient) -> Callable[[str, str], AbstractContextManager[None]]:
+    scheme = urlparse(client.tracking_uri).scheme.split("+")[0]  # postgresql+psycopg2 -> ...
+    return ALIAS_LOCKS.get(scheme, _optimistic)
+
+
 def alias_lock(client: MlflowClient, name: str) -> AbstractContextManager[None]:
     """Serializes the alias changes of model `name` (see the module docstring)."""
-    uri = client.tracking_uri
-    scheme = urlparse(uri).scheme.split("+")[0]  # postgresql+psycopg2 -> postgresql
-    return ALIAS_LOCKS.get(scheme, _optimistic)(uri, name)
+    return _lock_of(client)(client.tracking_uri, name)
 
 
-def _events(model: RegisteredModel) -> list[tuple[str, AliasEvent]]:
-    """The model's alias events with their tag keys, oldest first."""
-    keys = sorted(k for k in model.tags if k.startswith(EVENT_TAG_PREFIX))
-    return [(k, AliasEvent(**json.loads(model.tags[k]))) for k in keys]
+@dataclass(frozen=True)
+class _Record:
+    """One alias event as stored: its tag key, and whether its alias move is in doubt."""
+
+    key: str
+    event: AliasEvent
+    pending: bool
+
+
+def _records(model: RegisteredModel) -> list[_Record]:
+    """The model's alias event records, oldest first (their keys sort in lock order)."""
+    records = []
+    for key in sorted(k for k in model.tags if k.startswith(EVENT_TAG_PREFIX)):
+        fields = json.loads(model.tags[key])
+        pending = bool(fields.pop(PENDING, False))
+        records.append(_Record(key, AliasEvent(**fields), pending))
+    return records
+
+
+def _encoded(event: AliasEvent, *, pending: bool = False) -> str:
+    return json.dumps({**asdict(event), **({PENDING: True} if pending else {})})
+
+
+def _record_ns(key: str) -> int:
+    """When a record was written (its key starts with the time in nanoseconds)."""
+    return int(key.removeprefix(EVENT_TAG_PREFIX)[:20])
+
+
+def _landed(model: RegisteredModel, records: list[_Record], index: int) -> bool:
+    """Whether the pending record `records[index]` moved its alias: the next change of that
+    alias found the alias at the record's version or, with none yet, the alias is there now."""
+    event = records[index].event
+    later = [r.event for r in records[index + 1 :] if r.event.alias == event.alias]
+    found = later[0].from_version if later else model.aliases.get(event.alias)
+    return str(found) == event.to_version
+
+
+def _happened(model: RegisteredModel) -> list[_Record]:
+    """The records of the changes that happened: done ones, and pending ones that landed."""
+    records = _records(model)
+    return [r for i, r in enumerate(records) if not r.pending or _landed(model, records, i)]
+
+
+def _settle(client: MlflowClient, name: str) -> RegisteredModel:
+    """Finish the records of changes killed mid-way: one whose alias moved is kept, one whose
+    alias never moved is deleted. Returns the model as settled."""
+    model = _registered_model(client, name)
+    records = _records(model)
+    locked = _lock_of(client) is not _optimistic
+    oldest_ns = time.time_ns() - (0 if locked else int(UNLOCKED_SETTLE_SECONDS * 1e9))
+    settled = 0
+    for index, record in enumerate(records):
+        if not record.pending or _record_ns(record.key) > oldest_ns:
+            continue
+        if _landed(model, records, index):
+            client.set_registered_model_tag(name, record.key, _encoded(record.event))
+        else:
+            client.delete_registered_model_tag(name, record.key)
+        settled += 1
+    return _registered_model(client, name) if settled else model
 
 
 def _move_alias(
     client: MlflowClient, name: str, alias: Alias, version: str, *, action: str, reason: str
 ) -> AliasEvent:
-    """Move `alias` to `version` and record the change; the caller holds `alias_lock`."""
+    """Move `alias` to `version` and record the change; the caller holds `alias_lock`. Three
+    writes: the record, pending; the alias (the commit point); the record, done (see the
+    module docstring)."""
+    version = str(version)
     conflict = None
     for _ in range(REDO_ATTEMPTS):
-        model = _registered_model(client, name)
-        events = _events(model)
-        # Keys sort in lock order even when hosts' clocks disagree: never before the newest.
-        newest_ns = int(events[-1][0].removeprefix(EVENT_TAG_PREFIX)[:20]) if events else 0
-        ns = max(time.time_ns(), newest_ns + 1)
+        model = _settle(client, name)
+        records = _records(model)
         current = model.aliases.get(alias.value)
+        recorded = [r.event for r in _happened(model) if r.event.alias == alias.value]
+        if str(current) == version and recorded and recorded[-1].to_version == version:
+            return recorded[-1]  # moved and recorded already: a re-run has nothing left to do
+        # Keys sort in lock order even when hosts' clocks disagree: never before the newest.
+        newest_ns = _record_ns(records[-1].key) if records else 0
+        ns = max(time.time_ns(), newest_ns + 1)
         event = AliasEvent(
             time=ns / 1e9,
             model=name,
             alias=alias.value,
             from_version=None if current is None else str(current),
-            to_version=str(version),
+            to_version=version,
             action=action,
             reason=reason,
             actor=getpass.getuser(),
         )
+        key = f"{EVENT_TAG_PREFIX}{ns:020d}-{uuid.uuid4().hex[:8]}"
+        client.set_registered_model_tag(name, key, _encoded(event, pending=True))
         try:
-            client.set_registered_model_alias(name, alias.value, str(version))
+            client.set_registered_model_alias(name, alias.value, version)
         except MlflowException as e:
             # Without a lock, MLflow's own read-then-insert of the alias can collide with a
-            # concurrent one (a unique-key error); nothing was recorded, so try again.
+            # concurrent one (a unique-key error); the alias did not move, so try again.
+            client.delete_registered_model_tag(name, key)
             conflict = e
             continue
-        key = f"{EVENT_TAG_PREFIX}{ns:020d}-{uuid.uuid4().hex[:8]}"
-        client.set_registered_model_tag(name, key, json.dumps(asdict(event)))
+        client.set_registered_model_tag(name, key, _encoded(event))
         # Under a lock this always holds. Without one, a concurrent change may have moved the
         # alias between our move and our record: whoever wrote the newest event fixes that.
         model = _registered_model(client, name)
-        newest_key = max(k for k, e in _events(model) if e.alias == alias.value)
-        if newest_key != key or str(model.aliases.get(alias.value)) == str(version):
+        newest_key = max(r.key for r in _records(model) if r.event.alias == alias.value)
+        if newest_key != key or str(model.aliases.get(alias.value)) == version:
             return event
     problem = conflict or "concurrent changes kept moving it"
     message = f"could not move {alias.value} of {name!r} ({problem}); try again"
@@ -231,21 +389,24 @@ def set_alias(
 
 
 def history(client: MlflowClient, name: str) -> list[AliasEvent]:
-    """Every recorded alias change of a model, oldest first."""
-    return [event for _, event in _events(_registered_model(client, name))]
+    """Every alias change of a model that happened, oldest first."""
+    return [record.event for record in _happened(_registered_model(client, name))]
 
 
 def _registered_model(client: MlflowClient, name: str) -> RegisteredModel:
+    name = names.model_name(name)
     try:
         return client.get_registered_model(name)
     except MlflowException as e:
         raise RegistryError(f"no registered model named {name!r}") from e
 
 
-def _load_problem(name: str, version: str) -> str | None:
-    """Why the version's artifacts cannot be served, or None when they load."""
+def _load_problem(uri: str) -> str | None:
+    """Why the artifacts at `uri` cannot be served, or None when they load."""
     try:
-        mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        # Only whether it loads: the warnings' scan of every installed package (the larger part
+        # of a `contentml promote`) is for the server's log.
+        mlflow.pyfunc.load_model(uri, suppress_warnings=True)
     except Exception as e:  # whatever the cause, serving would fail the same way
         first_line = next(iter(str(e).splitlines()), "")
         return f"artifacts do not load ({type(e).__name__}: {first_line})"
@@ -286,7 +447,7 @@ def _signature_problem(name: str, version: str, champion: str | None) -> str | N
 
 
 def promote(
-    client: MlflowClient,
+    client: RegistryClient,
     name: str,
     version: str,
     alias: Alias = Alias.CHAMPION,
@@ -295,13 +456,18 @@ def promote(
     force: bool = False,
 ) -> AliasEvent:
     """Point `alias` at `version`. A new champion must load and take the champion's inputs;
-    `force` skips those checks and is recorded as `force-promote` with its reason."""
-    model_version(client, name, version)
+    `force` skips those checks and is recorded as `force-promote` with its reason. Artifacts
+    outside the registry's store are refused, forced or not: no server would load them."""
+    version = str(model_version(client, name, version).version)
     if force and not reason.strip():
         raise RegistryError("a forced promotion needs a reason for the history")
+    uri = artifact_uri(client, name, version)
+    outside = _store_problem(client, uri)
+    if outside is not None:
+        raise RegistryError(f"refusing to point {alias.value} of {name!r} at v{version}: {outside}")
     checked = alias == Alias.CHAMPION and not force
     # Loading can take long, and does not depend on the champion: outside the lock.
-    problem = _load_problem(name, version) if checked else None
+    problem = _load_problem(uri) if checked else None
     with alias_lock(client, name):
         if checked and problem is None:
             champion = alias_version(client, name, Alias.CHAMPION)
@@ -368,7 +534,7 @@ class GateDecision:
 
 
 def promotion_gate(
-    client: MlflowClient,
+    client: RegistryClient,
     name: str,
     version: str,
     *,
@@ -392,7 +558,12 @@ def promotion_gate(
     champion = alias_version(client, name, Alias.CHAMPION)
     if champion == version:
         return refuse(challenger_score, f"version {version} already is the champion")
-    problem = _load_problem(name, version) or _signature_problem(name, version, champion)
+    uri = artifact_uri(client, name, version)
+    problem = (
+        _store_problem(client, uri)
+        or _load_problem(uri)
+        or _signature_problem(name, version, champion)
+    )
     if problem is not None:
         return refuse(None, f"v{version}: {problem}")
     champion_score = None

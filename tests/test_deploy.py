@@ -314,7 +314,7 @@ def test_a_models_uri_source_is_followed_to_its_artifacts(trend, monkeypatch):
     source = client.get_model_version("trend", v1).source
     assert source.startswith("models:/m-")
     monkeypatch.setattr(type(client), "get_model_version_download_uri", lambda self, n, v: source)
-    assert deploy.artifact_uri(client, "trend", v1).rstrip("/") == expected.rstrip("/")
+    assert registry.artifact_uri(client, "trend", v1).rstrip("/") == expected.rstrip("/")
 
 
 @pytest.mark.parametrize(

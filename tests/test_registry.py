@@ -1,21 +1,33 @@
 """Registry helpers and the promote/rollback/history commands against real MLflow backends:
-SQLite (embedded) and PostgreSQL (cluster)."""
+SQLite (embedded) and PostgreSQL (cluster), including commands killed (SIGKILL) at each of
+their writes."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
 import json
+import multiprocessing
+import os
 import re
 import shutil
+import signal
+import sys
+from collections.abc import Callable
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 from contentml import registry
 from contentml.cli import main
-from contentml.registry import Alias, RegistryError
+from contentml.registry import Alias, AliasEvent, RegistryError
+from contentml.settings import Settings
 from tests.conftest import make_settings, requires_postgres
 
 
@@ -60,12 +72,24 @@ def register_broken(settings, name: str) -> str:
     return version
 
 
+def shared_backend(request, tmp_path: Path, tracking_uri: str) -> Settings:
+    """Settings on a backend the module's tests share (PostgreSQL, a tracking server). Its
+    experiment keeps the artifact root it was created with, and versions elsewhere are refused
+    (`registry.stored_artifact_uri`), so the tests share one root too."""
+    key = hashlib.blake2b(tracking_uri.encode(), digest_size=6).hexdigest()
+    root = request.getfixturevalue("tmp_path_factory").getbasetemp() / f"artifacts-{key}"
+    return make_settings(
+        tmp_path / "state",
+        MLFLOW_TRACKING_URI=tracking_uri,
+        CONTENTML_MLFLOW_ARTIFACT_ROOT=str(root),
+    )
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=requires_postgres)])
 def backend_settings(request, tmp_path: Path):
     if request.param == "sqlite":
         return make_settings(tmp_path / "state")
-    url = request.getfixturevalue("postgres_url")
-    return make_settings(tmp_path / "state", MLFLOW_TRACKING_URI=url)
+    return shared_backend(request, tmp_path, request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture
@@ -258,3 +282,161 @@ def test_cli_promote_checks_force_and_rollback(backend_settings, model_name, mon
     ]:
         status, _, err = run(*argv)
         assert status == 2 and problem in err and err.count("\n") == 1, (argv, err)
+
+
+# --- killed at every write ----------------------------------------------------------------
+
+WRITE_PREFIXES = ("create_", "set_", "delete_", "log_", "update_", "finalize_", "_create_model")
+"""`MlflowClient` methods that write (`_create_model_version` is how `log_model` registers)."""
+
+
+def killed_after_write(kill_at: int, job: Callable[[], object]) -> None:
+    """Run `job` in this (child) process, which SIGKILLs itself right after its `kill_at`-th
+    write to MLflow (0: never). Nothing else is changed."""
+    writes = 0
+
+    def counted(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def write(*args, **kwargs):
+            nonlocal writes
+            result = method(*args, **kwargs)
+            writes += 1
+            if writes == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        return write
+
+    for attribute in dir(MlflowClient):
+        if attribute.startswith(WRITE_PREFIXES):
+            setattr(MlflowClient, attribute, counted(getattr(MlflowClient, attribute)))
+    job()
+
+
+def cli_child(settings: Settings, argv: tuple[str, ...], kill_at: int) -> None:
+    """`contentml ARGV` in a child process, killed after its `kill_at`-th write."""
+    os.environ.update(settings.to_env())
+    killed_after_write(kill_at, lambda: sys.exit(main(list(argv))))
+
+
+def registration_child(settings: Settings, name: str, kill_at: int) -> None:
+    """What training does (`training.steps.register`): log and register a model, then make it
+    the challenger; killed after its `kill_at`-th write."""
+
+    def job() -> None:
+        version = register(settings, name)
+        registry.register_challenger(registry.connect(settings), name, version, "trained")
+
+    killed_after_write(kill_at, job)
+
+
+PRELOADED = (
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+)
+
+
+def children() -> BaseContext:
+    """Child processes forked from a server that imported MLflow and this module once: each
+    starts bare like a separate command, in a fraction of a second rather than seconds."""
+    context = multiprocessing.get_context("forkserver")
+    # Taking effect when this process starts its server; MLflow imports its stores lazily.
+    context.set_forkserver_preload([__name__, *PRELOADED])
+    return context
+
+
+def run_child(target: Callable, *args) -> int | None:
+    """`target(*args)` in a child process; its exit status (-9: killed by SIGKILL)."""
+    process = children().Process(target=target, args=args)
+    process.start()
+    process.join(timeout=300)
+    return process.exitcode
+
+
+def assert_consistent(client: MlflowClient, name: str) -> list[AliasEvent]:
+    """Each alias points at a READY version, where the newest recorded change of it says, and
+    each record starts where the one before it ended. Returns the history."""
+    model = client.get_registered_model(name)
+    events = registry.history(client, name)
+    for alias in Alias:
+        recorded = [e for e in events if e.alias == alias.value]
+        current = model.aliases.get(alias.value)
+        if current is None:
+            assert not recorded, alias
+            continue
+        assert client.get_model_version(name, str(current)).status == "READY"
+        assert recorded[-1].to_version == str(current), (alias, recorded)
+        assert [e.from_version for e in recorded] == [None] + [e.to_version for e in recorded[:-1]]
+    return events
+
+
+def changes_since(events: list[AliasEvent], before: list[AliasEvent]) -> list[tuple]:
+    assert events[: len(before)] == before  # nothing recorded earlier was lost or changed
+    return [(e.action, e.from_version, e.to_version) for e in events[len(before) :]]
+
+
+@pytest.mark.parametrize("command", ["promote", "rollback"])
+def test_a_change_killed_at_any_write_is_consistent_and_a_rerun_finishes_it(
+    backend_settings, model_name, command
+):
+    name = model_name
+    versions = register_versions(backend_settings, name, 2)
+    client = registry.connect(backend_settings)
+    registry.promote(client, name, versions[0])
+    for kill_at in itertools.count(1):
+        champion = registry.alias_version(client, name, Alias.CHAMPION)
+        other = versions[1] if champion == versions[0] else versions[0]
+        if command == "promote":
+            argv, expected = ("promote", name, other), ("promote", champion, other)
+        else:
+            registry.promote(client, name, other)  # a champion to roll back from
+            argv, expected = ("rollback", name), ("rollback", other, champion)
+        before = registry.history(client, name)
+        status = run_child(cli_child, backend_settings, argv, kill_at)
+        events = assert_consistent(client, name)
+        if status == 0:  # it wrote fewer than `kill_at` times: the uninterrupted run
+            assert changes_since(events, before) == [expected]
+            break
+        assert status == -signal.SIGKILL, status
+        moved = registry.alias_version(client, name, Alias.CHAMPION) == expected[2]
+        # The history holds what happened: the change once the alias moved, else nothing.
+        assert changes_since(events, before) == ([expected] if moved else [])
+        if moved and command == "rollback":
+            continue  # done; running it again would roll back one champion further
+        # Running it again finishes it, even when that run is killed too (mid-settling).
+        for rerun_kill_at in (1, 0):
+            status = run_child(cli_child, backend_settings, argv, rerun_kill_at)
+            assert status in (0, -signal.SIGKILL)
+            assert_consistent(client, name)
+        assert status == 0
+        assert changes_since(assert_consistent(client, name), before) == [expected]
+    # The record (pending), the alias (the commit point), the record (done): three writes.
+    assert kill_at == 4
+    tags = client.get_registered_model(name).tags
+    assert not [k for k, v in tags.items() if registry.PENDING in json.loads(v)]
+
+
+def test_a_registration_killed_at_any_write_leaves_ready_versions_and_a_rerun_finishes_it(
+    backend_settings, model_name
+):
+    name = model_name
+    client = registry.connect(backend_settings)
+    for kill_at in itertools.count(1):
+        status = run_child(registration_child, backend_settings, name, kill_at)
+        if status == 0:
+            break
+        assert status == -signal.SIGKILL, status
+        if not client.search_registered_models(f"name = '{name}'"):
+            continue  # killed before the registered model was created
+        assert_consistent(client, name)
+        found = client.search_model_versions(f"name = '{name}'")
+        assert {v.status for v in found} <= {"READY"}
+        newest = max((int(v.version) for v in found), default=None)
+        if newest is not None:
+            # Registered only once its artifacts were all written: it loads.
+            mlflow.pyfunc.load_model(registry.stored_artifact_uri(client, name, str(newest)))
+    assert kill_at > 5  # the run, the logged model, its artifacts, the version, the alias
+    # Every run after a kill started over; the one that finished made its version challenger.
+    newest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    assert registry.alias_version(client, name, Alias.CHALLENGER) == str(newest)
+    assert assert_consistent(client, name)[-1].action == "register"

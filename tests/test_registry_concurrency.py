@@ -1,6 +1,8 @@
-"""Concurrent alias changes from several processes. On SQLite and PostgreSQL the per-model lock
-must leave one exact, chained record per change and the alias where the newest record says; a
-tracking server (no lock) must still record every change and end where the newest record says."""
+"""Concurrent alias changes and registrations from several processes. On SQLite and PostgreSQL
+the per-model lock must leave one exact, chained record per change and the alias where the newest
+record says; a tracking server (no lock) must still record every change and end where the newest
+record says. Registrations of one model at once must number their versions 1..N, each reported
+to the process that made it, none failed."""
 
 from __future__ import annotations
 
@@ -13,16 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import mlflow
 import pytest
 
 from contentml import registry
-from contentml.demo import free_port
 from contentml.registry import Alias
 from tests.conftest import make_settings, requires_postgres
-from tests.test_registry import register_versions
+from tests.test_registry import Constant, children, register_versions, shared_backend
 
 WORKERS = 8
 NAME = "raced"
+REGISTRATIONS = 32
+REGISTERED = "registered-at-once"
 
 
 def promote_at_once(settings, version: str, start: multiprocessing.Barrier) -> None:
@@ -36,6 +40,10 @@ def promote_at_once(settings, version: str, start: multiprocessing.Barrier) -> N
 def tracking_server(tmp_path_factory) -> Iterator[str]:
     """`mlflow server` on SQLite: what the registry looks like through HTTP only."""
     home = tmp_path_factory.mktemp("tracking-server")
+    # Imported here: `contentml.demo` imports the training pipelines, seconds that every
+    # worker process importing this module would pay.
+    from contentml.demo import free_port
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
@@ -70,19 +78,18 @@ def tracking_server(tmp_path_factory) -> Iterator[str]:
 )
 def backend(request, tmp_path: Path):
     """Settings for one backend, and whether it holds a lock (so records chain exactly)."""
-    overrides = {}
-    if request.param == "postgres":
-        overrides["MLFLOW_TRACKING_URI"] = request.getfixturevalue("postgres_url")
-    if request.param == "http":
-        overrides["MLFLOW_TRACKING_URI"] = request.getfixturevalue("tracking_server")
-    return make_settings(tmp_path / "state", **overrides), request.param != "http"
+    locked = request.param != "http"
+    if request.param == "sqlite":
+        return make_settings(tmp_path / "state"), locked
+    server = {"postgres": "postgres_url", "http": "tracking_server"}[request.param]
+    return shared_backend(request, tmp_path, request.getfixturevalue(server)), locked
 
 
 def test_concurrent_promotions_are_all_recorded_in_order(backend):
     settings, locked = backend
     versions = register_versions(settings, NAME, WORKERS)
-    # spawn: each worker starts like a separate `contentml promote`, no state shared by fork.
-    context = multiprocessing.get_context("spawn")
+    # Each worker starts like a separate `contentml promote`, no state shared (`children`).
+    context = children()
     start = context.Barrier(WORKERS)
     workers = [
         context.Process(target=promote_at_once, args=(settings, version, start))
@@ -104,3 +111,43 @@ def test_concurrent_promotions_are_all_recorded_in_order(backend):
     else:
         # Without a lock a change may redo itself (an extra record) and a `from` may be stale.
         assert {e.to_version for e in events} == set(versions)
+
+
+def register_at_once(settings, model_uri: str, start, versions) -> None:
+    """One worker process: connect, wait for all the others, register the same logged model
+    (as `log_model(registered_model_name=...)` does) and report the version it got."""
+    registry.connect(settings)
+    start.wait()
+    versions.put(mlflow.register_model(model_uri, REGISTERED).version)
+
+
+@pytest.mark.parametrize("database", ["sqlite", pytest.param("postgres", marks=requires_postgres)])
+def test_parallel_registrations_number_versions_without_gaps(database, tmp_path, request):
+    if database == "sqlite":
+        settings = make_settings(tmp_path / "state")
+    else:
+        settings = shared_backend(request, tmp_path, request.getfixturevalue("postgres_url"))
+    client = registry.connect(settings)
+    with mlflow.start_run(experiment_id=registry.experiment_id(client, settings)):
+        logged = mlflow.pyfunc.log_model(
+            name="model", python_model=Constant(), pip_requirements=["mlflow"]
+        )
+    processes = children()
+    start, versions = processes.Barrier(REGISTRATIONS), processes.Queue()
+    workers = [
+        processes.Process(
+            target=register_at_once, args=(settings, logged.model_uri, start, versions)
+        )
+        for _ in range(REGISTRATIONS)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0] * REGISTRATIONS  # none failed
+    expected = list(range(1, REGISTRATIONS + 1))
+    # Each process was told a version of its own, and those are all the versions: no gaps.
+    assert sorted(int(versions.get(timeout=10)) for _ in workers) == expected
+    stored = client.search_model_versions(f"name = '{REGISTERED}'")
+    assert sorted(int(v.version) for v in stored) == expected
+    assert {v.status for v in stored} == {"READY"}

@@ -1,0 +1,107 @@
+"""Checks of the names and paths that reach the registry, the artifact store and URIs built from
+them (`models:/NAME/VERSION`, artifact folders): one function per kind of name, used by every
+caller before anything is read or written. Each returns the value as the registry takes it, or
+raises `NameRefused` saying what is wrong with it.
+
+Names are letters, digits, `_`, `-` and `.`, starting with a letter or digit, with no `..`: no
+path separators, no percent-escapes that a URI layer could decode into one, no control
+characters. Registered models and experiments created outside these rules cannot be named
+through the platform.
+"""
+
+from __future__ import annotations
+
+import re
+
+from contentml.errors import UserError
+
+MAX_NAME_LENGTH = 128
+"""Registered model and experiment names; MLflow's columns take 256, Kubernetes labels 63."""
+
+MAX_VERSION = 2**31 - 1
+"""MLflow stores versions as 32-bit integers."""
+
+MAX_ARTIFACT_PATH_LENGTH = 1024
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_ARTIFACT_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*")
+_VERSION = re.compile(r"[1-9][0-9]*")
+
+_FORBIDDEN = {
+    "\x00": "a NUL byte",
+    "\\": "a backslash",
+    "%": "a '%' (a URL-encoded character)",
+    "/": "a '/'",
+}
+"""Characters named in the error rather than lumped into "outside the safe set"."""
+
+
+class NameRefused(UserError):
+    """A name, version or path that is not allowed where it was given."""
+
+
+def _shown(value: str) -> str:
+    # An over-long name would flood the one-line error.
+    return repr(value) if len(value) <= 80 else f"{value[:60]!r}... ({len(value)} characters)"
+
+
+def _problem(value: str, allowed: re.Pattern, max_length: int, separator: str | None) -> str | None:
+    """What is wrong with `value`, most specific first, or None."""
+    if not value:
+        return "it is empty"
+    if len(value) > max_length:
+        return f"it is longer than {max_length} characters"
+    if separator and value.startswith(separator):
+        return "it is absolute"
+    if ".." in value:
+        return "it contains '..'"
+    for character, described in _FORBIDDEN.items():
+        if character != separator and character in value:
+            return f"it contains {described}"
+    if not allowed.fullmatch(value):
+        parts = f" in parts between single {separator!r}" if separator else ""
+        return (
+            f"it may only hold letters, digits, '_', '-' and '.'{parts}, "
+            "starting with a letter or digit"
+        )
+    return None
+
+
+def _checked(
+    kind: str, value: object, allowed: re.Pattern, max_length: int, separator: str | None = None
+) -> str:
+    if not isinstance(value, str):
+        raise NameRefused(f"{kind} must be text, not {type(value).__name__}")
+    problem = _problem(value, allowed, max_length, separator)
+    if problem is not None:
+        raise NameRefused(f"{kind} {_shown(value)} is refused: {problem}")
+    return value
+
+
+def model_name(name: object) -> str:
+    """A registered model's name."""
+    return _checked("model name", name, _NAME, MAX_NAME_LENGTH)
+
+
+def experiment_name(name: object) -> str:
+    """An MLflow experiment's name."""
+    return _checked("experiment name", name, _NAME, MAX_NAME_LENGTH)
+
+
+def version(value: object) -> str:
+    """A registered model version: a whole number from 1, as text without leading zeros."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not (isinstance(value, str) and _VERSION.fullmatch(value) and int(value) <= MAX_VERSION):
+        shown = _shown(value) if isinstance(value, str) else repr(value)
+        raise NameRefused(
+            f"model version {shown} is refused: it must be a whole number from 1 to "
+            f"{MAX_VERSION}, without leading zeros"
+        )
+    return value
+
+
+def artifact_path(path: object) -> str:
+    """A path inside a version's artifacts (as its MLmodel file records one): relative, its
+    parts names, so it never leaves the version's folder."""
+    return _checked("artifact path", path, _ARTIFACT_PATH, MAX_ARTIFACT_PATH_LENGTH, "/")
