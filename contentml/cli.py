@@ -181,12 +181,11 @@ def cmd_experiments_report(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from serving.server import parse_canary, serve
 
-    names = args.models.split(",") if args.models else None
     serve(
         settings,
         args.port,
         args.grpc_port,
-        names,
+        args.models,
         canary=parse_canary(args.canary),
         workers=args.workers,
     )
@@ -551,6 +550,21 @@ def _minutes(text: str) -> float:
     return value
 
 
+def _name(text: str) -> str:
+    """A model name as `contentml.names` allows it, checked before anything opens the registry
+    (which would create its database in a fresh home)."""
+    from contentml import names
+
+    try:
+        return names.model_name(text)
+    except UserError as e:  # a ValueError: argparse would print a generic message
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _names(text: str) -> list[str]:
+    return [_name(part.strip()) for part in text.split(",")]
+
+
 def _date(text: str) -> datetime.date:
     try:
         return datetime.date.fromisoformat(text)
@@ -658,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve every champion model with KServe")
     serve.add_argument("--port", type=_port, default=8080)
     serve.add_argument("--grpc-port", type=_port, default=None)
-    serve.add_argument("--models", default=None, help="comma-separated model names")
+    serve.add_argument("--models", type=_names, default=None, help="comma-separated model names")
     serve.add_argument(
         "--canary",
         action="append",
@@ -727,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=cmd_models_list)
 
     promote = commands.add_parser("promote", help="point an alias at a model version")
-    promote.add_argument("model")
+    promote.add_argument("model", type=_name)
     promote.add_argument("version", type=_positive)
     promote.add_argument("--to", choices=[a.value for a in Alias], default=Alias.CHAMPION.value)
     promote.add_argument("--reason", default=None, help="why, for the history")
@@ -739,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote.set_defaults(handler=cmd_promote)
 
     rollback = commands.add_parser("rollback", help="champion back to the previous champion")
-    rollback.add_argument("model")
+    rollback.add_argument("model", type=_name)
     rollback.add_argument("--reason", default="manual rollback")
     rollback.set_defaults(handler=cmd_rollback)
 
@@ -765,7 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
     quality_train.add_argument("--config", default=None, help="YAML of QualityConfig fields")
     quality_train.add_argument("--epochs", type=_positive, default=None)
     quality_train.add_argument("--max-train-rows", type=_positive, default=None)
-    quality_train.add_argument("--model", default="quality", help="registered model name")
+    quality_train.add_argument(
+        "--model", type=_name, default="quality", help="registered model name"
+    )
     quality_train.add_argument(
         "--margin", type=float, default=0.0, help="weighted F1 to gain over the champion"
     )
@@ -775,7 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quality_predict.add_argument("--input", required=True, help="CSV: id, then tweet or text")
     quality_predict.add_argument("--output", required=True, help="CSV: id, class, probabilities")
-    quality_predict.add_argument("--model", default="quality", help="registered model name")
+    quality_predict.add_argument(
+        "--model", type=_name, default="quality", help="registered model name"
+    )
     quality_predict.add_argument(
         "--version", type=_positive, default=None, help="model version (default: champion)"
     )
@@ -898,7 +916,9 @@ def build_parser() -> argparse.ArgumentParser:
     monitor_check = monitor_commands.add_parser(
         "check", help="drift check, then retrain the model once per drifted window"
     )
-    monitor_check.add_argument("--model", required=True, help="registered model, e.g. quality")
+    monitor_check.add_argument(
+        "--model", type=_name, required=True, help="registered model, e.g. quality"
+    )
     monitor_check.add_argument("--reference", required=True, help="CSV or parquet: the baseline")
     monitor_check.add_argument("--current", required=True, help="CSV or parquet: the new window")
     monitor_check.add_argument(
@@ -909,11 +929,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     monitor_check.set_defaults(handler=cmd_monitor_check)
     monitor_triggers = monitor_commands.add_parser("triggers", help="retraining triggers fired")
-    monitor_triggers.add_argument("--model", default=None)
+    monitor_triggers.add_argument("--model", type=_name, default=None)
     monitor_triggers.set_defaults(handler=cmd_monitor_triggers)
 
     history = commands.add_parser("history", help="every alias change of a model")
-    history.add_argument("model")
+    history.add_argument("model", type=_name)
     history.add_argument("--json", action="store_true")
     history.set_defaults(handler=cmd_history)
     return parser

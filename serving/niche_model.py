@@ -12,7 +12,6 @@ from typing import Any
 import pandas as pd
 import pydantic
 from feast import FeatureStore
-from kserve import Model
 from kserve.errors import InferenceError
 from mlflow.tracking import MlflowClient
 
@@ -21,6 +20,7 @@ from contentml.settings import Settings
 from serving.payloads import instances_from_v1, parse_instances
 from serving.versions import (
     CachedPredictor,
+    OffLoopModel,
     ServingOptions,
     load_pyfunc,
     request_id_of,
@@ -112,7 +112,7 @@ class NicheModel(CachedPredictor[NicheVersion, TrendingVideo]):
         return [{"log_views_gained": float(v)} for v in values]
 
 
-class NicheRouter(Model):
+class NicheRouter(OffLoopModel):
     """A `TrendingVideo` -> its category's niche model, else the global model. The niche
     models follow their own aliases (and canary split); the router only routes."""
 
@@ -138,7 +138,7 @@ class NicheRouter(Model):
         self.ready = True
         return self.ready
 
-    def predict(self, payload: dict, headers: dict[str, str] | None = None) -> dict:
+    def predict_now(self, payload: dict, headers: dict[str, str] | None = None) -> dict:
         started = time.perf_counter()
         request_id = request_id_of(payload, headers)
         videos = parse_instances(instances_from_v1(payload), TrendingVideo, MAX_INSTANCES)

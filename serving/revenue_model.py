@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from kserve import Model
 from kserve.errors import InvalidInput
 
 from contentml.settings import Settings
+from serving.versions import OffLoopModel
 from training.revenue.experiment import Metric, Policy
 from training.revenue.policies import choose
 from training.revenue.report import experiment_report, report_html
@@ -51,7 +51,7 @@ def _enum(kind: type, value: Any, what: str):
         ) from None
 
 
-class RevenueModel(Model):
+class RevenueModel(OffLoopModel):
     """Chooses arms by each experiment's policy over the rewards stored so far."""
 
     def __init__(self, name: str, settings: Settings, options: Any = None):
@@ -90,7 +90,7 @@ class RevenueModel(Model):
             requests.append((instance["experiment"], list(instance["arms"]), metric, policy, found))
         return requests
 
-    def predict(self, payload: Any, headers: dict[str, str] | None = None) -> dict:
+    def predict_now(self, payload: Any, headers: dict[str, str] | None = None) -> dict:
         # Every instance is checked before any is answered: a bad one stores nothing.
         requests = self._parse(payload)
         predictions = []

@@ -294,7 +294,7 @@ class TaskAnswerer:
         model = self.models.get(name)
         if model is None or not model.ready:
             raise TaskUnavailable(f"the {name} model is not served here")
-        return model.predict({"instances": instances}, {})["predictions"]
+        return model.predict_now({"instances": instances}, {})["predictions"]
 
     def _trend(self, bodies: Sequence[TrendBody]) -> list[TrendAnswer]:
         if "trend" not in self.models:  # no champion yet: the simpler model is all there is

@@ -30,6 +30,7 @@ and a prediction cache. One code path for every predictor; each adds only `load_
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -45,7 +46,6 @@ import pydantic
 from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
-from mlflow.tracking import MlflowClient
 from prometheus_client import Counter, Gauge, Histogram
 
 from contentml import registry
@@ -130,11 +130,28 @@ def split_bucket(key: str) -> int:
 
 
 def load_pyfunc(name: str, version: str) -> mlflow.pyfunc.PyFuncModel:
-    """A registered version's pyfunc (the registry URI is set by `registry.connect`)."""
+    """A registered version's pyfunc (the registry URI is set by `registry.connect`), for
+    `VersionedModel.load_version`: `VersionedModel._load` has checked that its artifacts lie in
+    the registry's own store (a version's source never changes once registered)."""
     return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
 
 
-class VersionedModel(Model, Generic[S]):
+class OffLoopModel(Model):
+    """KServe calls a plain `predict()` on its event loop (kserve/model.py), where a slow
+    prediction holds up every other request: health probes, the admission middleware's 429s,
+    the task routes' SLA timers. Our predictors answer in `predict_now` (plain, for callers on
+    their own threads: the task routes, batch workers, tests), and `predict` runs it on the
+    loop's thread pool."""
+
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.predict_now, payload, headers)
+
+    def predict_now(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        raise NotImplementedError
+
+
+class VersionedModel(OffLoopModel, Generic[S]):
     """A KServe predictor serving its model's `champion` (and `challenger` when the canary is
     on), following the aliases through `refresh()`. Subclasses implement `load_version`;
     what every version shares (a Feast store) they load in `load()` before `super().load()`.
@@ -150,6 +167,9 @@ class VersionedModel(Model, Generic[S]):
         self._serving: Serving[S] | None = None
         self._previous: S | None = None
         self._failed: dict[Alias, str] = {}
+        # One model call at a time: requests answer on several threads (`OffLoopModel`), and
+        # tokenizers and some models are not thread-safe. Cache hits do not wait.
+        self._inferring = threading.Lock()
 
     def load_version(self, version: str) -> S:
         """Load one registered version completely, ready to answer."""
@@ -165,7 +185,7 @@ class VersionedModel(Model, Generic[S]):
         champion = self.pinned_version or registry.alias_version(client, self.name, Alias.CHAMPION)
         if champion is None:
             raise RegistryError(f"model {self.name!r} has no champion to serve")
-        self._serving = Serving(self._load(champion))
+        self._serving = Serving(self._load(client, champion))
         CANARY_PERCENT.labels(self.name).set(self.options.canary_percent)
         self.refresh(client)  # the challenger, when the canary is on
         self._report()
@@ -185,7 +205,7 @@ class VersionedModel(Model, Generic[S]):
 
     # --- following the registry --------------------------------------------------------
 
-    def refresh(self, client: MlflowClient) -> bool:
+    def refresh(self, client: registry.RegistryClient) -> bool:
         """Serve the versions the aliases point at now; True when that changed anything."""
         if self.pinned_version is not None:
             return False  # KServe routes between pinned predictors, not this server
@@ -212,7 +232,7 @@ class VersionedModel(Model, Generic[S]):
     def on_swap(self) -> None:
         """Called after the served versions changed."""
 
-    def _follow(self, client: MlflowClient, alias: Alias, current: S | None) -> S | None:
+    def _follow(self, client: registry.RegistryClient, alias: Alias, current: S | None) -> S | None:
         version = registry.alias_version(client, self.name, alias)
         if version is None:
             # An unset champion keeps the last one serving; an unset challenger ends the split.
@@ -223,7 +243,7 @@ class VersionedModel(Model, Generic[S]):
         if self._failed.get(alias) == version:
             return current
         try:
-            state = self._load(version)
+            state = self._load(client, version)
         except Exception as e:  # any failure to load must leave the current version serving
             self._failed[alias] = version
             LOAD_FAILURES.labels(self.name, version).inc()
@@ -240,12 +260,14 @@ class VersionedModel(Model, Generic[S]):
         self._failed.pop(alias, None)
         return state
 
-    def _load(self, version: str) -> S:
+    def _load(self, client: registry.RegistryClient, version: str) -> S:
         serving = self._serving
         kept = (serving.champion, serving.challenger, self._previous) if serving else ()
         for state in kept:
             if state is not None and state.version == version:
                 return state
+        # Whatever the version's source says, only the registry's own artifacts are loaded.
+        registry.stored_artifact_uri(client, self.name, version)
         started = time.monotonic()
         state = self.load_version(version)
         LOADS.labels(self.name, version).inc()
@@ -332,7 +354,7 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
         """The answers as Open Inference Protocol outputs; a V1-only predictor refuses."""
         raise InvalidInput(f"{self.name} answers V1 requests only (`:predict`)")
 
-    def predict(
+    def predict_now(
         self, payload: dict | InferRequest, headers: dict[str, str] | None = None
     ) -> dict | InferResponse:
         started = time.perf_counter()
@@ -368,7 +390,8 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
         """Answers of `state`'s version, from the cache where it has them."""
         with self.observe(state.version):
             if self.cache is None:
-                return self.infer(state, list(inputs))
+                with self._inferring:
+                    return self.infer(state, list(inputs))
             found = self.cache.get_many(state.version, inputs)
             missing = [i for i, answer in enumerate(found) if answer is None]
             hits = len(found) - len(missing)
@@ -376,7 +399,8 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
                 CACHE_LOOKUPS.labels(self.name, state.version, "hit").inc(hits)
             if missing:
                 CACHE_LOOKUPS.labels(self.name, state.version, "miss").inc(len(missing))
-                computed = self.infer(state, [inputs[i] for i in missing])
+                with self._inferring:
+                    computed = self.infer(state, [inputs[i] for i in missing])
                 for i, answer in zip(missing, computed, strict=True):
                     found[i] = answer
                 self.cache.put_many(state.version, [(inputs[i], found[i]) for i in missing])
@@ -436,7 +460,7 @@ class VersionWatcher:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    def poll_once(self, client: MlflowClient) -> None:
+    def poll_once(self, client: registry.RegistryClient) -> None:
         for model in self.models:
             try:
                 model.refresh(client)

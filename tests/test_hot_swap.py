@@ -136,8 +136,8 @@ def test_a_swap_serves_the_new_version_and_empties_the_cache(versions, settings,
     champion_is(client, "1")
     model = loaded(settings)
     hits = sample("contentml_cache_lookups_total", model=NAME, version="1", result="hit")
-    first = model.predict({"instances": [REPEATED]})
-    again = model.predict({"instances": [REPEATED]})
+    first = model.predict_now({"instances": [REPEATED]})
+    again = model.predict_now({"instances": [REPEATED]})
     assert again["predictions"] == first["predictions"]
     assert again["request_id"] != first["request_id"]  # one id per request, cached or not
     assert sample("contentml_cache_lookups_total", model=NAME, version="1", result="hit") == (
@@ -149,7 +149,7 @@ def test_a_swap_serves_the_new_version_and_empties_the_cache(versions, settings,
     misses = sample("contentml_cache_lookups_total", model=NAME, version="2", result="miss")
     assert model.refresh(client) is True
     assert model.version == "2" and len(model.cache) == 0
-    assert version_of(model.predict({"instances": [REPEATED]})) == "2"
+    assert version_of(model.predict_now({"instances": [REPEATED]})) == "2"
     assert sample("contentml_cache_lookups_total", model=NAME, version="2", result="miss") == (
         misses + 1
     )
@@ -163,7 +163,7 @@ def test_a_pinned_version_ignores_the_aliases(versions, settings, client):
     assert pinned.version == "2"
     registry.promote(client, NAME, "1", Alias.CHALLENGER, reason="test")
     assert pinned.refresh(client) is False and pinned.version == "2"
-    assert version_of(pinned.predict({"instances": [REPEATED]})) == "2"
+    assert version_of(pinned.predict_now({"instances": [REPEATED]})) == "2"
 
 
 def test_a_version_that_fails_to_load_leaves_the_old_one_serving(versions, settings, client):
@@ -174,7 +174,7 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(versions, setti
     registry.promote(client, NAME, "3", reason="broken artifacts", force=True)
     assert model.refresh(client) is False
     assert model.version == "1"
-    assert version_of(model.predict({"instances": [REPEATED]})) == "1"
+    assert version_of(model.predict_now({"instances": [REPEATED]})) == "1"
     assert sample("contentml_model_load_failures_total", model=NAME, version="3") == failures + 1
     assert model.refresh(client) is False  # not retried while the alias stays on it
     assert sample("contentml_model_load_failures_total", model=NAME, version="3") == failures + 1
@@ -193,11 +193,11 @@ def test_the_challenger_answers_its_share_by_a_stable_hash(versions, settings, c
     assert (model.serving.champion.version, model.serving.challenger.version) == ("1", "2")
     rng = np.random.default_rng(1)
     instances = [unique_instance(rng) for _ in range(500)]
-    answered = [version_of(model.predict({"instances": [i]})) for i in instances]
+    answered = [version_of(model.predict_now({"instances": [i]})) for i in instances]
     share = answered.count("2") / len(answered)
     assert abs(share - CANARY_PERCENT / 100) < 0.06, share
     # The same request always goes to the same version (a retry, a cached answer).
-    again = [version_of(model.predict({"instances": [i]})) for i in instances[:50]]
+    again = [version_of(model.predict_now({"instances": [i]})) for i in instances[:50]]
     assert again == answered[:50]
 
 
@@ -269,8 +269,8 @@ def test_replicas_share_answers_through_redis(versions, settings, client, redis_
     shared = CacheConfig(REDIS_URL, prefix=redis_prefix)
     first, second = loaded(settings, cache=shared), loaded(settings, cache=shared)
     hits = sample("contentml_cache_lookups_total", model=NAME, version="1", result="hit")
-    answer = first.predict({"instances": [REPEATED]})
-    assert second.predict({"instances": [REPEATED]})["predictions"] == answer["predictions"]
+    answer = first.predict_now({"instances": [REPEATED]})
+    assert second.predict_now({"instances": [REPEATED]})["predictions"] == answer["predictions"]
     assert sample("contentml_cache_lookups_total", model=NAME, version="1", result="hit") == (
         hits + 1
     )
@@ -281,7 +281,7 @@ def test_an_unreachable_redis_costs_only_the_lookup(versions, settings, client):
     model = loaded(settings, cache=CacheConfig("redis://127.0.0.1:9/0"))
     started = time.monotonic()
     for _ in range(5):
-        assert version_of(model.predict({"instances": [REPEATED]})) == "1"
+        assert version_of(model.predict_now({"instances": [REPEATED]})) == "1"
     assert time.monotonic() - started < 5  # bypassed after the first failure
 
 

@@ -265,14 +265,14 @@ def test_a_served_request_is_logged_under_the_request_id_it_returns(settings, ch
         model = TrendModel("trend", settings, ServingOptions(prediction_log=log))
         assert model.load()
         other = {"history": (BASE[-336:] * 2).round(3).tolist(), "horizon": 24}
-        given = model.predict({"instances": [HISTORY, other]}, {"x-request-id": "req-7"})
-        generated = model.predict({"instances": [HISTORY]})
+        given = model.predict_now({"instances": [HISTORY, other]}, {"x-request-id": "req-7"})
+        generated = model.predict_now({"instances": [HISTORY]})
         v2 = InferRequest(
             model_name="trend",
             infer_inputs=[InferInput("history", [1, 336], "FP64", [HISTORY["history"]])],
             request_id="v2-9",
         )
-        assert model.predict(v2, {"x-request-id": "ignored"}).id == "v2-9"
+        assert model.predict_now(v2, {"x-request-id": "ignored"}).id == "v2-9"
         assert log.flush()
         logged = read_predictions(tmp_path / "log", "trend")
 
@@ -319,11 +319,11 @@ def test_the_log_costs_little_end_to_end(settings, champion, tmp_path):
         ):
             model = TrendModel("trend", settings, options)
             model.load()
-            model.predict({"instances": [HISTORY]})  # fills the cache
+            model.predict_now({"instances": [HISTORY]})  # fills the cache
             timings = []
             for _ in range(2_000):
                 started = time.perf_counter_ns()
-                model.predict({"instances": [HISTORY]})
+                model.predict_now({"instances": [HISTORY]})
                 timings.append(time.perf_counter_ns() - started)
             figures[name] = percentiles_us(timings)
     print(f"\nserved trend request (cache hit), log off vs on: {figures}")
@@ -358,7 +358,7 @@ def test_the_niche_router_logs_each_instance_under_its_niche_model(settings, mon
             model.cache, model._serving = None, Serving(niche_model.NicheVersion("3", estimator))
             router.niches[niche] = model
         categories = ["Music", "Cooking", "Music"]
-        response = router.predict(
+        response = router.predict_now(
             {"instances": [{**video, "category": c} for c in categories]}, {"x-request-id": "r1"}
         )
     assert response["request_id"] == "r1"
