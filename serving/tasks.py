@@ -52,9 +52,8 @@ from contentml.errors import UserError
 from contentml.settings import Settings
 from serving.client import ClientError, ContentMLClientError
 from serving.costs import CostEntry, CostLedger, compute_cost
-from serving.quality_model import MAX_TEXT_CHARS
+from serving.quality_model import MAX_TEXT_CHARS, QualityRequest
 from serving.strategist import AllProvidersFailed, ContentStrategist
-from training.quality.policy import TextKind
 from training.trend.metrics import direction, seasonal_naive
 from training.trend.model import MAX_HISTORY, MAX_HORIZON, MIN_HISTORY
 
@@ -123,23 +122,6 @@ class TrendAnswer(pydantic.BaseModel):
     topic: str | None = None
 
 
-class QualityBody(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    text: pydantic.StrictStr = pydantic.Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    kind: TextKind = TextKind.SCRIPT
-
-    @pydantic.field_validator("text")
-    @classmethod
-    def not_blank(cls, text: str) -> str:
-        if not text.strip():
-            raise ValueError("text is empty")
-        return text
-
-    def instance(self) -> dict[str, Any]:
-        return {"text": self.text, "kind": self.kind.value}
-
-
 class QualityAnswer(pydantic.BaseModel):
     score: float
     decision: str = pydantic.Field(description="`pass`, `review` (a person decides) or `reject`.")
@@ -190,7 +172,7 @@ class TaskSpec:
 
 TASKS: dict[Task, TaskSpec] = {
     Task.TREND: TaskSpec("/predict/trend", 5.0, TrendBody, TrendAnswer, "trend"),
-    Task.QUALITY: TaskSpec("/score/quality", 2.0, QualityBody, QualityAnswer, "quality"),
+    Task.QUALITY: TaskSpec("/score/quality", 2.0, QualityRequest, QualityAnswer, "quality"),
     Task.SCRIPT: TaskSpec("/generate/script", 30.0, ScriptBody, ScriptAnswer, "script"),
 }
 
@@ -308,8 +290,8 @@ class TaskAnswerer:
             return [self.trend_fallback(body) for body in bodies]
         return [_trend_answer(p, b, False) for p, b in zip(predictions, bodies, strict=True)]
 
-    def _quality(self, bodies: Sequence[QualityBody]) -> list[QualityAnswer]:
-        predictions = self._predict("quality", [b.instance() for b in bodies])
+    def _quality(self, bodies: Sequence[QualityRequest]) -> list[QualityAnswer]:
+        predictions = self._predict("quality", [b.model_dump(mode="json") for b in bodies])
         return [
             QualityAnswer(
                 score=p["score"],
@@ -369,7 +351,7 @@ class TaskAnswerer:
 
     def _score_script(self, text: str) -> dict[str, Any]:
         try:
-            return self.answer(Task.QUALITY, [QualityBody(text=text[:MAX_TEXT_CHARS])])[0]
+            return self.answer(Task.QUALITY, [QualityRequest(text=text[:MAX_TEXT_CHARS])])[0]
         except Exception as e:  # any failure to score: the strategist sends the script to review
             raise QualityUnavailable(f"quality model could not score the script: {e}") from e
 

@@ -435,7 +435,7 @@ def test_a_quality_body_with_a_nan_gets_422_not_500(server: str):
 def test_openapi_describes_the_quality_route(server: str):
     schema = httpx.get(f"{server}/openapi.json").json()
     assert "post" in schema["paths"]["/score/quality"]
-    assert "text" in schema["components"]["schemas"]["QualityBody"]["properties"]
+    assert "text" in schema["components"]["schemas"]["QualityRequest"]["properties"]
     # No trend champion in this home: the route answers with the seasonal-naive fallback.
     assert "/predict/trend" in schema["paths"]
     body = {"history": [float(h % 24) for h in range(72)], "horizon": 24}

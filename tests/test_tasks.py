@@ -16,11 +16,10 @@ from fastapi.testclient import TestClient
 from kserve.errors import InvalidInput
 
 from serving.costs import CostLedger
-from serving.quality_model import QualityModel
+from serving.quality_model import QualityModel, QualityRequest
 from serving.tasks import (
     MAX_BODY_BYTES,
     TASKS,
-    QualityBody,
     Task,
     TaskAnswerer,
     TaskUnavailable,
@@ -129,7 +128,7 @@ def test_a_late_trend_answer_is_replaced_by_the_fallback(short_slas, settings, l
 
 
 def test_a_late_quality_answer_is_504(short_slas, settings, ledger):
-    response = answer_now(Late(settings, [], ledger), Task.QUALITY, QualityBody(text="hello"))
+    response = answer_now(Late(settings, [], ledger), Task.QUALITY, QualityRequest(text="hello"))
     assert isinstance(response, JSONResponse) and response.status_code == 504
     assert "0.2 s SLA" in problem(response)
 
@@ -141,13 +140,13 @@ def test_a_late_quality_answer_is_504(short_slas, settings, ledger):
 def test_refusals_become_their_status(settings, ledger, error, status):
     answerer = Refusing(settings, [], ledger)
     answerer.error = error
-    response = answer_now(answerer, Task.QUALITY, QualityBody(text="hello"))
+    response = answer_now(answerer, Task.QUALITY, QualityRequest(text="hello"))
     assert isinstance(response, JSONResponse) and response.status_code == status
     assert problem(response) == str(error)
 
 
 def test_quality_without_its_model_is_503(answerer):
-    response = answer_now(answerer, Task.QUALITY, QualityBody(text="hello"))
+    response = answer_now(answerer, Task.QUALITY, QualityRequest(text="hello"))
     assert response.status_code == 503
     assert problem(response) == "the quality model is not served here"
 
