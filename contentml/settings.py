@@ -56,19 +56,19 @@ class Settings:
     feast_project: str = field(metadata=_env("CONTENTML_FEAST_PROJECT"))
     """Feast project name; separates registries that share one store."""
 
-    feast_registry: str = field(metadata=_env("CONTENTML_FEAST_REGISTRY"))
+    feast_registry: str = field(repr=False, metadata=_env("CONTENTML_FEAST_REGISTRY"))
     """Feast registry: a file path locally, a `postgresql://` URL in the cluster."""
 
     feast_online_store: str = field(metadata=_env("CONTENTML_FEAST_ONLINE_STORE"))
     """Online store kind: `sqlite` (embedded) or `redis` (cluster)."""
 
-    feast_redis_url: str = field(metadata=_env("CONTENTML_FEAST_REDIS_URL"))
+    feast_redis_url: str = field(repr=False, metadata=_env("CONTENTML_FEAST_REDIS_URL"))
     """Redis connection string (`host:port[,db=N]`) used when the online store is `redis`."""
 
     feast_data_dir: Path = field(metadata=_env("CONTENTML_FEAST_DATA_DIR"))
     """Folder of the parquet files behind Feast's file offline store."""
 
-    optuna_storage: str = field(metadata=_env("CONTENTML_OPTUNA_STORAGE"))
+    optuna_storage: str = field(repr=False, metadata=_env("CONTENTML_OPTUNA_STORAGE"))
     """Optuna RDB storage URL: SQLite locally, PostgreSQL in the cluster."""
 
     kfp_host: str = field(metadata=_env("KFP_HOST"))
@@ -114,7 +114,7 @@ class Settings:
     aliases. `contentml deploy` sets it in each KServe predictor, where KServe (not the
     server) moves traffic between versions; empty elsewhere."""
 
-    revenue_store: str = field(metadata=_env("CONTENTML_REVENUE_STORE"))
+    revenue_store: str = field(repr=False, metadata=_env("CONTENTML_REVENUE_STORE"))
     """Database of the RevenueOptimizer's experiments and rewards (`training/revenue/store.py`):
     SQLite locally, `postgresql://` in the cluster, shared by the server's replicas."""
 
@@ -122,12 +122,12 @@ class Settings:
     """Wall-clock limit of one generation on the served `script` model; the text so far is
     returned with `finish_reason: "length"` when it is reached."""
 
-    backend_store: str = field(metadata=_env("CONTENTML_BACKEND_STORE"))
+    backend_store: str = field(repr=False, metadata=_env("CONTENTML_BACKEND_STORE"))
     """Database of the backend's batch jobs (items, results, dead letters) and of its cost
     ledger (`serving/batch.py`, `serving/costs.py`): SQLite locally, `postgresql://` in the
     cluster, shared by the API and the batch workers."""
 
-    batch_queue: str = field(metadata=_env("CONTENTML_BATCH_QUEUE"))
+    batch_queue: str = field(repr=False, metadata=_env("CONTENTML_BATCH_QUEUE"))
     """The batch workers' task queue (huey): `sqlite:///<file>` locally, `redis://host:port/db`
     in the cluster."""
 
@@ -190,7 +190,7 @@ class Settings:
         if not self.batch_queue.startswith(("sqlite:///", "redis://", "rediss://")):
             raise SettingsError(
                 "CONTENTML_BATCH_QUEUE must be sqlite:///<file> or redis://host:port/db, "
-                f"not {self.batch_queue!r}"
+                f"not a {self.batch_queue.partition(':')[0]}: URL"
             )
 
     @classmethod

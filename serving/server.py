@@ -314,7 +314,8 @@ def work(settings: Settings, threads: int) -> None:
         graceful_signal="TERM",
         shutdown_timeout=WORKER_SHUTDOWN_SECONDS,
     )
-    logger.info("batch worker %s: %d threads on %s", queue.worker, threads, settings.batch_queue)
+    queue_kind = settings.batch_queue.partition(":")[0]  # not the URL: it may carry a password
+    logger.info("batch worker %s: %d threads on a %s queue", queue.worker, threads, queue_kind)
     try:
         consumer.run()
     finally:
