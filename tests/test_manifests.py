@@ -335,6 +335,31 @@ def test_batch_workers_open_no_port_and_finish_their_chunk_on_sigterm(overlay):
     assert policy["spec"]["policyTypes"] == ["Ingress"] and not policy["spec"].get("ingress")
 
 
+def test_serving_pods_wait_for_routing_then_drain_within_their_grace_period(overlay):
+    """Predictors on our runtime and the API: a preStop sleep (endpoints stop routing), then
+    the server's own drain and grace (settings), all inside terminationGracePeriodSeconds."""
+    _, documents = overlay
+    (config_map,) = find(documents, "ConfigMap", cluster.SETTINGS_CONFIG_MAP)
+    settings = Settings.from_env(config_map["data"])
+    server_stops = settings.shutdown_drain_seconds + settings.shutdown_grace_seconds
+    (runtime,) = find(documents, "ServingRuntime", "contentml")
+    (container,) = runtime["spec"]["containers"]
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    ours = [
+        isvc["spec"]["predictor"]
+        for isvc in find(documents, "InferenceService")
+        if isvc["spec"]["predictor"]["model"].get("runtime") == "contentml"
+    ]
+    assert ours
+    for predictor in ours:
+        assert predictor["terminationGracePeriodSeconds"] > pre_stop + server_stops
+    (api,) = find(documents, "Deployment", "contentml-api")
+    pod = _pod(api)
+    (api_container,) = pod["containers"]
+    api_pre_stop = api_container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > api_pre_stop + settings.shutdown_grace_seconds
+
+
 def test_predictors_take_no_batch_items(overlay):
     """Every predictor pod is `contentml serve --workers 0`: batch items are the workers'."""
     _, documents = overlay
