@@ -233,25 +233,26 @@ def cmd_batch_submit(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_batch_status(settings: Settings, args: argparse.Namespace) -> int:
+def _read_jobs(settings: Settings, read):
+    """`read(store)` on the batch job store, closed after."""
     from serving.batch import JobStore
 
     store = JobStore(settings.backend_store)
     try:
-        _print_json(store.report(args.job_id).model_dump(mode="json"))
+        return read(store)
     finally:
         store.close()
+
+
+def cmd_batch_status(settings: Settings, args: argparse.Namespace) -> int:
+    report = _read_jobs(settings, lambda store: store.report(args.job_id))
+    _print_json(report.model_dump(mode="json"))
     return 0
 
 
 def cmd_batch_results(settings: Settings, args: argparse.Namespace) -> int:
-    from serving.batch import JobStore
-
-    store = JobStore(settings.backend_store)
-    try:
-        _print_json([r.model_dump(mode="json") for r in store.results(args.job_id)])
-    finally:
-        store.close()
+    results = _read_jobs(settings, lambda store: store.results(args.job_id))
+    _print_json([r.model_dump(mode="json") for r in results])
     return 0
 
 
@@ -264,13 +265,7 @@ def cmd_batch_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_batch_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
-    from serving.batch import JobStore
-
-    store = JobStore(settings.backend_store)
-    try:
-        letters = store.dead_letters(args.job)
-    finally:
-        store.close()
+    letters = _read_jobs(settings, lambda store: store.dead_letters(args.job))
     if args.json:
         _print_json([letter.model_dump(mode="json") for letter in letters])
     else:
