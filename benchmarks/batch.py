@@ -5,8 +5,8 @@ same run on the demo's trend champion.
    a caller without batch jobs would do it).
 2. Batch: the same items as one `POST /batch/trend` job, answered by `contentml batch worker`
    processes (one per core), from submission until the job is done.
-3. While the batch runs, an urgent single `/predict/trend` every quarter second: its latency against the
-   5 s SLA (urgent requests must never wait behind batch work).
+3. While the batch runs, an urgent single `/predict/trend` every quarter second: its latency
+   against the 5 s SLA (urgent requests must never wait behind batch work).
 
 Items are real M4 hourly series, cut into distinct two-week windows, so no answer comes from a
 cache.
