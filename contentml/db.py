@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 
 def _sqlite_pragmas(connection, _record) -> None:
@@ -28,3 +29,12 @@ def open_database(url: str, metadata: sa.MetaData) -> sa.Engine:
             Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
     metadata.create_all(engine)
     return engine
+
+
+UPSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+"""The dialects whose INSERT has ON CONFLICT (`on_conflict_do_nothing` / `..._do_update`)."""
+
+
+def upsert(engine: sa.Engine, table: sa.Table):
+    """An INSERT into `table` that can say what to do on conflict, in `engine`'s dialect."""
+    return UPSERT[engine.dialect.name](table)

@@ -43,7 +43,7 @@ from huey import PriorityRedisHuey, SqliteHuey
 from huey.api import Huey
 from kserve.errors import InvalidInput
 
-from contentml.db import open_database
+from contentml.db import open_database, upsert
 from contentml.errors import UserError
 from contentml.settings import Settings
 from serving.costs import CostEntry, CostLedger, compute_cost
@@ -256,14 +256,6 @@ class Requeue:
     priority: Priority
 
 
-def _insert_ignoring_duplicates(engine: sa.Engine, table: sa.Table):
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table).on_conflict_do_nothing()
-
-
 class JobStore:
     """Jobs, chunks, results and dead letters in the database at `url`."""
 
@@ -370,7 +362,7 @@ class JobStore:
         if not rows:
             return
         with self.engine.begin() as connection:
-            connection.execute(_insert_ignoring_duplicates(self.engine, results), rows)
+            connection.execute(upsert(self.engine, results).on_conflict_do_nothing(), rows)
             connection.execute(
                 dead_letters.delete().where(
                     dead_letters.c.job_id == job_id,
@@ -398,7 +390,7 @@ class JobStore:
                 if item_id not in answered
             ]
             if rows:
-                connection.execute(_insert_ignoring_duplicates(self.engine, dead_letters), rows)
+                connection.execute(upsert(self.engine, dead_letters).on_conflict_do_nothing(), rows)
 
     def set_chunk(self, job_id: str, chunk: int, state: ChunkState) -> None:
         with self.engine.begin() as connection:

@@ -28,9 +28,8 @@ from dataclasses import dataclass, fields
 import sqlalchemy as sa
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy.dialects import postgresql, sqlite
 
-from contentml.db import open_database
+from contentml.db import UPSERT, open_database, upsert
 from contentml.errors import UserError
 from contentml.settings import Settings
 
@@ -76,7 +75,6 @@ videos = sa.Table(
 )
 
 # An upsert that adds to the video's total: the same statement on both databases.
-UPSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 @dataclass(frozen=True)
@@ -169,7 +167,7 @@ class CostLedger:
                 f"{SCRIPT_CALL_KEY}{entry_id}" if entry.kind == SCRIPT else None
             )
             if key is not None:
-                insert = UPSERT[self.engine.dialect.name](videos).values(
+                insert = upsert(self.engine, videos).values(
                     video_key=key, channel=entry.channel, first_at=at, first_entry=entry_id,
                     usd=entry.usd,
                 )  # fmt: skip
