@@ -15,6 +15,7 @@ SIGTERM (`serving/admission.py`).
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -192,6 +193,7 @@ def serve(
         queue = BatchQueue(settings, ledger=ledger)
         app.include_router(batch_router(queue))
         register_cost_metrics(ledger)
+    freeze_startup_heap()
     watcher = VersionWatcher(
         settings,
         [m for m in models if isinstance(m, VersionedModel)],
@@ -216,6 +218,16 @@ def serve(
             queue.close()
         if prediction_log is not None:
             prediction_log.close()
+
+
+def freeze_startup_heap() -> None:
+    """Take what is alive once the server is set up (imported modules, loaded models: about a
+    million objects) out of the garbage collector's sight (`gc.freeze`). Its full collections
+    otherwise walk them all with the GIL held: 0.4-0.5 s during which no request moved, seen
+    every few seconds under the load test. Garbage from loading is collected first, not frozen.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @contextmanager
@@ -273,6 +285,7 @@ def serve_api(settings: Settings, port: int) -> None:
     api.add_api_route("/v2/health/live", lambda: {"live": True}, methods=["GET"])
     api.add_api_route("/v2/health/ready", lambda: {"ready": True}, methods=["GET"])
     api.mount("/metrics", make_asgi_app())
+    freeze_startup_heap()
     try:
         uvicorn.run(
             api,
