@@ -11,7 +11,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from serving.tasks import TrendBody
@@ -24,6 +26,7 @@ from tests.load.traffic import (
     Outcome,
     Traffic,
     judge,
+    poisson_starts,
     shared_histories,
 )
 from training.trend.model import TrendRequest
@@ -59,6 +62,61 @@ def test_histories_mix_repeated_and_fresh():
     fresh = [h for h in histories if h not in shared]
     assert len(set(fresh)) == len(fresh)  # the rest new to the server's cache
     assert shared_histories() == SHARED  # the same pool in every process
+
+
+class Clock:
+    """`time.monotonic` for `poisson_starts`, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr("tests.load.traffic.time.monotonic", clock)
+    return clock
+
+
+def test_users_start_requests_as_a_poisson_stream(clock: Clock):
+    rate, user = 4.0, SimpleNamespace()
+    wait = poisson_starts(rate)
+    gaps = []
+    for _ in range(20_000):  # instant answers: each wait is the whole gap
+        gaps.append(wait(user))
+        clock.now += gaps[-1]
+    gaps = np.asarray(gaps)
+    assert gaps.mean() == pytest.approx(1 / rate, rel=0.03)
+    # Exponential gaps: as spread as they are long (a constant pace has none), and with the
+    # exponential's median, ln 2 of the mean.
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.05)
+    assert np.median(gaps) / gaps.mean() == pytest.approx(np.log(2), abs=0.04)
+
+
+def test_a_slow_answer_delays_requests_without_lowering_the_rate(clock: Clock):
+    rate, user = 2.0, SimpleNamespace()
+    wait = poisson_starts(rate)
+    started = clock.now
+    sent = 0
+    while clock.now - started < 1000:
+        # Answers take 40 % of the mean gap, one of them 10 gaps: waiting a gap after each
+        # answer would send 1 / (0.5 + 0.2) = 1.4 per second.
+        answer = 5.0 if sent == 100 else 0.2
+        clock.now += answer
+        sent += 1
+        pause = wait(user)
+        assert pause >= 0
+        clock.now += pause
+    assert sent / (clock.now - started) == pytest.approx(rate, rel=0.05)
+
+
+@pytest.mark.parametrize("rate", [0.0, -1.0, float("nan")])
+def test_poisson_starts_refuses_a_rate_that_is_not_positive(rate: float):
+    with pytest.raises(ValueError, match="rate must be positive"):
+        poisson_starts(rate)
 
 
 def test_the_mix_covers_both_protocols():

@@ -14,10 +14,19 @@ from __future__ import annotations
 
 import itertools
 
-from locust import FastHttpUser, constant_throughput, events, task
+from locust import FastHttpUser, events, task
 from locust.env import Environment
 
-from tests.load.traffic import MIX, Call, Kind, Outcome, Traffic, judge, shared_histories
+from tests.load.traffic import (
+    MIX,
+    Call,
+    Kind,
+    Outcome,
+    Traffic,
+    judge,
+    poisson_starts,
+    shared_histories,
+)
 
 RATE_PER_USER = 4.0
 """Requests per second each user sends unless the runner sets another pace."""
@@ -41,7 +50,7 @@ def _option(environment: Environment, name: str) -> str:
 
 
 class TrendUser(FastHttpUser):
-    wait_time = constant_throughput(RATE_PER_USER)
+    wait_time = poisson_starts(RATE_PER_USER)
     network_timeout = 30.0
     connection_timeout = 5.0
 

@@ -4,8 +4,8 @@ pipeline where there is none, and a copy of it to swap with: `state.py`).
 
 Scenarios, in this order, each printing one summary line (the runner a JSON report at the end):
 
-1. steady: `--users` users together at `--rate` requests per second (`traffic.MIX`); requests,
-   failures, p50/p95/p99.
+1. steady: `--users` users together at `--rate` requests per second, arriving as a Poisson
+   stream (`traffic.poisson_starts`, `traffic.MIX`); requests, failures, p50/p95/p99.
 2. cycles: the same load while `contentml promote` and `contentml rollback` swap the champion
    five times, until at least 10,000 requests; target: 0 requests not answered 2xx, p99 within
    1.5x the steady p99 of this run (right after it, so both see the same machine).
@@ -41,14 +41,14 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
-from locust import constant, constant_throughput
+from locust import constant
 from locust.env import Environment
 
 from contentml.demo import free_port, model_server
 from contentml.settings import Settings
 from serving.tasks import TASKS, Task
 from tests.load.locustfile import TrendUser
-from tests.load.traffic import HORIZON, Outcome
+from tests.load.traffic import HORIZON, Outcome, poisson_starts
 
 MODEL = "trend"
 V1_PATH = "/v1/models/trend:predict"
@@ -309,8 +309,9 @@ def by_kind(rows: Sequence[Row]) -> dict[str, dict[str, Any]]:
 
 
 def paced(rate_per_user: float | None) -> type[TrendUser]:
-    """The trend user at `rate_per_user` requests per second (None: back to back)."""
-    pace = constant_throughput(rate_per_user) if rate_per_user else constant(0)
+    """The trend user at `rate_per_user` requests per second, Poisson arrivals (None: back to
+    back)."""
+    pace = poisson_starts(rate_per_user) if rate_per_user else constant(0)
     return type("PacedTrendUser", (TrendUser,), {"wait_time": pace})
 
 

@@ -12,7 +12,9 @@ No locust here: the unit tests import this module without gevent patching their 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import random
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -117,6 +119,29 @@ class Traffic:
         if kind is Kind.V1_HISTORY:
             return Call(kind, {"instances": [{"history": self.history(), "horizon": HORIZON}]})
         return Call(kind, {"history": self.history(), "horizon": HORIZON})
+
+
+def poisson_starts(rate: float) -> Callable[[Any], float]:
+    """A locust `wait_time` that starts a user's requests as a Poisson process of `rate` per
+    second: exponential gaps from one start to the next, so many users together send a Poisson
+    stream of their total rate, as independent clients do. A request that outlasts its gap
+    delays the next ones, which then follow without a pause until the schedule is kept again.
+
+    Not locust's `constant_throughput`: it keeps each user's phase, so one pause of the server
+    or the load generator (a garbage collection) lines the users up for good. At 2x saturation
+    it had 99 % of the requests arriving in bursts, up to 283 within 10 ms, which every
+    server answers in turn. Not locust's `poisson` either: it waits after each answer, so slow
+    answers lower the rate sent (1.7x capacity instead of 2x)."""
+    if not rate > 0:
+        raise ValueError(f"the rate must be positive, not {rate}")
+
+    def wait(user: Any) -> float:
+        now = time.monotonic()
+        start = getattr(user, "_poisson_start", now) + random.expovariate(rate)
+        user._poisson_start = start
+        return max(0.0, start - now)
+
+    return wait
 
 
 def judge(kind: Kind, status: int, content: bytes | None) -> Answer:
