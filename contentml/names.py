@@ -1,12 +1,13 @@
 """Checks of the names and paths that reach the registry, the artifact store and URIs built from
-them (`models:/NAME/VERSION`, artifact folders): one function per kind of name, used by every
-caller before anything is read or written. Each returns the value as the registry takes it, or
-raises `NameRefused` saying what is wrong with it.
+them (`models:/NAME/VERSION`, artifact folders), and of the names the model server's routes
+keep state under (bandit experiments, channels): one function per kind of name, used by every
+caller before anything is read or written. Each returns the value as it is stored, or raises
+`NameRefused` saying what is wrong with it.
 
-Names are letters, digits, `_`, `-` and `.`, starting with a letter or digit, with no `..`: no
-path separators, no percent-escapes that a URI layer could decode into one, no control
-characters. Registered models and experiments created outside these rules cannot be named
-through the platform.
+Names are letters, digits, `_`, `-` and `.` (a bandit experiment's also `:`), starting with a
+letter or digit, with no `..`: no path separators, no percent-escapes that a URI layer could
+decode into one, no control characters. Registered models and experiments created outside these
+rules cannot be named through the platform.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ MAX_VERSION = 2**31 - 1
 
 MAX_ARTIFACT_PATH_LENGTH = 1024
 
+MAX_REVENUE_EXPERIMENT_LENGTH = 200
+"""The revenue store's name column (`training.revenue.store.MAX_NAME`)."""
+
+MAX_CHANNEL_ID_LENGTH = 64
+"""YouTube's channel ids have 24 characters, the trending data's hashed ones 15."""
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_REVENUE_EXPERIMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 _ARTIFACT_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*")
 _VERSION = re.compile(r"[1-9][0-9]*")
 
@@ -45,7 +53,9 @@ def _shown(value: str) -> str:
     return repr(value) if len(value) <= 80 else f"{value[:60]!r}... ({len(value)} characters)"
 
 
-def _problem(value: str, allowed: re.Pattern, max_length: int, separator: str | None) -> str | None:
+def _problem(
+    value: str, allowed: re.Pattern, max_length: int, separator: str | None, symbols: str
+) -> str | None:
     """What is wrong with `value`, most specific first, or None."""
     if not value:
         return "it is empty"
@@ -61,18 +71,22 @@ def _problem(value: str, allowed: re.Pattern, max_length: int, separator: str | 
     if not allowed.fullmatch(value):
         parts = f" in parts between single {separator!r}" if separator else ""
         return (
-            f"it may only hold letters, digits, '_', '-' and '.'{parts}, "
-            "starting with a letter or digit"
+            f"it may only hold letters, digits, {symbols}{parts}, starting with a letter or digit"
         )
     return None
 
 
 def _checked(
-    kind: str, value: object, allowed: re.Pattern, max_length: int, separator: str | None = None
+    kind: str,
+    value: object,
+    allowed: re.Pattern,
+    max_length: int,
+    separator: str | None = None,
+    symbols: str = "'_', '-' and '.'",
 ) -> str:
     if not isinstance(value, str):
         raise NameRefused(f"{kind} must be text, not {type(value).__name__}")
-    problem = _problem(value, allowed, max_length, separator)
+    problem = _problem(value, allowed, max_length, separator, symbols)
     if problem is not None:
         raise NameRefused(f"{kind} {_shown(value)} is refused: {problem}")
     return value
@@ -86,6 +100,23 @@ def model_name(name: object) -> str:
 def experiment_name(name: object) -> str:
     """An MLflow experiment's name."""
     return _checked("experiment name", name, _NAME, MAX_NAME_LENGTH)
+
+
+def revenue_experiment_name(name: object) -> str:
+    """A RevenueOptimizer experiment's name (the bandits' store): `:` is allowed too, and up to
+    the store's column width."""
+    return _checked(
+        "experiment name",
+        name,
+        _REVENUE_EXPERIMENT,
+        MAX_REVENUE_EXPERIMENT_LENGTH,
+        symbols="'_', '-', '.' and ':'",
+    )
+
+
+def channel_id(value: object) -> str:
+    """A channel's id, as the CrisisManager routes keep its metrics and quarantine under."""
+    return _checked("channel id", value, _NAME, MAX_CHANNEL_ID_LENGTH)
 
 
 def version(value: object) -> str:

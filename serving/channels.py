@@ -10,6 +10,13 @@ quarantine it (no new uploads) and release it.
 Detection is streaming (`monitoring.anomaly.CrisisMonitor`): a point is scored against the
 channel's recent history when it arrives, so an anomaly is flagged on the request that shows
 it. Quarantine is a person's (or the content pipeline's) decision, made through this API.
+
+Channel ids are checked (`contentml.names.channel_id`) before anything is read or kept: a
+hostile one gets a 400 naming the problem. The recent history lives in memory for at most
+`MAX_WATCHED_CHANNELS` channels, the least recently observed dropped first, so callers posting
+to made-up ids cannot grow the server without bound. A dropped channel only starts its history
+again (it is scored from its `min_history`-th new point); quarantine is in the durable store
+and is never dropped.
 """
 
 from __future__ import annotations
@@ -17,16 +24,23 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import threading
 
 import pydantic
+from cachetools import LRUCache
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from contentml import names
 from contentml.settings import Settings
-from monitoring.anomaly import Anomaly, CrisisMonitor
+from monitoring.anomaly import Anomaly, AnomalyConfig, CrisisMonitor
 from monitoring.crisis import QuarantineStore
 
 NonNegative = pydantic.NonNegativeFloat
+
+MAX_WATCHED_CHANNELS = 10_000
+"""Channels whose recent metrics are kept in memory (about 5 KB each with full windows, so
+about 50 MB); beyond it the least recently observed channel's history is dropped."""
 
 
 class ChannelPoint(pydantic.BaseModel):
@@ -67,10 +81,30 @@ def _anomaly_json(anomaly: Anomaly) -> dict:
     }
 
 
-def channels_router(settings: Settings) -> APIRouter:
-    """The routes, over one in-memory monitor and the durable quarantine store."""
-    monitor = CrisisMonitor()
+def _refused(channel_id: str) -> JSONResponse | None:
+    """A 400 saying what is wrong with a channel id from the path, or None."""
+    try:
+        names.channel_id(channel_id)
+    except names.NameRefused as e:
+        return JSONResponse(status_code=400, content={"error": str(e)})
+    return None
+
+
+def channels_router(settings: Settings, max_channels: int = MAX_WATCHED_CHANNELS) -> APIRouter:
+    """The routes, over in-memory monitors of at most `max_channels` channels and the durable
+    quarantine store."""
+    config = AnomalyConfig()
+    # One monitor per channel, so that dropping a channel drops all of its history.
+    monitors: LRUCache[str, CrisisMonitor] = LRUCache(maxsize=max_channels)
+    monitors_lock = threading.Lock()  # LRUCache is not thread-safe
     store = QuarantineStore(settings.home / "crisis" / "quarantine.db")
+
+    def monitor_of(channel_id: str) -> CrisisMonitor:
+        with monitors_lock:
+            found = monitors.get(channel_id)
+            if found is None:
+                found = monitors[channel_id] = CrisisMonitor(config)
+            return found
 
     def status(channel_id: str) -> dict:
         found = store.get(channel_id)
@@ -82,12 +116,14 @@ def channels_router(settings: Settings) -> APIRouter:
         }
 
     async def observe(channel_id: str, raw: Request) -> JSONResponse:
+        if (refused := _refused(channel_id)) is not None:
+            return refused
         try:
             point = await _parse(raw, ChannelPoint)
         except pydantic.ValidationError as e:
             return _bad_request(e)
         values = point.model_dump(exclude_none=True, exclude={"event_timestamp"})
-        anomalies = monitor.observe(channel_id, point.event_timestamp, values)
+        anomalies = monitor_of(channel_id).observe(channel_id, point.event_timestamp, values)
         return JSONResponse(
             {
                 **status(channel_id),
@@ -96,6 +132,8 @@ def channels_router(settings: Settings) -> APIRouter:
         )
 
     async def quarantine(channel_id: str, raw: Request) -> JSONResponse:
+        if (refused := _refused(channel_id)) is not None:
+            return refused
         try:
             request = await _parse(raw, QuarantineRequest)
         except pydantic.ValidationError as e:
@@ -104,22 +142,28 @@ def channels_router(settings: Settings) -> APIRouter:
         return JSONResponse(status(channel_id))
 
     async def release(channel_id: str) -> JSONResponse:
+        if (refused := _refused(channel_id)) is not None:
+            return refused
         if not store.release(channel_id):
             return JSONResponse(
                 status_code=404, content={"error": f"channel {channel_id!r} is not quarantined"}
             )
         return JSONResponse(status(channel_id))
 
-    async def get(channel_id: str) -> dict:
-        return status(channel_id)
+    async def get(channel_id: str) -> JSONResponse:
+        if (refused := _refused(channel_id)) is not None:
+            return refused
+        return JSONResponse(status(channel_id))
 
     async def quarantined() -> dict:
         return {"quarantined": [dataclasses.asdict(q) for q in store.all()]}
 
     router = APIRouter(prefix="/v1/channels", tags=["CrisisManager"])
     router.add_api_route("", quarantined, methods=["GET"])
-    router.add_api_route("/{channel_id}", get, methods=["GET"])
-    router.add_api_route("/{channel_id}/metrics", observe, methods=["POST"])
-    router.add_api_route("/{channel_id}/quarantine", quarantine, methods=["POST"])
-    router.add_api_route("/{channel_id}/quarantine", release, methods=["DELETE"])
+    # `:path` so an id with an (encoded) slash reaches the check and gets its 400, not a 404;
+    # the longer routes first, since `/{channel_id:path}` would match them too.
+    router.add_api_route("/{channel_id:path}/metrics", observe, methods=["POST"])
+    router.add_api_route("/{channel_id:path}/quarantine", quarantine, methods=["POST"])
+    router.add_api_route("/{channel_id:path}/quarantine", release, methods=["DELETE"])
+    router.add_api_route("/{channel_id:path}", get, methods=["GET"])
     return router

@@ -11,7 +11,8 @@ thumbnail or hook variant), and `/v1/experiments/{name}/rewards` takes back what
 
 Every choice and reward goes to the shared store (`Settings.revenue_store`) before the answer,
 so replicas agree and a restart loses nothing. A bad instance or reward is refused (400) before
-anything of its request is stored.
+anything of its request is stored, and an experiment name that `contentml.names` refuses (`..`,
+a slash, a percent-escape, over-long) before anything is read.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from kserve.errors import InvalidInput
 
+from contentml import names
 from contentml.settings import Settings
 from serving.versions import OffLoopModel
 from training.revenue.experiment import Metric, Policy
@@ -82,6 +84,10 @@ class RevenueModel(OffLoopModel):
             metric = _enum(Metric, instance.get("metric"), f"instance {index}: metric")
             policy = _enum(Policy, instance.get("policy"), f"instance {index}: policy")
             try:
+                names.revenue_experiment_name(instance["experiment"])
+            except names.NameRefused as e:
+                raise InvalidInput(f"instance {index}: {e}") from e
+            try:
                 found = self.store.check_request(
                     instance["experiment"], instance["arms"], metric, policy
                 )
@@ -108,6 +114,15 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message})
 
 
+def _refused(name: str) -> JSONResponse | None:
+    """A 400 saying what is wrong with an experiment name from the path, or None."""
+    try:
+        names.revenue_experiment_name(name)
+    except names.NameRefused as e:
+        return _error(400, str(e))
+    return None
+
+
 def _outcomes(body: Any) -> list[tuple[Any, Any]]:
     items = body if isinstance(body, list) else [body]
     if not 1 <= len(items) <= MAX_REWARDS:
@@ -124,6 +139,8 @@ def revenue_router(model: RevenueModel) -> APIRouter:
     """The experiments' routes over the model's store."""
 
     async def add_rewards(name: str, raw: Request) -> JSONResponse:
+        if (refused := _refused(name)) is not None:
+            return refused
         body = await raw.body()
         if len(body) > MAX_BODY_BYTES:
             return _error(413, f"body over {MAX_BODY_BYTES} bytes: send rewards in batches")
@@ -138,12 +155,16 @@ def revenue_router(model: RevenueModel) -> APIRouter:
         return JSONResponse({"experiment": name, "stored": stored})
 
     async def get_report(name: str) -> JSONResponse:
+        if (refused := _refused(name)) is not None:
+            return refused
         try:
             return JSONResponse(experiment_report(model.store, name))
         except UnknownExperiment as e:
             return _error(404, str(e))
 
     async def get_report_html(name: str):
+        if (refused := _refused(name)) is not None:
+            return refused
         try:
             experiment = model.store.experiment(name)
         except UnknownExperiment as e:
@@ -156,7 +177,9 @@ def revenue_router(model: RevenueModel) -> APIRouter:
 
     router = APIRouter(prefix="/v1/experiments", tags=["RevenueOptimizer"])
     router.add_api_route("", listing, methods=["GET"])
-    router.add_api_route("/{name}", get_report, methods=["GET"])
-    router.add_api_route("/{name}/report.html", get_report_html, methods=["GET"])
-    router.add_api_route("/{name}/rewards", add_rewards, methods=["POST"])
+    # `:path` so a name with an (encoded) slash reaches the check and gets its 400, not a 404;
+    # the longer routes first, since `/{name:path}` would match them too.
+    router.add_api_route("/{name:path}/report.html", get_report_html, methods=["GET"])
+    router.add_api_route("/{name:path}/rewards", add_rewards, methods=["POST"])
+    router.add_api_route("/{name:path}", get_report, methods=["GET"])
     return router

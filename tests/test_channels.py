@@ -74,3 +74,67 @@ def test_a_new_strike_is_reported_with_a_null_score(client):
 def test_bad_payloads_get_400_naming_the_field(client, path, body, problem):
     response = client.post(path, json=body)
     assert response.status_code == 400 and problem in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("channel_id", "problem"),
+    [
+        # As sent in the path; the server decodes the escapes once.
+        ("%2e%2e", "contains '..'"),
+        ("ch..a", "contains '..'"),
+        ("a%2Fb", "contains a '/'"),
+        ("..%2F..%2Fetc", "contains '..'"),
+        ("a%5Cb", "contains a backslash"),
+        ("a%00b", "contains a NUL byte"),
+        ("a%25", "contains a '%'"),  # the test client decodes twice: a '%' is all it can send
+        ("ch%20a", "may only hold letters, digits"),
+        ("c" * 65, "longer than 64 characters"),
+    ],
+)
+@pytest.mark.parametrize(
+    "route", ["GET {}", "POST {}/metrics", "POST {}/quarantine", "DELETE {}/quarantine"]
+)
+def test_a_hostile_channel_id_gets_400_and_touches_nothing(
+    client, settings, route, channel_id, problem
+):
+    method, path = route.split()
+    body = point(0, views=10) if path.endswith("metrics") else {"reason": "spam"}
+    answer = client.request(
+        method, f"/v1/channels/{path.format(channel_id)}", json=body if method == "POST" else None
+    )
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error.startswith("channel id ") and problem in error, error
+    assert QuarantineStore(settings.home / "crisis" / "quarantine.db").all() == []
+
+
+def test_watched_channels_are_bounded_and_dropping_one_keeps_its_quarantine(settings):
+    app = FastAPI()
+    app.include_router(channels_router(settings, max_channels=2))
+    with TestClient(app) as client:
+        steady = [1000, 1040, 980, 1010, 995, 1020, 1005, 990, 1015, 1000]
+        for hour, views in enumerate(steady):
+            client.post("/v1/channels/ch_a/metrics", json=point(hour, views=views))
+        assert client.post("/v1/channels/ch_a/quarantine", json={"reason": "r"}).status_code == 200
+        # Two other channels observed since: ch_a, the least recent, is dropped from memory.
+        client.post("/v1/channels/ch_b/metrics", json=point(0, views=5))
+        client.post("/v1/channels/ch_c/metrics", json=point(0, views=5))
+        after = client.post("/v1/channels/ch_a/metrics", json=point(10, views=250_000)).json()
+        # Its history is gone (a spike that the full window flags is not scored), its durable
+        # quarantine is not.
+        assert after["anomalies"] == []
+        assert after["quarantined"] is True and after["reason"] == "r"
+        assert client.get("/v1/channels/ch_a").json()["quarantined"] is True
+
+
+def test_a_recently_observed_channel_keeps_its_history(settings):
+    app = FastAPI()
+    app.include_router(channels_router(settings, max_channels=2))
+    with TestClient(app) as client:
+        steady = [1000, 1040, 980, 1010, 995, 1020, 1005, 990, 1015, 1000]
+        for hour, views in enumerate(steady):
+            client.post("/v1/channels/ch_a/metrics", json=point(hour, views=views))
+            # Another channel each hour: ch_a stays among the two most recent.
+            client.post(f"/v1/channels/ch_other{hour}/metrics", json=point(hour, views=5))
+        spike = client.post("/v1/channels/ch_a/metrics", json=point(10, views=250_000)).json()
+        assert [a["metric"] for a in spike["anomalies"]] == ["views"]

@@ -106,7 +106,9 @@ def counts(url: str, experiment: str) -> list[tuple[int, int]]:
     [
         ({"instances": [{"experiment": "e2", "arms": ["a"]}]}, "2 to 100 names"),
         ({"instances": [{"experiment": "e2", "arms": ["a", "a"]}]}, "distinct"),
-        ({"instances": [{"experiment": "e2 x", "arms": ["a", "b"]}]}, "experiment must be"),
+        ({"instances": [{"experiment": "e2 x", "arms": ["a", "b"]}]}, "may only hold letters"),
+        ({"instances": [{"experiment": "e2..x", "arms": ["a", "b"]}]}, "contains '..'"),
+        ({"instances": [{"experiment": 2, "arms": ["a", "b"]}]}, "must be text, not int"),
         ({"instances": [{"experiment": "e2"}]}, "needs 'experiment' and 'arms'"),
         ({"instances": [{"experiment": "e2", "arms": ["a", "b"], "metric": "likes"}]}, "ctr"),
         ({"instances": [{"experiment": "e2", "arms": ["a", "b"], "colour": 1}]}, "unknown keys"),
@@ -154,6 +156,42 @@ def test_a_malformed_reward_gets_400_and_stores_nothing(server, body, status, pr
     )
     assert answer.status_code == status and problem in answer.json()["error"]
     assert counts(server, "r1") == before
+
+
+HOSTILE_NAMES = [
+    # As sent in the path; the server decodes the escapes once.
+    ("%2e%2e", "contains '..'"),
+    ("a..b", "contains '..'"),
+    ("..%2F..%2Fetc", "contains '..'"),
+    ("a%2Fb", "contains a '/'"),
+    ("a%5Cb", "contains a backslash"),
+    ("a%00b", "contains a NUL byte"),
+    ("a%252e%252e", "contains a '%'"),
+    ("%20a", "may only hold letters, digits, '_', '-', '.' and ':'"),
+    ("x" * 201, "longer than 200 characters"),
+]
+
+
+@pytest.mark.parametrize(("name", "problem"), HOSTILE_NAMES)
+@pytest.mark.parametrize("route", ["GET {}", "GET {}/report.html", "POST {}/rewards"])
+def test_a_hostile_experiment_name_gets_400_and_touches_nothing(server, route, name, problem):
+    httpx.post(
+        f"{server}/v1/models/revenue:predict",
+        json={"instances": [{"experiment": "h1", "arms": ["a", "b"]}]},
+        timeout=10.0,
+    )
+    before = httpx.get(f"{server}/v1/experiments", timeout=10.0).json()
+    method, path = route.split()
+    answer = httpx.request(
+        method,
+        f"{server}/v1/experiments/{path.format(name)}",
+        json={"arm": "a", "reward": 1},
+        timeout=10.0,
+    )
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error.startswith("experiment name ") and problem in error, error
+    assert httpx.get(f"{server}/v1/experiments", timeout=10.0).json() == before
 
 
 def test_an_unknown_experiment_is_404(server):
