@@ -343,7 +343,15 @@ def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
     from contentml import registry
 
-    event = registry.rollback(registry.connect(settings), args.model, reason=args.reason)
+    from_version = None if args.from_version is None else str(args.from_version)
+    try:
+        event = registry.rollback(
+            registry.connect(settings), args.model, reason=args.reason, from_version=from_version
+        )
+    except registry.AlreadyRolledBack as e:
+        # A re-run of a rollback that completed: success, and the event that did it.
+        print(f"contentml: {e}", file=sys.stderr)
+        event = e.event
     _print_json(asdict(event))
     return 0
 
@@ -748,6 +756,14 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="champion back to the previous champion")
     rollback.add_argument("model", type=_name)
     rollback.add_argument("--reason", default="manual rollback")
+    rollback.add_argument(
+        "--from",
+        dest="from_version",
+        type=_positive,
+        default=None,
+        metavar="VERSION",
+        help="only while VERSION is the champion: a re-run after it completed does nothing",
+    )
     rollback.set_defaults(handler=cmd_rollback)
 
     trend = commands.add_parser("trend", help="the trend forecaster")

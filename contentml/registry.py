@@ -30,8 +30,10 @@ with none yet, it is there now. `history` reads records that way, and the next c
 them for good (`_settle`: kept, or deleted when the alias never moved). A change whose alias
 already points at its version, as recorded, does nothing: re-running a promotion that was
 killed after its commit point adds no record. A rollback is done once its alias moved; running
-it again rolls back one champion further. Without a lock, a pending record may belong to a
-change still running, so only those older than `UNLOCKED_SETTLE_SECONDS` are settled.
+it again rolls back one champion further, unless it names the champion it rolls back from
+(`from_version`: then a re-run finds that champion gone and does nothing). Without a lock, a
+pending record may belong to a change still running, so only those older than
+`UNLOCKED_SETTLE_SECONDS` are settled.
 
 Only artifacts from the registry's own store are loaded: `stored_artifact_uri` refuses a
 version whose artifacts lie outside the configured artifact root (its `source` may name any
@@ -109,12 +111,18 @@ def connect(settings: Settings) -> RegistryClient:
 
 def experiment_id(client: MlflowClient, settings: Settings) -> str:
     """The training experiment, created on first use with the configured artifact root."""
-    name = names.experiment_name(settings.mlflow_experiment)
+    return ensure_experiment(client, settings.mlflow_experiment, settings.mlflow_artifact_root)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name` (checked by `names.experiment_name` first), created on first
+    use at `artifact_location` (None: the backend's default)."""
+    name = names.experiment_name(name)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=settings.mlflow_artifact_root)
+        return client.create_experiment(name, artifact_location=artifact_location)
     except MlflowException:
         # Another process created it between our lookup and create.
         return client.get_experiment_by_name(name).experiment_id
@@ -481,13 +489,62 @@ def promote(
         return _move_alias(client, name, alias, version, action=action, reason=reason)
 
 
-def rollback(client: MlflowClient, name: str, reason: str = "manual rollback") -> AliasEvent:
-    """Point `champion` back at the champion before it; repeated rollbacks walk further back."""
+class AlreadyRolledBack(Exception):
+    """`rollback(from_version=V)` did nothing: the latest rollback already moved the champion
+    away from V (a re-run of a rollback that completed)."""
+
+    def __init__(self, event: AliasEvent):
+        super().__init__(
+            f"nothing to do: the champion of {event.model!r} was already rolled back from "
+            f"v{event.from_version} to v{event.to_version} (by {event.actor}, {event.reason!r})"
+        )
+        self.event = event
+
+
+def _check_rollback_from(model: RegisteredModel, from_version: str) -> None:
+    """Raise unless `champion` is `from_version`: `AlreadyRolledBack` when the latest rollback
+    moved it away from there, a `RegistryError` otherwise."""
+    current = model.aliases.get(Alias.CHAMPION.value)
+    if str(current) == from_version:
+        return
+    rollbacks = [
+        e
+        for e in (r.event for r in _happened(model))
+        if e.alias == Alias.CHAMPION.value and e.action == "rollback"
+    ]
+    if rollbacks and rollbacks[-1].from_version == from_version:
+        raise AlreadyRolledBack(rollbacks[-1])
+    raise RegistryError(
+        f"not rolling back {model.name!r} from v{from_version}: the champion is "
+        f"{'unset' if current is None else f'v{current}'}, and no rollback moved it from "
+        f"v{from_version} (see `contentml history {model.name}`)"
+    )
+
+
+def rollback(
+    client: MlflowClient,
+    name: str,
+    reason: str = "manual rollback",
+    *,
+    from_version: str | None = None,
+) -> AliasEvent:
+    """Point `champion` back at the champion before it; repeated rollbacks walk further back.
+
+    With `from_version`, only while the champion still is that version, so running the same
+    rollback again does not roll back further: raises `AlreadyRolledBack` when the latest
+    rollback already moved the champion away from it, and `RegistryError` when anything else
+    moved it."""
     _registered_model(client, name)
+    if from_version is not None:
+        from_version = names.version(from_version)
     with alias_lock(client, name):
+        # Settled first: a re-run that finds its rollback done also finishes that record.
+        model = _settle(client, name)
+        if from_version is not None:
+            _check_rollback_from(model, from_version)
         # The champions in order, each rollback taking off the one it undid.
         champions: list[str] = []
-        for event in history(client, name):
+        for event in (r.event for r in _happened(model)):
             if event.alias != Alias.CHAMPION.value:
                 continue
             if event.action == "rollback":

@@ -15,6 +15,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from contentml.names import NameRefused
 from tests.conftest import requires_postgres
 from training.niche.search import (
     Family,
@@ -186,6 +187,26 @@ def test_trials_are_child_runs_of_one_parent_run(frames, tmp_path) -> None:
     assert {c.data.tags[MLFLOW_PARENT_RUN_ID] for c in children} == {parents[0].info.run_id}
     assert all("rmse" in c.data.metrics and "family" in c.data.params for c in children)
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_hostile_experiment_name_is_refused_before_any_trial(frames, tmp_path) -> None:
+    train, validation = frames
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with pytest.raises(NameRefused, match=r"experiment name '\.\./x' is refused: .*'\.\.'"):
+        search(
+            train,
+            validation,
+            FEATURES,
+            "y",
+            study_name="niche-e",
+            storage=storage,
+            config=config(),
+            mlflow_tracking_uri=tracking_uri,
+            mlflow_experiment="../x",
+        )
+    assert MlflowClient(tracking_uri).get_experiment_by_name("../x") is None
+    assert optuna.load_study(study_name="niche-e", storage=storage).trials == []
 
 
 @pytest.mark.parametrize(

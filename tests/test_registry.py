@@ -24,7 +24,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
-from contentml import registry
+from contentml import names, registry
 from contentml.cli import main
 from contentml.registry import Alias, AliasEvent, RegistryError
 from contentml.settings import Settings
@@ -126,6 +126,34 @@ def test_promote_rollback_and_history(backend_settings, model_name):
     listed = {m["name"]: m for m in registry.list_models(client)}
     assert listed[name]["aliases"] == {"champion": v1}
     assert [v["version"] for v in listed[name]["versions"]] == [v1, v2, v3]
+
+
+def test_a_rollback_from_a_version_happens_once(backend_settings, model_name):
+    name = model_name
+    v1, v2, v3 = register_versions(backend_settings, name, 3)
+    client = registry.connect(backend_settings)
+    for version in (v1, v2, v3):
+        registry.promote(client, name, version)
+
+    done = registry.rollback(client, name, from_version=v3)
+    assert (done.action, done.from_version, done.to_version) == ("rollback", v3, v2)
+    before = registry.history(client, name)
+    # Run again (a retry after a timeout, a re-run after a crash): nothing more happens.
+    with pytest.raises(registry.AlreadyRolledBack, match=f"already rolled back from v{v3} to") as e:
+        registry.rollback(client, name, from_version=v3)
+    assert e.value.event == done
+    assert registry.history(client, name) == before
+    assert registry.alias_version(client, name, Alias.CHAMPION) == v2
+
+    # A champion that no rollback moved away from the version named: a person should look.
+    with pytest.raises(RegistryError, match=f"champion is v{v2}, and no rollback moved it from"):
+        registry.rollback(client, name, from_version=v1)
+    with pytest.raises(names.NameRefused, match="model version '0' is refused"):
+        registry.rollback(client, name, from_version="0")
+    assert registry.history(client, name) == before
+
+    # The champion named is the champion: an ordinary rollback.
+    assert registry.rollback(client, name, from_version=v2).to_version == v1
 
 
 def test_bad_requests_name_the_problem(settings):
@@ -274,10 +302,27 @@ def test_cli_promote_checks_force_and_rollback(backend_settings, model_name, mon
     status, out, _ = run("history", name)
     assert status == 0 and f"champion: v{broken} -> v{signed} (rollback by " in out
 
+    # `--from`: the same rollback run again does nothing and says so; a champion moved some
+    # other way is refused.
+    assert run("promote", name, broken, "--force", "--reason", "again")[0] == 0
+    status, out, _ = run("rollback", name, "--from", broken)
+    rolled = json.loads(out)
+    assert status == 0 and (rolled["from_version"], rolled["to_version"]) == (broken, signed)
+    status, out, err = run("rollback", name, "--from", broken)
+    assert status == 0 and json.loads(out) == rolled
+    assert "nothing to do" in err and f"already rolled back from v{broken}" in err
+    status, _, err = run("rollback", name, "--from", unsigned)
+    assert status == 2 and err.count("\n") == 1
+    assert f"champion is v{signed}, and no rollback moved it from v{unsigned}" in err
+    assert registry.alias_version(registry.connect(backend_settings), name, Alias.CHAMPION) == (
+        signed
+    )
+
     for argv, problem in [
         (("promote", name, "99"), f"model {name!r} has no version '99'"),
         (("promote", "ghost", "1"), "model 'ghost' has no version '1'"),
         (("rollback", "ghost"), "no registered model named 'ghost'"),
+        (("rollback", name, "--from", "0"), "--from: must be at least 1, not 0"),
         (("history", "ghost", "--json"), "no registered model named 'ghost'"),
     ]:
         status, _, err = run(*argv)
@@ -375,7 +420,7 @@ def changes_since(events: list[AliasEvent], before: list[AliasEvent]) -> list[tu
     return [(e.action, e.from_version, e.to_version) for e in events[len(before) :]]
 
 
-@pytest.mark.parametrize("command", ["promote", "rollback"])
+@pytest.mark.parametrize("command", ["promote", "rollback", "rollback --from"])
 def test_a_change_killed_at_any_write_is_consistent_and_a_rerun_finishes_it(
     backend_settings, model_name, command
 ):
@@ -391,6 +436,8 @@ def test_a_change_killed_at_any_write_is_consistent_and_a_rerun_finishes_it(
         else:
             registry.promote(client, name, other)  # a champion to roll back from
             argv, expected = ("rollback", name), ("rollback", other, champion)
+            if command == "rollback --from":
+                argv += ("--from", other)
         before = registry.history(client, name)
         status = run_child(cli_child, backend_settings, argv, kill_at)
         events = assert_consistent(client, name)
@@ -403,7 +450,8 @@ def test_a_change_killed_at_any_write_is_consistent_and_a_rerun_finishes_it(
         assert changes_since(events, before) == ([expected] if moved else [])
         if moved and command == "rollback":
             continue  # done; running it again would roll back one champion further
-        # Running it again finishes it, even when that run is killed too (mid-settling).
+        # Running it again finishes it, even when that run is killed too (mid-settling); with
+        # `--from`, a rollback whose alias moved is finished, not repeated.
         for rerun_kill_at in (1, 0):
             status = run_child(cli_child, backend_settings, argv, rerun_kill_at)
             assert status in (0, -signal.SIGKILL)

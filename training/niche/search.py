@@ -28,10 +28,11 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
 from sklearn.linear_model import Ridge
+
+from contentml import registry
 
 GBM_STAGE_TREES = 25
 """Trees added per gradient boosting stage (one pruning report each)."""
@@ -341,17 +342,6 @@ class _MLflowTrials:
         self.client.set_terminated(run.info.run_id, status)
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:
-        # Another process created it between our lookup and create.
-        return client.get_experiment_by_name(name).experiment_id
-
-
 def search(
     train: pd.DataFrame,
     validation: pd.DataFrame,
@@ -384,7 +374,7 @@ def search(
         study.optimize(objective, **optimize)
     else:
         client = MlflowClient(mlflow_tracking_uri)
-        experiment = _experiment_id(client, mlflow_experiment or "Default")
+        experiment = registry.ensure_experiment(client, mlflow_experiment or "Default")
         parent = client.create_run(
             experiment, run_name=study_name, tags={"optuna.study": study_name}
         )
