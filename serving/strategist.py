@@ -8,6 +8,12 @@ the quality gate's decision:
   not a chat completion, or has spent its rate limit is skipped and the next one is tried. A 4xx
   other than 429 is the caller's mistake and is raised as `ClientError`: the next provider
   would refuse the same request. When every provider fails, `AllProvidersFailed` lists why.
+- Deadline: a call may pass one (the task route passes its SLA). Each provider then waits the
+  smaller of its `timeout_seconds` and what is left, less the `min_seconds` (+
+  `HANDOFF_SECONDS`) of each provider after it, so a hung first provider still leaves the next
+  one time to answer. A provider with less than its own `min_seconds` left is skipped
+  (`NoTimeLeft`). The openai clients never retry: a retry could outlast the deadline, and the
+  next provider is the retry.
 - Rate limits: requests and tokens per minute per provider, over a sliding window. An
   exhausted provider is skipped, not waited for, so a call never blocks on a limit. A request
   reserves its estimated tokens (prompt estimate + `max_tokens`); the reservation is corrected
@@ -56,6 +62,7 @@ from training.quality.gate import Decision
 __all__ = [
     "AllProvidersFailed",
     "ContentStrategist",
+    "NoTimeLeft",
     "ProviderConfig",
     "ProviderConfigError",
     "ProviderCosts",
@@ -89,6 +96,11 @@ TIMEOUT_MARGIN_SECONDS = 5.0
 """Added to `Settings.script_timeout_seconds` for providers without `timeout_seconds`: our server
 answers with the text so far when that time is up, and the margin lets the answer arrive."""
 
+HANDOFF_SECONDS = 0.25
+"""Kept per later provider, on top of its `min_seconds`, by the providers before it in a call
+with a deadline: a timed-out request comes back a little after its timeout, and the next
+provider must still find its minimum left."""
+
 RATE_WINDOW_SECONDS = 60.0
 """The window that `requests_per_minute` and `tokens_per_minute` count over."""
 
@@ -113,6 +125,10 @@ class ProviderUnavailable(ContentMLClientError):
 
 class RateLimitExhausted(ProviderUnavailable):
     """A provider has spent its requests or tokens of the last minute."""
+
+
+class NoTimeLeft(ProviderUnavailable):
+    """Too little of the call's deadline is left to try a provider: it is skipped unasked."""
 
 
 class AllProvidersFailed(ContentMLClientError):
@@ -157,7 +173,12 @@ class ProviderConfig:
     to the answer's usage); None: no limit."""
 
     timeout_seconds: float | None = None
-    """Limit of one request; None: `Settings.script_timeout_seconds` + 5 s."""
+    """Limit of one request; None: `Settings.script_timeout_seconds` + 5 s. A call with a
+    deadline cuts it to what is left (see `min_seconds`)."""
+
+    min_seconds: float = 1.0
+    """Least time worth giving this provider in a call with a deadline: with less left it is
+    skipped, and the providers before it stop in time to leave it this much."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -180,6 +201,12 @@ class ProviderConfig:
         timeout = self.timeout_seconds
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise ProviderConfigError(f"timeout_seconds must be positive, not {timeout}")
+        if not (math.isfinite(self.min_seconds) and self.min_seconds > 0):
+            raise ProviderConfigError(f"min_seconds must be positive, not {self.min_seconds}")
+        if timeout is not None and self.min_seconds > timeout:
+            raise ProviderConfigError(
+                f"min_seconds ({self.min_seconds}) must not exceed timeout_seconds ({timeout})"
+            )
 
 
 @dataclass(frozen=True)
@@ -368,11 +395,14 @@ class TTLCache(Generic[K, V]):
 
 @dataclass(frozen=True)
 class ScriptProvider:
-    """A provider ready to call: its config, resolved URL, client and rate limit."""
+    """A provider ready to call: its config, resolved URL and timeout, client and rate limit."""
 
     config: ProviderConfig
     base_url: str
+    timeout_seconds: float
+    """Limit of one request when the call has no deadline (or more time than this left)."""
     client: openai.OpenAI
+    """Built with `max_retries=0`: the chain moves on instead of retrying a provider."""
     limit: SlidingWindowLimit
 
     @property
@@ -411,7 +441,8 @@ class ContentStrategist:
     ) -> None:
         """
         Args:
-            providers: The chain, in the order it is tried; at least one.
+            providers: The chain, in the order it is tried; at least one, none of whose
+                clients retries (`max_retries=0`).
             quality: Scores each new script (`ContentMLClient.score_quality` in production).
             default_max_tokens: `max_tokens` of calls that do not pass one.
             cache_ttl_seconds: How long a script answers identical requests; 0: no cache.
@@ -421,7 +452,15 @@ class ContentStrategist:
         """
         if not providers:
             raise ValueError("the chain needs at least one provider")
+        retrying = [p.name for p in providers if p.client.max_retries]
+        if retrying:
+            raise ValueError(f"clients of {retrying} retry: a retry could outlast the deadline")
         self.providers = tuple(providers)
+        # What each provider leaves for the ones after it, in a call with a deadline.
+        self._reserves = tuple(
+            sum(p.config.min_seconds + HANDOFF_SECONDS for p in self.providers[i + 1 :])
+            for i in range(len(self.providers))
+        )
         self.default_max_tokens = default_max_tokens
         self._quality = quality
         self._cache: TTLCache[tuple, Script] = TTLCache(cache_ttl_seconds, cache_max_entries, clock)
@@ -467,17 +506,12 @@ class ContentStrategist:
                 settings.script_timeout_seconds + TIMEOUT_MARGIN_SECONDS
             )
             client = openai.OpenAI(
-                base_url=base_url,
-                api_key=api_key,
-                timeout=timeout,
-                # The chain moves on instead of retrying a provider.
-                max_retries=0,
-                http_client=http_client,
+                base_url=base_url, api_key=api_key, max_retries=0, http_client=http_client
             )
             limit = SlidingWindowLimit(
                 provider.requests_per_minute, provider.tokens_per_minute, clock
             )
-            providers.append(ScriptProvider(provider, base_url, client, limit))
+            providers.append(ScriptProvider(provider, base_url, timeout, client, limit))
         if not providers:
             # Only providers needing a key can be skipped, so each of them names a variable.
             needed = sorted({str(p.api_key_env) for p in config.providers})
@@ -531,14 +565,20 @@ class ContentStrategist:
         target_seconds: int = 60,
         max_tokens: int | None = None,
         temperature: float = 0.7,
+        deadline: float | None = None,
     ) -> Script:
         """A script of about `target_seconds` spoken about `topic`, in the voice of
         `channel_persona`, scored by the quality gate.
 
+        Args:
+            deadline: `time.monotonic()` by which a provider must have answered (scoring the
+                script comes after); None: each provider waits its own `timeout_seconds`.
+
         Raises:
             ValueError: an empty topic or persona, or a parameter out of range.
             ClientError: a provider refused the request (4xx other than 429).
-            AllProvidersFailed: no provider could answer; lists each one's failure.
+            AllProvidersFailed: no provider could answer, or none had time left; lists each
+                one's failure.
         """
         topic = _required("topic", topic)
         channel_persona = _required("channel_persona", channel_persona)
@@ -549,6 +589,8 @@ class ContentStrategist:
             raise ValueError(f"max_tokens must be >= 1, not {max_tokens!r}")
         if not 0 <= temperature <= 2:
             raise ValueError(f"temperature must be in [0, 2], not {temperature!r}")
+        if deadline is not None and not math.isfinite(deadline):
+            raise ValueError(f"deadline must be a finite time.monotonic(), not {deadline!r}")
 
         start = time.perf_counter()
         key = (topic, channel_persona, target_seconds, max_tokens, temperature, self._chain)
@@ -567,9 +609,10 @@ class ContentStrategist:
             "temperature": temperature,
         }
         failures: list[tuple[str, ProviderUnavailable]] = []
-        for provider in self.providers:
+        for index, provider in enumerate(self.providers):
             try:
-                answer = self._ask(provider, request, prompt_estimate + max_tokens)
+                timeout = self._timeout(index, deadline)
+                answer = self._ask(provider, request, prompt_estimate + max_tokens, timeout)
                 break
             except ProviderUnavailable as e:
                 log.warning("script provider %s failed, trying the next: %s", provider.name, e)
@@ -603,13 +646,33 @@ class ContentStrategist:
             self._cache.put(key, script)
         return script
 
-    def _ask(self, provider: ScriptProvider, request: dict[str, Any], tokens: int) -> _Answer:
-        """One provider's answer; `ProviderUnavailable` when the chain should move on."""
+    def _timeout(self, index: int, deadline: float | None) -> float:
+        """Seconds provider `index` may take: its own timeout, cut to what is left of
+        `deadline` less what the providers after it need; `NoTimeLeft` when that is under its
+        own `min_seconds`."""
+        provider = self.providers[index]
+        if deadline is None:
+            return provider.timeout_seconds
+        left = deadline - time.monotonic()
+        reserve = self._reserves[index]
+        if left - reserve < provider.config.min_seconds:
+            kept = f", {reserve:g} s of it kept for the providers after it" if reserve else ""
+            raise NoTimeLeft(
+                f"skipped: {max(left, 0):.2f} s left of the deadline{kept}; "
+                f"it needs at least {provider.config.min_seconds:g} s"
+            )
+        return min(provider.timeout_seconds, left - reserve)
+
+    def _ask(
+        self, provider: ScriptProvider, request: dict[str, Any], tokens: int, timeout: float
+    ) -> _Answer:
+        """One provider's answer within `timeout` seconds (httpx applies it to each of connect,
+        write and read); `ProviderUnavailable` when the chain should move on."""
         grant = provider.limit.acquire(tokens)
         used = 0
         try:
             completion = provider.client.chat.completions.create(
-                model=provider.config.model, **request
+                model=provider.config.model, timeout=timeout, **request
             )
             answer = _answer(completion)
             used = answer.prompt_tokens + answer.completion_tokens or tokens
@@ -618,7 +681,9 @@ class ContentStrategist:
             if e.status_code == 429 or e.status_code >= 500:
                 raise ProviderUnavailable(f"HTTP {e.status_code}: {e.message}") from e
             raise ClientError(Task.GENERATE, e.status_code, f"{provider.name}: {e.message}") from e
-        except openai.APIConnectionError as e:  # APITimeoutError included
+        except openai.APITimeoutError as e:
+            raise ProviderUnavailable(f"no answer within {timeout:.2f} s") from e
+        except openai.APIConnectionError as e:
             raise ProviderUnavailable(f"{type(e).__name__}: {e}") from e
         except openai.APIResponseValidationError as e:
             raise ProviderUnavailable(f"malformed answer: {e}") from e

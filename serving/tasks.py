@@ -18,8 +18,10 @@ SLAs are enforced here: the answer runs in a thread and the route stops waiting 
 - trend: a forecast that is late or fails (or no trend model served) is replaced by the cached
   forecast of the same request, else the seasonal-naive one, marked `"fallback": true`.
 - quality: late is 504 with a body saying so; no model is 503.
-- script: the chain already falls back from provider to provider; a chain that is late is 504,
-  one whose every provider failed is 503 with each provider's reason.
+- script: the chain falls back from provider to provider within a deadline of the SLA less
+  `SCRIPT_ANSWER_MARGIN_SECONDS`, so a hung provider gives way to the next in time; a chain whose
+  every provider failed (or had too little time left) is 503 with each provider's reason, one
+  that is still late is 504.
 Bodies are validated by their pydantic models (422 naming the field; FastAPI's `detail` list);
 bodies larger than `MAX_BODY_BYTES` are 413 (FastAPI's `max_body_size`). The OpenAPI schema at
 `/openapi.json` describes every route and body.
@@ -28,6 +30,7 @@ bodies larger than `MAX_BODY_BYTES` are 413 (FastAPI's `max_body_size`). The Ope
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
@@ -67,6 +70,10 @@ TASK_THREADS = 4
 
 TREND_FALLBACK_MARGIN_SECONDS = 0.5
 """Time kept back from the trend SLA to compute the fallback and answer."""
+
+SCRIPT_ANSWER_MARGIN_SECONDS = 1.0
+"""Time kept back from the script SLA to score the script and answer: the rest is the
+provider chain's deadline."""
 
 
 class Task(StrEnum):
@@ -249,16 +256,25 @@ class TaskAnswerer:
         return task is not Task.QUALITY or TASKS[task].model in self.models
 
     def answer(
-        self, task: Task, bodies: Sequence[pydantic.BaseModel], channel: str | None = None
+        self,
+        task: Task,
+        bodies: Sequence[pydantic.BaseModel],
+        channel: str | None = None,
+        *,
+        deadline: float | None = None,
     ) -> list[dict[str, Any]]:
         """One JSON answer per body. Raises `InvalidInput` when the model refuses a body (the
         request's fault), `TaskUnavailable` when nothing can answer now, and anything else
-        when the model failed."""
+        when the model failed. `deadline` (`time.monotonic()`) bounds the script chain's
+        providers; None: each waits its own timeout."""
         if task is Task.TREND:
             return [a.model_dump() for a in self._trend(bodies)]  # type: ignore[arg-type]
         if task is Task.QUALITY:
             return [a.model_dump() for a in self._quality(bodies)]  # type: ignore[arg-type]
-        return [self._script(body, channel).model_dump() for body in bodies]  # type: ignore[arg-type]
+        return [
+            self._script(body, channel, deadline).model_dump()  # type: ignore[arg-type]
+            for body in bodies
+        ]
 
     def trend_fallback(self, body: TrendBody) -> TrendAnswer:
         """The cached forecast of this request, else the seasonal-naive one."""
@@ -302,11 +318,13 @@ class TaskAnswerer:
             for p in predictions
         ]
 
-    def _script(self, body: ScriptBody, channel: str | None) -> ScriptAnswer:
+    def _script(
+        self, body: ScriptBody, channel: str | None, deadline: float | None
+    ) -> ScriptAnswer:
         started = time.perf_counter()
         try:
             script = self.strategist().generate_script(
-                body.topic, body.persona, target_seconds=body.target_seconds
+                body.topic, body.persona, target_seconds=body.target_seconds, deadline=deadline
             )
         except AllProvidersFailed as e:
             raise TaskUnavailable(str(e)) from e
@@ -375,8 +393,13 @@ async def answer_within_sla(
     """The answer to one body, or the response that replaces it: fallback, 4xx, 503, 504."""
     sla = TASKS[task].sla_seconds
     wait = sla - TREND_FALLBACK_MARGIN_SECONDS if task is Task.TREND else sla
+    call = functools.partial(answerer.answer, task, [body])
+    if task is Task.SCRIPT:
+        # From now, not from when a thread is free: the wait for one counts against the SLA.
+        deadline = time.monotonic() + sla - SCRIPT_ANSWER_MARGIN_SECONDS
+        call = functools.partial(call, deadline=deadline)
     loop = asyncio.get_running_loop()
-    work = loop.run_in_executor(answerer.executors[task], answerer.answer, task, [body])
+    work = loop.run_in_executor(answerer.executors[task], call)
     try:
         (answer,) = await asyncio.wait_for(asyncio.shield(work), wait)
         return answer

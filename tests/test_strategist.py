@@ -1,12 +1,15 @@
 """The ContentStrategist's `generate_script`: real HTTP through the openai client against fake
-OpenAI-compatible providers (an `httpx.MockTransport` per chain, one real server end to end)."""
+OpenAI-compatible providers (an `httpx.MockTransport` per chain; real servers on free ports end
+to end and where a provider hangs)."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -14,11 +17,17 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
+from contentml.settings import Settings
+from serving import tasks
 from serving.client import ClientError, ServiceUnavailable, Task
+from serving.costs import CostLedger
 from serving.strategist import (
     AllProvidersFailed,
     ContentStrategist,
+    NoTimeLeft,
     ProviderConfigError,
     ProviderCosts,
     RateLimitExhausted,
@@ -133,33 +142,42 @@ class FakeQuality:
         return {"decision": self.decision, "score": self.score, "reasons": self.reasons}
 
 
+def chain_settings(
+    folder: Path, providers: list[dict[str, Any]], serving_url: str = SERVING_URL, **chain: Any
+) -> Settings:
+    """Settings whose providers file, written in `folder`, holds `providers`."""
+    path = folder / "providers.yaml"
+    path.write_text(yaml.safe_dump({"providers": providers, **chain}))
+    return make_settings(
+        folder / "state", CONTENTML_SCRIPT_PROVIDERS=str(path), CONTENTML_SERVING_URL=serving_url
+    )
+
+
 @pytest.fixture
 def build(tmp_path: Path) -> Iterator[Callable[..., ContentStrategist]]:
     """Builds a strategist from a providers file written for the test, through
-    `from_settings`, with the backend as transport and a fake clock and quality model."""
+    `from_settings`, with the backend as transport (None: real HTTP to `serving_url` and the
+    providers' `base_url`) and a fake clock and quality model."""
     made: list[ContentStrategist] = []
 
     def build(
         providers: list[dict[str, Any]],
-        backend: Backend,
+        backend: Backend | None,
         *,
         environ: dict[str, str] | None = None,
         quality: FakeQuality | None = None,
         clock: FakeClock | None = None,
+        serving_url: str = SERVING_URL,
         **chain: Any,
     ) -> ContentStrategist:
-        path = tmp_path / "providers.yaml"
-        path.write_text(yaml.safe_dump({"providers": providers, **chain}))
-        settings = make_settings(
-            tmp_path / "state",
-            CONTENTML_SCRIPT_PROVIDERS=str(path),
-            CONTENTML_SERVING_URL=SERVING_URL,
-        )
+        settings = chain_settings(tmp_path, providers, serving_url, **chain)
         strategist = ContentStrategist.from_settings(
             settings,
             environ=environ or {},
             quality=quality or FakeQuality(),
-            http_client=httpx.Client(transport=httpx.MockTransport(backend)),
+            http_client=None
+            if backend is None
+            else httpx.Client(transport=httpx.MockTransport(backend)),
             clock=clock or FakeClock(),
         )
         made.append(strategist)
@@ -493,6 +511,11 @@ def test_hosted_example_in_the_default_file_is_valid(tmp_path: Path) -> None:
         ([{**OUR_PROVIDER, "requests_per_minute": 0}], r"requests_per_minute must be at least 1"),
         ([{**OUR_PROVIDER, "timeout_seconds": True}], r"timeout_seconds must be float or null"),
         ([{**OUR_PROVIDER, "base_url": "serving:8080"}], r"base_url must start with http"),
+        ([{**OUR_PROVIDER, "min_seconds": 0}], r"min_seconds must be positive, not 0"),
+        (
+            [{**OUR_PROVIDER, "timeout_seconds": 5, "min_seconds": 10}],
+            r"min_seconds \(10\) must not exceed timeout_seconds \(5\)",
+        ),
         ([OUR_PROVIDER, OUR_PROVIDER], r"repeated names \['contentml'\]"),
         ([], r"providers must be a non-empty list"),
         ("ours", r"providers must be a non-empty list"),
@@ -539,16 +562,21 @@ def test_chain_of_only_keyed_providers_without_keys_is_refused(build) -> None:
 
 class FakeModelServer:
     """Our model server's two routes the strategist uses, on a free port: the OpenAI chat
-    completions (`script`) and the quality model's v1 `:predict`."""
+    completions (`script`) and the quality model's v1 `:predict`. A hung one reads each
+    request and never answers (until `release` is set at teardown)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hung: bool = False) -> None:
         self.paths: list[str] = []
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.paths.append(self.path)
+                if hung:
+                    server.release.wait()
+                    return
                 if self.path == "/openai/v1/chat/completions":
                     assert body["model"] == "script"
                     answer: dict[str, Any] = completion_body("Served script.", 60, 20)
@@ -573,14 +601,23 @@ class FakeModelServer:
         )
 
 
-@pytest.fixture
-def model_server() -> Iterator[FakeModelServer]:
-    server = FakeModelServer()
+def serve(server: FakeModelServer) -> Iterator[FakeModelServer]:
     server.thread.start()
     yield server
+    server.release.set()
     server.httpd.shutdown()
     server.httpd.server_close()
     server.thread.join()
+
+
+@pytest.fixture
+def model_server() -> Iterator[FakeModelServer]:
+    yield from serve(FakeModelServer())
+
+
+@pytest.fixture
+def hung_server() -> Iterator[FakeModelServer]:
+    yield from serve(FakeModelServer(hung=True))
 
 
 def test_default_chain_end_to_end_against_a_real_server(tmp_path: Path, model_server) -> None:
@@ -592,3 +629,118 @@ def test_default_chain_end_to_end_against_a_real_server(tmp_path: Path, model_se
     assert model_server.paths == ["/openai/v1/chat/completions", "/v1/models/quality:predict"]
     assert (script.text, script.provider, script.cost_usd) == ("Served script.", "contentml", 0)
     assert (script.quality_decision, script.quality_score) == (Decision.PASS, 0.97)
+
+
+# --- deadline --------------------------------------------------------------------------------
+
+
+def hosted_at(server: FakeModelServer) -> dict[str, Any]:
+    """The hosted provider on a real server, with a timeout far beyond the tests' deadlines."""
+    return {**HOSTED_PROVIDER, "base_url": f"{server.url}/openai/v1", "timeout_seconds": 30}
+
+
+def test_a_hung_provider_gives_way_to_the_next_within_the_deadline(
+    build, hung_server, model_server
+) -> None:
+    ours = {**OUR_PROVIDER, "min_seconds": 1.5}
+    strategist = build(
+        [hosted_at(hung_server), ours], None, environ=WITH_KEY, serving_url=model_server.url
+    )
+
+    started = time.monotonic()
+    script = strategist.generate_script("volcanoes", "Upbeat.", deadline=started + 3)
+    seconds = time.monotonic() - started
+
+    assert (script.text, script.provider) == ("Served script.", "contentml")
+    # Asked once (the openai client does not retry), and given up after 3 - (1.5 + 0.25) s.
+    assert hung_server.paths == ["/openai/v1/chat/completions"]
+    assert model_server.paths == ["/openai/v1/chat/completions"]
+    assert 1.2 < seconds < 3
+
+
+def test_a_hung_last_provider_is_cut_to_the_deadline(build, hung_server) -> None:
+    """Its own timeout is CONTENTML_SCRIPT_TIMEOUT_SECONDS + 5 s = 35 s."""
+    strategist = build([OUR_PROVIDER], None, serving_url=hung_server.url)
+
+    started = time.monotonic()
+    with pytest.raises(AllProvidersFailed, match=r"contentml: no answer within 1\.[45]\d s"):
+        strategist.generate_script("volcanoes", "Upbeat.", deadline=started + 1.5)
+
+    assert time.monotonic() - started < 2
+    assert len(hung_server.paths) == 1
+
+
+def test_a_client_that_retries_is_refused(build) -> None:
+    (provider,) = build([OUR_PROVIDER], Backend({OURS: [ok()]})).providers
+    retrying = replace(provider, client=provider.client.with_options(max_retries=2))
+
+    with pytest.raises(ValueError, match=r"\['contentml'\] retry"):
+        ContentStrategist([retrying], FakeQuality(), default_max_tokens=64)
+
+
+def test_a_provider_that_would_eat_the_next_ones_minimum_is_skipped(build) -> None:
+    hosted = {**HOSTED_PROVIDER, "min_seconds": 2}
+    ours = {**OUR_PROVIDER, "min_seconds": 1}
+    backend = Backend({HOSTED: [ok()], OURS: [ok("Ours.")]})
+    strategist = build([hosted, ours], backend, environ=WITH_KEY)
+
+    # 2.5 s left, 1.25 s kept for ours: 1.25 s is under the hosted minimum.
+    script = strategist.generate_script("volcanoes", "Upbeat.", deadline=time.monotonic() + 2.5)
+
+    assert backend.hosts == [OURS]
+    assert script.provider == "contentml"
+
+
+def test_a_deadline_too_close_for_any_provider_names_the_time_left(build) -> None:
+    hosted = {**HOSTED_PROVIDER, "min_seconds": 2}
+    ours = {**OUR_PROVIDER, "min_seconds": 1}
+    backend = Backend({HOSTED: [ok()], OURS: [ok()]})
+    strategist = build([hosted, ours], backend, environ=WITH_KEY)
+
+    with pytest.raises(AllProvidersFailed) as raised:
+        strategist.generate_script("volcanoes", "Upbeat.", deadline=time.monotonic() + 0.5)
+
+    assert backend.requests == []
+    assert [type(error) for _, error in raised.value.failures] == [NoTimeLeft, NoTimeLeft]
+    message = str(raised.value)
+    assert re.search(
+        r"hosted: skipped: 0\.\d\d s left of the deadline, 1.25 s of it kept for the providers "
+        r"after it; it needs at least 2 s",
+        message,
+    ), message
+    assert re.search(
+        r"contentml: skipped: 0\.\d\d s left of the deadline; it needs at least 1 s", message
+    ), message
+
+
+def test_the_script_route_falls_back_within_its_sla(
+    tmp_path: Path, monkeypatch, hung_server, model_server
+) -> None:
+    """The route's chain, from settings and the environment as the server builds it, with the
+    SLA cut to 3.5 s: 2.5 s for the chain, 1.25 s of it kept for ours."""
+    script_task = tasks.TASKS[tasks.Task.SCRIPT]
+    monkeypatch.setitem(tasks.TASKS, tasks.Task.SCRIPT, replace(script_task, sla_seconds=3.5))
+    monkeypatch.setenv("HOSTED_API_KEY", "sk-test")
+    providers = [hosted_at(hung_server), {**OUR_PROVIDER, "min_seconds": 1}]
+    settings = chain_settings(tmp_path, providers, model_server.url)
+    ledger = CostLedger.from_settings(settings)
+    answerer = tasks.TaskAnswerer(settings, [], ledger)
+    app = FastAPI()
+    app.include_router(tasks.tasks_router(answerer))
+
+    try:
+        started = time.monotonic()
+        response = TestClient(app).post(
+            script_task.route, json={"topic": "volcanoes", "persona": "Upbeat."}
+        )
+        seconds = time.monotonic() - started
+    finally:
+        answerer.close()
+        ledger.close()
+
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["script"], answer["provider"]) == ("Served script.", "contentml")
+    assert (answer["quality_decision"], answer["quality_score"]) == ("pass", 0.97)
+    assert len(hung_server.paths) == 1
+    assert seconds < 3.5
