@@ -4,6 +4,8 @@ requests each model takes at once, and when the cluster should stop routing here
 - Auth: with `Settings.api_token` set, every route but health and /metrics needs
   `Authorization: Bearer <token>`; other callers get 401, and the answer quotes nothing they
   sent.
+- Names: a KServe route whose model name or version is not one the registry could hold (`..`,
+  NUL, `%2e%2e` once decoded, ...: `contentml.names`) gets 400 saying why, before any handler.
 - Backpressure: each route of each model takes `Settings.max_concurrent_requests` requests at
   once; the next one gets 429 with `Retry-After` at once, before its body is read, instead of
   waiting in a queue until its caller gives up. Only requests that wait without blocking the
@@ -35,6 +37,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 
+from contentml import names
 from contentml.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,25 @@ READINESS = tuple(
     )
 )
 """Readiness routes (GET): 503 while the server drains."""
+
+NAMED_ROUTES = tuple(
+    compile_path(template)[0]
+    for template in (
+        "/v1/models/{model}:predict",
+        "/v1/models/{model}:explain",
+        "/v1/models/{model}",
+        "/v2/models/{model}/versions/{version}/infer",
+        "/v2/models/{model}/versions/{version}/ready",
+        "/v2/models/{model}/versions/{version}",
+        "/v2/models/{model}/infer",
+        "/v2/models/{model}/ready",
+        "/v2/models/{model}",
+        "/v2/repository/models/{model}/load",
+        "/v2/repository/models/{model}/unload",
+    )
+)
+"""Every KServe route naming a model (and a version), most specific first: a bare
+`/v1/models/{model}` would read `trend:predict` as a model name."""
 
 OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics", "/metrics/"})
 """Answered without a token: the kubelet's probes and Prometheus' scrapes carry none."""
@@ -142,6 +164,8 @@ class Admission:
         path = scope["path"]
         if self.token and path not in OPEN_PATHS and not self._authorized(Headers(scope=scope)):
             return JSONResponse({"error": UNAUTHORIZED}, 401, {"WWW-Authenticate": "Bearer"})
+        if (problem := _name_problem(path)) is not None:
+            return JSONResponse({"error": problem}, 400)
         if self.draining and scope["method"] == "GET" and any(r.match(path) for r in READINESS):
             return JSONResponse({"error": "shutting down: finishing the requests in flight"}, 503)
         return None
@@ -152,6 +176,20 @@ class Admission:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             credentials.encode("latin-1"), self.token.encode()
         )
+
+
+def _name_problem(path: str) -> str | None:
+    """What is wrong with the model name or version a KServe route's `path` names, or None."""
+    for pattern in NAMED_ROUTES:
+        if (match := pattern.match(path)) is not None:
+            try:
+                names.model_name(match["model"])
+                if "version" in match.groupdict():
+                    names.version(match["version"])
+            except names.NameRefused as e:
+                return str(e)
+            return None
+    return None
 
 
 class AdmissionMiddleware:

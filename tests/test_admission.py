@@ -25,6 +25,7 @@ from starlette.testclient import TestClient
 from contentml.demo import READY_TIMEOUT_SECONDS, free_port
 from contentml.settings import SettingsError
 from serving.admission import Admission, AdmissionMiddleware
+from serving.server import MAX_MODEL_BODY_BYTES
 from tests.conftest import make_settings
 
 TOKEN = "s3cret-Token_1"
@@ -144,6 +145,33 @@ def test_a_token_that_can_never_match_is_refused_without_quoting_it(tmp_path) ->
     assert "two words" not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "problem"),
+    [
+        ("POST", "/v1/models/..:predict", "'..'"),
+        ("POST", "/v1/models/.hidden:predict", "starting with a letter or digit"),
+        ("GET", "/v1/models/%00", "model name"),
+        ("POST", "/v2/models/trend/versions/%2e%2e/infer", "version"),
+        ("POST", "/v2/models/trend/versions/%2e%2e/infer", "version"),
+        ("GET", "/v2/models/" + "m" * 300 + "/ready", "characters"),
+        ("POST", "/v2/repository/models/a..b/load", "'..'"),
+    ],
+)
+def test_hostile_model_names_in_kserve_paths_are_400(method, path, problem) -> None:
+    admission = Admission(2, models=frozenset({"trend"}))
+    with TestClient(app_with(admission)) as client:
+        answer = client.request(method, path)
+    assert answer.status_code == 400
+    assert problem in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/models/trend:predict", "/v2/models/trend/versions/3/infer", "/v1/models/q-1.b"]
+)
+def test_valid_model_names_pass(path: str) -> None:
+    assert Admission(2).refusal({"type": "http", "method": "POST", "path": path}) is None
+
+
 def test_while_draining_readiness_is_503_and_requests_are_served() -> None:
     admission = Admission(2, models=frozenset({"trend"}), draining=True)
     with TestClient(app_with(admission)) as client:
@@ -211,6 +239,12 @@ def test_sigterm_turns_not_ready_and_finishes_every_request_in_flight(tmp_path) 
             time.sleep(0.2)
         choose = {"instances": [{"experiment": "drain", "arms": ["a", "b"]}]}
         assert httpx.post(f"{url}/v1/models/revenue:predict", json=choose).status_code == 200
+        # Hostile model names and oversized bodies are refused before KServe's handlers.
+        hostile = httpx.post(f"{url}/v1/models/%2e%2e:predict", json=choose)
+        assert hostile.status_code == 400 and "'..'" in hostile.json()["error"]
+        oversized = b"[" + b" " * MAX_MODEL_BODY_BYTES + b"]"
+        predict = f"{url}/v1/models/revenue:predict"
+        assert httpx.post(predict, content=oversized, timeout=30).status_code == 413
 
         readiness, during, rewards = asyncio.run(held_rewards(url, server))
 
