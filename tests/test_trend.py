@@ -49,6 +49,7 @@ def test_direction_compares_means_over_the_horizon():
         ({"history": [1.0] * 10}, "history must hold 48"),
         ({"history": [float("nan")] * 48}, "finite"),
         ({"series_id": 5}, "valid string"),
+        ({"series_id": "H" * 257}, "at most 256 characters"),
         ({"series_id": "H1", "colour": "red"}, "Extra inputs"),
     ],
 )

@@ -20,6 +20,8 @@ MAX_HORIZON = 7 * SEASONALITY
 MAX_HISTORY = 20_000
 """Longer payloads are a client bug, not a forecasting need."""
 
+MAX_SERIES_ID = 256
+
 # Prophet fits on an hourly index; M4 histories carry no timestamps, so every history is placed
 # to end at the same hour (daily and weekly phases are learned from the data, not the calendar).
 HISTORY_END = pd.Timestamp("2025-01-01 00:00")
@@ -64,6 +66,9 @@ class TrendRequest(pydantic.BaseModel):
     def _check(self) -> TrendRequest:
         if self.series_id is None and self.history is None:
             raise ValueError("give a series_id or a history")
+        if self.series_id is not None and len(self.series_id) > MAX_SERIES_ID:
+            # Errors quote the id: a longer one is refused, not echoed.
+            raise ValueError(f"series_id must have at most {MAX_SERIES_ID} characters")
         if not 1 <= self.horizon <= MAX_HORIZON:
             raise ValueError(f"horizon must be between 1 and {MAX_HORIZON}, not {self.horizon}")
         if self.history is not None:
