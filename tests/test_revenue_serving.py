@@ -86,7 +86,10 @@ def test_the_bandit_finds_the_best_arm_and_survives_a_restart(home):
     # the rate) would be a flaky test, so the estimate is held to 4 standard errors instead.
     assert bold["ci_low"] < bold["mean"] < bold["ci_high"]
     assert abs(bold["mean"] - RATES["bold"]) < 0.05
-    assert final["recommendation"].startswith("stop")
+    # Whether these figures already pass the stop rule (p >= 0.95 and a small expected loss:
+    # tested on fixed figures in test_revenue_policies) is as random as P(best); either way the
+    # recommendation is about the best arm.
+    assert final["recommendation"].startswith(("stop: bold is best", "continue: bold leads"))
     assert page.status_code == 200 and all(arm in page.text for arm in RATES)
 
 
