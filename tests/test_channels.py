@@ -4,6 +4,7 @@ durably and released, bad payloads answered with 400."""
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterator
 
 import pytest
 from fastapi import FastAPI
@@ -108,33 +109,40 @@ def test_a_hostile_channel_id_gets_400_and_touches_nothing(
     assert QuarantineStore(settings.home / "crisis" / "quarantine.db").all() == []
 
 
-def test_watched_channels_are_bounded_and_dropping_one_keeps_its_quarantine(settings):
+STEADY_VIEWS = [1000, 1040, 980, 1010, 995, 1020, 1005, 990, 1015, 1000]
+"""Ten hours of a calm channel: a full window, against which 250,000 views is a spike."""
+
+
+@pytest.fixture
+def two_watched(settings) -> Iterator[TestClient]:
+    """The routes keeping the history of two channels at most."""
     app = FastAPI()
     app.include_router(channels_router(settings, max_channels=2))
     with TestClient(app) as client:
-        steady = [1000, 1040, 980, 1010, 995, 1020, 1005, 990, 1015, 1000]
-        for hour, views in enumerate(steady):
-            client.post("/v1/channels/ch_a/metrics", json=point(hour, views=views))
-        assert client.post("/v1/channels/ch_a/quarantine", json={"reason": "r"}).status_code == 200
-        # Two other channels observed since: ch_a, the least recent, is dropped from memory.
-        client.post("/v1/channels/ch_b/metrics", json=point(0, views=5))
-        client.post("/v1/channels/ch_c/metrics", json=point(0, views=5))
-        after = client.post("/v1/channels/ch_a/metrics", json=point(10, views=250_000)).json()
-        # Its history is gone (a spike that the full window flags is not scored), its durable
-        # quarantine is not.
-        assert after["anomalies"] == []
-        assert after["quarantined"] is True and after["reason"] == "r"
-        assert client.get("/v1/channels/ch_a").json()["quarantined"] is True
+        yield client
 
 
-def test_a_recently_observed_channel_keeps_its_history(settings):
-    app = FastAPI()
-    app.include_router(channels_router(settings, max_channels=2))
-    with TestClient(app) as client:
-        steady = [1000, 1040, 980, 1010, 995, 1020, 1005, 990, 1015, 1000]
-        for hour, views in enumerate(steady):
-            client.post("/v1/channels/ch_a/metrics", json=point(hour, views=views))
-            # Another channel each hour: ch_a stays among the two most recent.
-            client.post(f"/v1/channels/ch_other{hour}/metrics", json=point(hour, views=5))
-        spike = client.post("/v1/channels/ch_a/metrics", json=point(10, views=250_000)).json()
-        assert [a["metric"] for a in spike["anomalies"]] == ["views"]
+def test_watched_channels_are_bounded_and_dropping_one_keeps_its_quarantine(two_watched):
+    client = two_watched
+    for hour, views in enumerate(STEADY_VIEWS):
+        client.post("/v1/channels/ch_a/metrics", json=point(hour, views=views))
+    assert client.post("/v1/channels/ch_a/quarantine", json={"reason": "r"}).status_code == 200
+    # Two other channels observed since: ch_a, the least recent, is dropped from memory.
+    client.post("/v1/channels/ch_b/metrics", json=point(0, views=5))
+    client.post("/v1/channels/ch_c/metrics", json=point(0, views=5))
+    after = client.post("/v1/channels/ch_a/metrics", json=point(10, views=250_000)).json()
+    # Its history is gone (a spike that the full window flags is not scored), its durable
+    # quarantine is not.
+    assert after["anomalies"] == []
+    assert after["quarantined"] is True and after["reason"] == "r"
+    assert client.get("/v1/channels/ch_a").json()["quarantined"] is True
+
+
+def test_a_recently_observed_channel_keeps_its_history(two_watched):
+    client = two_watched
+    for hour, views in enumerate(STEADY_VIEWS):
+        client.post("/v1/channels/ch_a/metrics", json=point(hour, views=views))
+        # Another channel each hour: ch_a stays among the two most recent.
+        client.post(f"/v1/channels/ch_other{hour}/metrics", json=point(hour, views=5))
+    spike = client.post("/v1/channels/ch_a/metrics", json=point(10, views=250_000)).json()
+    assert [a["metric"] for a in spike["anomalies"]] == ["views"]
