@@ -15,7 +15,10 @@ What the server does with a request, beyond OpenAI's documentation:
   clipped to it, not refused; unset, completions generate 16 tokens (OpenAI's default) and chat
   up to the cap. The model's context clips it further; a prompt that fills the context is a 400.
 - A generation longer than `CONTENTML_SCRIPT_TIMEOUT_SECONDS` ends with the text so far and
-  `finish_reason: "length"`.
+  `finish_reason: "length"`. A request may say how long its caller waits in the
+  `X-Contentml-Timeout-Seconds` header (the strategist does): the limit is then cut to that, less
+  `ANSWER_MARGIN_SECONDS`, so the text so far reaches the caller before it gives up. A value
+  that is not a finite positive number is a 400 naming the header.
 - `n` must be 1; `echo`, `logprobs`, `suffix` and `tools` are refused; other OpenAI fields
   (`user`, penalties, ...) are accepted and have no effect.
 - One generation runs at a time per process (the model uses every core; scale with replicas);
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 import uuid
@@ -42,6 +46,7 @@ from kserve.errors import InferenceError, InvalidInput
 from kserve.model import BaseKServeModel
 from transformers import TextStreamer
 
+from serving.strategist import TIMEOUT_HEADER
 from serving.versions import VersionedModel, load_pyfunc
 from training.llm.package import (
     FinishReason,
@@ -61,6 +66,10 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 MAX_STOP_SEQUENCES = 4
 """OpenAI's limit on `stop` sequences per request."""
 
+ANSWER_MARGIN_SECONDS = 0.5
+"""Taken off the caller's `TIMEOUT_HEADER` for the generation's time limit (at most half of it):
+time for the answer to be written, sent and read before the caller gives up."""
+
 
 # --- requests ------------------------------------------------------------------------------
 
@@ -72,6 +81,35 @@ class RequestError(Exception):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+def caller_timeout(value: str | None) -> float | None:
+    """Seconds the caller waits for the answer, from its `TIMEOUT_HEADER` value; None when it
+    sent none."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError as e:
+        raise RequestError(
+            f"{TIMEOUT_HEADER} must be a number of seconds, not {value!r}", TIMEOUT_HEADER
+        ) from e
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise RequestError(
+            f"{TIMEOUT_HEADER} must be a finite number of seconds above 0, not {value!r}",
+            TIMEOUT_HEADER,
+        )
+    return seconds
+
+
+def time_limit(configured_seconds: float, caller_seconds: float | None) -> float:
+    """Seconds a generation may take: the configured limit, cut so that the answer reaches a
+    caller that waits `caller_seconds` (less `ANSWER_MARGIN_SECONDS`, or less half of a shorter
+    wait, so the limit stays above 0); None: the configured limit."""
+    if caller_seconds is None:
+        return configured_seconds
+    margin = min(ANSWER_MARGIN_SECONDS, caller_seconds / 2)
+    return min(configured_seconds, caller_seconds - margin)
 
 
 class StreamOptions(pydantic.BaseModel):
@@ -332,17 +370,27 @@ class ScriptModel(VersionedModel[ScriptVersion]):
             f"or {OPENAI_ROUTE_PREFIX}/v1/chat/completions"
         )
 
-    async def create_completion(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
+    async def create_completion(
+        self, request: CompletionRequest, caller_seconds: float | None = None
+    ) -> dict | AsyncIterator[str]:
+        """`caller_seconds`: how long the caller waits for the answer (`TIMEOUT_HEADER`);
+        None: unknown, the configured limit holds."""
         state = self.pick(request.model_dump_json())
         with self.observe(state.version):
             prompt_ids = state.generator.tokenizer(request.prompt)["input_ids"]
             return await self._create(
-                state, COMPLETION, request, prompt_ids, COMPLETION_DEFAULT_MAX_TOKENS
+                state,
+                COMPLETION,
+                request,
+                prompt_ids,
+                COMPLETION_DEFAULT_MAX_TOKENS,
+                caller_seconds,
             )
 
     async def create_chat_completion(
-        self, request: ChatCompletionRequest
+        self, request: ChatCompletionRequest, caller_seconds: float | None = None
     ) -> dict | AsyncIterator[str]:
+        """`caller_seconds`: as for `create_completion`."""
         state = self.pick(request.model_dump_json())
         with self.observe(state.version):
             # Role markers or EOS typed inside a message stay text: only the template's are
@@ -352,7 +400,9 @@ class ScriptModel(VersionedModel[ScriptVersion]):
                 add_generation_prompt=True,
                 sanitize_control_tokens=True,
             )["input_ids"]
-            return await self._create(state, CHAT, request, prompt_ids, self.max_tokens)
+            return await self._create(
+                state, CHAT, request, prompt_ids, self.max_tokens, caller_seconds
+            )
 
     async def _create(
         self,
@@ -361,6 +411,7 @@ class ScriptModel(VersionedModel[ScriptVersion]):
         request: _GenerationRequest,
         prompt_ids: list[int],
         default_max_tokens: int,
+        caller_seconds: float | None,
     ) -> dict | AsyncIterator[str]:
         """One generation by `state`'s version; a stream is timed until it starts."""
         generator = state.generator
@@ -374,7 +425,7 @@ class ScriptModel(VersionedModel[ScriptVersion]):
             top_p=1.0 if request.top_p is None else request.top_p,
             seed=request.seed,
             stop=request.stop_tuple,
-            max_seconds=self.timeout_seconds,
+            max_seconds=time_limit(self.timeout_seconds, caller_seconds),
         )
         header = {
             "id": f"{shape.id_prefix}-{uuid.uuid4().hex}",
@@ -466,13 +517,14 @@ async def _dispatch(
     served: dict[str, ScriptModel],
     raw: Request,
     request_type: type[Req],
-    handle: Callable[[ScriptModel, Req], Awaitable[dict | AsyncIterator[str]]],
+    handle: Callable[[ScriptModel, Req, float | None], Awaitable[dict | AsyncIterator[str]]],
 ) -> Response:
     try:
         body = await raw.json()
     except ValueError as e:
         return _error(HTTPStatus.BAD_REQUEST, f"request body is not valid JSON: {e}")
     try:
+        caller_seconds = caller_timeout(raw.headers.get(TIMEOUT_HEADER))
         request = request_type.model_validate(body)
     except RequestError as e:
         return _error(HTTPStatus.BAD_REQUEST, str(e), e.param)
@@ -486,7 +538,7 @@ async def _dispatch(
             "model",
         )
     try:
-        result = await handle(model, request)
+        result = await handle(model, request, caller_seconds)
     except RequestError as e:
         return _error(HTTPStatus.BAD_REQUEST, str(e), e.param)
     if isinstance(result, AsyncIterator):

@@ -13,7 +13,8 @@ the quality gate's decision:
   `HANDOFF_SECONDS`) of each provider after it, so a hung first provider still leaves the next
   one time to answer. A provider with less than its own `min_seconds` left is skipped
   (`NoTimeLeft`). The openai clients never retry: a retry could outlast the deadline, and the
-  next provider is the retry.
+  next provider is the retry. Each request says how long it will be waited for in
+  `TIMEOUT_HEADER`, so our server ends a slow generation in time to answer with its text so far.
 - Rate limits: requests and tokens per minute per provider, over a sliding window. An
   exhausted provider is skipped, not waited for, so a call never blocks on a limit. A request
   reserves its estimated tokens (prompt estimate + `max_tokens`); the reservation is corrected
@@ -72,6 +73,7 @@ __all__ = [
     "ScriptProvider",
     "SlidingWindowLimit",
     "StrategistConfig",
+    "TIMEOUT_HEADER",
     "TTLCache",
     "load_config",
 ]
@@ -91,6 +93,10 @@ cannot score."""
 
 OUR_ENDPOINT_PATH = "/openai/v1"
 """Where our model server's OpenAI-compatible routes live, under `Settings.serving_url`."""
+
+TIMEOUT_HEADER = "X-Contentml-Timeout-Seconds"
+"""Request header with the seconds the chain waits for this answer; our model server's OpenAI
+routes cut the generation's time limit to it (`serving.script_model`)."""
 
 TIMEOUT_MARGIN_SECONDS = 5.0
 """Added to `Settings.script_timeout_seconds` for providers without `timeout_seconds`: our server
@@ -672,7 +678,13 @@ class ContentStrategist:
         used = 0
         try:
             completion = provider.client.chat.completions.create(
-                model=provider.config.model, timeout=timeout, **request
+                model=provider.config.model,
+                timeout=timeout,
+                # Sent to every provider: hosted APIs ignore headers they do not know, and a
+                # provider with a `base_url` may be another deployment of our server. `repr`
+                # keeps every digit: a rounded value could read as 0 or as more than we wait.
+                extra_headers={TIMEOUT_HEADER: repr(timeout)},
+                **request,
             )
             answer = _answer(completion)
             used = answer.prompt_tokens + answer.completion_tokens or tokens

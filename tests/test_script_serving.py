@@ -20,8 +20,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from contentml import registry
 from contentml.demo import free_port, model_server
-from serving.script_model import CompletionRequest, ScriptModel, StopFilter
-from serving.strategist import ContentStrategist
+from serving.script_model import (
+    ANSWER_MARGIN_SECONDS,
+    CompletionRequest,
+    ScriptModel,
+    StopFilter,
+    time_limit,
+)
+from serving.strategist import TIMEOUT_HEADER, ContentStrategist
 from tests.conftest import DATA_DIR, make_settings, run_cli
 from training.data import load_youtube_trending
 from training.llm.package import FinishReason, Sampling, cut_at_stop, log_script_model
@@ -176,6 +182,43 @@ def test_a_generation_past_the_time_limit_ends_with_length(settings, champion):
     assert answer["usage"]["completion_tokens"] == 1  # the clock is checked after each token
 
 
+@pytest.mark.parametrize(
+    ("caller_seconds", "limit"),
+    [
+        (None, 30.0),
+        (100.0, 30.0),
+        (10.0, 10.0 - ANSWER_MARGIN_SECONDS),
+        (ANSWER_MARGIN_SECONDS, ANSWER_MARGIN_SECONDS / 2),  # a short wait: half of it
+        (2e-6, 1e-6),
+    ],
+)
+def test_the_callers_wait_cuts_the_time_limit_by_the_margin(caller_seconds, limit):
+    assert time_limit(30.0, caller_seconds) == pytest.approx(limit)
+
+
+@slow
+def test_a_long_generation_ends_in_time_for_a_caller_that_waits_less(settings, champion):
+    """The model slowed to 50 ms a token, so 200 tokens would take 10 s: a caller that waits
+    1 s gets the text of the first 0.5 s, before it gives up."""
+    model = ScriptModel("script", make_settings(settings.home))  # the default cap, 512 tokens
+    assert model.load()
+    slowed = model.serving.champion.generator.model.register_forward_hook(
+        lambda *_: time.sleep(0.05)
+    )
+    request = CompletionRequest(model="script", prompt="Music", max_tokens=200, temperature=0)
+    wait = 1.0
+    try:
+        started = time.monotonic()
+        answer = asyncio.run(model.create_completion(request, caller_seconds=wait))
+        seconds = time.monotonic() - started
+    finally:
+        slowed.remove()
+    (choice,) = answer["choices"]
+    assert choice["finish_reason"] == "length" and choice["text"]
+    assert 1 < answer["usage"]["completion_tokens"] < 200
+    assert wait - ANSWER_MARGIN_SECONDS <= seconds < wait
+
+
 # --- the OpenAI routes ---------------------------------------------------------------------
 
 
@@ -269,6 +312,57 @@ def test_a_malformed_request_gets_400_naming_the_field(server, route, body, para
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and param in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+@slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_timeout_header_ends_the_generation_with_the_text_so_far(
+    client: openai.OpenAI, stream: bool
+):
+    """A caller that waits 2 µs leaves the generation 1 µs: it ends after its first token (the
+    clock is checked after each) and answers that token's text."""
+    request = {"model": "script", "prompt": "Music", "max_tokens": 10_000, "temperature": 0}
+    full = client.completions.create(**request)
+    assert full.usage.completion_tokens > 1
+    hurried = {**request, "extra_headers": {TIMEOUT_HEADER: "0.000002"}}
+    if stream:
+        chunks = list(
+            client.completions.create(
+                **hurried, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        choices = [c.choices[0] for c in chunks if c.choices]
+        text, finish = "".join(c.text for c in choices), choices[-1].finish_reason
+        usage = chunks[-1].usage
+    else:
+        answer = client.completions.create(**hurried)
+        (choice,) = answer.choices
+        text, finish, usage = choice.text, choice.finish_reason, answer.usage
+    assert finish == "length" and usage.completion_tokens == 1
+    assert text and full.choices[0].text.startswith(text)
+
+
+@slow
+@pytest.mark.parametrize(
+    ("route", "value"),
+    [
+        ("completions", "abc"),
+        ("completions", "-1"),
+        ("completions", "0"),
+        ("completions", "nan"),
+        ("completions", "1e999"),
+        ("chat/completions", "inf"),
+    ],
+)
+def test_a_timeout_header_that_is_not_a_positive_number_gets_400(server, route, value):
+    body = {"model": "script", "prompt": "hi", "messages": chat("hi")}
+    response = httpx.post(
+        f"{server}/openai/v1/{route}", json=body, headers={TIMEOUT_HEADER: value}, timeout=30
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == TIMEOUT_HEADER and TIMEOUT_HEADER in error["message"]
     assert error["type"] == "invalid_request_error"
 
 

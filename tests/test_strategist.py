@@ -25,6 +25,7 @@ from serving import tasks
 from serving.client import ClientError, ServiceUnavailable, Task
 from serving.costs import CostLedger
 from serving.strategist import (
+    TIMEOUT_HEADER,
     AllProvidersFailed,
     ContentStrategist,
     NoTimeLeft,
@@ -93,6 +94,9 @@ class Seen:
     host: str
     body: dict[str, Any]
     authorization: str
+    timeout_header: str | None
+    read_timeout: float | None
+    """The read timeout the client gave httpx for this request."""
 
 
 class Backend:
@@ -106,7 +110,13 @@ class Backend:
     def __call__(self, request: httpx.Request) -> httpx.Response:
         host = request.url.host
         self.requests.append(
-            Seen(host, json.loads(request.content), request.headers.get("authorization", ""))
+            Seen(
+                host,
+                json.loads(request.content),
+                request.headers.get("authorization", ""),
+                request.headers.get(TIMEOUT_HEADER),
+                request.extensions.get("timeout", {}).get("read"),
+            )
         )
         answers = self.replies[host]
         reply = answers.pop(0) if len(answers) > 1 else answers[0]
@@ -668,6 +678,28 @@ def test_a_hung_last_provider_is_cut_to_the_deadline(build, hung_server) -> None
 
     assert time.monotonic() - started < 2
     assert len(hung_server.paths) == 1
+
+
+@pytest.mark.parametrize("deadline_in", [None, 10.0])
+def test_each_provider_is_told_the_timeout_it_is_given(build, deadline_in: float | None) -> None:
+    """`TIMEOUT_HEADER` is the timeout the client waits, so our server can end a generation in
+    time to answer: the provider's own, or cut to the deadline (less 1.25 s kept for ours)."""
+    hosted = {**HOSTED_PROVIDER, "timeout_seconds": 20}
+    backend = Backend({HOSTED: [status(503)], OURS: [ok()]})
+    strategist = build([hosted, OUR_PROVIDER], backend, environ=WITH_KEY)
+
+    started = time.monotonic()
+    deadline = None if deadline_in is None else started + deadline_in
+    strategist.generate_script("volcanoes", "Upbeat.", deadline=deadline)
+
+    sent = [(seen.host, float(seen.timeout_header or "nan")) for seen in backend.requests]
+    assert [seconds for _, seconds in sent] == [seen.read_timeout for seen in backend.requests]
+    if deadline_in is None:
+        assert sent == [(HOSTED, 20), (OURS, 35)]
+    else:
+        (_, first), (_, second) = sent
+        assert deadline_in - 1.25 - (time.monotonic() - started) < first <= deadline_in - 1.25
+        assert deadline_in - (time.monotonic() - started) < second <= deadline_in
 
 
 def test_a_client_that_retries_is_refused(build) -> None:
