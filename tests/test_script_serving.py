@@ -8,6 +8,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -180,6 +181,19 @@ def test_a_generation_past_the_time_limit_ends_with_length(settings, champion):
     answer = asyncio.run(model.create_completion(request))
     assert answer["choices"][0]["finish_reason"] == "length"
     assert answer["usage"]["completion_tokens"] == 1  # the clock is checked after each token
+
+
+@slow
+def test_time_waiting_for_another_generation_counts_against_the_limit(generator):
+    prompt = generator.tokenizer("Music")["input_ids"]
+    sampling = Sampling(max_tokens=200, temperature=0, max_seconds=0.2)
+    with ThreadPoolExecutor(1) as pool:
+        with generator._lock:  # another generation running for 0.3 s
+            waiting = pool.submit(generator.generate, prompt, sampling)
+            time.sleep(0.3)
+        generation = waiting.result(timeout=30)
+    assert generation.finish_reason is FinishReason.LENGTH
+    assert generation.completion_tokens == 1  # the clock is checked after each token
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,8 @@ class Sampling:
     """Texts that end the generation; the returned text stops before the first one."""
 
     max_seconds: float | None = None
-    """Wall-clock limit of the generation; reaching it ends with `FinishReason.LENGTH`."""
+    """Wall-clock limit from the call, waiting for the generation before it included; reaching
+    it ends with `FinishReason.LENGTH` (after at least one token)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -170,9 +171,11 @@ class ScriptGenerator(PythonModel):
         stopping = StoppingCriteriaList(
             [_StopOrCancel(self.tokenizer, len(prompt_ids), sampling.stop, cancel)]
         )
+        if sampling.max_seconds is not None:
+            # The clock starts at the call: waiting for another generation counts, as it does
+            # for the caller.
+            stopping.append(MaxTimeCriteria(sampling.max_seconds))
         with self._lock, torch.inference_mode():
-            if sampling.max_seconds is not None:
-                stopping.append(MaxTimeCriteria(sampling.max_seconds))  # the clock starts now
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             output = self.model.generate(
