@@ -121,7 +121,7 @@ class Traffic:
         return Call(kind, {"history": self.history(), "horizon": HORIZON})
 
 
-def poisson_starts(rate: float) -> Callable[[Any], float]:
+def poisson_starts(rate: float, rng: random.Random | None = None) -> Callable[[Any], float]:
     """A locust `wait_time` that starts a user's requests as a Poisson process of `rate` per
     second: exponential gaps from one start to the next, so many users together send a Poisson
     stream of their total rate, as independent clients do. A request that outlasts its gap
@@ -131,13 +131,15 @@ def poisson_starts(rate: float) -> Callable[[Any], float]:
     or the load generator (a garbage collection) lines the users up for good. At 2x saturation
     it had 99 % of the requests arriving in bursts, up to 283 within 10 ms, which every
     server answers in turn. Not locust's `poisson` either: it waits after each answer, so slow
-    answers lower the rate sent (1.7x capacity instead of 2x)."""
+    answers lower the rate sent (1.7x capacity instead of 2x). `rng`: the gaps' source (None: a
+    new one seeded by the system)."""
     if not rate > 0:
         raise ValueError(f"the rate must be positive, not {rate}")
+    gaps = rng or random.Random()
 
     def wait(user: Any) -> float:
         now = time.monotonic()
-        start = getattr(user, "_poisson_start", now) + random.expovariate(rate)
+        start = getattr(user, "_poisson_start", now) + gaps.expovariate(rate)
         user._poisson_start = start
         return max(0.0, start - now)
 
