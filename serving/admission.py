@@ -4,8 +4,9 @@ requests each model takes at once, and when the cluster should stop routing here
 - Auth: with `Settings.api_token` set, every route but health and /metrics needs
   `Authorization: Bearer <token>`; other callers get 401, and the answer quotes nothing they
   sent.
-- Names: a KServe route whose model name or version is not one the registry could hold (`..`,
-  NUL, `%2e%2e` once decoded, ...: `contentml.names`) gets 400 saying why, before any handler.
+- Names: a route whose model name, version, channel id or experiment name is not one the
+  platform could hold (`..`, NUL, `%2e%2e` once decoded, ...: `contentml.names`) gets 400
+  saying why, before any handler.
 - Backpressure: each route of each model takes `Settings.max_concurrent_requests` requests at
   once; the next one gets 429 with `Retry-After` at once, before its body is read, instead of
   waiting in a queue until its caller gives up. Only requests that wait without blocking the
@@ -74,6 +75,14 @@ READINESS = tuple(
 )
 """Readiness routes (GET): 503 while the server drains."""
 
+PATH_NAMES = {
+    "model": names.model_name,
+    "version": names.version,
+    "channel_id": names.channel_id,
+    "experiment": names.revenue_experiment_name,
+}
+"""How each name a route takes from its path is checked, by the route's parameter."""
+
 NAMED_ROUTES = tuple(
     compile_path(template)[0]
     for template in (
@@ -88,10 +97,17 @@ NAMED_ROUTES = tuple(
         "/v2/models/{model}",
         "/v2/repository/models/{model}/load",
         "/v2/repository/models/{model}/unload",
+        "/v1/channels/{channel_id:path}/metrics",
+        "/v1/channels/{channel_id:path}/quarantine",
+        "/v1/channels/{channel_id:path}",
+        "/v1/experiments/{experiment:path}/report.html",
+        "/v1/experiments/{experiment:path}/rewards",
+        "/v1/experiments/{experiment:path}",
     )
 )
-"""Every KServe route naming a model (and a version), most specific first: a bare
-`/v1/models/{model}` would read `trend:predict` as a model name."""
+"""Every route naming a model, a version, a channel or an experiment, most specific first: a
+bare `/v1/models/{model}` would read `trend:predict` as a model name. The CrisisManager and
+RevenueOptimizer routes take `:path` so a name with an (encoded) slash gets its 400 too."""
 
 OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics", "/metrics/"})
 """Answered without a token: the kubelet's probes and Prometheus' scrapes carry none."""
@@ -179,13 +195,12 @@ class Admission:
 
 
 def _name_problem(path: str) -> str | None:
-    """What is wrong with the model name or version a KServe route's `path` names, or None."""
+    """What is wrong with a name `path` holds (`PATH_NAMES`), or None."""
     for pattern in NAMED_ROUTES:
         if (match := pattern.match(path)) is not None:
             try:
-                names.model_name(match["model"])
-                if "version" in match.groupdict():
-                    names.version(match["version"])
+                for parameter, value in match.groupdict().items():
+                    PATH_NAMES[parameter](value)
             except names.NameRefused as e:
                 return str(e)
             return None

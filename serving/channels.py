@@ -11,8 +11,8 @@ Detection is streaming (`monitoring.anomaly.CrisisMonitor`): a point is scored a
 channel's recent history when it arrives, so an anomaly is flagged on the request that shows
 it. Quarantine is a person's (or the content pipeline's) decision, made through this API.
 
-Channel ids are checked (`contentml.names.channel_id`) before anything is read or kept: a
-hostile one gets a 400 naming the problem. The recent history lives in memory for at most
+Channel ids are checked (`contentml.names.channel_id`) by `serving.admission` before any route
+runs: a hostile one gets a 400 naming the problem. The recent history lives in memory for at most
 `MAX_WATCHED_CHANNELS` channels, the least recently observed dropped first, so callers posting
 to made-up ids cannot grow the server without bound. A dropped channel only starts its history
 again (it is scored from its `min_history`-th new point); quarantine is in the durable store
@@ -31,7 +31,6 @@ from cachetools import LRUCache
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from contentml import names
 from contentml.settings import Settings
 from monitoring.anomaly import Anomaly, AnomalyConfig, CrisisMonitor
 from monitoring.crisis import QuarantineStore
@@ -81,15 +80,6 @@ def _anomaly_json(anomaly: Anomaly) -> dict:
     }
 
 
-def _refused(channel_id: str) -> JSONResponse | None:
-    """A 400 saying what is wrong with a channel id from the path, or None."""
-    try:
-        names.channel_id(channel_id)
-    except names.NameRefused as e:
-        return JSONResponse(status_code=400, content={"error": str(e)})
-    return None
-
-
 def channels_router(settings: Settings, max_channels: int = MAX_WATCHED_CHANNELS) -> APIRouter:
     """The routes, over in-memory monitors of at most `max_channels` channels and the durable
     quarantine store."""
@@ -116,8 +106,6 @@ def channels_router(settings: Settings, max_channels: int = MAX_WATCHED_CHANNELS
         }
 
     async def observe(channel_id: str, raw: Request) -> JSONResponse:
-        if (refused := _refused(channel_id)) is not None:
-            return refused
         try:
             point = await _parse(raw, ChannelPoint)
         except pydantic.ValidationError as e:
@@ -132,8 +120,6 @@ def channels_router(settings: Settings, max_channels: int = MAX_WATCHED_CHANNELS
         )
 
     async def quarantine(channel_id: str, raw: Request) -> JSONResponse:
-        if (refused := _refused(channel_id)) is not None:
-            return refused
         try:
             request = await _parse(raw, QuarantineRequest)
         except pydantic.ValidationError as e:
@@ -142,8 +128,6 @@ def channels_router(settings: Settings, max_channels: int = MAX_WATCHED_CHANNELS
         return JSONResponse(status(channel_id))
 
     async def release(channel_id: str) -> JSONResponse:
-        if (refused := _refused(channel_id)) is not None:
-            return refused
         if not store.release(channel_id):
             return JSONResponse(
                 status_code=404, content={"error": f"channel {channel_id!r} is not quarantined"}
@@ -151,8 +135,6 @@ def channels_router(settings: Settings, max_channels: int = MAX_WATCHED_CHANNELS
         return JSONResponse(status(channel_id))
 
     async def get(channel_id: str) -> JSONResponse:
-        if (refused := _refused(channel_id)) is not None:
-            return refused
         return JSONResponse(status(channel_id))
 
     async def quarantined() -> dict:
@@ -160,8 +142,8 @@ def channels_router(settings: Settings, max_channels: int = MAX_WATCHED_CHANNELS
 
     router = APIRouter(prefix="/v1/channels", tags=["CrisisManager"])
     router.add_api_route("", quarantined, methods=["GET"])
-    # `:path` so an id with an (encoded) slash reaches the check and gets its 400, not a 404;
-    # the longer routes first, since `/{channel_id:path}` would match them too.
+    # `:path` as in `serving.admission.NAMED_ROUTES`, which checks the ids; the longer routes
+    # first, since `/{channel_id:path}` would match them too.
     router.add_api_route("/{channel_id:path}/metrics", observe, methods=["POST"])
     router.add_api_route("/{channel_id:path}/quarantine", quarantine, methods=["POST"])
     router.add_api_route("/{channel_id:path}/quarantine", release, methods=["DELETE"])

@@ -11,8 +11,9 @@ thumbnail or hook variant), and `/v1/experiments/{name}/rewards` takes back what
 
 Every choice and reward goes to the shared store (`Settings.revenue_store`) before the answer,
 so replicas agree and a restart loses nothing. A bad instance or reward is refused (400) before
-anything of its request is stored, and an experiment name that `contentml.names` refuses (`..`,
-a slash, a percent-escape, over-long) before anything is read.
+anything of its request is stored; an experiment name in a path that `contentml.names` refuses
+(`..`, a slash, a percent-escape, over-long) is refused by `serving.admission` before any
+route runs.
 """
 
 from __future__ import annotations
@@ -114,15 +115,6 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message})
 
 
-def _refused(name: str) -> JSONResponse | None:
-    """A 400 saying what is wrong with an experiment name from the path, or None."""
-    try:
-        names.revenue_experiment_name(name)
-    except names.NameRefused as e:
-        return _error(400, str(e))
-    return None
-
-
 def _outcomes(body: Any) -> list[tuple[Any, Any]]:
     items = body if isinstance(body, list) else [body]
     if not 1 <= len(items) <= MAX_REWARDS:
@@ -138,38 +130,32 @@ def _outcomes(body: Any) -> list[tuple[Any, Any]]:
 def revenue_router(model: RevenueModel) -> APIRouter:
     """The experiments' routes over the model's store."""
 
-    async def add_rewards(name: str, raw: Request) -> JSONResponse:
-        if (refused := _refused(name)) is not None:
-            return refused
+    async def add_rewards(experiment: str, raw: Request) -> JSONResponse:
         body = await raw.body()
         if len(body) > MAX_BODY_BYTES:
             return _error(413, f"body over {MAX_BODY_BYTES} bytes: send rewards in batches")
         try:
-            stored = model.store.add_rewards(name, _outcomes(json.loads(body)))
+            stored = model.store.add_rewards(experiment, _outcomes(json.loads(body)))
         except UnknownExperiment as e:
             return _error(404, str(e))
         except ExperimentError as e:
             return _error(400, str(e))
         except ValueError as e:  # not JSON
             return _error(400, f"body is not JSON: {e}")
-        return JSONResponse({"experiment": name, "stored": stored})
+        return JSONResponse({"experiment": experiment, "stored": stored})
 
-    async def get_report(name: str) -> JSONResponse:
-        if (refused := _refused(name)) is not None:
-            return refused
+    async def get_report(experiment: str) -> JSONResponse:
         try:
-            return JSONResponse(experiment_report(model.store, name))
+            return JSONResponse(experiment_report(model.store, experiment))
         except UnknownExperiment as e:
             return _error(404, str(e))
 
-    async def get_report_html(name: str):
-        if (refused := _refused(name)) is not None:
-            return refused
+    async def get_report_html(experiment: str):
         try:
-            experiment = model.store.experiment(name)
+            found = model.store.experiment(experiment)
         except UnknownExperiment as e:
             return _error(404, str(e))
-        page = report_html(model.store.history(name), experiment.metric, title=name)
+        page = report_html(model.store.history(experiment), found.metric, title=experiment)
         return HTMLResponse(page)
 
     async def listing() -> JSONResponse:
@@ -177,9 +163,9 @@ def revenue_router(model: RevenueModel) -> APIRouter:
 
     router = APIRouter(prefix="/v1/experiments", tags=["RevenueOptimizer"])
     router.add_api_route("", listing, methods=["GET"])
-    # `:path` so a name with an (encoded) slash reaches the check and gets its 400, not a 404;
-    # the longer routes first, since `/{name:path}` would match them too.
-    router.add_api_route("/{name:path}/report.html", get_report_html, methods=["GET"])
-    router.add_api_route("/{name:path}/rewards", add_rewards, methods=["POST"])
-    router.add_api_route("/{name:path}", get_report, methods=["GET"])
+    # `:path` as in `serving.admission.NAMED_ROUTES`, which checks the names; the longer routes
+    # first, since `/{experiment:path}` would match them too.
+    router.add_api_route("/{experiment:path}/report.html", get_report_html, methods=["GET"])
+    router.add_api_route("/{experiment:path}/rewards", add_rewards, methods=["POST"])
+    router.add_api_route("/{experiment:path}", get_report, methods=["GET"])
     return router

@@ -155,9 +155,13 @@ def test_a_token_that_can_never_match_is_refused_without_quoting_it(tmp_path) ->
         ("POST", "/v2/models/trend/versions/%2e%2e/infer", "version"),
         ("GET", "/v2/models/" + "m" * 300 + "/ready", "characters"),
         ("POST", "/v2/repository/models/a..b/load", "'..'"),
+        ("GET", "/v1/channels/a%2Fb", "channel id 'a/b'"),
+        ("POST", "/v1/channels/x/y/quarantine", "channel id 'x/y'"),
+        ("POST", "/v1/experiments/..%2Fetc/rewards", "experiment name '../etc'"),
+        ("GET", "/v1/experiments/a%00/report.html", "experiment name"),
     ],
 )
-def test_hostile_model_names_in_kserve_paths_are_400(method, path, problem) -> None:
+def test_hostile_names_in_paths_are_400(method, path, problem) -> None:
     admission = Admission(2, models=frozenset({"trend"}))
     with TestClient(app_with(admission)) as client:
         answer = client.request(method, path)
@@ -166,9 +170,16 @@ def test_hostile_model_names_in_kserve_paths_are_400(method, path, problem) -> N
 
 
 @pytest.mark.parametrize(
-    "path", ["/v1/models/trend:predict", "/v2/models/trend/versions/3/infer", "/v1/models/q-1.b"]
+    "path",
+    [
+        "/v1/models/trend:predict",
+        "/v2/models/trend/versions/3/infer",
+        "/v1/models/q-1.b",
+        "/v1/channels/ch_a/quarantine",
+        "/v1/experiments/hook:v2/report.html",
+    ],
 )
-def test_valid_model_names_pass(path: str) -> None:
+def test_valid_names_pass(path: str) -> None:
     assert Admission(2).refusal({"type": "http", "method": "POST", "path": path}) is None
 
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from monitoring.crisis import QuarantineStore
+from serving.admission import Admission, AdmissionMiddleware
 from serving.channels import channels_router
 from tests.conftest import make_settings
 
@@ -22,11 +23,18 @@ def settings(tmp_path):
     return make_settings(tmp_path / "state")
 
 
+def channels_app(settings, **limits) -> FastAPI:
+    """The routes behind the admission middleware, as `contentml serve` has them: it checks
+    the channel ids in paths."""
+    app = FastAPI()
+    app.add_middleware(AdmissionMiddleware, admission=Admission(2))
+    app.include_router(channels_router(settings, **limits))
+    return app
+
+
 @pytest.fixture
 def client(settings):
-    app = FastAPI()
-    app.include_router(channels_router(settings))
-    with TestClient(app) as client:
+    with TestClient(channels_app(settings)) as client:
         yield client
 
 
@@ -116,9 +124,7 @@ STEADY_VIEWS = [1000, 1040, 980, 1010, 995, 1020, 1005, 990, 1015, 1000]
 @pytest.fixture
 def two_watched(settings) -> Iterator[TestClient]:
     """The routes keeping the history of two channels at most."""
-    app = FastAPI()
-    app.include_router(channels_router(settings, max_channels=2))
-    with TestClient(app) as client:
+    with TestClient(channels_app(settings, max_channels=2)) as client:
         yield client
 
 
