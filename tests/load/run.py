@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -329,6 +330,12 @@ def load(run: Run, users: int, rate_per_user: float | None) -> Iterator[Recorder
     runner.start(users, spawn_rate=spawn_rate)
     try:
         time.sleep(users / spawn_rate + SETTLE_SECONDS)
+        # What this process holds so far (locust, numpy, earlier scenarios' rows: about a
+        # million objects) out of the collector's sight, as the server does: its full
+        # collections took 0.4-0.6 s with the GIL held, and every request in flight meanwhile
+        # was timed that much slower than the server answered it.
+        gc.collect()
+        gc.freeze()
         recorder.clear()
         yield recorder
     finally:
