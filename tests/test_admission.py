@@ -15,17 +15,19 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
+from timing_asgi import TimingClient, TimingMiddleware
 
 from contentml.demo import READY_TIMEOUT_SECONDS, free_port
 from contentml.settings import SettingsError
 from serving.admission import Admission, AdmissionMiddleware
-from serving.server import MAX_MODEL_BODY_BYTES
+from serving.server import MAX_MODEL_BODY_BYTES, admit_first
 from tests.conftest import make_settings
 
 TOKEN = "s3cret-Token_1"
@@ -181,6 +183,33 @@ def test_hostile_names_in_paths_are_400(method, path, problem) -> None:
 )
 def test_valid_names_pass(path: str) -> None:
     assert Admission(2).refusal({"type": "http", "method": "POST", "path": path}) is None
+
+
+def test_on_kserves_app_admission_is_outermost_and_timing_is_gone() -> None:
+    """KServe adds its middlewares when the server starts, after `serve` set up admission."""
+    timed: list[str] = []
+    passed: list[str] = []
+
+    class Timings(TimingClient):
+        def timing(self, metric_name, timing, tags) -> None:
+            timed.append(metric_name)
+
+    async def passing(request: Request, call_next):
+        passed.append(request.url.path)
+        return await call_next(request)
+
+    app = FastAPI()
+    app.add_api_route(
+        "/v1/models/{name}:predict", lambda name: {"predictions": [1.0]}, methods=["POST"]
+    )
+    admit_first(app, Admission(1, models=frozenset({"trend"})))
+    app.add_middleware(TimingMiddleware, client=Timings())  # as KServe's RESTServer does
+    app.middleware("http")(passing)
+    with TestClient(app) as client:
+        assert client.post("/v1/models/..:predict", json={}).status_code == 400
+        assert passed == []  # refused before any other middleware
+        assert client.post("/v1/models/trend:predict", json={}).status_code == 200
+    assert passed == ["/v1/models/trend:predict"] and timed == []
 
 
 def test_while_draining_readiness_is_503_and_requests_are_served() -> None:
