@@ -234,8 +234,8 @@ def admit_first(app: FastAPI, admission: Admission) -> None:
     KServe's `TimingMiddleware`. KServe adds its middlewares when the server starts, outside
     any added before; a refusal must cost only its check, not theirs. The timing middleware
     calls getrusage twice and logs two lines per request, with the GIL held: about a third of
-    the event loop's time at saturation, for figures `kserve.trace` logs and the Prometheus
-    histograms (KServe's and `serving.versions`') already hold."""
+    the event loop's time at saturation, for figures the Prometheus histograms (KServe's and
+    `serving.versions`') already hold."""
     build = app.build_middleware_stack
 
     def build_middleware_stack() -> ASGIApp:
