@@ -3,9 +3,10 @@ default) or Redis (shared by the replicas in the cluster), chosen by `CacheConfi
 
 A key is the model, the served version and a hash of the canonical JSON of one instance as the
 model sees it (after the features a predictor reads from Feast are joined in), so an entry can
-never answer for another version or for changed features. The in-process cache is also
-emptied when the served version changes; Redis entries of a replaced version are never read
-again and expire after `ttl_seconds`. A cache that fails (Redis down) only costs the lookup: the
+never answer for another version or for changed features. A swap keeps the entries: a
+rollback finds the previous version's answers still there (emptied at each swap, every common
+request was computed again after each promote and rollback), and a version no longer served
+ages out of the in-process LRU, or out of Redis after `ttl_seconds`. A cache that fails (Redis down) only costs the lookup: the
 request is answered by the model.
 """
 
@@ -93,7 +94,7 @@ def instance_hash(instance: Any) -> str:
 
 
 class PredictionCache(Protocol):
-    """One model's cache: answers by instance, for one served version at a time."""
+    """One model's cache: answers by instance and served version."""
 
     def get_many(self, version: str, instances: Sequence[Any]) -> list[dict | None]:
         """The cached answer of each instance under `version`, None where there is none."""
@@ -101,10 +102,6 @@ class PredictionCache(Protocol):
 
     def put_many(self, version: str, answers: Iterable[tuple[Any, dict]]) -> None:
         """Remember (instance, answer) pairs under `version`."""
-        ...
-
-    def version_changed(self) -> None:
-        """The served versions changed: drop what can no longer be read."""
         ...
 
 
@@ -136,10 +133,6 @@ class LruCache:
                 self._items.move_to_end(key)
             while len(self._items) > self.entries:
                 self._items.popitem(last=False)
-
-    def version_changed(self) -> None:
-        with self._lock:
-            self._items.clear()
 
 
 class RedisCache:
@@ -186,9 +179,6 @@ class RedisCache:
                 pipe.execute()
         except redis.RedisError as e:
             self._failed("write", e)
-
-    def version_changed(self) -> None:
-        """Nothing to do: keys carry the version, and old ones expire."""
 
 
 def make_cache(config: CacheConfig, model: str) -> PredictionCache | None:

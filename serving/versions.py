@@ -219,7 +219,6 @@ class VersionedModel(OffLoopModel, Generic[S]):
         if champion is not serving.champion:
             self._previous = serving.champion
         self._serving = Serving(champion, challenger)  # the swap: one reference
-        self.on_swap()
         self._report()
         logger.info(
             "%s now serves champion v%s%s",
@@ -228,9 +227,6 @@ class VersionedModel(OffLoopModel, Generic[S]):
             f", challenger v{challenger.version}" if challenger else "",
         )
         return True
-
-    def on_swap(self) -> None:
-        """Called after the served versions changed."""
 
     def _follow(self, client: registry.RegistryClient, alias: Alias, current: S | None) -> S | None:
         version = registry.alias_version(client, self.name, alias)
@@ -319,10 +315,6 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
     def load(self) -> bool:
         self.cache: PredictionCache | None = make_cache(self.options.cache, self.name)
         return super().load()
-
-    def on_swap(self) -> None:
-        if self.cache is not None:
-            self.cache.version_changed()
 
     def parse(self, payload: Any) -> list[Request]:
         """The validated instances of a V1 body or V2 `InferRequest` (`InvalidInput` if bad)."""
