@@ -6,8 +6,8 @@ model sees it (after the features a predictor reads from Feast are joined in), s
 never answer for another version or for changed features. A swap keeps the entries: a
 rollback finds the previous version's answers still there (emptied at each swap, every common
 request was computed again after each promote and rollback), and a version no longer served
-ages out of the in-process LRU, or out of Redis after `ttl_seconds`. A cache that fails (Redis down) only costs the lookup: the
-request is answered by the model.
+ages out of the in-process LRU, or out of Redis after `ttl_seconds`. A cache that fails
+(Redis down) only costs the lookup: the request is answered by the model.
 """
 
 from __future__ import annotations

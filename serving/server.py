@@ -15,7 +15,6 @@ SIGTERM (`serving/admission.py`).
 from __future__ import annotations
 
 import ctypes
-import gc
 import logging
 import os
 import signal
@@ -31,11 +30,11 @@ from kserve import ModelServer
 from kserve.model import BaseKServeModel
 from kserve.model_server import app
 from starlette.types import ASGIApp
-from threadpoolctl import threadpool_limits
 from timing_asgi import TimingMiddleware
 
 from contentml.errors import UserError
 from contentml.registry import RegistryError
+from contentml.runtime import freeze_heap, one_native_thread
 from contentml.settings import Settings
 from serving.admission import Admission, AdmissionMiddleware, drain_on_sigterm
 from serving.batch import BatchQueue, Heartbeat, batch_router
@@ -201,7 +200,7 @@ def serve(
         queue = BatchQueue(settings, ledger=ledger)
         app.include_router(batch_router(queue))
         register_cost_metrics(ledger)
-    freeze_startup_heap()
+    freeze_heap()
     watcher = VersionWatcher(
         settings,
         [m for m in models if isinstance(m, VersionedModel)],
@@ -243,16 +242,6 @@ def admit_first(app: FastAPI, admission: Admission) -> None:
         return AdmissionMiddleware(build(), admission)
 
     app.build_middleware_stack = build_middleware_stack
-
-
-def freeze_startup_heap() -> None:
-    """Take what is alive once the server is set up (imported modules, loaded models: about a
-    million objects) out of the garbage collector's sight (`gc.freeze`). Its full collections
-    otherwise walk them all with the GIL held: 0.4-0.5 s during which no request moved, seen
-    every few seconds under the load test. Garbage from loading is collected first, not frozen.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 @contextmanager
@@ -310,7 +299,7 @@ def serve_api(settings: Settings, port: int) -> None:
     api.add_api_route("/v2/health/live", lambda: {"live": True}, methods=["GET"])
     api.add_api_route("/v2/health/ready", lambda: {"ready": True}, methods=["GET"])
     api.mount("/metrics", make_asgi_app())
-    freeze_startup_heap()
+    freeze_heap()
     try:
         uvicorn.run(
             api,
@@ -340,9 +329,8 @@ def work(settings: Settings, threads: int) -> None:
         [m for m in models if isinstance(m, VersionedModel)],
         settings.serving_poll_seconds,
     ).start()
-    # One process per core scales; BLAS/OpenMP threads inside each only spin against the others.
-    # OpenMP's limit is per thread, so each of huey's worker threads sets it when it starts.
-    queue.huey.on_startup("one_blas_thread")(lambda: threadpool_limits(1))
+    # OpenMP's limit is per thread: each of huey's worker threads sets it when it starts.
+    queue.huey.on_startup("one_native_thread")(one_native_thread)
     heartbeat = Heartbeat(queue)
     heartbeat.start()
     consumer = queue.huey.create_consumer(

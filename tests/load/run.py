@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -46,6 +45,7 @@ from locust import constant
 from locust.env import Environment
 
 from contentml.demo import free_port, model_server
+from contentml.runtime import freeze_heap
 from contentml.settings import Settings
 from serving.tasks import TASKS, Task
 from tests.load.locustfile import TrendUser
@@ -330,12 +330,9 @@ def load(run: Run, users: int, rate_per_user: float | None) -> Iterator[Recorder
     runner.start(users, spawn_rate=spawn_rate)
     try:
         time.sleep(users / spawn_rate + SETTLE_SECONDS)
-        # What this process holds so far (locust, numpy, earlier scenarios' rows: about a
-        # million objects) out of the collector's sight, as the server does: its full
-        # collections took 0.4-0.6 s with the GIL held, and every request in flight meanwhile
-        # was timed that much slower than the server answered it.
-        gc.collect()
-        gc.freeze()
+        # As the server does: the load generator's own full collections held the GIL, and
+        # every request in flight meanwhile was timed that much slower than it was answered.
+        freeze_heap()
         recorder.clear()
         yield recorder
     finally:

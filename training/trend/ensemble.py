@@ -26,6 +26,7 @@ import pandas as pd
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
+from contentml.runtime import one_native_thread
 from training.trend import metrics
 from training.trend.forecasters import (
     MEMBER_KINDS,
@@ -154,11 +155,6 @@ def _forecast_locally(
     return forecasts
 
 
-def _limit_threads() -> None:
-    # Each worker is one of `workers` processes: threads inside them would only oversubscribe.
-    threadpool_limits(1)
-
-
 class LocalRunner:
     """Fits local members per series, in `workers` processes (or this one when workers = 1).
 
@@ -177,7 +173,7 @@ class LocalRunner:
             self.pool = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_limit_threads,
+                initializer=one_native_thread,
             )
         return self
 
