@@ -52,6 +52,7 @@ from kserve.errors import InvalidInput
 from kserve.model import BaseKServeModel
 
 from contentml.errors import UserError
+from contentml.runtime import one_native_thread
 from contentml.settings import Settings
 from serving.client import ClientError, ContentMLClientError
 from serving.costs import CostEntry, CostLedger, compute_cost
@@ -246,7 +247,9 @@ class TaskAnswerer:
         # generation in the default pool; sharing one pool, scripts could fill it and wait on
         # themselves, and starve trend and quality.
         self.executors = {
-            task: ThreadPoolExecutor(TASK_THREADS, thread_name_prefix=f"task-{task}")
+            task: ThreadPoolExecutor(
+                TASK_THREADS, thread_name_prefix=f"task-{task}", initializer=one_native_thread
+            )
             for task in Task
         }
 

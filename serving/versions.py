@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -51,6 +52,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from contentml import registry
 from contentml.errors import UserError
 from contentml.registry import Alias, RegistryError
+from contentml.runtime import one_native_thread
 from contentml.settings import Settings
 from serving.cache import CacheConfig, PredictionCache, canonical_json, make_cache
 from serving.prediction_log import PredictionLog
@@ -136,16 +138,20 @@ def load_pyfunc(name: str, version: str) -> mlflow.pyfunc.PyFuncModel:
     return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
 
 
+PREDICT_THREADS = ThreadPoolExecutor(thread_name_prefix="predict", initializer=one_native_thread)
+"""Where `OffLoopModel.predict` answers: requests in parallel, one native thread each."""
+
+
 class OffLoopModel(Model):
     """KServe calls a plain `predict()` on its event loop (kserve/model.py), where a slow
     prediction holds up every other request: health probes, the admission middleware's 429s,
     the task routes' SLA timers. Our predictors answer in `predict_now` (plain, for callers on
-    their own threads: the task routes, batch workers, tests), and `predict` runs it on the
-    loop's thread pool."""
+    their own threads: the task routes, batch workers, tests), and `predict` runs it on
+    `PREDICT_THREADS`."""
 
     async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.predict_now, payload, headers)
+        return await loop.run_in_executor(PREDICT_THREADS, self.predict_now, payload, headers)
 
     def predict_now(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
         raise NotImplementedError

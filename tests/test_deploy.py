@@ -215,11 +215,7 @@ def test_the_predictor_is_the_templates_with_its_version(trend):
     assert predictor["model"]["resources"] == template["model"]["resources"]
     for key in ("serviceAccountName", "securityContext", "scaleMetric", "scaleTarget"):
         assert predictor[key] == template[key]
-    assert env(predictor) == {
-        **env(template),  # the template's own (OpenMP's threads), and the pins
-        deploy.VERSION_ENV: v1,
-        deploy.PINNED_ENV: f"trend={v1}",
-    }
+    assert env(predictor) == {deploy.VERSION_ENV: v1, deploy.PINNED_ENV: f"trend={v1}"}
     assert settings.home.as_posix() not in str(predictor)
 
 
