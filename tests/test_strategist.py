@@ -749,9 +749,11 @@ def test_the_script_route_falls_back_within_its_sla(
     tmp_path: Path, monkeypatch, hung_server, model_server
 ) -> None:
     """The route's chain, from settings and the environment as the server builds it, with the
-    SLA cut to 3.5 s: 2.5 s for the chain, 1.25 s of it kept for ours."""
+    SLA cut to 5 s: 4 s for the chain, 1.25 s of it kept for ours. The hosted provider needs
+    2.25 s left when its turn comes; building the chain on first use takes up to 0.35 s on a
+    busy machine, so a shorter SLA skips it there."""
     script_task = tasks.TASKS[tasks.Task.SCRIPT]
-    monkeypatch.setitem(tasks.TASKS, tasks.Task.SCRIPT, replace(script_task, sla_seconds=3.5))
+    monkeypatch.setitem(tasks.TASKS, tasks.Task.SCRIPT, replace(script_task, sla_seconds=5))
     monkeypatch.setenv("HOSTED_API_KEY", "sk-test")
     providers = [hosted_at(hung_server), {**OUR_PROVIDER, "min_seconds": 1}]
     settings = chain_settings(tmp_path, providers, model_server.url)
@@ -775,4 +777,4 @@ def test_the_script_route_falls_back_within_its_sla(
     assert (answer["script"], answer["provider"]) == ("Served script.", "contentml")
     assert (answer["quality_decision"], answer["quality_score"]) == ("pass", 0.97)
     assert len(hung_server.paths) == 1
-    assert seconds < 3.5
+    assert seconds < 5
