@@ -5,7 +5,9 @@ the instance's category and falls back to the global model for unknown niches.""
 from __future__ import annotations
 
 import datetime
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,9 @@ from training.niche.data import FEATURES, video_features
 
 MAX_INSTANCES = 1_000
 PREFIX = "niche-"
+NICHE_TRAIN_COMMAND = "contentml niche automl"
+
+logger = logging.getLogger(__name__)
 
 Count = pydantic.NonNegativeInt
 
@@ -88,6 +93,8 @@ class NicheVersion:
 class NicheModel(CachedPredictor[NicheVersion, TrendingVideo]):
     """One niche's champion: instances are `TrendingVideo`s."""
 
+    train_command = NICHE_TRAIN_COMMAND
+
     def load(self) -> bool:
         self.store = features.feature_store(self.settings)
         return super().load()
@@ -114,36 +121,62 @@ class NicheModel(CachedPredictor[NicheVersion, TrendingVideo]):
 
 class NicheRouter(OffLoopModel):
     """A `TrendingVideo` -> its category's niche model, else the global model. The niche
-    models follow their own aliases (and canary split); the router only routes."""
+    models follow their own aliases (and canary split); the router routes, and serves each
+    niche model registered after it started (a later AutoML run) from the next poll on."""
+
+    train_command = NICHE_TRAIN_COMMAND
 
     def __init__(self, name: str, settings: Settings, options: ServingOptions | None = None):
         super().__init__(name)
         self.settings = settings
         self.options = options or ServingOptions()
+        self.niches: dict[str, NicheModel] = {}
+        self.on_new_niche: Callable[[NicheModel], None] | None = None
+        """Called with each niche model found after `load()` (the server exposes it)."""
 
     def load(self) -> bool:
-        self.niches: dict[str, NicheModel] = {}
+        self.store = features.feature_store(self.settings)
+        self.refresh(registry.connect(self.settings))
+        if not self.ready:
+            logger.warning("not serving %s yet: %s", self.name, self.not_ready_reason())
+        return self.ready
+
+    def refresh(self, client: registry.RegistryClient) -> bool:
+        """Follow every niche model's aliases, and take on niche models registered since."""
+        changed = False
+        for model in self.niches.values():
+            changed |= model.refresh(client)
         for model_name in niche_model_names(self.settings):
+            niche = model_name.removeprefix(PREFIX)
+            if niche in self.niches:
+                continue
             model = NicheModel(model_name, self.settings, self.options)
             try:
-                model.load()
-            except registry.RegistryError:
-                continue  # registered but never promoted
-            self.niches[model_name.removeprefix(PREFIX)] = model
-        if GLOBAL not in self.niches:
-            raise registry.RegistryError(
-                f"model {PREFIX}{GLOBAL!s} has no champion: run `contentml niche automl` first"
-            )
-        self.store = features.feature_store(self.settings)
-        self.ready = True
-        return self.ready
+                model.load()  # not ready until it has a champion; `refresh` then serves it
+            except Exception as e:  # a broken champion must not stop the other niches
+                logger.error("%s failed to load; retried at the next poll: %s", model_name, e)
+            self.niches[niche] = model
+            changed = True
+            if self.on_new_niche is not None:
+                self.on_new_niche(model)
+        self.ready = GLOBAL in self.niches and self.niches[GLOBAL].ready
+        return changed
+
+    def not_ready_reason(self) -> str:
+        global_model = f"{PREFIX}{GLOBAL!s}"
+        return f"{global_model} has no champion yet: train one with `{self.train_command}`"
+
+    def _model_for(self, video: TrendingVideo) -> NicheModel:
+        """The video's niche model when it serves, else the global model."""
+        found = self.niches.get(slug(video.category))
+        return found if found is not None and found.ready else self.niches[GLOBAL]
 
     def predict_now(self, payload: dict, headers: dict[str, str] | None = None) -> dict:
         started = time.perf_counter()
         request_id = request_id_of(payload, headers)
         videos = parse_instances(instances_from_v1(payload), TrendingVideo, MAX_INSTANCES)
         inputs = _feature_rows(self.store, videos)
-        chosen = [self.niches.get(slug(v.category), self.niches[GLOBAL]) for v in videos]
+        chosen = [self._model_for(v) for v in videos]
         predictions: list[dict[str, Any]] = [{} for _ in videos]
         for model in set(chosen):
             rows = [i for i, c in enumerate(chosen) if c is model]

@@ -48,6 +48,8 @@ class QualityVersion:
 
 
 class QualityModel(CachedPredictor[QualityVersion, QualityRequest]):
+    train_command = "contentml quality train"
+
     def load(self) -> bool:
         self.published = load_texts(self.settings.published_content)["text"]
         return super().load()

@@ -355,6 +355,7 @@ class ScriptModel(VersionedModel[ScriptVersion]):
     requests), answering OpenAI completions and chat completions."""
 
     client_errors = (InvalidInput, RequestError)
+    train_command = "contentml pipeline run script-finetune --local"
 
     def load(self) -> bool:
         self.max_tokens = self.settings.script_max_tokens
@@ -531,10 +532,16 @@ async def _dispatch(
     except pydantic.ValidationError as e:
         return _error(HTTPStatus.BAD_REQUEST, *_validation_problem(e))
     model = served.get(request.model)
-    if model is None or not model.ready:
+    if model is None:
         return _error(
             HTTPStatus.NOT_FOUND,
             f"model {request.model!r} is not served here; served: {', '.join(served)}",
+            "model",
+        )
+    if not model.ready:
+        return _error(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            f"model {request.model!r} is not ready: {model.not_ready_reason()}",
             "model",
         )
     try:
@@ -566,7 +573,8 @@ def openai_router(models: Iterable[BaseKServeModel]) -> APIRouter | None:
             "object": "list",
             "data": [
                 {"id": name, "object": "model", "created": started, "owned_by": "contentml"}
-                for name in served
+                for name, model in served.items()
+                if model.ready
             ],
         }
 

@@ -22,18 +22,20 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from http import HTTPStatus
 
 import uvicorn
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from kserve import ModelServer
-from kserve.model import BaseKServeModel
+from kserve.errors import ModelNotReady
+from kserve.model_repository import ModelRepository
 from kserve.model_server import app
 from starlette.types import ASGIApp
 from timing_asgi import TimingMiddleware
 
 from contentml.errors import UserError
-from contentml.registry import RegistryError
 from contentml.runtime import freeze_heap, one_native_thread
 from contentml.settings import Settings
 from serving.admission import Admission, AdmissionMiddleware, drain_on_sigterm
@@ -48,9 +50,9 @@ from serving.revenue_model import RevenueModel, revenue_router
 from serving.script_model import OPENAI_ROUTE_PREFIX, ScriptModel, openai_router
 from serving.tasks import TASKS, Task, TaskAnswerer, tasks_router, validation_problem
 from serving.trend_model import TrendModel
-from serving.versions import ServingOptions, VersionedModel, VersionWatcher
+from serving.versions import OffLoopModel, ServingOptions, VersionWatcher
 
-PREDICTORS: dict[str, type[VersionedModel] | type[NicheRouter] | type[RevenueModel]] = {
+PREDICTORS: dict[str, type[OffLoopModel]] = {
     "trend": TrendModel,
     "quality": QualityModel,
     "niche": NicheRouter,
@@ -81,10 +83,6 @@ they count against (`Settings.max_concurrent_requests`, per route)."""
 logger = logging.getLogger(__name__)
 
 
-class NothingToServe(RegistryError):
-    """No model could be loaded: nothing has been promoted to champion yet."""
-
-
 def parse_canary(items: list[str]) -> dict[str, int]:
     """`["trend=10", ...]` (the CLI's `--canary`) -> `{"trend": 10}`."""
     canary = {}
@@ -102,12 +100,13 @@ def load_models(
     canary: Mapping[str, int] | None = None,
     cache: CacheConfig | None = None,
     prediction_log: PredictionLog | None = None,
-) -> list[BaseKServeModel]:
-    """Load the champion (and, with a canary share, the challenger) of each named model; a
-    model without a champion is skipped. `canary` maps a model name to the challenger's percent
-    of its requests (`niche` applies to every niche model); `cache` is the prediction cache in
-    front of trend, quality and the niche models, `prediction_log` where they log what they
-    answered."""
+) -> list[OffLoopModel]:
+    """One predictor per named model, each serving its champion (and, with a canary share,
+    the challenger). A model without a champion is returned not ready: it answers 503 naming
+    the command that trains it until `VersionWatcher` serves its first champion. `canary`
+    maps a model name to the challenger's percent of its requests (`niche` applies to every
+    niche model); `cache` is the prediction cache in front of trend, quality and the niche
+    models, `prediction_log` where they log what they answered."""
     names = names or list(PREDICTORS)
     canary = dict(canary or {})
     unknown = sorted((set(names) | set(canary)) - set(PREDICTORS))
@@ -123,18 +122,19 @@ def load_models(
         model = PREDICTORS[name](name, settings, options)
         try:
             model.load()
-        except RegistryError as e:
-            logger.warning("not serving %s: %s", name, e)
-            continue
+        except Exception as e:  # a broken champion: the others serve, the watcher retries it
+            logger.error("%s failed to load; not serving it yet: %s", name, e, exc_info=e)
         models.append(model)
-        if isinstance(model, NicheRouter):
-            models.extend(model.niches.values())
-    if not models:
-        raise NothingToServe(
-            "no model has a champion yet: run `contentml demo` or "
-            "`contentml pipeline run training --local` first"
-        )
     return models
+
+
+def kserve_models(models: list[OffLoopModel]) -> list[OffLoopModel]:
+    """Every model KServe routes to: the predictors and the niche models behind the router."""
+    return [
+        served
+        for model in models
+        for served in [model, *(model.niches.values() if isinstance(model, NicheRouter) else ())]
+    ]
 
 
 PR_SET_PDEATHSIG = 1
@@ -170,9 +170,31 @@ def serve(
     prediction log out."""
     cache = CacheConfig(settings.prediction_cache)
     prediction_log = open_prediction_log(settings)
+    # KServe gives the grace period to uvicorn's graceful shutdown, whose end runs KServe's
+    # own SIGTERM handler: it unloads the models after the last request.
+    server = ModelServer(
+        http_port=port,
+        grpc_port=grpc_port or 0,
+        enable_grpc=grpc_port is not None,
+        workers=1,
+        grace_period=settings.shutdown_grace_seconds,
+        enable_latency_logging=False,
+    )
     models = load_models(settings, names, canary, cache, prediction_log)
-    admission = Admission.from_settings(settings, (m.name for m in models), LIMITED_ROUTES)
-    admit_first(app, admission)
+    admission = Admission.from_settings(
+        settings, (m.name for m in kserve_models(models)), LIMITED_ROUTES
+    )
+
+    def expose(model: OffLoopModel) -> None:
+        """A model found after the start (a niche a later AutoML run added) gets its routes
+        and its limit, like those found at the start."""
+        admission.models = admission.models | {model.name}
+        server.register_model(model)
+
+    for model in models:
+        if isinstance(model, NicheRouter):
+            model.on_new_niche = expose
+    finish_app(app, admission, server.registered_models)
     app.max_body_size = MAX_MODEL_BODY_BYTES  # KServe's routes have none; ours set their own
     # KServe creates the app: an included router's lifespan is how one is added to it.
     drain = drain_on_sigterm(admission, settings.shutdown_drain_seconds)
@@ -190,8 +212,8 @@ def serve(
     ledger = CostLedger.from_settings(settings) if is_api else None
     answerer = TaskAnswerer(settings, models, ledger)
     served = {m.name for m in models}
-    # The whole platform answers every task it can (trend falls back without a champion); a
-    # predictor pod answers its model's.
+    # The whole platform answers every task; a predictor pod answers its model's. A model
+    # without a champion yet has its routes too: they answer 503 until it has one.
     tasks = [t for t in Task if is_api or TASKS[t].model in served]
     app.include_router(tasks_router(answerer, tasks))
     app.add_exception_handler(RequestValidationError, validation_problem)
@@ -201,24 +223,13 @@ def serve(
         app.include_router(batch_router(queue))
         register_cost_metrics(ledger)
     freeze_heap()
-    watcher = VersionWatcher(
-        settings,
-        [m for m in models if isinstance(m, VersionedModel)],
-        settings.serving_poll_seconds,
-    ).start()
-    # KServe gives the grace period to uvicorn's graceful shutdown, whose end runs KServe's
-    # own SIGTERM handler: it unloads the models after the last request.
-    server = ModelServer(
-        http_port=port,
-        grpc_port=grpc_port or 0,
-        enable_grpc=grpc_port is not None,
-        workers=1,
-        grace_period=settings.shutdown_grace_seconds,
-        enable_latency_logging=False,
-    )
+    watcher = VersionWatcher(settings, models, settings.serving_poll_seconds).start()
+    for model in kserve_models(models):
+        server.register_model(model)  # ready or not: KServe answers 503 for a model not ready
     try:
         with batch_workers(settings, workers if queue is not None else 0):
-            server.start(models)
+            # KServe's start() marks every model it is given ready: only those that are.
+            server.start([m for m in kserve_models(models) if m.ready])
     finally:
         watcher.stop()
         answerer.close()
@@ -228,17 +239,31 @@ def serve(
             prediction_log.close()
 
 
-def admit_first(app: FastAPI, admission: Admission) -> None:
-    """Make `AdmissionMiddleware` the outermost middleware of KServe's `app`, and take out
-    KServe's `TimingMiddleware`. KServe adds its middlewares when the server starts, outside
-    any added before; a refusal must cost only its check, not theirs. The timing middleware
-    calls getrusage twice and logs two lines per request, with the GIL held: about a third of
-    the event loop's time at saturation, for figures the Prometheus histograms (KServe's and
-    `serving.versions`') already hold."""
+def finish_app(app: FastAPI, admission: Admission, repository: ModelRepository) -> None:
+    """Make `AdmissionMiddleware` the outermost middleware of KServe's `app`, take out
+    KServe's `TimingMiddleware`, and answer a model that is not ready with why. KServe adds
+    its middlewares and exception handlers when the server starts, outside (and over) any
+    added before, so these changes are made when the app builds its stack.
+
+    - A refusal must cost only its check, not the other middlewares'. The timing middleware
+      calls getrusage twice and logs two lines per request, with the GIL held: about a third
+      of the event loop's time at saturation, for figures the Prometheus histograms (KServe's
+      and `serving.versions`') already hold.
+    - KServe's 503 for a model not ready says only that; ours says why and, for a model with
+      no champion yet, which command trains one."""
     build = app.build_middleware_stack
+
+    async def model_not_ready(_: Request, error: ModelNotReady) -> JSONResponse:
+        model = repository.get_model(error.model_name)
+        reason = model.not_ready_reason() if isinstance(model, OffLoopModel) else "not loaded"
+        return JSONResponse(
+            status_code=HTTPStatus.SERVICE_UNAVAILABLE,
+            content={"error": f"model {error.model_name!r} is not ready: {reason}"},
+        )
 
     def build_middleware_stack() -> ASGIApp:
         app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
+        app.exception_handlers[ModelNotReady] = model_not_ready
         return AdmissionMiddleware(build(), admission)
 
     app.build_middleware_stack = build_middleware_stack
@@ -316,19 +341,12 @@ def work(settings: Settings, threads: int) -> None:
     """One batch worker until SIGTERM (finishes the chunks in hand) or SIGINT: huey's consumer
     with `threads` threads, the trend and quality champions loaded here, following the
     registry like the server."""
-    models: list[BaseKServeModel] = []
-    try:
-        models = load_models(settings, ["trend", "quality"], cache=CacheConfig("off"))
-    except NothingToServe:
-        logger.warning("no trend or quality champion: trend items get fallback forecasts")
+    # Without a champion yet, trend items get fallback forecasts and quality items wait.
+    models = load_models(settings, ["trend", "quality"], cache=CacheConfig("off"))
     ledger = CostLedger.from_settings(settings)
     answerer = TaskAnswerer(settings, models, ledger)
     queue = BatchQueue(settings, answerer=answerer, ledger=ledger)
-    watcher = VersionWatcher(
-        settings,
-        [m for m in models if isinstance(m, VersionedModel)],
-        settings.serving_poll_seconds,
-    ).start()
+    watcher = VersionWatcher(settings, models, settings.serving_poll_seconds).start()
     # OpenMP's limit is per thread: each of huey's worker threads sets it when it starts.
     queue.huey.on_startup("one_native_thread")(one_native_thread)
     heartbeat = Heartbeat(queue)

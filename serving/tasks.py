@@ -293,12 +293,15 @@ class TaskAnswerer:
 
     def _predict(self, name: str, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
         model = self.models.get(name)
-        if model is None or not model.ready:
+        if model is None:
             raise TaskUnavailable(f"the {name} model is not served here")
+        if not model.ready:
+            raise TaskUnavailable(f"the {name} model is not ready: {model.not_ready_reason()}")
         return model.predict_now({"instances": instances}, {})["predictions"]
 
     def _trend(self, bodies: Sequence[TrendBody]) -> list[TrendAnswer]:
-        if "trend" not in self.models:  # no champion yet: the simpler model is all there is
+        model = self.models.get("trend")
+        if model is None or not model.ready:  # no champion yet: the simpler model is all there is
             return [naive_forecast(body) for body in bodies]
         try:
             predictions = self._predict("trend", [b.instance() for b in bodies])

@@ -27,6 +27,8 @@ class TrendVersion:
 
 
 class TrendModel(CachedPredictor[TrendVersion, TrendRequest]):
+    train_command = "contentml pipeline run training --local"
+
     def load(self) -> bool:
         self.store = features.feature_store(self.settings)
         return super().load()

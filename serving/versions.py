@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import mlflow
 import pydantic
@@ -51,7 +51,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from contentml import registry
 from contentml.errors import UserError
-from contentml.registry import Alias, RegistryError
+from contentml.registry import Alias
 from contentml.runtime import one_native_thread
 from contentml.settings import Settings
 from serving.cache import CacheConfig, PredictionCache, canonical_json, make_cache
@@ -149,6 +149,14 @@ class OffLoopModel(Model):
     their own threads: the task routes, batch workers, tests), and `predict` runs it on
     `PREDICT_THREADS`."""
 
+    train_command: ClassVar[str] = ""
+    """The command that trains a version of the model: what a 503 before its first champion
+    tells the caller to run."""
+
+    def not_ready_reason(self) -> str:
+        """Why the model does not answer yet, for the 503 a caller gets meanwhile."""
+        return "it is loading"
+
     async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(PREDICT_THREADS, self.predict_now, payload, headers)
@@ -187,16 +195,28 @@ class VersionedModel(OffLoopModel, Generic[S]):
         return self.settings.pinned().get(self.name)
 
     def load(self) -> bool:
+        """Serve the champion; without one the model waits, not ready (KServe answers 503),
+        and `refresh` serves the first champion once there is one. A champion that fails to
+        load fails the start."""
         client = registry.connect(self.settings)
+        CANARY_PERCENT.labels(self.name).set(self.options.canary_percent)
         champion = self.pinned_version or registry.alias_version(client, self.name, Alias.CHAMPION)
         if champion is None:
-            raise RegistryError(f"model {self.name!r} has no champion to serve")
-        self._serving = Serving(self._load(client, champion))
-        CANARY_PERCENT.labels(self.name).set(self.options.canary_percent)
+            logger.warning("not serving %s yet: %s", self.name, self.not_ready_reason())
+            return self.ready
+        self._start(client, self._load(client, champion))
+        return self.ready
+
+    def not_ready_reason(self) -> str:
+        if self._serving is None:
+            return f"it has no champion yet: train one with `{self.train_command}`"
+        return super().not_ready_reason()
+
+    def _start(self, client: registry.RegistryClient, champion: S) -> None:
+        self._serving = Serving(champion)
         self.refresh(client)  # the challenger, when the canary is on
         self._report()
         self.ready = True
-        return self.ready
 
     @property
     def serving(self) -> Serving[S]:
@@ -213,6 +233,13 @@ class VersionedModel(OffLoopModel, Generic[S]):
 
     def refresh(self, client: registry.RegistryClient) -> bool:
         """Serve the versions the aliases point at now; True when that changed anything."""
+        if self._serving is None:  # waiting for a first champion
+            champion = self._follow(client, Alias.CHAMPION, None)
+            if champion is None:
+                return False
+            self._start(client, champion)
+            logger.info("%s now serves its first champion v%s", self.name, champion.version)
+            return True
         if self.pinned_version is not None:
             return False  # KServe routes between pinned predictors, not this server
         serving = self.serving
@@ -433,13 +460,23 @@ def request_key(requests: Sequence[pydantic.BaseModel]) -> str:
     return canonical_json([r.model_dump(mode="json", exclude_none=True) for r in requests])
 
 
+class Follower(Protocol):
+    """A predictor that follows the registry: a `VersionedModel`, or the niche router, which
+    also serves the niche models registered after it started."""
+
+    name: str
+
+    def refresh(self, client: registry.RegistryClient) -> bool: ...
+
+
 class VersionWatcher:
-    """One thread that keeps every served model on the versions its aliases point at."""
+    """One thread that keeps every served model on the versions its aliases point at, and
+    serves a model's first champion once it has one."""
 
     def __init__(
         self,
         settings: Settings,
-        models: Sequence[VersionedModel],
+        models: Sequence[Follower],
         poll_seconds: float,
     ):
         if not poll_seconds > 0:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import FastAPI
+from kserve.model_repository import ModelRepository
 from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -27,7 +28,7 @@ from timing_asgi import TimingClient, TimingMiddleware
 from contentml.demo import READY_TIMEOUT_SECONDS, free_port
 from contentml.settings import SettingsError
 from serving.admission import Admission, AdmissionMiddleware
-from serving.server import MAX_MODEL_BODY_BYTES, admit_first
+from serving.server import MAX_MODEL_BODY_BYTES, finish_app
 from tests.conftest import make_settings
 
 TOKEN = "s3cret-Token_1"
@@ -202,7 +203,7 @@ def test_on_kserves_app_admission_is_outermost_and_timing_is_gone() -> None:
     app.add_api_route(
         "/v1/models/{name}:predict", lambda name: {"predictions": [1.0]}, methods=["POST"]
     )
-    admit_first(app, Admission(1, models=frozenset({"trend"})))
+    finish_app(app, Admission(1, models=frozenset({"trend"})), ModelRepository())
     app.add_middleware(TimingMiddleware, client=Timings())  # as KServe's RESTServer does
     app.middleware("http")(passing)
     with TestClient(app) as client:
