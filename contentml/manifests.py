@@ -154,12 +154,29 @@ def walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 
 def secret_problems(document: dict[str, Any]) -> list[str]:
     """Secret values written into the manifests: a Secret with data, or an environment
-    variable that names a credential and carries a literal value instead of a reference."""
+    variable that names a credential and carries a literal value instead of a reference. And
+    credentials handed out loosely: a whole Secret in `envFrom` (a pod gets every key, write
+    credentials included; name the keys), or a bearer token that is an optional key (a missing
+    key would leave the routes open)."""
     if document.get("kind") == "Secret" and (document.get("data") or document.get("stringData")):
         return [f"{_name(document)}: carries secret values; reference a Secret made outside git"]
     problems = []
     for path, node in walk(document):
-        if not (isinstance(node, dict) and "name" in node and "value" in node):
+        if not isinstance(node, dict):
+            continue
+        if path.endswith("]") and "secretRef" in node and ".envFrom[" in path:
+            problems.append(
+                f"{_name(document)}: {path}: takes the whole Secret {node['secretRef'].get('name')}"
+                "; name each key in `env` (contentml.cluster.secret_env)"
+            )
+        reference = node.get("secretKeyRef")
+        if isinstance(reference, dict) and reference.get("key") in cluster.TOKEN_VARIABLES:
+            if reference.get("optional") is True:
+                problems.append(
+                    f"{_name(document)}: {path}: {reference['key']} is an optional key: a pod "
+                    "without it would serve every route unauthenticated"
+                )
+        if not ("name" in node and "value" in node):
             continue
         name = str(node["name"])
         if name in cluster.SECRET_VARIABLES or any(word in name.upper() for word in _SECRET_WORDS):

@@ -137,7 +137,14 @@ def test_pods_reference_objects_that_exist_or_secrets_made_outside(overlay):
     present = {
         (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in documents
     }
-    external_secrets = {cluster.CREDENTIALS_SECRET, "mlflow-server"}
+    external_secrets = {
+        cluster.CREDENTIALS_SECRET,
+        cluster.READER_SECRET,
+        cluster.BACKEND_SECRET,
+        cluster.API_TOKEN_SECRET,
+        cluster.ADMIN_TOKEN_SECRET,
+        "mlflow-server",
+    }
     for document in documents:
         namespace = document["metadata"].get("namespace")
         for _, node in manifests.walk(document):
@@ -154,6 +161,86 @@ def test_pods_reference_objects_that_exist_or_secrets_made_outside(overlay):
             if "secretName" in node:
                 assert node["secretName"] in external_secrets
     assert not find(documents, "Secret")
+
+
+WORKLOADS = [
+    ("Deployment", API, cluster.Workload.API),
+    ("Deployment", BATCH_WORKER, cluster.Workload.BATCH_WORKER),
+    ("Deployment", "feast", cluster.Workload.FEATURE_SERVER),
+    ("Job", "contentml-schedules", cluster.Workload.SCHEDULER),
+    ("ServingRuntime", "contentml", cluster.Workload.PREDICTOR),
+    ("InferenceService", "script", cluster.Workload.SCRIPT),
+]
+"""The rendered pods of the `contentml` namespace and what they do (the TrainJob is training's,
+tests/test_llm_trainjob.py)."""
+
+
+def _credentials(document: dict) -> list[dict]:
+    """The `env` entries of `document`'s pods that come from a Secret, in order."""
+    return [
+        entry
+        for pod in manifests.pod_templates(document)
+        for _, container in pod.containers
+        for entry in container.get("env", [])
+        if "secretKeyRef" in entry.get("valueFrom", {})
+    ]
+
+
+@pytest.mark.parametrize(("kind", "name", "workload"), WORKLOADS)
+def test_each_pod_gets_its_workloads_credentials_key_by_key(overlay, kind, name, workload):
+    """Least privilege: exactly the keys `cluster.WORKLOAD_CREDENTIALS` gives the workload, from
+    the Secret it names, and no whole Secret by `envFrom`."""
+    _, documents = overlay
+    (document,) = find(documents, kind, name)
+    assert _credentials(document) == cluster.secret_env(workload)
+    for path, node in manifests.walk(document):
+        assert not (path.endswith("envFrom") and any("secretRef" in e for e in node)), path
+
+
+def test_only_training_holds_write_credentials(overlay):
+    """The Secret with MLflow's and the bucket's write credentials reaches only the TrainJob
+    (and the KFP tasks, pipelines/platform.py); the pods that serve, and KServe's storage
+    initializer through the predictors' service account, get the read-only Secret."""
+    _, documents = overlay
+    for document in documents:
+        for _, node in manifests.walk(document):
+            if isinstance(node, dict) and "secretKeyRef" in node:
+                if node["secretKeyRef"]["name"] == cluster.CREDENTIALS_SECRET:
+                    assert document["kind"] == "TrainJob", _name(document)
+    (account,) = find(documents, "ServiceAccount", "contentml-predictor")
+    assert account["secrets"] == [{"name": cluster.READER_SECRET}]
+    writes = set(cluster.WORKLOAD_CREDENTIALS[cluster.Workload.TRAINING].values())
+    for workload in set(cluster.Workload) - {cluster.Workload.TRAINING}:
+        assert not set(cluster.WORKLOAD_CREDENTIALS[workload].values()) & writes, workload
+
+
+def test_the_tokens_are_required_keys_of_their_own_secrets(overlay):
+    """Every pod that reads the API or admin token reads it as a required key of its Secret: a
+    missing key stops the pod instead of opening the routes. The servers of admin routes (our
+    predictors and the API) get the admin token; nothing else does."""
+    _, documents = overlay
+    readers: dict[str, set[str]] = {name: set() for name in cluster.TOKEN_VARIABLES}
+    for document in documents:
+        for _, node in manifests.walk(document):
+            reference = isinstance(node, dict) and node.get("secretKeyRef")
+            if reference and reference["key"] in cluster.TOKEN_VARIABLES:
+                assert reference == {
+                    "name": cluster.TOKEN_VARIABLES[reference["key"]],
+                    "key": reference["key"],
+                }, _name(document)
+                readers[reference["key"]].add(_name(document))
+    assert readers["CONTENTML_ADMIN_TOKEN"] == {
+        "ServingRuntime contentml/contentml",
+        f"Deployment contentml/{API}",
+    }
+    assert readers["CONTENTML_API_TOKEN"] >= readers["CONTENTML_ADMIN_TOKEN"] | {
+        f"Deployment contentml/{BATCH_WORKER}",
+    }
+
+
+def _name(document: dict) -> str:
+    metadata = document["metadata"]
+    return f"{document['kind']} {metadata.get('namespace')}/{metadata['name']}"
 
 
 def test_only_platform_namespaces_reach_the_servers(overlay):
@@ -444,6 +531,24 @@ def _pod(document: dict) -> dict:
             "mlflow",
             lambda d: _pod(d).pop("securityContext"),
             "may run as root",
+        ),
+        (
+            "Deployment",
+            API,
+            lambda d: _pod(d)["containers"][0]["envFrom"].append(
+                {"secretRef": {"name": cluster.CREDENTIALS_SECRET}}
+            ),
+            "takes the whole Secret contentml-credentials",
+        ),
+        (
+            "Deployment",
+            API,
+            lambda d: [
+                e["valueFrom"]["secretKeyRef"].update(optional=True)
+                for e in _pod(d)["containers"][0]["env"]
+                if e["name"] == "CONTENTML_API_TOKEN"
+            ],
+            "CONTENTML_API_TOKEN is an optional key",
         ),
         (
             "InferenceService",
