@@ -2,9 +2,10 @@
 server would: built-in kinds against Kubernetes' own OpenAPI schemas (`kubernetes-validate`),
 KServe and Kubeflow Trainer resources against their CRDs (`../shared/schemas`), unknown
 fields refused everywhere (the API server would prune them silently). Then the platform's own
-rules: no secret value in plain text, no container that may run as root, and every pod template
+rules: no secret value in plain text, no container that may run as root, every pod template
 (Deployments, Jobs, ServingRuntimes, InferenceService predictors, TrainingRuntimes) within the
-Pod Security Standards' `restricted` profile, with resources and a read-only root filesystem.
+Pod Security Standards' `restricted` profile, with resources and a read-only root filesystem,
+and every namespace closed by default with a NetworkPolicy for each workload.
 """
 
 from __future__ import annotations
@@ -490,6 +491,119 @@ def restricted_problems(document: dict[str, Any]) -> list[str]:
     return problems
 
 
+KSERVE_POD_LABEL = "serving.kserve.io/inferenceservice"
+"""The label KServe puts on every pod of an InferenceService, with its name (besides the
+InferenceService's own labels)."""
+
+
+def labelled_pods(document: dict[str, Any]) -> Iterator[tuple[str, dict[str, str]]]:
+    """(path, labels) of each pod template of `document`, with the labels its pods carry: a
+    template's own, or for a predictor KServe's. A ServingRuntime makes no pod of its own (its
+    container runs in its InferenceServices' predictors)."""
+    kind = document.get("kind")
+    metadata = document.get("metadata") or {}
+    if kind == "ServingRuntime":
+        return
+    if kind == "InferenceService":
+        yield (
+            "spec.predictor",
+            {**(metadata.get("labels") or {}), KSERVE_POD_LABEL: metadata["name"]},
+        )
+        return
+    for path, node in walk(document):
+        if isinstance(node, dict) and isinstance((node.get("spec") or {}).get("containers"), list):
+            yield (
+                f"{path}.spec" if path else "spec",
+                (node.get("metadata") or {}).get("labels") or {},
+            )
+
+
+_SELECTOR_OPERATORS: dict[str, Callable[[str, list[str] | None, dict[str, str]], bool]] = {
+    "In": lambda key, values, labels: labels.get(key) in (values or []),
+    "NotIn": lambda key, values, labels: labels.get(key) not in (values or []),
+    "Exists": lambda key, values, labels: key in labels,
+    "DoesNotExist": lambda key, values, labels: key not in labels,
+}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (`matchLabels`, `matchExpressions`) selects `labels`."""
+    return selector.get("matchLabels", {}).items() <= labels.items() and all(
+        _SELECTOR_OPERATORS[e["operator"]](e["key"], e.get("values"), labels)
+        for e in selector.get("matchExpressions") or []
+    )
+
+
+def policies_selecting(
+    documents: list[dict[str, Any]], namespace: str | None, labels: dict[str, str], kind: str
+) -> list[dict[str, Any]]:
+    """The NetworkPolicies of `namespace` of type `kind` (Ingress, Egress) whose pod selector
+    selects `labels`."""
+    return [
+        d
+        for d in documents
+        if d.get("kind") == "NetworkPolicy"
+        and d["metadata"].get("namespace") == namespace
+        and kind in d["spec"].get("policyTypes", [])
+        and selects(d["spec"]["podSelector"], labels)
+    ]
+
+
+def _is_default_deny(policy: dict[str, Any]) -> bool:
+    spec = policy["spec"]
+    return (
+        spec["podSelector"] == {}
+        and set(spec.get("policyTypes", [])) == {"Ingress", "Egress"}
+        and not spec.get("ingress")
+        and not spec.get("egress")
+    )
+
+
+def network_problems(documents: list[dict[str, Any]]) -> list[str]:
+    """Where the network is open by default: a namespace with pods and no default-deny policy
+    (ingress and egress), a pod template no policy of its own (a non-empty pod selector) says
+    who may reach, a pod that may not resolve names, an egress rule open on every port."""
+    problems = []
+    namespaces = set()
+    for document in documents:
+        namespace = document["metadata"].get("namespace")
+        for path, labels in labelled_pods(document):
+            namespaces.add(namespace)
+            own = [
+                p
+                for p in policies_selecting(documents, namespace, labels, "Ingress")
+                if p["spec"]["podSelector"]
+            ]
+            if not own:
+                problems.append(
+                    f"{_name(document)}: {path}: no NetworkPolicy selects its pods (labels "
+                    f"{labels}) to say who may reach them"
+                )
+            egress = policies_selecting(documents, namespace, labels, "Egress")
+            if not any(
+                port.get("port") == 53
+                for policy in egress
+                for rule in policy["spec"].get("egress") or []
+                for port in rule.get("ports") or []
+            ):
+                problems.append(f"{_name(document)}: {path}: no egress policy allows DNS")
+    for namespace in sorted(namespaces, key=str):
+        policies = [
+            d
+            for d in documents
+            if d.get("kind") == "NetworkPolicy" and d["metadata"].get("namespace") == namespace
+        ]
+        if not any(_is_default_deny(p) for p in policies):
+            problems.append(
+                f"namespace {namespace}: no default-deny NetworkPolicy (all pods, in and out)"
+            )
+        for policy in policies:
+            for index, rule in enumerate(policy["spec"].get("egress") or []):
+                if not rule.get("ports"):
+                    problems.append(f"{_name(policy)}: spec.egress[{index}] allows every port")
+    return problems
+
+
 def check(overlay: str, schemas_dir: Path, manifests_dir: Path = MANIFESTS_DIR) -> Report:
     """Render `manifests_dir/overlays/<overlay>` and check every object it holds."""
     if not (schemas_dir / "kserve").is_dir() or not (schemas_dir / "kubeflow-trainer").is_dir():
@@ -503,5 +617,6 @@ def check(overlay: str, schemas_dir: Path, manifests_dir: Path = MANIFESTS_DIR) 
         problems += secret_problems(document)
         problems += root_problems(document)
         problems += restricted_problems(document)
+    problems += network_problems(documents)
     kinds = Counter(str(d.get("kind")) for d in documents)
     return Report(overlay, dict(sorted(kinds.items())), problems)

@@ -398,6 +398,102 @@ def test_the_backend_runs_the_platform_image_with_the_platforms_settings(overlay
     assert pod["automountServiceAccountToken"] is False
 
 
+def test_every_pod_has_its_own_ingress_policy_and_egress_is_denied_by_default(overlay):
+    """Each namespace with pods denies all traffic, in and out, unless a policy allows it; each
+    pod template (the predictors and the TrainJob ranks included) is selected by a policy of its
+    own that says who may reach it; every pod may resolve names, and no egress rule is open on
+    every port."""
+    _, documents = overlay
+    assert manifests.network_problems(documents) == []
+    pods = [
+        (d["metadata"].get("namespace"), labels)
+        for d in documents
+        for _, labels in manifests.labelled_pods(d)
+    ]
+    assert {namespace for namespace, _ in pods} == {"contentml", "contentml-system"}
+    assert len(pods) == sum(POD_KINDS.values()) - POD_KINDS["ServingRuntime"]
+    for namespace, labels in pods:
+        egress = manifests.policies_selecting(documents, namespace, labels, "Egress")
+        assert any(p["spec"]["podSelector"] == {} and not p["spec"].get("egress") for p in egress)
+
+
+def _egress_ports(documents: list[dict], kind: str, name: str) -> set[int]:
+    """The ports the pods of one object may connect to, over all its egress policies."""
+    (document,) = find(documents, kind, name)
+    _, labels = next(manifests.labelled_pods(document))  # a TrainingRuntime's two: alike
+    namespace = document["metadata"]["namespace"]
+    return {
+        port["port"]
+        for policy in manifests.policies_selecting(documents, namespace, labels, "Egress")
+        for rule in policy["spec"].get("egress") or []
+        for port in rule["ports"]
+    }
+
+
+MLFLOW_PORT, POSTGRES_PORT, REDIS_PORT, HTTPS_PORT, DNS_PORT = 5000, 5432, 6379, 443, 53
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "allowed", "denied"),
+    [
+        # Champions from MLflow and the bucket, features from Redis, rewards in PostgreSQL.
+        ("InferenceService", "trend", {MLFLOW_PORT, POSTGRES_PORT, REDIS_PORT, HTTPS_PORT}, set()),
+        ("InferenceService", "revenue", {POSTGRES_PORT}, set()),
+        # The script model fetches weights over HTTPS and nothing else.
+        ("InferenceService", "script", {HTTPS_PORT}, {MLFLOW_PORT, POSTGRES_PORT, REDIS_PORT}),
+        ("Deployment", API, {POSTGRES_PORT, REDIS_PORT}, {MLFLOW_PORT, HTTPS_PORT}),
+        ("Deployment", BATCH_WORKER, {MLFLOW_PORT, POSTGRES_PORT, REDIS_PORT, HTTPS_PORT}, set()),
+        ("Deployment", "feast", {POSTGRES_PORT, REDIS_PORT}, {MLFLOW_PORT, HTTPS_PORT}),
+        ("Deployment", "mlflow", {POSTGRES_PORT, HTTPS_PORT}, {REDIS_PORT, MLFLOW_PORT}),
+        ("Job", "contentml-schedules", {8888}, {MLFLOW_PORT, POSTGRES_PORT, HTTPS_PORT}),
+        ("TrainingRuntime", RUNTIME, {MLFLOW_PORT, HTTPS_PORT}, {POSTGRES_PORT, REDIS_PORT}),
+    ],
+)
+def test_egress_allows_what_each_workload_calls_and_no_more(overlay, kind, name, allowed, denied):
+    _, documents = overlay
+    ports = _egress_ports(documents, kind, name)
+    assert DNS_PORT in ports
+    assert allowed <= ports, ports
+    assert not denied & ports, ports
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (
+            lambda docs: [d for d in docs if d["metadata"]["name"] != "predictors"],
+            "InferenceService contentml/trend: spec.predictor: no NetworkPolicy selects its pods",
+        ),
+        (
+            lambda docs: [
+                d
+                for d in docs
+                if not (d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "default-deny")
+            ],
+            "namespace contentml: no default-deny NetworkPolicy",
+        ),
+        (
+            lambda docs: [d for d in docs if d["metadata"]["name"] != "dns"],
+            "Deployment contentml/feast: spec.template.spec: no egress policy allows DNS",
+        ),
+        (
+            lambda docs: [
+                _open_egress(d) if d["metadata"]["name"] == "feast-egress" else d for d in docs
+            ],
+            "NetworkPolicy contentml/feast-egress: spec.egress[1] allows every port",
+        ),
+    ],
+)
+def test_the_network_check_names_what_is_left_open(prod, change, problem):
+    problems = manifests.network_problems(change(copy.deepcopy(prod)))
+    assert any(line.startswith(problem) for line in problems), problems
+
+
+def _open_egress(policy: dict) -> dict:
+    policy["spec"]["egress"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})
+    return policy
+
+
 def test_the_api_is_probed_on_its_health_routes_and_reached_from_the_ingress(overlay):
     _, documents = overlay
     (deployment,) = find(documents, "Deployment", API)
