@@ -5,13 +5,16 @@ fields refused everywhere (the API server would prune them silently). Then the p
 rules: no secret value in plain text, no container that may run as root, every pod template
 (Deployments, Jobs, ServingRuntimes, InferenceService predictors, TrainingRuntimes) within the
 Pod Security Standards' `restricted` profile, with resources and a read-only root filesystem,
-and every namespace closed by default with a NetworkPolicy for each workload.
+every namespace closed by default with a NetworkPolicy for each workload, and nothing that moves
+under a release: images pinned by digest or the platform's own at a version, hub models at a
+commit.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import re
 import shutil
 import subprocess
 from collections import Counter
@@ -491,6 +494,39 @@ def restricted_problems(document: dict[str, Any]) -> list[str]:
     return problems
 
 
+OWN_IMAGE = re.compile(r"ghcr\.io/contentml/(platform|training):\d+\.\d+\.\d+")
+"""The project's own images at a release's version tag (`make images`; the overlays' `images:`
+set the registry and tag, a release may add `digest:`)."""
+DIGEST = re.compile(r"[^@\s]+@sha256:[0-9a-f]{64}")
+"""An image pinned by its content: what every other image must be."""
+REVISION = re.compile(r"[0-9a-f]{40}")
+"""A Hugging Face hub commit: a branch (`main`) moves, a commit does not."""
+
+
+def pin_problems(document: dict[str, Any]) -> list[str]:
+    """What could change under a running release: an image neither pinned by digest nor the
+    project's own at a version tag, and a hub model served without `--model_revision` at a
+    commit."""
+    problems = []
+    for path, node in walk(document):
+        if (path == "image" or path.endswith(".image")) and isinstance(node, str):
+            if not (OWN_IMAGE.fullmatch(node) or DIGEST.fullmatch(node)):
+                problems.append(
+                    f"{_name(document)}: {path}: image {node} is neither pinned by digest "
+                    "(@sha256:...) nor the platform's own at a version tag"
+                )
+        if path.endswith(".args") and isinstance(node, list):
+            options = dict(str(a).partition("=")[::2] for a in node if str(a).startswith("--"))
+            if "--model_id" in options and not REVISION.fullmatch(
+                options.get("--model_revision", "")
+            ):
+                problems.append(
+                    f"{_name(document)}: {path}: --model_id {options['--model_id']} without "
+                    "--model_revision=<40-hex commit>: a branch moves under the release"
+                )
+    return problems
+
+
 KSERVE_POD_LABEL = "serving.kserve.io/inferenceservice"
 """The label KServe puts on every pod of an InferenceService, with its name (besides the
 InferenceService's own labels)."""
@@ -617,6 +653,7 @@ def check(overlay: str, schemas_dir: Path, manifests_dir: Path = MANIFESTS_DIR) 
         problems += secret_problems(document)
         problems += root_problems(document)
         problems += restricted_problems(document)
+        problems += pin_problems(document)
     problems += network_problems(documents)
     kinds = Counter(str(d.get("kind")) for d in documents)
     return Report(overlay, dict(sorted(kinds.items())), problems)

@@ -271,6 +271,47 @@ def test_images_are_the_platforms_at_the_overlays_tag(overlay):
     assert images == {"ghcr.io/contentml/platform:0.1.0", "ghcr.io/contentml/training:0.1.0"}
 
 
+def test_the_script_model_and_the_recipe_name_one_hub_commit(overlay):
+    """The hub model the script endpoint serves, and the base weights the a100x16 recipe trains
+    on, are at a commit, not a branch: the same commit in prod."""
+    name, documents = overlay
+    (script,) = find(documents, "InferenceService", "script")
+    args = dict(a.split("=", 1) for a in script["spec"]["predictor"]["model"]["args"])
+    assert manifests.REVISION.fullmatch(args["--model_revision"])
+    if name == "prod":
+        recipe = load_config(manifests.MANIFESTS_DIR.parent / "training/llm/configs/a100x16.yaml")
+        assert recipe.base_model.endswith(f"/{args['--model_id']}/{args['--model_revision']}")
+
+
+@pytest.mark.parametrize(
+    ("image", "pinned"),
+    [
+        ("ghcr.io/contentml/platform:0.1.0", True),
+        ("ghcr.io/contentml/training:1.12.3", True),
+        ("redis@sha256:" + "0" * 64, True),
+        ("ghcr.io/contentml/platform:latest", False),
+        ("ghcr.io/contentml/platform", False),
+        ("postgres:16", False),
+        ("kserve/huggingfaceserver:v0.21.0", False),
+    ],
+)
+def test_an_image_is_pinned_by_digest_or_is_ours_at_a_version(prod, image, pinned):
+    document = broken(
+        prod, "Deployment", "feast", lambda d: _pod(d)["containers"][0].update(image=image)
+    )
+    problems = manifests.pin_problems(document)
+    assert (problems == []) is pinned, problems
+
+
+def test_a_hub_model_without_a_commit_is_refused(prod):
+    def follow_main(document: dict) -> None:
+        model = document["spec"]["predictor"]["model"]
+        model["args"] = [a for a in model["args"] if not a.startswith("--model_revision")]
+
+    (problem,) = manifests.pin_problems(broken(prod, "InferenceService", "script", follow_main))
+    assert "--model_id meta-llama/Llama-2-7b-hf without --model_revision" in problem
+
+
 def test_the_mlflow_server_runs_with_auth_postgres_and_s3(prod, monkeypatch):
     """`mlflow server` with basic auth, started through the check of its admin password; the
     backend store URI (with the database password) from the Secret by environment, never on
