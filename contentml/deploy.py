@@ -224,8 +224,10 @@ def _released(predictor: dict[str, Any], target: Target, release: Release) -> di
         env.append({"name": PINNED_ENV, "value": f"{target.registered_model}={release.version}"})
     else:
         model["storageUri"] = release.storage_uri
-        # The weights come from storageUri; a hub model id would take precedence.
-        model["args"] = [a for a in model.get("args", []) if not a.startswith("--model_id")]
+        # The weights come from storageUri (a registered version's, immutable); a hub model id
+        # would take precedence, and its revision names a commit of the hub's model.
+        hub = ("--model_id", "--model_revision")
+        model["args"] = [a for a in model.get("args", []) if not a.startswith(hub)]
     model["env"] = env
     return {**predictor, "labels": {**predictor.get("labels", {}), LABEL_VERSION: release.version}}
 

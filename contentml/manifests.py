@@ -2,15 +2,19 @@
 server would: built-in kinds against Kubernetes' own OpenAPI schemas (`kubernetes-validate`),
 KServe and Kubeflow Trainer resources against their CRDs (`../shared/schemas`), unknown
 fields refused everywhere (the API server would prune them silently). Then the platform's own
-rules: no secret value in plain text, no container that may run as root, and every pod template
+rules: no secret value in plain text, no container that may run as root, every pod template
 (Deployments, Jobs, ServingRuntimes, InferenceService predictors, TrainingRuntimes) within the
-Pod Security Standards' `restricted` profile, with resources and a read-only root filesystem.
+Pod Security Standards' `restricted` profile, with resources and a read-only root filesystem,
+every namespace closed by default with a NetworkPolicy for each workload, and nothing that moves
+under a release: images pinned by digest or the platform's own at a version, hub models at a
+commit.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import re
 import shutil
 import subprocess
 from collections import Counter
@@ -154,12 +158,29 @@ def walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 
 def secret_problems(document: dict[str, Any]) -> list[str]:
     """Secret values written into the manifests: a Secret with data, or an environment
-    variable that names a credential and carries a literal value instead of a reference."""
+    variable that names a credential and carries a literal value instead of a reference. And
+    credentials handed out loosely: a whole Secret in `envFrom` (a pod gets every key, write
+    credentials included; name the keys), or a bearer token that is an optional key (a missing
+    key would leave the routes open)."""
     if document.get("kind") == "Secret" and (document.get("data") or document.get("stringData")):
         return [f"{_name(document)}: carries secret values; reference a Secret made outside git"]
     problems = []
     for path, node in walk(document):
-        if not (isinstance(node, dict) and "name" in node and "value" in node):
+        if not isinstance(node, dict):
+            continue
+        if path.endswith("]") and "secretRef" in node and ".envFrom[" in path:
+            problems.append(
+                f"{_name(document)}: {path}: takes the whole Secret {node['secretRef'].get('name')}"
+                "; name each key in `env` (contentml.cluster.secret_env)"
+            )
+        reference = node.get("secretKeyRef")
+        if isinstance(reference, dict) and reference.get("key") in cluster.TOKEN_VARIABLES:
+            if reference.get("optional") is True:
+                problems.append(
+                    f"{_name(document)}: {path}: {reference['key']} is an optional key: a pod "
+                    "without it would serve every route unauthenticated"
+                )
+        if not ("name" in node and "value" in node):
             continue
         name = str(node["name"])
         if name in cluster.SECRET_VARIABLES or any(word in name.upper() for word in _SECRET_WORDS):
@@ -473,6 +494,152 @@ def restricted_problems(document: dict[str, Any]) -> list[str]:
     return problems
 
 
+OWN_IMAGE = re.compile(r"ghcr\.io/contentml/(platform|training):\d+\.\d+\.\d+")
+"""The project's own images at a release's version tag (`make images`; the overlays' `images:`
+set the registry and tag, a release may add `digest:`)."""
+DIGEST = re.compile(r"[^@\s]+@sha256:[0-9a-f]{64}")
+"""An image pinned by its content: what every other image must be."""
+REVISION = re.compile(r"[0-9a-f]{40}")
+"""A Hugging Face hub commit: a branch (`main`) moves, a commit does not."""
+
+
+def pin_problems(document: dict[str, Any]) -> list[str]:
+    """What could change under a running release: an image neither pinned by digest nor the
+    project's own at a version tag, and a hub model served without `--model_revision` at a
+    commit."""
+    problems = []
+    for path, node in walk(document):
+        if (path == "image" or path.endswith(".image")) and isinstance(node, str):
+            if not (OWN_IMAGE.fullmatch(node) or DIGEST.fullmatch(node)):
+                problems.append(
+                    f"{_name(document)}: {path}: image {node} is neither pinned by digest "
+                    "(@sha256:...) nor the platform's own at a version tag"
+                )
+        if path.endswith(".args") and isinstance(node, list):
+            options = dict(str(a).partition("=")[::2] for a in node if str(a).startswith("--"))
+            if "--model_id" in options and not REVISION.fullmatch(
+                options.get("--model_revision", "")
+            ):
+                problems.append(
+                    f"{_name(document)}: {path}: --model_id {options['--model_id']} without "
+                    "--model_revision=<40-hex commit>: a branch moves under the release"
+                )
+    return problems
+
+
+KSERVE_POD_LABEL = "serving.kserve.io/inferenceservice"
+"""The label KServe puts on every pod of an InferenceService, with its name (besides the
+InferenceService's own labels)."""
+
+
+def labelled_pods(document: dict[str, Any]) -> Iterator[tuple[str, dict[str, str]]]:
+    """(path, labels) of each pod template of `document`, with the labels its pods carry: a
+    template's own, or for a predictor KServe's. A ServingRuntime makes no pod of its own (its
+    container runs in its InferenceServices' predictors)."""
+    kind = document.get("kind")
+    metadata = document.get("metadata") or {}
+    if kind == "ServingRuntime":
+        return
+    if kind == "InferenceService":
+        yield (
+            "spec.predictor",
+            {**(metadata.get("labels") or {}), KSERVE_POD_LABEL: metadata["name"]},
+        )
+        return
+    for path, node in walk(document):
+        if isinstance(node, dict) and isinstance((node.get("spec") or {}).get("containers"), list):
+            yield (
+                f"{path}.spec" if path else "spec",
+                (node.get("metadata") or {}).get("labels") or {},
+            )
+
+
+_SELECTOR_OPERATORS: dict[str, Callable[[str, list[str] | None, dict[str, str]], bool]] = {
+    "In": lambda key, values, labels: labels.get(key) in (values or []),
+    "NotIn": lambda key, values, labels: labels.get(key) not in (values or []),
+    "Exists": lambda key, values, labels: key in labels,
+    "DoesNotExist": lambda key, values, labels: key not in labels,
+}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (`matchLabels`, `matchExpressions`) selects `labels`."""
+    return selector.get("matchLabels", {}).items() <= labels.items() and all(
+        _SELECTOR_OPERATORS[e["operator"]](e["key"], e.get("values"), labels)
+        for e in selector.get("matchExpressions") or []
+    )
+
+
+def policies_selecting(
+    documents: list[dict[str, Any]], namespace: str | None, labels: dict[str, str], kind: str
+) -> list[dict[str, Any]]:
+    """The NetworkPolicies of `namespace` of type `kind` (Ingress, Egress) whose pod selector
+    selects `labels`."""
+    return [
+        d
+        for d in documents
+        if d.get("kind") == "NetworkPolicy"
+        and d["metadata"].get("namespace") == namespace
+        and kind in d["spec"].get("policyTypes", [])
+        and selects(d["spec"]["podSelector"], labels)
+    ]
+
+
+def _is_default_deny(policy: dict[str, Any]) -> bool:
+    spec = policy["spec"]
+    return (
+        spec["podSelector"] == {}
+        and set(spec.get("policyTypes", [])) == {"Ingress", "Egress"}
+        and not spec.get("ingress")
+        and not spec.get("egress")
+    )
+
+
+def network_problems(documents: list[dict[str, Any]]) -> list[str]:
+    """Where the network is open by default: a namespace with pods and no default-deny policy
+    (ingress and egress), a pod template no policy of its own (a non-empty pod selector) says
+    who may reach, a pod that may not resolve names, an egress rule open on every port."""
+    problems = []
+    namespaces = set()
+    for document in documents:
+        namespace = document["metadata"].get("namespace")
+        for path, labels in labelled_pods(document):
+            namespaces.add(namespace)
+            own = [
+                p
+                for p in policies_selecting(documents, namespace, labels, "Ingress")
+                if p["spec"]["podSelector"]
+            ]
+            if not own:
+                problems.append(
+                    f"{_name(document)}: {path}: no NetworkPolicy selects its pods (labels "
+                    f"{labels}) to say who may reach them"
+                )
+            egress = policies_selecting(documents, namespace, labels, "Egress")
+            if not any(
+                port.get("port") == 53
+                for policy in egress
+                for rule in policy["spec"].get("egress") or []
+                for port in rule.get("ports") or []
+            ):
+                problems.append(f"{_name(document)}: {path}: no egress policy allows DNS")
+    for namespace in sorted(namespaces, key=str):
+        policies = [
+            d
+            for d in documents
+            if d.get("kind") == "NetworkPolicy" and d["metadata"].get("namespace") == namespace
+        ]
+        if not any(_is_default_deny(p) for p in policies):
+            problems.append(
+                f"namespace {namespace}: no default-deny NetworkPolicy (all pods, in and out)"
+            )
+        for policy in policies:
+            for index, rule in enumerate(policy["spec"].get("egress") or []):
+                if not rule.get("ports"):
+                    problems.append(f"{_name(policy)}: spec.egress[{index}] allows every port")
+    return problems
+
+
 def check(overlay: str, schemas_dir: Path, manifests_dir: Path = MANIFESTS_DIR) -> Report:
     """Render `manifests_dir/overlays/<overlay>` and check every object it holds."""
     if not (schemas_dir / "kserve").is_dir() or not (schemas_dir / "kubeflow-trainer").is_dir():
@@ -486,5 +653,7 @@ def check(overlay: str, schemas_dir: Path, manifests_dir: Path = MANIFESTS_DIR) 
         problems += secret_problems(document)
         problems += root_problems(document)
         problems += restricted_problems(document)
+        problems += pin_problems(document)
+    problems += network_problems(documents)
     kinds = Counter(str(d.get("kind")) for d in documents)
     return Report(overlay, dict(sorted(kinds.items())), problems)

@@ -62,11 +62,12 @@ def on_cluster(*tasks: dsl.PipelineTask, pool: Pool = Pool.CPU) -> None:
         kubernetes.use_config_map_as_env(
             task, cluster.SETTINGS_CONFIG_MAP, {name: name for name in cluster.CONFIG_VARIABLES}
         )
-        # Optional: a credential the cluster does without (IAM roles instead of AWS keys).
+        # Training's write credentials, each optional: a credential the cluster does without
+        # (IAM roles instead of AWS keys). No task calls an endpoint: no token.
         kubernetes.use_secret_as_env(
             task,
             cluster.CREDENTIALS_SECRET,
-            {name: name for name in cluster.SECRET_VARIABLES},
+            {name: name for name in cluster.WORKLOAD_CREDENTIALS[cluster.Workload.TRAINING]},
             optional=True,
         )
         kubernetes.mount_pvc(task, cluster.DATA_CLAIM, cluster.DATA_MOUNT)

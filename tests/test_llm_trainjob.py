@@ -102,7 +102,11 @@ def test_every_rank_gets_the_settings_by_reference(manifest):
     env = {item["name"]: item for item in trainer["env"]}
     # Every setting from the cluster's ConfigMap, every credential from its Secret; no value
     # of this machine's settings (a laptop path, a password) is written into the manifest.
-    assert set(env) == set(cluster.CONFIG_VARIABLES) | set(cluster.SECRET_VARIABLES)
+    assert set(env) == set(cluster.CONFIG_VARIABLES) | set(
+        cluster.WORKLOAD_CREDENTIALS[cluster.Workload.TRAINING]
+    )
+    # Training writes to MLflow and the bucket but serves nothing: no bearer token.
+    assert not set(env) & set(cluster.TOKEN_VARIABLES)
     assert all("value" not in item for item in env.values())
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"] == {
         "configMapKeyRef": {"name": cluster.SETTINGS_CONFIG_MAP, "key": "MLFLOW_TRACKING_URI"}

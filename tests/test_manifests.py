@@ -137,7 +137,14 @@ def test_pods_reference_objects_that_exist_or_secrets_made_outside(overlay):
     present = {
         (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in documents
     }
-    external_secrets = {cluster.CREDENTIALS_SECRET, "mlflow-server"}
+    external_secrets = {
+        cluster.CREDENTIALS_SECRET,
+        cluster.READER_SECRET,
+        cluster.BACKEND_SECRET,
+        cluster.API_TOKEN_SECRET,
+        cluster.ADMIN_TOKEN_SECRET,
+        "mlflow-server",
+    }
     for document in documents:
         namespace = document["metadata"].get("namespace")
         for _, node in manifests.walk(document):
@@ -154,6 +161,86 @@ def test_pods_reference_objects_that_exist_or_secrets_made_outside(overlay):
             if "secretName" in node:
                 assert node["secretName"] in external_secrets
     assert not find(documents, "Secret")
+
+
+WORKLOADS = [
+    ("Deployment", API, cluster.Workload.API),
+    ("Deployment", BATCH_WORKER, cluster.Workload.BATCH_WORKER),
+    ("Deployment", "feast", cluster.Workload.FEATURE_SERVER),
+    ("Job", "contentml-schedules", cluster.Workload.SCHEDULER),
+    ("ServingRuntime", "contentml", cluster.Workload.PREDICTOR),
+    ("InferenceService", "script", cluster.Workload.SCRIPT),
+]
+"""The rendered pods of the `contentml` namespace and what they do (the TrainJob is training's,
+tests/test_llm_trainjob.py)."""
+
+
+def _credentials(document: dict) -> list[dict]:
+    """The `env` entries of `document`'s pods that come from a Secret, in order."""
+    return [
+        entry
+        for pod in manifests.pod_templates(document)
+        for _, container in pod.containers
+        for entry in container.get("env", [])
+        if "secretKeyRef" in entry.get("valueFrom", {})
+    ]
+
+
+@pytest.mark.parametrize(("kind", "name", "workload"), WORKLOADS)
+def test_each_pod_gets_its_workloads_credentials_key_by_key(overlay, kind, name, workload):
+    """Least privilege: exactly the keys `cluster.WORKLOAD_CREDENTIALS` gives the workload, from
+    the Secret it names, and no whole Secret by `envFrom`."""
+    _, documents = overlay
+    (document,) = find(documents, kind, name)
+    assert _credentials(document) == cluster.secret_env(workload)
+    for path, node in manifests.walk(document):
+        assert not (path.endswith("envFrom") and any("secretRef" in e for e in node)), path
+
+
+def test_only_training_holds_write_credentials(overlay):
+    """The Secret with MLflow's and the bucket's write credentials reaches only the TrainJob
+    (and the KFP tasks, pipelines/platform.py); the pods that serve, and KServe's storage
+    initializer through the predictors' service account, get the read-only Secret."""
+    _, documents = overlay
+    for document in documents:
+        for _, node in manifests.walk(document):
+            if isinstance(node, dict) and "secretKeyRef" in node:
+                if node["secretKeyRef"]["name"] == cluster.CREDENTIALS_SECRET:
+                    assert document["kind"] == "TrainJob", _name(document)
+    (account,) = find(documents, "ServiceAccount", "contentml-predictor")
+    assert account["secrets"] == [{"name": cluster.READER_SECRET}]
+    writes = set(cluster.WORKLOAD_CREDENTIALS[cluster.Workload.TRAINING].values())
+    for workload in set(cluster.Workload) - {cluster.Workload.TRAINING}:
+        assert not set(cluster.WORKLOAD_CREDENTIALS[workload].values()) & writes, workload
+
+
+def test_the_tokens_are_required_keys_of_their_own_secrets(overlay):
+    """Every pod that reads the API or admin token reads it as a required key of its Secret: a
+    missing key stops the pod instead of opening the routes. The servers of admin routes (our
+    predictors and the API) get the admin token; nothing else does."""
+    _, documents = overlay
+    readers: dict[str, set[str]] = {name: set() for name in cluster.TOKEN_VARIABLES}
+    for document in documents:
+        for _, node in manifests.walk(document):
+            reference = isinstance(node, dict) and node.get("secretKeyRef")
+            if reference and reference["key"] in cluster.TOKEN_VARIABLES:
+                assert reference == {
+                    "name": cluster.TOKEN_VARIABLES[reference["key"]],
+                    "key": reference["key"],
+                }, _name(document)
+                readers[reference["key"]].add(_name(document))
+    assert readers["CONTENTML_ADMIN_TOKEN"] == {
+        "ServingRuntime contentml/contentml",
+        f"Deployment contentml/{API}",
+    }
+    assert readers["CONTENTML_API_TOKEN"] >= readers["CONTENTML_ADMIN_TOKEN"] | {
+        f"Deployment contentml/{BATCH_WORKER}",
+    }
+
+
+def _name(document: dict) -> str:
+    metadata = document["metadata"]
+    return f"{document['kind']} {metadata.get('namespace')}/{metadata['name']}"
 
 
 def test_only_platform_namespaces_reach_the_servers(overlay):
@@ -182,6 +269,47 @@ def test_images_are_the_platforms_at_the_overlays_tag(overlay):
             if path.endswith(".image") or path.endswith("trainer.image"):
                 images.add(node)
     assert images == {"ghcr.io/contentml/platform:0.1.0", "ghcr.io/contentml/training:0.1.0"}
+
+
+def test_the_script_model_and_the_recipe_name_one_hub_commit(overlay):
+    """The hub model the script endpoint serves, and the base weights the a100x16 recipe trains
+    on, are at a commit, not a branch: the same commit in prod."""
+    name, documents = overlay
+    (script,) = find(documents, "InferenceService", "script")
+    args = dict(a.split("=", 1) for a in script["spec"]["predictor"]["model"]["args"])
+    assert manifests.REVISION.fullmatch(args["--model_revision"])
+    if name == "prod":
+        recipe = load_config(manifests.MANIFESTS_DIR.parent / "training/llm/configs/a100x16.yaml")
+        assert recipe.base_model.endswith(f"/{args['--model_id']}/{args['--model_revision']}")
+
+
+@pytest.mark.parametrize(
+    ("image", "pinned"),
+    [
+        ("ghcr.io/contentml/platform:0.1.0", True),
+        ("ghcr.io/contentml/training:1.12.3", True),
+        ("redis@sha256:" + "0" * 64, True),
+        ("ghcr.io/contentml/platform:latest", False),
+        ("ghcr.io/contentml/platform", False),
+        ("postgres:16", False),
+        ("kserve/huggingfaceserver:v0.21.0", False),
+    ],
+)
+def test_an_image_is_pinned_by_digest_or_is_ours_at_a_version(prod, image, pinned):
+    document = broken(
+        prod, "Deployment", "feast", lambda d: _pod(d)["containers"][0].update(image=image)
+    )
+    problems = manifests.pin_problems(document)
+    assert (problems == []) is pinned, problems
+
+
+def test_a_hub_model_without_a_commit_is_refused(prod):
+    def follow_main(document: dict) -> None:
+        model = document["spec"]["predictor"]["model"]
+        model["args"] = [a for a in model["args"] if not a.startswith("--model_revision")]
+
+    (problem,) = manifests.pin_problems(broken(prod, "InferenceService", "script", follow_main))
+    assert "--model_id meta-llama/Llama-2-7b-hf without --model_revision" in problem
 
 
 def test_the_mlflow_server_runs_with_auth_postgres_and_s3(prod, monkeypatch):
@@ -309,6 +437,102 @@ def test_the_backend_runs_the_platform_image_with_the_platforms_settings(overlay
     bound = {s["name"] for b in find(documents, "RoleBinding") for s in b["subjects"]}
     assert pod["serviceAccountName"] not in bound
     assert pod["automountServiceAccountToken"] is False
+
+
+def test_every_pod_has_its_own_ingress_policy_and_egress_is_denied_by_default(overlay):
+    """Each namespace with pods denies all traffic, in and out, unless a policy allows it; each
+    pod template (the predictors and the TrainJob ranks included) is selected by a policy of its
+    own that says who may reach it; every pod may resolve names, and no egress rule is open on
+    every port."""
+    _, documents = overlay
+    assert manifests.network_problems(documents) == []
+    pods = [
+        (d["metadata"].get("namespace"), labels)
+        for d in documents
+        for _, labels in manifests.labelled_pods(d)
+    ]
+    assert {namespace for namespace, _ in pods} == {"contentml", "contentml-system"}
+    assert len(pods) == sum(POD_KINDS.values()) - POD_KINDS["ServingRuntime"]
+    for namespace, labels in pods:
+        egress = manifests.policies_selecting(documents, namespace, labels, "Egress")
+        assert any(p["spec"]["podSelector"] == {} and not p["spec"].get("egress") for p in egress)
+
+
+def _egress_ports(documents: list[dict], kind: str, name: str) -> set[int]:
+    """The ports the pods of one object may connect to, over all its egress policies."""
+    (document,) = find(documents, kind, name)
+    _, labels = next(manifests.labelled_pods(document))  # a TrainingRuntime's two: alike
+    namespace = document["metadata"]["namespace"]
+    return {
+        port["port"]
+        for policy in manifests.policies_selecting(documents, namespace, labels, "Egress")
+        for rule in policy["spec"].get("egress") or []
+        for port in rule["ports"]
+    }
+
+
+MLFLOW_PORT, POSTGRES_PORT, REDIS_PORT, HTTPS_PORT, DNS_PORT = 5000, 5432, 6379, 443, 53
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "allowed", "denied"),
+    [
+        # Champions from MLflow and the bucket, features from Redis, rewards in PostgreSQL.
+        ("InferenceService", "trend", {MLFLOW_PORT, POSTGRES_PORT, REDIS_PORT, HTTPS_PORT}, set()),
+        ("InferenceService", "revenue", {POSTGRES_PORT}, set()),
+        # The script model fetches weights over HTTPS and nothing else.
+        ("InferenceService", "script", {HTTPS_PORT}, {MLFLOW_PORT, POSTGRES_PORT, REDIS_PORT}),
+        ("Deployment", API, {POSTGRES_PORT, REDIS_PORT}, {MLFLOW_PORT, HTTPS_PORT}),
+        ("Deployment", BATCH_WORKER, {MLFLOW_PORT, POSTGRES_PORT, REDIS_PORT, HTTPS_PORT}, set()),
+        ("Deployment", "feast", {POSTGRES_PORT, REDIS_PORT}, {MLFLOW_PORT, HTTPS_PORT}),
+        ("Deployment", "mlflow", {POSTGRES_PORT, HTTPS_PORT}, {REDIS_PORT, MLFLOW_PORT}),
+        ("Job", "contentml-schedules", {8888}, {MLFLOW_PORT, POSTGRES_PORT, HTTPS_PORT}),
+        ("TrainingRuntime", RUNTIME, {MLFLOW_PORT, HTTPS_PORT}, {POSTGRES_PORT, REDIS_PORT}),
+    ],
+)
+def test_egress_allows_what_each_workload_calls_and_no_more(overlay, kind, name, allowed, denied):
+    _, documents = overlay
+    ports = _egress_ports(documents, kind, name)
+    assert DNS_PORT in ports
+    assert allowed <= ports, ports
+    assert not denied & ports, ports
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (
+            lambda docs: [d for d in docs if d["metadata"]["name"] != "predictors"],
+            "InferenceService contentml/trend: spec.predictor: no NetworkPolicy selects its pods",
+        ),
+        (
+            lambda docs: [
+                d
+                for d in docs
+                if not (d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "default-deny")
+            ],
+            "namespace contentml: no default-deny NetworkPolicy",
+        ),
+        (
+            lambda docs: [d for d in docs if d["metadata"]["name"] != "dns"],
+            "Deployment contentml/feast: spec.template.spec: no egress policy allows DNS",
+        ),
+        (
+            lambda docs: [
+                _open_egress(d) if d["metadata"]["name"] == "feast-egress" else d for d in docs
+            ],
+            "NetworkPolicy contentml/feast-egress: spec.egress[1] allows every port",
+        ),
+    ],
+)
+def test_the_network_check_names_what_is_left_open(prod, change, problem):
+    problems = manifests.network_problems(change(copy.deepcopy(prod)))
+    assert any(line.startswith(problem) for line in problems), problems
+
+
+def _open_egress(policy: dict) -> dict:
+    policy["spec"]["egress"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})
+    return policy
 
 
 def test_the_api_is_probed_on_its_health_routes_and_reached_from_the_ingress(overlay):
@@ -444,6 +668,24 @@ def _pod(document: dict) -> dict:
             "mlflow",
             lambda d: _pod(d).pop("securityContext"),
             "may run as root",
+        ),
+        (
+            "Deployment",
+            API,
+            lambda d: _pod(d)["containers"][0]["envFrom"].append(
+                {"secretRef": {"name": cluster.CREDENTIALS_SECRET}}
+            ),
+            "takes the whole Secret contentml-credentials",
+        ),
+        (
+            "Deployment",
+            API,
+            lambda d: [
+                e["valueFrom"]["secretKeyRef"].update(optional=True)
+                for e in _pod(d)["containers"][0]["env"]
+                if e["name"] == "CONTENTML_API_TOKEN"
+            ],
+            "CONTENTML_API_TOKEN is an optional key",
         ),
         (
             "InferenceService",

@@ -254,7 +254,8 @@ def test_every_task_reads_the_cluster_settings_credentials_and_data(name: str):
         (credentials,) = config["secretAsEnv"]
         assert credentials["secretName"] == cluster.CREDENTIALS_SECRET
         assert {(e["secretKey"], e["envVar"]) for e in credentials["keyToEnv"]} == {
-            (variable, variable) for variable in cluster.SECRET_VARIABLES
+            (variable, variable)
+            for variable in cluster.WORKLOAD_CREDENTIALS[cluster.Workload.TRAINING]
         }
         (data,) = config["pvcMount"]
         assert (data["constant"], data["mountPath"]) == (cluster.DATA_CLAIM, cluster.DATA_MOUNT)
