@@ -161,6 +161,26 @@ def test_a_malformed_reward_gets_400_and_stores_nothing(server, body, status, pr
     assert counts(server, "r1") == before
 
 
+@pytest.mark.parametrize("reward", ["1e200", "-1e200", "1" + "0" * 400])
+def test_a_reward_beyond_the_bound_gets_400_and_the_experiment_still_answers(server, reward):
+    """Its square would make the stored totals infinite: every later choice and report of the
+    experiment would fail."""
+    choose = {"instances": [{"experiment": "big1", "arms": ["a", "b"], "metric": "revenue"}]}
+    predict = f"{server}/v1/models/revenue:predict"
+    assert httpx.post(predict, json=choose, timeout=10.0).status_code == 200
+    before = counts(server, "big1")
+    answer = httpx.post(
+        f"{server}/v1/experiments/big1/rewards",
+        content=f'[{{"arm": "a", "reward": 2.5}}, {{"arm": "b", "reward": {reward}}}]',
+        headers={"content-type": "application/json"},
+        timeout=10.0,
+    )
+    assert answer.status_code == 400 and "must be within +-1e+09" in answer.json()["error"]
+    assert counts(server, "big1") == before
+    assert httpx.post(predict, json=choose, timeout=10.0).status_code == 200
+    assert httpx.get(f"{server}/v1/experiments/big1", timeout=10.0).status_code == 200
+
+
 HOSTILE_NAMES = [
     # As sent in the path; the server decodes the escapes once.
     ("%2e%2e", "contains '..'"),
