@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import math
 import threading
+from typing import Annotated
 
 import pydantic
 from cachetools import LRUCache
@@ -35,7 +36,14 @@ from contentml.settings import Settings
 from monitoring.anomaly import Anomaly, AnomalyConfig, CrisisMonitor
 from monitoring.crisis import QuarantineStore
 
-NonNegative = pydantic.NonNegativeFloat
+MAX_METRIC_VALUE = 1e15
+"""Largest views, likes or comment rate a point may report: beyond any channel's lifetime views,
+so a larger value (or Infinity, NaN) is a caller's bug, refused before it enters a history."""
+
+MAX_STRIKES = 1_000
+"""Largest strike count a point may report (YouTube ends a channel at its third strike)."""
+
+Metric = Annotated[float, pydantic.Field(ge=0, le=MAX_METRIC_VALUE, allow_inf_nan=False)]
 
 MAX_WATCHED_CHANNELS = 10_000
 """Channels whose recent metrics are kept in memory (about 5 KB each with full windows, so
@@ -43,15 +51,16 @@ about 50 MB); beyond it the least recently observed channel's history is dropped
 
 
 class ChannelPoint(pydantic.BaseModel):
-    """One observation of a channel's metrics; any subset of them."""
+    """One observation of a channel's metrics; any subset of them, each finite and bounded (a
+    point refused is not added to the channel's history, so a retry adds it once)."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
     event_timestamp: datetime.datetime
-    views: NonNegative | None = None
-    likes: NonNegative | None = None
-    comment_rate: NonNegative | None = None
-    strikes: pydantic.NonNegativeInt | None = None
+    views: Metric | None = None
+    likes: Metric | None = None
+    comment_rate: Metric | None = None
+    strikes: Annotated[int, pydantic.Field(ge=0, le=MAX_STRIKES)] | None = None
 
 
 class QuarantineRequest(pydantic.BaseModel):

@@ -4,6 +4,7 @@ durably and released, bad payloads answered with 400."""
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -83,6 +84,35 @@ def test_a_new_strike_is_reported_with_a_null_score(client):
 def test_bad_payloads_get_400_naming_the_field(client, path, body, problem):
     response = client.post(path, json=body)
     assert response.status_code == 400 and problem in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ('{"views": Infinity}', "views: Input should be a finite number"),
+        ('{"likes": NaN}', "likes: Input should be a finite number"),
+        ('{"views": 1e400}', "views: Input should be a finite number"),
+        (
+            '{"comment_rate": 1e300}',
+            "comment_rate: Input should be less than or equal to 1000000000000000",
+        ),
+        ('{"strikes": 1' + "0" * 40 + "}", "strikes: Input should be less than or equal to 1000"),
+    ],
+)
+def test_a_non_finite_or_huge_metric_gets_400_and_is_not_kept(client, value, problem):
+    """Kept, it made every answer of the channel unserialisable: a 500 after the point was
+    stored, so each retry stored it again."""
+    for hour, views in enumerate(STEADY_VIEWS):
+        client.post("/v1/channels/ch_f/metrics", json=point(hour, views=views))
+    body = value.replace("{", '{"event_timestamp": "2026-11-26T10:00:00+00:00", ', 1)
+    refused = client.post(
+        "/v1/channels/ch_f/metrics", content=body, headers={"content-type": "application/json"}
+    )
+    assert refused.status_code == 400 and problem in refused.json()["error"], refused.text
+    # The window still holds the steady hours only: a spike is scored against them.
+    spike = client.post("/v1/channels/ch_f/metrics", json=point(11, views=250_000))
+    (anomaly,) = spike.json()["anomalies"]
+    assert anomaly["baseline"] == pytest.approx(math.log1p(1002.5))
 
 
 @pytest.mark.parametrize(
