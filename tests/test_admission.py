@@ -154,7 +154,7 @@ def test_a_token_that_can_never_match_is_refused_without_quoting_it(tmp_path) ->
         ("POST", "/v1/models/.hidden:predict", "starting with a letter or digit"),
         ("GET", "/v1/models/%00", "model name"),
         ("POST", "/v2/models/trend/versions/%2e%2e/infer", "version"),
-        ("POST", "/v2/models/trend/versions/%2e%2e/infer", "version"),
+        ("POST", "/v2/models/trend/versions/" + "9" * 5_000 + "/infer", "(5000 characters)"),
         ("GET", "/v2/models/" + "m" * 300 + "/ready", "characters"),
         ("POST", "/v2/repository/models/a..b/load", "'..'"),
         ("GET", "/v1/channels/a%2Fb", "channel id 'a/b'"),
