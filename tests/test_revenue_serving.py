@@ -181,6 +181,39 @@ def test_a_reward_beyond_the_bound_gets_400_and_the_experiment_still_answers(ser
     assert httpx.get(f"{server}/v1/experiments/big1", timeout=10.0).status_code == 200
 
 
+DEEP = 5_000
+"""Levels of nesting: Python's json module (and `repr`) raise RecursionError past about 1,000,
+KServe's orjson refuses past 1,024, and a parsed body of 1,000 levels still breaks repr."""
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/experiments/r1/rewards", b"[" * DEEP + b"]" * DEEP),
+        ("/v1/experiments/r1/rewards", b'{"arm": "a", "reward": ' + b"[" * DEEP + b"}"),
+        ("/v1/models/revenue:predict", b"[" * DEEP + b"]" * DEEP),
+        (
+            "/v1/models/revenue:predict",
+            b'{"instances": [{"experiment": "r1", "arms": ' + b"[" * 900 + b"]" * 900 + b"}]}",
+        ),
+        ("/v1/channels/ch_a/metrics", b'{"views": ' + b"[" * DEEP + b"]" * DEEP + b"}"),
+    ],
+)
+def test_a_body_nested_too_deep_gets_400_naming_the_problem(server, path, body):
+    httpx.post(
+        f"{server}/v1/models/revenue:predict",
+        json={"instances": [{"experiment": "r1", "arms": ["a", "b"]}]},
+        timeout=10.0,
+    )
+    before = counts(server, "r1")
+    answer = httpx.post(
+        f"{server}{path}", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert answer.status_code == 400, answer.text
+    assert "levels deep: at most 32 are taken" in answer.json()["error"]
+    assert counts(server, "r1") == before
+
+
 HOSTILE_NAMES = [
     # As sent in the path; the server decodes the escapes once.
     ("%2e%2e", "contains '..'"),
