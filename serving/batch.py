@@ -46,7 +46,7 @@ from kserve.errors import InvalidInput
 from contentml.db import open_database, upsert
 from contentml.errors import UserError
 from contentml.settings import Settings
-from serving.costs import CostEntry, CostLedger, compute_cost
+from serving.costs import BookedName, CostEntry, CostLedger, compute_cost
 from serving.tasks import MAX_BODY_BYTES, TASKS, UNASSIGNED_CHANNEL, Task, TaskAnswerer
 
 logger = logging.getLogger(__name__)
@@ -175,8 +175,8 @@ class BatchRequest(pydantic.BaseModel):
         description="Each item: a unique `id` and the body of the task's route.",
     )
     priority: Priority = Priority.BULK
-    channel: str | None = pydantic.Field(
-        None, min_length=1, max_length=MAX_ID_CHARS, description="Channel the cost is booked to."
+    channel: BookedName | None = pydantic.Field(
+        None, max_length=MAX_ID_CHARS, description="Channel the cost is booked to."
     )
 
 

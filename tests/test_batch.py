@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import pydantic
 import pytest
 import redis
 
@@ -76,6 +77,17 @@ def create(store: JobStore, task: Task, raw: list[dict], priority=Priority.BULK)
 def test_a_bad_item_is_refused_by_index_and_id(items, problem):
     with pytest.raises(UserError, match=re.escape(problem)):
         parse_items(Task.TREND, items)
+
+
+@pytest.mark.parametrize("value", [" ", "\n", "a\x00b", "a\u202eb"])
+def test_a_blank_or_unprintable_id_is_refused_before_anything_is_queued(value):
+    """The cost ledger would refuse it after each script was generated: the chunk would be
+    paid for and regenerated four times, then dead-lettered."""
+    item = {"id": "s1", "topic": "tomatoes", "persona": "a gardener", "video_id": value}
+    with pytest.raises(UserError, match=r"items\[0\] \(id 's1'\): video_id: Value error"):
+        parse_items(Task.SCRIPT, [item])
+    with pytest.raises(pydantic.ValidationError, match="channel"):
+        BatchRequest(items=[item], channel=value)
 
 
 def test_a_submitted_job_is_queued_in_chunks(settings: Settings):
