@@ -15,8 +15,9 @@ Channel ids are checked (`contentml.names.channel_id`) by `serving.admission` be
 runs: a hostile one gets a 400 naming the problem. The recent history lives in memory for at most
 `MAX_WATCHED_CHANNELS` channels, the least recently observed dropped first, so callers posting
 to made-up ids cannot grow the server without bound. A dropped channel only starts its history
-again (it is scored from its `min_history`-th new point); quarantine is in the durable store
-and is never dropped.
+again (it is scored from its `min_history`-th new point). Quarantine is in the shared SQL
+store (`Settings.backend_store`, `monitoring.crisis`): never dropped, and every replica gives
+the same answer; the recent history is each replica's own.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from fastapi.responses import JSONResponse
 
 from contentml.settings import Settings
 from monitoring.anomaly import Anomaly, AnomalyConfig, CrisisMonitor
-from monitoring.crisis import QuarantineStore
+from monitoring.crisis import MAX_REASON, QuarantineStore
 
 MAX_METRIC_VALUE = 1e15
 """Largest views, likes or comment rate a point may report: beyond any channel's lifetime views,
@@ -66,7 +67,7 @@ class ChannelPoint(pydantic.BaseModel):
 class QuarantineRequest(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
-    reason: str = pydantic.Field(min_length=1, max_length=1_000)
+    reason: str = pydantic.Field(min_length=1, max_length=MAX_REASON)
 
 
 def _bad_request(error: pydantic.ValidationError) -> JSONResponse:
@@ -90,13 +91,13 @@ def _anomaly_json(anomaly: Anomaly) -> dict:
 
 
 def channels_router(settings: Settings, max_channels: int = MAX_WATCHED_CHANNELS) -> APIRouter:
-    """The routes, over in-memory monitors of at most `max_channels` channels and the durable
+    """The routes, over in-memory monitors of at most `max_channels` channels and the shared
     quarantine store."""
     config = AnomalyConfig()
     # One monitor per channel, so that dropping a channel drops all of its history.
     monitors: LRUCache[str, CrisisMonitor] = LRUCache(maxsize=max_channels)
     monitors_lock = threading.Lock()  # LRUCache is not thread-safe
-    store = QuarantineStore(settings.home / "crisis" / "quarantine.db")
+    store = QuarantineStore(settings.backend_store)
 
     def monitor_of(channel_id: str) -> CrisisMonitor:
         with monitors_lock:
