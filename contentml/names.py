@@ -22,6 +22,10 @@ MAX_NAME_LENGTH = 128
 MAX_VERSION = 2**31 - 1
 """MLflow stores versions as 32-bit integers."""
 
+MAX_VERSION_DIGITS = len(str(MAX_VERSION))
+"""Checked before the digits are read as a number: Python refuses to convert more than 4,300
+(ValueError), and reading thousands costs time for nothing."""
+
 MAX_ARTIFACT_PATH_LENGTH = 1024
 
 MAX_REVENUE_EXPERIMENT_LENGTH = 200
@@ -123,7 +127,12 @@ def version(value: object) -> str:
     """A registered model version: a whole number from 1, as text without leading zeros."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if not (isinstance(value, str) and _VERSION.fullmatch(value) and int(value) <= MAX_VERSION):
+    if not (
+        isinstance(value, str)
+        and len(value) <= MAX_VERSION_DIGITS
+        and _VERSION.fullmatch(value)
+        and int(value) <= MAX_VERSION
+    ):
         shown = _shown(value) if isinstance(value, str) else repr(value)
         raise NameRefused(
             f"model version {shown} is refused: it must be a whole number from 1 to "

@@ -5,7 +5,8 @@ servers never wait behind batch work.
 
 - **Queue.** huey (`Settings.batch_queue`): SQLite locally, Redis in the cluster; `urgent` jobs
   are dequeued before `bulk` ones (huey priorities), a failed chunk is retried with exponential
-  backoff (`RETRIES`, `RETRY_DELAY_SECONDS` doubling).
+  backoff (`RETRIES`, `RETRY_DELAY_SECONDS` doubling). Messages are JSON (`JsonSerializer`),
+  never pickles: writing to the queue does not run code in the workers.
 - **Store.** Jobs, items, results and the dead-letter queue are tables in
   `Settings.backend_store` (SQLite locally, PostgreSQL in the cluster). A result is keyed by
   (job, item id) and written at most once; an item is in the results or in the dead letters,
@@ -24,6 +25,7 @@ servers never wait behind batch work.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -41,12 +43,14 @@ import sqlalchemy as sa
 from fastapi import APIRouter, HTTPException
 from huey import PriorityRedisHuey, SqliteHuey
 from huey.api import Huey
+from huey.registry import Message
+from huey.serializer import Serializer
 from kserve.errors import InvalidInput
 
 from contentml.db import open_database, upsert
 from contentml.errors import UserError
 from contentml.settings import Settings
-from serving.costs import CostEntry, CostLedger, compute_cost
+from serving.costs import BookedName, CostEntry, CostLedger, compute_cost
 from serving.tasks import MAX_BODY_BYTES, TASKS, UNASSIGNED_CHANNEL, Task, TaskAnswerer
 
 logger = logging.getLogger(__name__)
@@ -175,8 +179,8 @@ class BatchRequest(pydantic.BaseModel):
         description="Each item: a unique `id` and the body of the task's route.",
     )
     priority: Priority = Priority.BULK
-    channel: str | None = pydantic.Field(
-        None, min_length=1, max_length=MAX_ID_CHARS, description="Channel the cost is booked to."
+    channel: BookedName | None = pydantic.Field(
+        None, max_length=MAX_ID_CHARS, description="Channel the cost is booked to."
     )
 
 
@@ -577,13 +581,65 @@ class JobStore:
 # --- the queue -----------------------------------------------------------------------------
 
 
+_DATETIME = "__datetime__"
+_TIMEDELTA = "__timedelta__"
+_MESSAGE = "__huey_message__"
+
+
+def _to_json(value: Any) -> Any:
+    """`value` as JSON can carry it: huey's `Message` tuples (nested for pipelines),
+    datetimes (a retry's `eta`) and timedeltas (`expires`) tagged, tuples as lists."""
+    if isinstance(value, Message):
+        return {_MESSAGE: {k: _to_json(v) for k, v in value._asdict().items()}}
+    if isinstance(value, datetime.datetime):
+        return {_DATETIME: value.isoformat()}
+    if isinstance(value, datetime.timedelta):
+        return {_TIMEDELTA: value.total_seconds()}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise TypeError(f"a batch queue message cannot carry a {type(value).__name__}: {value!r:.80}")
+
+
+def _from_json(found: dict[str, Any]) -> Any:
+    if _MESSAGE in found:
+        return Message(**found[_MESSAGE])
+    if _DATETIME in found:
+        return datetime.datetime.fromisoformat(found[_DATETIME])
+    if _TIMEDELTA in found:
+        return datetime.timedelta(seconds=found[_TIMEDELTA])
+    return found
+
+
+class JsonSerializer(Serializer):
+    """huey's messages as JSON instead of pickle: a worker unpickling what it dequeues would
+    run any code that whoever can write to the queue (Redis, the SQLite file) put there. A
+    message that is not this JSON fails to decode: huey's consumer logs it and drops it, and the
+    reaper queues its chunk again (`LOST_MESSAGE_SECONDS`)."""
+
+    def _serialize(self, data: Any) -> bytes:
+        return json.dumps(_to_json(data), separators=(",", ":")).encode()
+
+    def _deserialize(self, data: bytes) -> Any:
+        return json.loads(data, object_hook=_from_json)
+
+
 def make_huey(url: str) -> Huey:
     """The huey instance `url` names: `sqlite:///<file>` or `redis://host:port/db`."""
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return SqliteHuey("contentml-batch", filename=path, results=False, timeout=10)
-    return PriorityRedisHuey("contentml-batch", url=url, results=False)
+        return SqliteHuey(
+            "contentml-batch",
+            filename=path,
+            results=False,
+            timeout=10,
+            serializer=JsonSerializer(),
+        )
+    return PriorityRedisHuey("contentml-batch", url=url, results=False, serializer=JsonSerializer())
 
 
 class BatchQueue:

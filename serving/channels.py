@@ -15,8 +15,9 @@ Channel ids are checked (`contentml.names.channel_id`) by `serving.admission` be
 runs: a hostile one gets a 400 naming the problem. The recent history lives in memory for at most
 `MAX_WATCHED_CHANNELS` channels, the least recently observed dropped first, so callers posting
 to made-up ids cannot grow the server without bound. A dropped channel only starts its history
-again (it is scored from its `min_history`-th new point); quarantine is in the durable store
-and is never dropped.
+again (it is scored from its `min_history`-th new point). Quarantine is in the shared SQL
+store (`Settings.backend_store`, `monitoring.crisis`): never dropped, and every replica gives
+the same answer; the recent history is each replica's own.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import dataclasses
 import datetime
 import math
 import threading
+from typing import Annotated
 
 import pydantic
 from cachetools import LRUCache
@@ -33,9 +35,16 @@ from fastapi.responses import JSONResponse
 
 from contentml.settings import Settings
 from monitoring.anomaly import Anomaly, AnomalyConfig, CrisisMonitor
-from monitoring.crisis import QuarantineStore
+from monitoring.crisis import MAX_REASON, QuarantineStore
 
-NonNegative = pydantic.NonNegativeFloat
+MAX_METRIC_VALUE = 1e15
+"""Largest views, likes or comment rate a point may report: beyond any channel's lifetime views,
+so a larger value (or Infinity, NaN) is a caller's bug, refused before it enters a history."""
+
+MAX_STRIKES = 1_000
+"""Largest strike count a point may report (YouTube ends a channel at its third strike)."""
+
+Metric = Annotated[float, pydantic.Field(ge=0, le=MAX_METRIC_VALUE, allow_inf_nan=False)]
 
 MAX_WATCHED_CHANNELS = 10_000
 """Channels whose recent metrics are kept in memory (about 5 KB each with full windows, so
@@ -43,21 +52,22 @@ about 50 MB); beyond it the least recently observed channel's history is dropped
 
 
 class ChannelPoint(pydantic.BaseModel):
-    """One observation of a channel's metrics; any subset of them."""
+    """One observation of a channel's metrics; any subset of them, each finite and bounded (a
+    point refused is not added to the channel's history, so a retry adds it once)."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
     event_timestamp: datetime.datetime
-    views: NonNegative | None = None
-    likes: NonNegative | None = None
-    comment_rate: NonNegative | None = None
-    strikes: pydantic.NonNegativeInt | None = None
+    views: Metric | None = None
+    likes: Metric | None = None
+    comment_rate: Metric | None = None
+    strikes: Annotated[int, pydantic.Field(ge=0, le=MAX_STRIKES)] | None = None
 
 
 class QuarantineRequest(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
-    reason: str = pydantic.Field(min_length=1, max_length=1_000)
+    reason: str = pydantic.Field(min_length=1, max_length=MAX_REASON)
 
 
 def _bad_request(error: pydantic.ValidationError) -> JSONResponse:
@@ -81,13 +91,13 @@ def _anomaly_json(anomaly: Anomaly) -> dict:
 
 
 def channels_router(settings: Settings, max_channels: int = MAX_WATCHED_CHANNELS) -> APIRouter:
-    """The routes, over in-memory monitors of at most `max_channels` channels and the durable
+    """The routes, over in-memory monitors of at most `max_channels` channels and the shared
     quarantine store."""
     config = AnomalyConfig()
     # One monitor per channel, so that dropping a channel drops all of its history.
     monitors: LRUCache[str, CrisisMonitor] = LRUCache(maxsize=max_channels)
     monitors_lock = threading.Lock()  # LRUCache is not thread-safe
-    store = QuarantineStore(settings.home / "crisis" / "quarantine.db")
+    store = QuarantineStore(settings.backend_store)
 
     def monitor_of(channel_id: str) -> CrisisMonitor:
         with monitors_lock:

@@ -24,7 +24,9 @@ import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from typing import Annotated
 
+import pydantic
 import sqlalchemy as sa
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
@@ -77,6 +79,32 @@ videos = sa.Table(
 # An upsert that adds to the video's total: the same statement on both databases.
 
 
+def name_problem(value: object) -> str | None:
+    """What keeps `value` from being stored as a name an entry is booked under (a channel, a
+    video, a kind, ...), or None: text, not blank, at most `MAX_NAME` characters, every one
+    printable (a control character would forge lines in logs and reports)."""
+    if not isinstance(value, str) or not value.strip():
+        return f"must be non-empty text of at most {MAX_NAME} characters, not {value!r:.80}"
+    if len(value) > MAX_NAME:
+        return f"must be at most {MAX_NAME} characters, not {len(value)}"
+    if not value.isprintable():
+        return f"must hold no control or other unprintable characters, not {value!r:.80}"
+    return None
+
+
+def _booked_name(value: str) -> str:
+    value = value.strip()
+    if (problem := name_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+BookedName = Annotated[str, pydantic.AfterValidator(_booked_name)]
+"""A channel or video id in a request body, stripped and checked as `CostLedger.record` will
+check it: a body the ledger would refuse is refused (422 naming the field) before the script
+it pays for is generated, not after."""
+
+
 @dataclass(frozen=True)
 class CostEntry:
     """One charge, as a caller reports it to `CostLedger.record`."""
@@ -107,10 +135,8 @@ class CostEntry:
             value = getattr(self, name)
             if value is None and name not in ("channel", "kind"):
                 continue
-            if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
-                raise UserError(
-                    f"{name} must be non-empty text of at most {MAX_NAME} characters, not {value!r}"
-                )
+            if (problem := name_problem(value)) is not None:
+                raise UserError(f"{name} {problem}")
         for name in ("usd", "compute_seconds", "prompt_tokens", "completion_tokens"):
             value = getattr(self, name)
             types = int if name.endswith("tokens") else int | float

@@ -55,7 +55,7 @@ from contentml.errors import UserError
 from contentml.runtime import one_native_thread
 from contentml.settings import Settings
 from serving.client import ClientError, ContentMLClientError
-from serving.costs import CostEntry, CostLedger, compute_cost
+from serving.costs import MAX_NAME, BookedName, CostEntry, CostLedger, compute_cost
 from serving.quality_model import MAX_TEXT_CHARS, QualityRequest
 from serving.strategist import AllProvidersFailed, ContentStrategist
 from training.trend.metrics import direction, seasonal_naive
@@ -143,11 +143,11 @@ class ScriptBody(pydantic.BaseModel):
     topic: str = pydantic.Field(min_length=1, max_length=500)
     persona: str = pydantic.Field(min_length=1, max_length=2_000)
     target_seconds: int = pydantic.Field(60, ge=5, le=1_200, description="Spoken length.")
-    channel: str | None = pydantic.Field(
-        None, min_length=1, max_length=200, description="Channel the cost is booked to."
+    channel: BookedName | None = pydantic.Field(
+        None, max_length=MAX_NAME, description="Channel the cost is booked to."
     )
-    video_id: str | None = pydantic.Field(
-        None, min_length=1, max_length=200, description="Video the cost is booked to."
+    video_id: BookedName | None = pydantic.Field(
+        None, max_length=MAX_NAME, description="Video the cost is booked to."
     )
 
     @pydantic.field_validator("topic", "persona")

@@ -27,8 +27,18 @@ from timing_asgi import TimingClient, TimingMiddleware
 
 from contentml.demo import READY_TIMEOUT_SECONDS, free_port
 from contentml.settings import SettingsError
-from serving.admission import Admission, AdmissionMiddleware
+from serving.admission import (
+    BINARY_HEADER,
+    MAX_BODY_BYTES,
+    MAX_JSON_DEPTH,
+    Admission,
+    AdmissionMiddleware,
+    json_depth,
+)
+from serving.batch import MAX_BATCH_BODY_BYTES
+from serving.revenue_model import MAX_BODY_BYTES as MAX_REWARDS_BODY
 from serving.server import MAX_MODEL_BODY_BYTES, finish_app
+from serving.tasks import MAX_BODY_BYTES as MAX_TASK_BODY_BYTES
 from tests.conftest import make_settings
 
 TOKEN = "s3cret-Token_1"
@@ -155,7 +165,7 @@ def test_a_token_that_can_never_match_is_refused_without_quoting_it(tmp_path) ->
         ("POST", "/v1/models/.hidden:predict", "starting with a letter or digit"),
         ("GET", "/v1/models/%00", "model name"),
         ("POST", "/v2/models/trend/versions/%2e%2e/infer", "version"),
-        ("POST", "/v2/models/trend/versions/%2e%2e/infer", "version"),
+        ("POST", "/v2/models/trend/versions/" + "9" * 5_000 + "/infer", "(5000 characters)"),
         ("GET", "/v2/models/" + "m" * 300 + "/ready", "characters"),
         ("POST", "/v2/repository/models/a..b/load", "'..'"),
         ("GET", "/v1/channels/a%2Fb", "channel id 'a/b'"),
@@ -184,6 +194,92 @@ def test_hostile_names_in_paths_are_400(method, path, problem) -> None:
 )
 def test_valid_names_pass(path: str) -> None:
     assert Admission(2).refusal({"type": "http", "method": "POST", "path": path}) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "depth"),
+    [
+        (b"", 0),
+        (b'{"instances": [{"history": [1.0, 2.0]}]}', 4),
+        (b'{"text": "[[[{{{ brackets in a string"}', 1),
+        (b'["a \\" quote, then [[[ still in the string"]', 1),
+        (b'["a backslash \\\\", [[]]]', 3),
+        (b'{"a": "' + b"\\" * 1001 + b'"[[["}', 1),  # the last backslash escapes the quote
+        (b"[" * 100_000, 100_000),  # malformed: json still recurses into every one
+        (b"]]][[", 0),
+        (b"[" * 40 + b"]" * 40 + b"[[]]", 40),
+        (b'"unterminated [[[', 0),
+    ],
+)
+def test_json_depth_ignores_brackets_in_strings(body: bytes, depth: int) -> None:
+    assert json_depth(body) == depth
+
+
+def test_json_depth_is_linear_on_bodies_that_make_a_regex_quadratic() -> None:
+    hostile = b'"' + b'\\"' * 2_000_000  # an escaped quote after another, never closed
+    start = time.perf_counter()
+    assert json_depth(hostile + b"[[") == 0
+    assert time.perf_counter() - start < 2.0
+
+
+def nested(depth: int) -> bytes:
+    return b'{"instances": ' + b"[" * (depth - 1) + b"1" + b"]" * (depth - 1) + b"}"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/models/trend:predict", nested(MAX_JSON_DEPTH + 1)),
+        ("/v1/models/trend:predict", b"[" * 100_000),
+        ("/predict/trend", b'{"history": ' + b"[" * 5_000),
+        ("/v1/experiments/e/rewards", b"[{}, " * 2 + b"[" * 50 + b"]" * 50 + b"]"),
+    ],
+)
+def test_a_body_nested_too_deep_gets_400_before_any_route(path: str, body: bytes) -> None:
+    admission = Admission(2, models=frozenset({"trend"}), fixed_routes=FIXED)
+    with TestClient(app_with(admission)) as client:
+        answer = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400
+    assert f"at most {MAX_JSON_DEPTH} are taken" in answer.json()["error"]
+    assert not admission.in_flight
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (nested(MAX_JSON_DEPTH), {}),
+        (b'{"text": "' + b"[" * 5_000 + b'"}', {}),
+        # V2's binary extension: only the JSON part is JSON, the tensor's bytes may be anything.
+        (b'{"inputs": []}' + b"[" * 5_000, {BINARY_HEADER: "14"}),
+    ],
+)
+def test_bodies_within_the_depth_reach_the_route_whole(body: bytes, headers: dict) -> None:
+    seen: list[bytes] = []
+
+    async def predict(request: Request) -> JSONResponse:
+        seen.append(await request.body())
+        return JSONResponse({"predictions": [1.0]})
+
+    app = Starlette(routes=[Route("/v1/models/{name}:predict", predict, methods=["POST"])])
+    app.add_middleware(AdmissionMiddleware, admission=Admission(2, models=frozenset({"trend"})))
+    with TestClient(app) as client:
+        assert client.post("/v1/models/trend:predict", content=body, headers=headers).is_success
+    assert seen == [body]
+
+
+def test_a_body_over_the_read_limit_gets_413() -> None:
+    admission = Admission(2, models=frozenset({"trend"}), max_body_bytes=1_000)
+    with TestClient(app_with(admission)) as client:
+        assert client.post("/v1/models/trend:predict", content=b" " * 1_000).status_code == 200
+        answer = client.post("/v1/models/trend:predict", content=b" " * 1_001)
+    assert answer.status_code == 413 and "over 1000 bytes" in answer.json()["error"]
+
+
+def test_the_read_limit_covers_every_routes_own_limit() -> None:
+    """A route's own limit must be the one a caller meets: the middleware reads at least as
+    much."""
+    limits = [MAX_MODEL_BODY_BYTES, MAX_BATCH_BODY_BYTES, MAX_TASK_BODY_BYTES, MAX_REWARDS_BODY]
+    assert max(limits) <= MAX_BODY_BYTES
 
 
 def test_on_kserves_app_admission_is_outermost_and_timing_is_gone() -> None:

@@ -6,17 +6,23 @@ tests/test_e2e.py, where a trend champion makes chunks take real time."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
+import logging
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
+import pydantic
 import pytest
 import redis
+from huey.consumer import Worker
 
 from contentml.errors import UserError
 from contentml.settings import Settings
@@ -76,6 +82,17 @@ def create(store: JobStore, task: Task, raw: list[dict], priority=Priority.BULK)
 def test_a_bad_item_is_refused_by_index_and_id(items, problem):
     with pytest.raises(UserError, match=re.escape(problem)):
         parse_items(Task.TREND, items)
+
+
+@pytest.mark.parametrize("value", [" ", "\n", "a\x00b", "a\u202eb"])
+def test_a_blank_or_unprintable_id_is_refused_before_anything_is_queued(value):
+    """The cost ledger would refuse it after each script was generated: the chunk would be
+    paid for and regenerated four times, then dead-lettered."""
+    item = {"id": "s1", "topic": "tomatoes", "persona": "a gardener", "video_id": value}
+    with pytest.raises(UserError, match=r"items\[0\] \(id 's1'\): video_id: Value error"):
+        parse_items(Task.SCRIPT, [item])
+    with pytest.raises(pydantic.ValidationError, match="channel"):
+        BatchRequest(items=[item], channel=value)
 
 
 def test_a_submitted_job_is_queued_in_chunks(settings: Settings):
@@ -166,6 +183,46 @@ def test_dead_letters_are_released_and_their_chunks_reopened(store: JobStore):
 def test_an_unknown_job_is_an_error_naming_it(store: JobStore):
     with pytest.raises(UserError, match="no batch job 'nope'"):
         store.report("nope")
+
+
+# --- the queue's messages -------------------------------------------------------------------
+
+
+class Planted:
+    """What someone with write access to the queue could put there: unpickled, it makes a
+    folder (any code could run in its place)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_queue_messages_are_json_and_survive_the_round_trip(settings: Settings):
+    queue = BatchQueue(settings)
+    task = queue.run_chunk.s("job-1", 3, priority=10)
+    task.eta = datetime.datetime(2026, 11, 27, 12, 30, 15, 123456)  # as a retry sets it
+    task.expires = datetime.timedelta(minutes=5)
+    data = queue.huey.serialize_task(task)
+    assert json.loads(data)["__huey_message__"]["args"] == ["job-1", 3]
+    again = queue.huey.deserialize_task(data)
+    assert (again.id, list(again.args), again.priority) == (task.id, ["job-1", 3], 10)
+    assert (again.eta, again.expires) == (task.eta, task.expires)
+    assert again.retries == 3 and again.retry_backoff == 2
+    queue.close()
+
+
+def test_a_pickled_message_on_the_queue_is_refused_not_unpickled(settings, tmp_path, caplog):
+    marker = tmp_path / "ran"
+    queue = BatchQueue(settings)
+    queue.huey.storage.enqueue(pickle.dumps(Planted(str(marker))), 0)
+    consumer = Worker(queue.huey, threading.Event(), 0.01, 0.01, 1.0)
+    with caplog.at_level(logging.ERROR, logger="huey"):
+        consumer.loop()
+    assert "Error reading from queue" in caplog.text
+    assert not marker.exists() and len(queue.huey) == 0
+    queue.close()
 
 
 # --- real workers --------------------------------------------------------------------------

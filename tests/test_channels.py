@@ -4,6 +4,7 @@ durably and released, bad payloads answered with 400."""
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 from monitoring.crisis import QuarantineStore
 from serving.admission import Admission, AdmissionMiddleware
 from serving.channels import channels_router
-from tests.conftest import make_settings
+from tests.conftest import make_settings, requires_postgres
 
 START = datetime.datetime(2026, 11, 26, tzinfo=datetime.UTC)
 
@@ -52,10 +53,8 @@ def test_a_view_spike_is_flagged_then_the_channel_quarantined_and_released(clien
 
     held = client.post("/v1/channels/ch_a/quarantine", json={"reason": "view spike"})
     assert held.status_code == 200 and held.json()["quarantined"] is True
-    # Durable: another store on the same file (a restart, a second replica) sees it.
-    assert QuarantineStore(settings.home / "crisis" / "quarantine.db").get("ch_a").reason == (
-        "view spike"
-    )
+    # Durable: another store on the same database (a restart, a second replica) sees it.
+    assert QuarantineStore(settings.backend_store).get("ch_a").reason == ("view spike")
     assert [q["channel_id"] for q in client.get("/v1/channels").json()["quarantined"]] == ["ch_a"]
     released = client.delete("/v1/channels/ch_a/quarantine")
     assert released.status_code == 200 and released.json()["quarantined"] is False
@@ -83,6 +82,35 @@ def test_a_new_strike_is_reported_with_a_null_score(client):
 def test_bad_payloads_get_400_naming_the_field(client, path, body, problem):
     response = client.post(path, json=body)
     assert response.status_code == 400 and problem in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ('{"views": Infinity}', "views: Input should be a finite number"),
+        ('{"likes": NaN}', "likes: Input should be a finite number"),
+        ('{"views": 1e400}', "views: Input should be a finite number"),
+        (
+            '{"comment_rate": 1e300}',
+            "comment_rate: Input should be less than or equal to 1000000000000000",
+        ),
+        ('{"strikes": 1' + "0" * 40 + "}", "strikes: Input should be less than or equal to 1000"),
+    ],
+)
+def test_a_non_finite_or_huge_metric_gets_400_and_is_not_kept(client, value, problem):
+    """Kept, it made every answer of the channel unserialisable: a 500 after the point was
+    stored, so each retry stored it again."""
+    for hour, views in enumerate(STEADY_VIEWS):
+        client.post("/v1/channels/ch_f/metrics", json=point(hour, views=views))
+    body = value.replace("{", '{"event_timestamp": "2026-11-26T10:00:00+00:00", ', 1)
+    refused = client.post(
+        "/v1/channels/ch_f/metrics", content=body, headers={"content-type": "application/json"}
+    )
+    assert refused.status_code == 400 and problem in refused.json()["error"], refused.text
+    # The window still holds the steady hours only: a spike is scored against them.
+    spike = client.post("/v1/channels/ch_f/metrics", json=point(11, views=250_000))
+    (anomaly,) = spike.json()["anomalies"]
+    assert anomaly["baseline"] == pytest.approx(math.log1p(1002.5))
 
 
 @pytest.mark.parametrize(
@@ -114,7 +142,7 @@ def test_a_hostile_channel_id_gets_400_and_touches_nothing(
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error.startswith("channel id ") and problem in error, error
-    assert QuarantineStore(settings.home / "crisis" / "quarantine.db").all() == []
+    assert QuarantineStore(settings.backend_store).all() == []
 
 
 STEADY_VIEWS = [1000, 1040, 980, 1010, 995, 1020, 1005, 990, 1015, 1000]
@@ -152,3 +180,30 @@ def test_a_recently_observed_channel_keeps_its_history(two_watched):
         client.post(f"/v1/channels/ch_other{hour}/metrics", json=point(hour, views=5))
     spike = client.post("/v1/channels/ch_a/metrics", json=point(10, views=250_000)).json()
     assert [a["metric"] for a in spike["anomalies"]] == ["views"]
+
+
+@requires_postgres
+def test_two_replicas_on_postgresql_agree_on_quarantine(postgres_url):
+    """The cluster's replicas each open the shared store: what one decides, the other answers."""
+    first, second = QuarantineStore(postgres_url), QuarantineStore(postgres_url)
+    try:
+        held = first.quarantine("ch_p", "view spike")
+        assert second.get("ch_p") == held
+        # Quarantining again, on either replica, keeps the first start and reason.
+        assert second.quarantine("ch_p", "another reason") == held
+        assert [q.channel_id for q in first.all()] == ["ch_p"]
+        assert second.release("ch_p") and first.get("ch_p") is None
+        assert not first.release("ch_p")
+    finally:
+        first.close()
+        second.close()
+
+
+def test_the_routes_keep_quarantine_in_the_backend_store_not_under_home(settings):
+    other = make_settings(
+        settings.home.parent / "replica-b", CONTENTML_BACKEND_STORE=settings.backend_store
+    )
+    with TestClient(channels_app(settings)) as one, TestClient(channels_app(other)) as two:
+        assert one.post("/v1/channels/ch_r/quarantine", json={"reason": "r"}).status_code == 200
+        assert two.get("/v1/channels/ch_r").json()["quarantined"] is True
+    assert not list(settings.home.rglob("quarantine.db"))

@@ -117,6 +117,7 @@ def test_ten_videos_over_budget_fire_the_alert_and_a_cheap_one_resets_it(ledger,
     ("entry", "field"),
     [
         (CostEntry("", "script", 0.1), "channel"),
+        (CostEntry("cook\ning", "script", 0.1), "channel"),
         (CostEntry("cooking", " ", 0.1), "kind"),
         (CostEntry("cooking", "script", -0.1), "usd"),
         (CostEntry("cooking", "script", math.nan), "usd"),

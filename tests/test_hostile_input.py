@@ -38,7 +38,10 @@ HOSTILE_NAMES = [
     ("~root", "letters, digits"),
     (".hidden", "letters, digits"),
 ]
-HOSTILE_VERSIONS = ["0", "-1", "01", "1.0", "1/../2", "%31", "2147483648", "", "1\x00", " 1"]
+HOSTILE_VERSIONS = [
+    *("0", "-1", "01", "1.0", "1/../2", "%31", "2147483648", "", "1\x00", " 1"),
+    "9" * 5_000,  # more digits than Python converts to an int
+]
 
 
 @pytest.fixture(scope="module")

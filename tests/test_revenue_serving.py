@@ -161,6 +161,59 @@ def test_a_malformed_reward_gets_400_and_stores_nothing(server, body, status, pr
     assert counts(server, "r1") == before
 
 
+@pytest.mark.parametrize("reward", ["1e200", "-1e200", "1" + "0" * 400])
+def test_a_reward_beyond_the_bound_gets_400_and_the_experiment_still_answers(server, reward):
+    """Its square would make the stored totals infinite: every later choice and report of the
+    experiment would fail."""
+    choose = {"instances": [{"experiment": "big1", "arms": ["a", "b"], "metric": "revenue"}]}
+    predict = f"{server}/v1/models/revenue:predict"
+    assert httpx.post(predict, json=choose, timeout=10.0).status_code == 200
+    before = counts(server, "big1")
+    answer = httpx.post(
+        f"{server}/v1/experiments/big1/rewards",
+        content=f'[{{"arm": "a", "reward": 2.5}}, {{"arm": "b", "reward": {reward}}}]',
+        headers={"content-type": "application/json"},
+        timeout=10.0,
+    )
+    assert answer.status_code == 400 and "must be within +-1e+09" in answer.json()["error"]
+    assert counts(server, "big1") == before
+    assert httpx.post(predict, json=choose, timeout=10.0).status_code == 200
+    assert httpx.get(f"{server}/v1/experiments/big1", timeout=10.0).status_code == 200
+
+
+DEEP = 5_000
+"""Levels of nesting: Python's json module (and `repr`) raise RecursionError past about 1,000,
+KServe's orjson refuses past 1,024, and a parsed body of 1,000 levels still breaks repr."""
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/experiments/r1/rewards", b"[" * DEEP + b"]" * DEEP),
+        ("/v1/experiments/r1/rewards", b'{"arm": "a", "reward": ' + b"[" * DEEP + b"}"),
+        ("/v1/models/revenue:predict", b"[" * DEEP + b"]" * DEEP),
+        (
+            "/v1/models/revenue:predict",
+            b'{"instances": [{"experiment": "r1", "arms": ' + b"[" * 900 + b"]" * 900 + b"}]}",
+        ),
+        ("/v1/channels/ch_a/metrics", b'{"views": ' + b"[" * DEEP + b"]" * DEEP + b"}"),
+    ],
+)
+def test_a_body_nested_too_deep_gets_400_naming_the_problem(server, path, body):
+    httpx.post(
+        f"{server}/v1/models/revenue:predict",
+        json={"instances": [{"experiment": "r1", "arms": ["a", "b"]}]},
+        timeout=10.0,
+    )
+    before = counts(server, "r1")
+    answer = httpx.post(
+        f"{server}{path}", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert answer.status_code == 400, answer.text
+    assert "levels deep: at most 32 are taken" in answer.json()["error"]
+    assert counts(server, "r1") == before
+
+
 HOSTILE_NAMES = [
     # As sent in the path; the server decodes the escapes once.
     ("%2e%2e", "contains '..'"),

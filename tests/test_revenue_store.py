@@ -10,7 +10,12 @@ import uuid
 import pytest
 
 from training.revenue.experiment import Metric, Policy
-from training.revenue.store import ExperimentError, RewardStore, UnknownExperiment
+from training.revenue.store import (
+    MAX_REWARD,
+    ExperimentError,
+    RewardStore,
+    UnknownExperiment,
+)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -99,6 +104,24 @@ def test_a_bad_reward_stores_nothing_of_its_batch(store, outcomes, problem):
         store.add_rewards(experiment, outcomes)
     assert store.stats(experiment) == before
     assert len(store.history(experiment)) == 1
+
+
+@pytest.mark.parametrize(
+    "reward",
+    [1e200, -1e200, 10**400, MAX_REWARD * 1.000001],
+    ids=["1e200", "-1e200", "10**400", "just-over"],
+)
+def test_a_reward_beyond_the_bound_stores_nothing_and_the_experiment_still_answers(store, reward):
+    """Its square would overflow the totals to infinity: every later choice and report fails."""
+    experiment = name()
+    store.ensure(experiment, ["a", "b"], Metric.REVENUE)
+    store.add_rewards(experiment, [("a", MAX_REWARD), ("b", -MAX_REWARD)])
+    before = store.stats(experiment)
+    with pytest.raises(ExperimentError, match=r"reward for arm 'b' must be within \+-1e\+09"):
+        store.add_rewards(experiment, [("a", 2.0), ("b", reward)])
+    assert store.stats(experiment) == before
+    assert all(math.isfinite(s.reward_square_sum) for s in before)
+    assert len(store.history(experiment)) == 2
 
 
 def test_unknown_experiments_and_bad_names(store):

@@ -17,9 +17,11 @@ from kserve.errors import InvalidInput
 
 from serving.costs import CostLedger
 from serving.quality_model import QualityModel, QualityRequest
+from serving.strategist import ContentStrategist
 from serving.tasks import (
     MAX_BODY_BYTES,
     TASKS,
+    ScriptBody,
     Task,
     TaskAnswerer,
     TaskUnavailable,
@@ -212,3 +214,25 @@ def test_a_bad_body_is_422_naming_the_field(with_quality, route, body, field):
     response = client_for(with_quality).post(route, json=body)
     assert response.status_code == 422, response.text
     assert [e["loc"][-1] for e in response.json()["detail"]] == [field]
+
+
+@pytest.mark.parametrize("field", ["channel", "video_id"])
+@pytest.mark.parametrize("value", ["", "   ", "\t", "cook\ning", "a\x1b[31mb", "x" * 201])
+def test_a_blank_or_unprintable_id_is_422_before_any_paid_call(settings, ledger, field, value):
+    """The ledger refuses such an id; refused only there, the script was already paid for
+    (and a batch chunk regenerated it four times)."""
+
+    def no_provider_call() -> ContentStrategist:
+        raise AssertionError("the provider chain was reached")
+
+    answerer = TaskAnswerer(settings, [], ledger, strategist=no_provider_call)
+    body = {"topic": "tomatoes", "persona": "a gardener", field: value}
+    response = client_for(answerer).post(SCRIPT_ROUTE, json=body)
+    assert response.status_code == 422, response.text
+    assert [e["loc"][-1] for e in response.json()["detail"]] == [field]
+    assert ledger.summary() == []
+
+
+def test_ids_are_stripped():
+    body = ScriptBody(topic="t", persona="p", channel=" cooking ", video_id="v1\n")
+    assert (body.channel, body.video_id) == ("cooking", "v1")

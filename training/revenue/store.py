@@ -27,6 +27,11 @@ from training.revenue.experiment import METRIC_KIND, ArmStats, Metric, Policy, R
 
 MAX_ARMS = 100
 MAX_NAME = 200
+MAX_REWARD = 1e9
+"""Largest magnitude of one reward, on every metric: far beyond any watch time (seconds),
+revenue or RPM (USD) one impression or report earns, and small enough that the totals' squares
+(at most 1e18 each) stay finite for any number of rewards; an infinite sum would make every
+later choice and report of the experiment fail."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 
 metadata = sa.MetaData()
@@ -125,8 +130,17 @@ def check_reward(experiment: Experiment, arm: object, reward: object) -> tuple[s
         raise ExperimentError(
             f"experiment {experiment.name!r} has no arm {arm!r}; arms: {list(experiment.arms)}"
         )
-    if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
+    # An int is finite however large, and too large for `math.isfinite` (OverflowError).
+    if (
+        isinstance(reward, bool)
+        or not isinstance(reward, int | float)
+        or (isinstance(reward, float) and not math.isfinite(reward))
+    ):
         raise ExperimentError(f"reward for arm {arm!r} must be a finite number, not {reward!r}")
+    if not -MAX_REWARD <= reward <= MAX_REWARD:
+        raise ExperimentError(
+            f"reward for arm {arm!r} must be within +-{MAX_REWARD:g}, not {reward!r:.40}"
+        )
     if experiment.kind is RewardKind.RATE and not 0.0 <= reward <= 1.0:
         raise ExperimentError(
             f"{experiment.metric.value} rewards are rates in [0, 1] (a click is 1), not {reward!r}"
