@@ -266,7 +266,7 @@ def run_jobs(settings: Settings) -> None:
         assert [a.id for a in answers] == [f"item-{i}" for i in range(120)]
         assert answers[0].result["fallback"] and len(answers[0].result["forecast"]) == 24
         failed = wait_until_finished(queue.store, quality.job_id, timeout=60)
-    assert failed.status is JobStatus.FAILED and "quality model is not served" in failed.errors[0]
+    assert failed.status is JobStatus.FAILED and "quality model is not ready" in failed.errors[0]
     letters = queue.store.dead_letters(quality.job_id)
     assert [(d.job_id, d.id) for d in letters] == [(quality.job_id, "q1")]
     queue.close()
