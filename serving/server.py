@@ -181,9 +181,8 @@ def serve(
         enable_latency_logging=False,
     )
     models = load_models(settings, names, canary, cache, prediction_log)
-    admission = Admission.from_settings(
-        settings, (m.name for m in kserve_models(models)), LIMITED_ROUTES
-    )
+    exposed = kserve_models(models)
+    admission = Admission.from_settings(settings, (m.name for m in exposed), LIMITED_ROUTES)
 
     def expose(model: OffLoopModel) -> None:
         """A model found after the start (a niche a later AutoML run added) gets its routes
@@ -223,13 +222,14 @@ def serve(
         app.include_router(batch_router(queue))
         register_cost_metrics(ledger)
     freeze_heap()
-    watcher = VersionWatcher(settings, models, settings.serving_poll_seconds).start()
-    for model in kserve_models(models):
+    for model in exposed:
         server.register_model(model)  # ready or not: KServe answers 503 for a model not ready
+    # Started after the registration above: a niche it finds later is exposed once, by it.
+    watcher = VersionWatcher(settings, models, settings.serving_poll_seconds).start()
     try:
         with batch_workers(settings, workers if queue is not None else 0):
             # KServe's start() marks every model it is given ready: only those that are.
-            server.start([m for m in kserve_models(models) if m.ready])
+            server.start([m for m in exposed if m.ready])
     finally:
         watcher.stop()
         answerer.close()
