@@ -104,6 +104,16 @@ def counts(url: str, experiment: str) -> list[tuple[int, int]]:
     return [(a["impressions"], a["rewards"]) for a in found["arms"]]
 
 
+def started_counts(url: str, experiment: str) -> list[tuple[int, int]]:
+    """`counts` of `experiment` after one choice of its arms `a` and `b` (which creates it)."""
+    httpx.post(
+        f"{url}/v1/models/revenue:predict",
+        json={"instances": [{"experiment": experiment, "arms": ["a", "b"]}]},
+        timeout=10.0,
+    )
+    return counts(url, experiment)
+
+
 @pytest.mark.parametrize(
     ("payload", "problem"),
     [
@@ -145,12 +155,7 @@ def test_a_malformed_choice_gets_400_and_stores_nothing(server, payload, problem
     ],
 )
 def test_a_malformed_reward_gets_400_and_stores_nothing(server, body, status, problem):
-    httpx.post(
-        f"{server}/v1/models/revenue:predict",
-        json={"instances": [{"experiment": "r1", "arms": ["a", "b"]}]},
-        timeout=10.0,
-    )
-    before = counts(server, "r1")
+    before = started_counts(server, "r1")
     answer = httpx.post(
         f"{server}/v1/experiments/r1/rewards",
         content=body,
@@ -200,12 +205,7 @@ KServe's orjson refuses past 1,024, and a parsed body of 1,000 levels still brea
     ],
 )
 def test_a_body_nested_too_deep_gets_400_naming_the_problem(server, path, body):
-    httpx.post(
-        f"{server}/v1/models/revenue:predict",
-        json={"instances": [{"experiment": "r1", "arms": ["a", "b"]}]},
-        timeout=10.0,
-    )
-    before = counts(server, "r1")
+    before = started_counts(server, "r1")
     answer = httpx.post(
         f"{server}{path}", content=body, headers={"content-type": "application/json"}, timeout=30
     )
