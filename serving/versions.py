@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import mlflow
 import pydantic
@@ -460,6 +460,7 @@ def request_key(requests: Sequence[pydantic.BaseModel]) -> str:
     return canonical_json([r.model_dump(mode="json", exclude_none=True) for r in requests])
 
 
+@runtime_checkable
 class Follower(Protocol):
     """A predictor that follows the registry: a `VersionedModel`, or the niche router, which
     also serves the niche models registered after it started."""
@@ -476,13 +477,15 @@ class VersionWatcher:
     def __init__(
         self,
         settings: Settings,
-        models: Sequence[Follower],
+        models: Sequence[Any],
         poll_seconds: float,
     ):
+        """`models`: the served predictors; those that are no `Follower` (the revenue bandit,
+        which keeps no version in the registry) are left alone."""
         if not poll_seconds > 0:
             raise UserError(f"poll_seconds must be positive, not {poll_seconds}")
         self.settings = settings
-        self.models = list(models)
+        self.models = [model for model in models if isinstance(model, Follower)]
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="version-watcher", daemon=True)
