@@ -75,36 +75,41 @@ def _encoder() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
+_EMBEDDED: dict[str, np.ndarray] = {}
+"""Each title's vector, computed once per process: training embeds the training titles to fit
+the topics, then every title to assign it one. Only training embeds titles, and only those of
+its data, so this holds a few thousand vectors (1.5 kB each)."""
+
+
 def embed_titles(titles: Sequence[str], batch_size: int = 32) -> np.ndarray:
     """(len(titles), EMBEDDING_DIM) float32 unit vectors, one per title.
 
-    Each distinct title is encoded once (a video trending in both countries repeats its
-    title) and batches hold titles of similar length, so little time goes to padding. With
-    2 threads, 32 per batch embedded the 3,275 distinct trending titles fastest (7.0 s, about
-    470 titles/s; 64: 7.6 s, 16: 8.0 s).
+    Each distinct title is encoded once per process (a video trending in both countries
+    repeats its title) and batches hold titles of similar length, so little time goes to
+    padding. With 2 threads, 32 per batch embedded the 3,275 distinct trending titles fastest
+    (7.0 s, about 470 titles/s; 64: 7.6 s, 16: 8.0 s).
     """
-    distinct = list(dict.fromkeys(titles))
-    if not distinct:
+    missing = sorted((t for t in dict.fromkeys(titles) if t not in _EMBEDDED), key=len)
+    if missing:
+        model, tokenizer = _encoder()
+        with torch.inference_mode():
+            for start in range(0, len(missing), batch_size):
+                batch_titles = missing[start : start + batch_size]
+                batch = tokenizer(
+                    batch_titles,
+                    padding=True,
+                    truncation=True,
+                    max_length=MAX_TOKENS,
+                    return_tensors="pt",
+                )
+                hidden = model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                vectors = F.normalize(mean, p=2, dim=1).numpy()
+                _EMBEDDED.update(zip(batch_titles, vectors, strict=True))
+    if not titles:
         return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-    model, tokenizer = _encoder()
-    by_length = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
-    vectors = np.empty((len(distinct), EMBEDDING_DIM), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(by_length), batch_size):
-            rows = by_length[start : start + batch_size]
-            batch = tokenizer(
-                [distinct[i] for i in rows],
-                padding=True,
-                truncation=True,
-                max_length=MAX_TOKENS,
-                return_tensors="pt",
-            )
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            vectors[rows] = F.normalize(mean, p=2, dim=1).numpy()
-    position = {title: i for i, title in enumerate(distinct)}
-    return vectors[[position[title] for title in titles]]
+    return np.stack([_EMBEDDED[title] for title in titles])
 
 
 def fit_title_clusters(titles: Sequence[str], n_clusters: int, seed: int = 0) -> TitleClusters:
