@@ -94,7 +94,16 @@ def test_manifest_runs_the_recipe_on_two_nodes_of_eight_gpus(manifest):
     # point that `launcher: local` runs in-process.
     command = trainer["command"]
     assert command[:5] == ["mpirun", "--hostfile", HOSTFILE, "-np", "16"]
-    assert trainer["args"] == ["contentml", "llm", "finetune", "--config", RECIPE_PATH]
+    steps = str(load_config(RECIPE).max_steps)
+    assert trainer["args"] == [
+        "contentml",
+        "llm",
+        "finetune",
+        "--config",
+        RECIPE_PATH,
+        "--max-steps",
+        steps,
+    ]
 
 
 def test_every_rank_gets_the_settings_by_reference(manifest):
@@ -334,8 +343,9 @@ def test_launch_submits_a_trainjob_recipe_with_the_kube_config(monkeypatch, tmp_
     )
     monkeypatch.setattr(client, "CustomObjectsApi", lambda: api)
     monkeypatch.chdir(CONFIGS.parents[2])  # the image's working directory: the repo root
-    result = launch(make_settings(tmp_path / "state"), Path(RECIPE_PATH))
+    result = launch(make_settings(tmp_path / "state"), Path(RECIPE_PATH), max_steps=7)
     assert re.fullmatch(r"finetune-a100x16-[0-9a-f]{8}", result["trainjob"])
     assert result["namespace"] == "ml" and result["status"]["conditions"][0]["type"] == "Complete"
     assert api.body["metadata"]["name"] == result["trainjob"]
-    assert api.body["spec"]["trainer"]["args"][-1] == RECIPE_PATH
+    # Every rank reads the recipe from the image, with the steps this launch gave.
+    assert api.body["spec"]["trainer"]["args"][-3:] == [RECIPE_PATH, "--max-steps", "7"]

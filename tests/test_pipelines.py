@@ -123,9 +123,10 @@ def test_kfp_loads_the_compiled_script_pipeline():
     )
     assert loaded.name == "script-finetune"
     inputs = loaded.component_spec.inputs
-    assert set(inputs) == {"config", "node_pool"}
+    assert set(inputs) == {"config", "node_pool", "max_steps"}
     assert inputs["config"].default == "training/llm/configs/tiny-cpu.yaml"
     assert inputs["node_pool"].default == "cpu"
+    assert inputs["max_steps"].default == 0  # the recipe's
     components_ = loaded.pipeline_spec.components
     (branches,) = loaded.pipeline_spec.root.dag.tasks.values()
     pools = {

@@ -145,7 +145,8 @@ def trainjob_manifest(
             "PATH",
             *exports,
         ],
-        "args": [*ENTRY_POINT, config_path],
+        # The steps given, which a launch may have changed from the recipe's.
+        "args": [*ENTRY_POINT, config_path, "--max-steps", str(config.max_steps)],
         "env": environment,
         "resourcesPerNode": {"requests": resources, "limits": resources},
     }
@@ -192,10 +193,11 @@ def submit_and_wait(
         sleep(poll_seconds)
 
 
-def launch(settings: Settings, config_path: Path) -> dict:
-    """Run the recipe at `config_path` as its `launcher` says; returns rank 0's summary (local)
-    or the TrainJob's name and final status (trainjob)."""
-    config = load_config(config_path)
+def launch(settings: Settings, config_path: Path, max_steps: int | None = None) -> dict:
+    """Run the recipe at `config_path` (with `max_steps` instead of its own, when given) as its
+    `launcher` says; returns rank 0's summary (local) or the TrainJob's name and final status
+    (trainjob)."""
+    config = load_config(config_path, max_steps=max_steps)
     return LAUNCHERS[config.launcher](settings, config, config_path)
 
 
