@@ -76,6 +76,11 @@ UNLOCKED_SETTLE_SECONDS = 60.0
 """Without a lock, the age from which a pending record is taken for a killed change's."""
 
 
+GATE_METRIC_TAG = "contentml.gate.metric"
+GATE_SCORE_TAG = "contentml.gate.score"
+"""Version tags: the metric its promotion gate compared, and the version's score on it."""
+
+
 class Alias(StrEnum):
     """The roadmap's three versions per model."""
 
@@ -616,6 +621,9 @@ def promotion_gate(
     if champion == version:
         return refuse(challenger_score, f"version {version} already is the champion")
     uri = artifact_uri(client, name, version)
+    # The version keeps the score its gate saw: `contentml status` shows the champion's.
+    client.set_model_version_tag(name, version, GATE_METRIC_TAG, metric)
+    client.set_model_version_tag(name, version, GATE_SCORE_TAG, repr(float(challenger_score)))
     problem = (
         _store_problem(client, uri)
         or _load_problem(uri)
