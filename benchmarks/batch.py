@@ -15,68 +15,23 @@ cache.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
 
 from contentml import pipelines, registry
-from contentml.demo import free_port, model_server
+from contentml.demo import HORIZON, batch_workers, free_port, model_server, trend_items
 from contentml.settings import Settings
 from serving.tasks import TASKS, Task
-from training.trend.backtest import read_m4_series
-
-WINDOW = 14 * 24
-"""Hours of history per item."""
-
-HORIZON = 48
 
 URGENT_EVERY_SECONDS = 0.25
 """How often an urgent single request is sent while the batch runs."""
-
-
-def trend_items(settings: Settings, count: int) -> list[dict]:
-    """`count` distinct windows of the M4 hourly series."""
-    series = read_m4_series(settings.data_dir / "m4-hourly" / "Hourly-train.csv")
-    items: list[dict] = []
-    offset = 0
-    while len(items) < count:
-        for name, values in series.items():
-            end = len(values) - offset
-            if end >= WINDOW:
-                window = np.asarray(values[end - WINDOW : end], dtype=float)
-                items.append({"id": f"{name}-{offset}", "history": window.tolist()})
-            if len(items) == count:
-                break
-        offset += 24
-    return [{**item, "horizon": HORIZON} for item in items]
-
-
-@contextlib.contextmanager
-def workers(settings: Settings, count: int) -> Iterator[None]:
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-m", "contentml.cli", "batch", "worker"],
-            env={**os.environ, **settings.to_env()},
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(count)
-    ]
-    try:
-        yield
-    finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            child.wait(timeout=90)
 
 
 def one_by_one(url: str, items: list[dict]) -> float:
@@ -147,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     with model_server(settings, free_port(), "--workers", "0") as url:
         one_by_one(url, warm_up)  # first-call imports and fits are not steady state
         single_seconds = one_by_one(url, items)
-        with workers(settings, args.workers):
+        with batch_workers(settings, args.workers):
             as_batch(url, warm_up, probe)  # likewise for the workers
             batch = as_batch(url, items, probe)
     single_rate = len(items) / single_seconds

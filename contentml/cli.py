@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from contentml.errors import UserError
@@ -55,7 +55,8 @@ def _write_yaml(manifest: dict, output: str | None) -> None:
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from contentml.demo import run_demo
 
-    summary = run_demo(settings, max_series=args.max_series)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    summary = run_demo(settings, args.max_series, args.retrain, families)
     _print_json(summary)
     return 0
 
@@ -181,6 +182,9 @@ def cmd_experiments_report(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from serving.server import parse_canary, serve
 
+    if "CONTENTML_SERVING_URL" not in os.environ:
+        # The script route's self-hosted provider is this server, on the port it listens on.
+        settings = replace(settings, serving_url=f"http://127.0.0.1:{args.port}")
     serve(
         settings,
         args.port,
@@ -320,6 +324,17 @@ def cmd_models_list(settings: Settings, args: argparse.Namespace) -> int:
         for model in listing:
             aliases = ", ".join(f"{a}=v{v}" for a, v in model["aliases"].items()) or "no aliases"
             print(f"{model['name']}: {len(model['versions'])} versions ({aliases})")
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml.status import model_status, status_lines
+
+    statuses = model_status(settings, args.url)
+    if args.json:
+        _print_json(statuses)
+    else:
+        print("\n".join(status_lines(statuses)) or "no registered models yet: run `make demo`")
     return 0
 
 
@@ -620,8 +635,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="contentml", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    demo = commands.add_parser("demo", help="train, register, promote and serve the trend model")
-    demo.add_argument("--max-series", type=_positive, default=24)
+    demo = commands.add_parser(
+        "demo", help="every model family's pipeline at a demo budget, then serve and call each"
+    )
+    demo.add_argument("--max-series", type=_positive, default=12, help="trend series to train on")
+    demo.add_argument(
+        "--retrain", action="store_true", help="train new versions even where champions exist"
+    )
+    demo.add_argument(
+        "--families",
+        default="trend,quality,niche,script,revenue",
+        help="comma-separated model families to train, serve and call (default: all five)",
+    )
     demo.set_defaults(handler=cmd_demo)
 
     pipeline = commands.add_parser("pipeline", help="compile or run KFP pipelines")
@@ -740,6 +765,15 @@ def build_parser() -> argparse.ArgumentParser:
     listing = models_commands.add_parser("list", help="models, versions and aliases")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_models_list)
+
+    status = commands.add_parser(
+        "status", help="per model: champion, challenger, served, gate score, drift, last change"
+    )
+    status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--url", default=None, help="the model server to ask (default: CONTENTML_SERVING_URL)"
+    )
+    status.set_defaults(handler=cmd_status)
 
     promote = commands.add_parser("promote", help="point an alias at a model version")
     promote.add_argument("model", type=_name)

@@ -3,11 +3,7 @@ commands, and `contentml serve` answering real HTTP on a free port."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.batch import trend_items
-from contentml.demo import free_port, model_server
+from contentml.demo import batch_workers, free_port, model_server, trend_items
 from serving.batch import JobStatus, JobStore
 from serving.client import ClientError, ContentMLClient
 from serving.tasks import MAX_BODY_BYTES, TASKS, Task
@@ -35,31 +30,53 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def first_demo(home: Path) -> dict:
-    result = run_cli(home, "demo", "--max-series", MAX_SERIES)
+    return demo(home, "--families", "trend,revenue")
+
+
+def demo(home: Path, *args: str) -> dict:
+    result = run_cli(home, "demo", "--max-series", MAX_SERIES, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_demo_ends_with_the_summary_line(first_demo: dict):
-    assert first_demo["pipeline"] == "training"
-    assert first_demo["trend_forecast_points"] == 48
-    assert first_demo["models"]["trend"]["aliases"] == {"challenger": "1", "champion": "1"}
-    assert first_demo["endpoint"].endswith("/v1/models/trend:predict")
+    assert first_demo["pipelines"] == {"trend": "training", "revenue": "optimization"}
+    trend, revenue = first_demo["models"]["trend"], first_demo["models"]["revenue"]
+    assert trend["version"] == "1"
+    assert trend["aliases"] == {"challenger": "1", "champion": "1"}
+    assert trend["endpoint"].endswith("/v1/models/trend:predict")
+    assert trend["direction"] in {"up", "down"}
+    assert revenue["arm"] in {"bold", "plain"} and revenue["study"] == "demo-channel"
+    assert first_demo["tasks"]["/predict/trend"]["status"] == 200
+    assert first_demo["batch"]["status"] == "done"
+    assert first_demo["batch"]["succeeded"] + first_demo["batch"]["failed"] == 150
+    assert set(first_demo["stage_seconds"]) >= {"pipelines", "server_start", "calls", "batch"}
     assert first_demo["seconds"] > 0
 
 
-def test_second_demo_registers_a_new_version(first_demo: dict, home: Path):
-    result = run_cli(home, "demo", "--max-series", MAX_SERIES)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    trend = summary["models"]["trend"]
-    assert trend["versions"] == ["1", "2"]
+def test_a_second_demo_reuses_the_champions_and_retrain_registers_a_new_version(
+    first_demo: dict, home: Path
+):
+    again = demo(home, "--families", "trend,revenue")
+    assert again["pipelines"] == {}
+    assert again["models"]["trend"]["version"] == "1"
+
+    retrained = demo(home, "--families", "trend", "--retrain")
+    assert retrained["pipelines"] == {"trend": "training"}
+    trend = retrained["models"]["trend"]
     assert trend["aliases"]["challenger"] == "2"
-    assert trend["aliases"]["champion"] in {"1", "2"}
+    assert trend["aliases"]["champion"] in {"1", "2"}  # only through the gate
 
     listed = json.loads(run_cli(home, "models", "list", "--json").stdout)
     assert [m["name"] for m in listed] == ["trend"]
+    assert [v["version"] for v in listed[0]["versions"]] == ["1", "2"]
     assert listed[0]["aliases"] == trend["aliases"]
+
+
+def test_an_unknown_family_is_a_usage_error(home: Path):
+    result = run_cli(home, "demo", "--families", "trend,weather")
+    assert result.returncode == 2
+    assert "weather" in result.stderr and "trend, quality, niche, script, revenue" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -254,13 +271,11 @@ def test_a_trend_body_over_the_limit_gets_413(server: str):
     assert response.status_code == 413, response.text
 
 
-def test_openapi_describes_the_trend_route_and_not_quality(server: str):
+def test_openapi_describes_every_task_route(server: str):
     schema = httpx.get(f"{server}/openapi.json").json()
     assert "post" in schema["paths"]["/predict/trend"]
     assert "history" in schema["components"]["schemas"]["TrendBody"]["properties"]
-    # The demo home has no quality champion: its route is not mounted.
-    assert "/score/quality" not in schema["paths"]
-    assert httpx.post(f"{server}/score/quality", json={"text": "hi"}).status_code == 404
+    assert "post" in schema["paths"]["/score/quality"]
 
 
 def test_promote_rollback_history(first_demo: dict, home: Path, server: str):
@@ -293,7 +308,7 @@ def test_a_batch_survives_a_killed_worker_and_urgent_calls_keep_their_sla(server
     store = JobStore(settings.backend_store)
     items = trend_items(settings, 1_001)
     probe, items = items[0], items[1:]
-    with batch_worker(settings) as doomed:
+    with batch_workers(settings) as (doomed,):
         deadline = time.monotonic() + 120
         while not any(f"-{doomed.pid}-" in w for w in store.live_workers()):
             assert time.monotonic() < deadline, "the worker never started"
@@ -307,7 +322,7 @@ def test_a_batch_survives_a_killed_worker_and_urgent_calls_keep_their_sla(server
         doomed.kill()
         doomed.wait()
     urgent = []
-    with batch_worker(settings):
+    with batch_workers(settings):
         while store.report(job_id).status not in (JobStatus.DONE, JobStatus.FAILED):
             started = time.perf_counter()
             body = {"history": probe["history"], "horizon": 48}
@@ -323,18 +338,3 @@ def test_a_batch_survives_a_killed_worker_and_urgent_calls_keep_their_sla(server
     assert (report.status, report.succeeded + report.failed) == (JobStatus.DONE, 1_000)
     assert urgent and max(urgent) < TASKS[Task.TREND].sla_seconds
     store.close()
-
-
-@contextlib.contextmanager
-def batch_worker(settings) -> Iterator[subprocess.Popen]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "contentml.cli", "batch", "worker"],
-        env={**os.environ, **settings.to_env()},
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=60)

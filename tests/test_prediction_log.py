@@ -356,6 +356,7 @@ def test_the_niche_router_logs_each_instance_under_its_niche_model(settings, mon
             model = niche_model.NicheModel(f"niche-{niche}", settings, options)
             estimator = DummyRegressor(strategy="constant", constant=value).fit([[0.0]], [value])
             model.cache, model._serving = None, Serving(niche_model.NicheVersion("3", estimator))
+            model.ready = True
             router.niches[niche] = model
         categories = ["Music", "Cooking", "Music"]
         response = router.predict_now(

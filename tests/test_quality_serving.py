@@ -73,6 +73,45 @@ def trained(home: Path, files: dict[str, Path]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+# --- a server that starts before the first champion (first in the module: `home` is empty) --
+
+POLL_SECONDS = 1.0
+NOT_READY_ROUTES = [
+    ("GET", "/v1/models/quality", None),
+    ("GET", "/v2/models/quality/ready", None),
+    ("POST", "/v1/models/quality:predict", {"instances": [{"text": "hi"}]}),
+    (
+        "POST",
+        "/v2/models/quality/infer",
+        {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["hi"]}]},
+    ),
+    ("POST", "/score/quality", {"text": "hi"}),
+]
+
+
+def test_a_server_on_an_empty_home_serves_quality_once_training_beside_it_makes_a_champion(
+    home: Path, request
+):
+    settings = make_settings(home, CONTENTML_SERVING_POLL_SECONDS=str(POLL_SECONDS))
+    with model_server(settings, free_port()) as url:
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        assert "post" in httpx.get(f"{url}/openapi.json").json()["paths"]["/score/quality"]
+        for method, path, body in NOT_READY_ROUTES:
+            response = httpx.request(method, f"{url}{path}", json=body)
+            assert response.status_code == 503, (path, response.text)
+            problem = response.json().get("error") or response.json().get("detail")
+            assert "no champion yet" in problem and "contentml quality train" in problem, path
+
+        request.getfixturevalue("trained")  # `contentml quality train`: gated to champion
+        deadline = time.monotonic() + POLL_SECONDS + 5
+        while httpx.get(f"{url}/v2/models/quality/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the new champion was not served in time"
+            time.sleep(0.1)
+        scored = httpx.post(f"{url}/score/quality", json={"text": CLEAN})
+        assert scored.status_code == 200, scored.text
+        assert scored.json()["model_version"] == "1"
+
+
 # --- training and batch prediction ---------------------------------------------------------
 
 
@@ -228,10 +267,12 @@ def predict(server: str, instances) -> httpx.Response:
     )
 
 
-def test_server_serves_quality_and_skips_trend_without_a_champion(server: str):
+def test_server_serves_quality_and_waits_for_a_trend_champion(server: str):
     assert httpx.get(f"{server}/v2/health/ready").status_code == 200
     assert httpx.get(f"{server}/v1/models/quality").json() == {"name": "quality", "ready": True}
-    assert httpx.get(f"{server}/v1/models/trend").status_code == 404
+    waiting = httpx.get(f"{server}/v1/models/trend")
+    assert waiting.status_code == 503
+    assert "contentml pipeline run training --local" in waiting.json()["error"]
 
 
 def test_v1_scores_a_batch_of_every_kind(server: str):
