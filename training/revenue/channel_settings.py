@@ -248,6 +248,11 @@ def best(settings: Settings, study: str) -> dict:
         }
 
 
+def has_study(settings: Settings, study: str) -> bool:
+    with _storage(settings) as storage:
+        return study in optuna.study.get_all_study_names(storage)
+
+
 # --- the daily pipeline -------------------------------------------------------------------
 
 
