@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from contentml import registry
+from contentml import pipelines, registry
 from contentml.errors import UserError
 from contentml.settings import Settings
 from serving.client import ContentMLClient
@@ -149,21 +149,13 @@ class _PipelineRun:
 
 
 def _start(settings: Settings, stage: DemoStage, position: int) -> _PipelineRun:
-    logs = settings.home / "demo" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{stage.pipeline}.log"
-    params = [item for k, v in stage.arguments.items() for item in ("--param", f"{k}={v}")]
+    log = settings.home / "demo" / "logs" / f"{stage.pipeline}.log"
     # Each pipeline gets its share of the cores: native threads fighting over them (torch's
     # OpenMP spins) would slow both runs down far more.
     threads = str(max(1, (os.cpu_count() or 1) // PARALLEL_PIPELINES))
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "contentml.cli", "pipeline", "run", stage.pipeline, "--local"]
-            + params,
-            env={**os.environ, **settings.to_env(), "OMP_NUM_THREADS": threads},
-            stdout=subprocess.DEVNULL,  # the run's result is in the registry and the log
-            stderr=output,
-        )
+    process = pipelines.spawn_local(
+        settings, stage.pipeline, stage.arguments, log, {"OMP_NUM_THREADS": threads}
+    )
     bar = tqdm(
         desc=f"{stage.family:<8} {stage.pipeline}",
         unit=" steps",

@@ -135,21 +135,35 @@ def run_local(settings: Settings, name: str, arguments: dict[str, Any]) -> dict:
     return task.output
 
 
-def start_local(settings: Settings, name: str, arguments: dict[str, Any]) -> str:
-    """Start `contentml pipeline run NAME --local` in the background (a monitor must not wait
-    for a training run); returns where to follow it: the process id and its log file."""
+def spawn_local(
+    settings: Settings,
+    name: str,
+    arguments: dict[str, Any],
+    log: Path,
+    environment: dict[str, str] | None = None,
+    detached: bool = False,
+) -> subprocess.Popen:
+    """`contentml pipeline run NAME --local` as a child process, its output in `log`;
+    `environment` is added to this process's and the settings'; a `detached` child outlives
+    this process."""
     pipeline(name)  # an unknown name fails here, not in the background
-    log = settings.home / "kfp" / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     params = [item for key, value in arguments.items() for item in ("--param", f"{key}={value}")]
     with log.open("wb") as output:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "contentml.cli", "pipeline", "run", name, "--local", *params],
-            env={**os.environ, **settings.to_env()},
+            env={**os.environ, **settings.to_env(), **(environment or {})},
             stdout=output,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # outlives this command
+            start_new_session=detached,
         )
+
+
+def start_local(settings: Settings, name: str, arguments: dict[str, Any]) -> str:
+    """Start `contentml pipeline run NAME --local` in the background (a monitor must not wait
+    for a training run); returns where to follow it: the process id and its log file."""
+    log = settings.home / "kfp" / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    process = spawn_local(settings, name, arguments, log, detached=True)
     return f"local pid {process.pid}, log {log}"
 
 
