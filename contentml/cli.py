@@ -203,6 +203,13 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_auth_proxy(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.auth_proxy import run_auth_proxy
+
+    run_auth_proxy(settings, args.predictor_host, args.http_port)
+    return 0
+
+
 def _batch_items(path: str) -> list:
     """The items of a job file: a JSON list of items, or an object with `items`."""
     try:
@@ -719,6 +726,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     api.add_argument("--port", type=_port, default=8080)
     api.set_defaults(handler=cmd_api)
+
+    # KServe starts a transformer with these arguments (`--model_name`, `--predictor_host`,
+    # `--http_port`), appended to the container's own.
+    auth_proxy = commands.add_parser(
+        "auth-proxy",
+        help="the bearer-token check in front of a predictor that has none (the script "
+        "InferenceService's transformer)",
+    )
+    auth_proxy.add_argument(
+        "--predictor_host", required=True, help="HOST[:PORT] of the predictor to forward to"
+    )
+    auth_proxy.add_argument("--http_port", type=_port, default=8080)
+    auth_proxy.add_argument(
+        "--model_name", default=None, help="the InferenceService's name (KServe passes it)"
+    )
+    auth_proxy.set_defaults(handler=cmd_auth_proxy)
 
     batch = commands.add_parser("batch", help="batch jobs: submit, follow, work, dead letters")
     batch_commands = batch.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
