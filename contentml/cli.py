@@ -180,15 +180,17 @@ def cmd_experiments_report(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.admission import bind_host
     from serving.server import parse_canary, serve
 
+    host = bind_host(settings, args.host, args.insecure)
     if "CONTENTML_SERVING_URL" not in os.environ:
         # The script route's self-hosted provider is this server, on the port it listens on.
-        settings = replace(settings, serving_url=f"http://127.0.0.1:{args.port}")
+        settings = replace(settings, serving_url=f"http://{_local_address(host)}:{args.port}")
     serve(
         settings,
+        host,
         args.port,
-        args.grpc_port,
         args.models,
         canary=parse_canary(args.canary),
         workers=args.workers,
@@ -196,10 +198,18 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_address(host: str) -> str:
+    """Where this machine reaches a server listening on `host`, as a URL's host."""
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 (every interface, loopback among them)
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.admission import bind_host
     from serving.server import serve_api
 
-    serve_api(settings, args.port)
+    serve_api(settings, bind_host(settings, args.host, args.insecure), args.port)
     return 0
 
 
@@ -208,6 +218,23 @@ def cmd_auth_proxy(settings: Settings, args: argparse.Namespace) -> int:
 
     run_auth_proxy(settings, args.predictor_host, args.http_port)
     return 0
+
+
+def _add_bind_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--port`, `--host` and `--insecure`, the same for every server."""
+    parser.add_argument("--port", type=_port, default=8080)
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="address to listen on (default: every interface with CONTENTML_API_TOKEN set, "
+        "127.0.0.1 without)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen beyond loopback without a token: anyone who reaches the port may call "
+        "every route",
+    )
 
 
 def _batch_items(path: str) -> list:
@@ -703,8 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     manifests_check.set_defaults(handler=cmd_manifests_check)
 
     serve = commands.add_parser("serve", help="serve every champion model with KServe")
-    serve.add_argument("--port", type=_port, default=8080)
-    serve.add_argument("--grpc-port", type=_port, default=None)
+    _add_bind_arguments(serve)
     serve.add_argument("--models", type=_names, default=None, help="comma-separated model names")
     serve.add_argument(
         "--canary",
@@ -724,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser(
         "api", help="the backend API alone: /generate/script, /batch (the cluster's API pods)"
     )
-    api.add_argument("--port", type=_port, default=8080)
+    _add_bind_arguments(api)
     api.set_defaults(handler=cmd_api)
 
     # KServe starts a transformer with these arguments (`--model_name`, `--predictor_host`,

@@ -302,6 +302,11 @@ def trending_video(settings: Settings, category: str) -> dict:
 # --- calling every family -------------------------------------------------------------------
 
 
+def _bearer(token: str) -> dict[str, str]:
+    """The authorization header carrying `token`; none for an empty one."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 @dataclass
 class _Caller:
     """What the family calls share: the server, the client the content pipeline uses, and
@@ -312,8 +317,10 @@ class _Caller:
     client: ContentMLClient
     http: httpx.Client
 
-    def post(self, path: str, body: Any) -> dict:
-        response = self.http.post(path, json=body)
+    def post(self, path: str, body: Any, *, admin: bool = False) -> dict:
+        """POST `body`; with the admin token (`admin`) on an admin route."""
+        headers = _bearer(self.settings.admin_token) if admin else None
+        response = self.http.post(path, json=body, headers=headers)
         if response.status_code >= 300:
             raise DemoFailed(f"POST {path} answered {response.status_code}: {response.text[:500]}")
         return response.json()
@@ -371,7 +378,7 @@ def _call_revenue(c: _Caller) -> dict:
     instance = {"experiment": REVENUE_EXPERIMENT, "arms": ["bold", "plain"]}
     (choice,) = c.post("/v1/models/revenue:predict", {"instances": [instance]})["predictions"]
     reward = {"arm": choice["arm"], "reward": 1.0}
-    c.post(f"/v1/experiments/{REVENUE_EXPERIMENT}/rewards", reward)
+    c.post(f"/v1/experiments/{REVENUE_EXPERIMENT}/rewards", reward, admin=True)
     _say(f"revenue bandit: chose {choice['arm']!r}, rewarded 1.0")
     return {"endpoint": f"{c.url}/v1/models/revenue:predict", "arm": choice["arm"]}
 
@@ -392,7 +399,11 @@ FAMILIES = tuple(CALLS)
 def call_families(settings: Settings, url: str, families: Sequence[str]) -> dict[str, dict]:
     """Each family's calls, in order; a refused or failed call raises `DemoFailed` (the
     client raises its own errors, which name the task and the server's message)."""
-    with ContentMLClient(url) as client, httpx.Client(base_url=url, timeout=60.0) as http:
+    token = settings.api_token or None
+    with (
+        ContentMLClient(url, api_key=token) as client,
+        httpx.Client(base_url=url, timeout=60.0, headers=_bearer(settings.api_token)) as http,
+    ):
         caller = _Caller(settings, url, client, http)
         return {family: CALLS[family](caller) for family in families}
 
@@ -400,7 +411,7 @@ def call_families(settings: Settings, url: str, families: Sequence[str]) -> dict
 def run_batch(settings: Settings, url: str) -> dict:
     """`BATCH_ITEMS` trend items as one `POST /batch/trend` job, answered by a worker."""
     items = trend_items(settings, BATCH_ITEMS)
-    with httpx.Client(base_url=url, timeout=60.0) as http:
+    with httpx.Client(base_url=url, timeout=60.0, headers=_bearer(settings.api_token)) as http:
         response = http.post("/batch/trend", json={"items": items})
         if response.status_code != 202:
             raise DemoFailed(f"POST /batch/trend answered {response.status_code}: {response.text}")

@@ -150,7 +150,14 @@ class Settings:
 
     api_token: str = field(repr=False, metadata=_env("CONTENTML_API_TOKEN"))
     """Bearer token every route of the model server and backend API requires, but health and
-    /metrics (a Secret in the cluster); empty: no check (a laptop)."""
+    /metrics (a Secret in the cluster); empty: no check, and the servers listen on loopback
+    only unless told `--insecure`."""
+
+    admin_token: str = field(repr=False, metadata=_env("CONTENTML_ADMIN_TOKEN"))
+    """Bearer token of the admin routes (`serving.admission.ADMIN_ROUTES`: load and unload,
+    quarantine and release, rewards, the batch job listing), a Secret of its own; it also opens
+    every other route. Empty: the admin routes are as open as the others where no
+    `api_token` is set, and closed where one is."""
 
     def __post_init__(self) -> None:
         if self.feast_online_store not in ("sqlite", "redis"):
@@ -185,8 +192,17 @@ class Settings:
                 raise SettingsError(f"setting {name} must be >= 0, not {getattr(self, name)}")
         # Sent as `Authorization: Bearer <token>`: a space or non-ASCII character would never
         # match. The message never quotes the token.
-        if not re.fullmatch(r"[!-~]*", self.api_token):
-            raise SettingsError("CONTENTML_API_TOKEN must be printable ASCII without spaces")
+        for variable, token in (
+            ("CONTENTML_API_TOKEN", self.api_token),
+            ("CONTENTML_ADMIN_TOKEN", self.admin_token),
+        ):
+            if not re.fullmatch(r"[!-~]*", token):
+                raise SettingsError(f"{variable} must be printable ASCII without spaces")
+        if self.admin_token and self.admin_token == self.api_token:
+            raise SettingsError(
+                "CONTENTML_ADMIN_TOKEN must differ from CONTENTML_API_TOKEN: "
+                "every caller holds the callers' token"
+            )
         if not self.batch_queue.startswith(("sqlite:///", "redis://", "rediss://")):
             raise SettingsError(
                 "CONTENTML_BATCH_QUEUE must be sqlite:///<file> or redis://host:port/db, "
@@ -234,6 +250,7 @@ class Settings:
             "shutdown_drain_seconds": 1.0,
             "shutdown_grace_seconds": 30.0,
             "api_token": "",
+            "admin_token": "",
         }
         values = {}
         for f in dataclasses.fields(cls):

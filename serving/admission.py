@@ -3,7 +3,10 @@ requests each model takes at once, and when the cluster should stop routing here
 
 - Auth: with `Settings.api_token` set, every route but health and /metrics needs
   `Authorization: Bearer <token>`; other callers get 401, and the answer quotes nothing they
-  sent.
+  sent. The admin routes (`ADMIN_ROUTES`: load and unload, quarantine and release, rewards,
+  the batch job listing) need `Settings.admin_token` instead: the callers' token gets 403
+  there. With neither token set nothing is checked, and the servers listen on loopback only
+  (`bind_host`).
 - Names: a route whose model name, version, channel id or experiment name is not one the
   platform could hold (`..`, NUL, `%2e%2e` once decoded, ...: `contentml.names`) gets 400
   saying why, before any handler.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import signal
 from collections import Counter
@@ -45,6 +49,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 from contentml import names
+from contentml.errors import UserError
 from contentml.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -146,10 +151,58 @@ RevenueOptimizer routes take `:path` so a name with an (encoded) slash gets its 
 OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics", "/metrics/"})
 """Answered without a token: the kubelet's probes and Prometheus' scrapes carry none."""
 
+ADMIN_ROUTES = tuple(
+    (method, compile_path(template)[0])
+    for method, template in (
+        ("POST", "/v2/repository/models/{model:path}/load"),
+        ("POST", "/v2/repository/models/{model:path}/unload"),
+        ("POST", "/v1/channels/{channel_id:path}/quarantine"),
+        ("DELETE", "/v1/channels/{channel_id:path}/quarantine"),
+        ("POST", "/v1/experiments/{experiment:path}/rewards"),
+        ("GET", "/batch/jobs"),
+    )
+)
+"""Routes that change what is served or what is learnt, or list every caller's work: they
+need `Settings.admin_token`. `:path`, so that no spelling of a name slips past as a caller's
+route."""
+
 UNAUTHORIZED = (
     "missing or wrong bearer token: send `Authorization: Bearer <token>` with the server's "
     "CONTENTML_API_TOKEN"
 )
+
+FORBIDDEN = (
+    "an admin route: send `Authorization: Bearer <token>` with the server's "
+    "CONTENTML_ADMIN_TOKEN, not the callers' token"
+)
+
+LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or `localhost`) is reachable from this machine only."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to any interface
+
+
+def bind_host(settings: Settings, host: str | None, insecure: bool = False) -> str:
+    """The address a server listens on: `host`, or by default every interface where a token
+    is set and loopback where none is. `UserError` for a host beyond loopback without a token,
+    unless `insecure` (the caller's explicit choice)."""
+    token = settings.api_token or settings.admin_token
+    if host is None:
+        return "0.0.0.0" if token else "127.0.0.1"  # noqa: S104 (a pod's port, token-checked)
+    if not token and not is_loopback(host) and not insecure:
+        raise UserError(
+            f"refusing to listen on {host} without a token: anyone who reaches it could call "
+            "every route. Set CONTENTML_API_TOKEN (and CONTENTML_ADMIN_TOKEN), listen on "
+            "loopback (--host 127.0.0.1), or pass --insecure"
+        )
+    return host
 
 
 @dataclass
@@ -161,7 +214,11 @@ class Admission:
     """Requests one route of one model takes at once."""
 
     token: str = field(default="", repr=False)
-    """Bearer token every route but `OPEN_PATHS` requires; empty: none."""
+    """Bearer token every route but `OPEN_PATHS` and `ADMIN_ROUTES` requires; empty: none."""
+
+    admin_token: str = field(default="", repr=False)
+    """Bearer token `ADMIN_ROUTES` require, which opens the others too. Empty: the admin
+    routes are closed (403) where `token` is set, open where it is not."""
 
     models: frozenset[str] = frozenset()
     """Models served here. A KServe route naming another is not counted (KServe answers 404),
@@ -195,6 +252,7 @@ class Admission:
         return cls(
             settings.max_concurrent_requests,
             settings.api_token,
+            settings.admin_token,
             frozenset(models),
             dict(fixed_routes or {}),
         )
@@ -212,23 +270,45 @@ class Admission:
         return None
 
     def refusal(self, scope: Scope) -> JSONResponse | None:
-        """The answer to a request refused before any limit: 401 without the token, 503 to a
-        readiness check while draining; None: admitted so far."""
+        """The answer to a request refused before any limit: 401 without a valid token, 403
+        with the callers' token on an admin route, 503 to a readiness check while draining;
+        None: admitted so far."""
         path = scope["path"]
-        if self.token and path not in OPEN_PATHS and not self._authorized(Headers(scope=scope)):
-            return JSONResponse({"error": UNAUTHORIZED}, 401, {"WWW-Authenticate": "Bearer"})
+        if (refused := self._token_refusal(scope["method"], path, scope)) is not None:
+            return refused
         if (problem := _name_problem(path)) is not None:
             return JSONResponse({"error": problem}, 400)
         if self.draining and scope["method"] == "GET" and any(r.match(path) for r in READINESS):
             return JSONResponse({"error": "shutting down: finishing the requests in flight"}, 503)
         return None
 
-    def _authorized(self, headers: Headers) -> bool:
-        scheme, credentials = get_authorization_scheme_param(headers.get("authorization"))
-        # As bytes: compare_digest refuses strings with non-ASCII characters (headers are latin-1).
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            credentials.encode("latin-1"), self.token.encode()
-        )
+    def _token_refusal(self, method: str, path: str, scope: Scope) -> JSONResponse | None:
+        if not (self.token or self.admin_token) or path in OPEN_PATHS:
+            return None
+        credentials = _bearer(Headers(scope=scope))
+        is_admin = _matches(self.admin_token, credentials)
+        if any(m == method and pattern.match(path) for m, pattern in ADMIN_ROUTES):
+            if is_admin:
+                return None
+            if _matches(self.token, credentials):
+                return JSONResponse({"error": FORBIDDEN}, 403)
+        elif is_admin or not self.token or _matches(self.token, credentials):
+            return None
+        return JSONResponse({"error": UNAUTHORIZED}, 401, {"WWW-Authenticate": "Bearer"})
+
+
+def _bearer(headers: Headers) -> bytes | None:
+    """The credentials of a `Bearer` authorization header, or None."""
+    scheme, credentials = get_authorization_scheme_param(headers.get("authorization"))
+    # As bytes: compare_digest refuses strings with non-ASCII characters (headers are latin-1).
+    return credentials.encode("latin-1") if scheme.lower() == "bearer" else None
+
+
+def _matches(token: str, credentials: bytes | None) -> bool:
+    """Whether `credentials` are `token`, in constant time; an empty token matches nothing."""
+    if not token or credentials is None:
+        return False
+    return hmac.compare_digest(credentials, token.encode())
 
 
 def _name_problem(path: str) -> str | None:

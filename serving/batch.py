@@ -36,11 +36,11 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
 import sqlalchemy as sa
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from huey import PriorityRedisHuey, SqliteHuey
 from huey.api import Huey
 from huey.registry import Message
@@ -57,6 +57,14 @@ logger = logging.getLogger(__name__)
 
 MAX_ITEMS = 10_000
 """Items per job; a larger batch is split by the caller."""
+
+MAX_OPEN_ITEMS_PER_CHANNEL = 50_000
+"""Items a channel (the caller a job is booked to; jobs without one share `unassigned`) may
+have waiting or running at once: a submission beyond it gets 429, so that one caller cannot
+fill the queue ahead of every other."""
+
+FULL_RETRY_AFTER_SECONDS = 60
+"""What a caller over its share is told to wait: chunks finish in seconds to minutes."""
 
 MAX_BATCH_BODY_BYTES = 64 * MAX_BODY_BYTES
 """1,000 trend items with a month of history each are about 10 MB."""
@@ -81,6 +89,9 @@ LOST_MESSAGE_SECONDS = 60.0
 """A chunk queued this long but no longer in the queue nor claimed lost its message."""
 
 MAX_ID_CHARS = 200
+
+MAX_LISTED_JOBS = 500
+"""Jobs one listing returns at most, each a report of a few queries."""
 
 
 class Priority(StrEnum):
@@ -184,6 +195,10 @@ class BatchRequest(pydantic.BaseModel):
     )
 
 
+class OverCapacity(UserError):
+    """A submission that would take a caller over `MAX_OPEN_ITEMS_PER_CHANNEL`."""
+
+
 class JobAccepted(pydantic.BaseModel):
     job_id: str
     status: JobStatus
@@ -194,6 +209,8 @@ class JobReport(pydantic.BaseModel):
     job_id: str
     task: Task
     priority: Priority
+    channel: str
+    created_at: float
     status: JobStatus
     total: int
     succeeded: int
@@ -313,6 +330,19 @@ class JobStore:
                 ],
             )
         return job_id, [Requeue(job_id, c, priority) for c in range(count)]
+
+    def open_items(self, channel: str) -> int:
+        """Items of `channel`'s jobs in chunks not done yet (answered ones of a running chunk
+        included: a bound, counted from the small chunks table)."""
+        query = (
+            sa.select(sa.func.count())
+            .select_from(items)
+            .join(chunks, (chunks.c.job_id == items.c.job_id) & (chunks.c.chunk == items.c.chunk))
+            .join(jobs, jobs.c.job_id == items.c.job_id)
+            .where(jobs.c.channel == channel, chunks.c.state != ChunkState.DONE)
+        )
+        with self.engine.connect() as connection:
+            return connection.scalar(query)
 
     def delete(self, job_id: str) -> None:
         with self.engine.begin() as connection:
@@ -515,12 +545,23 @@ class JobStore:
             job_id=job_id,
             task=Task(job.task),
             priority=Priority(job.priority),
+            channel=job.channel,
+            created_at=job.created_at,
             status=status,
             total=job.total,
             succeeded=succeeded,
             failed=failed,
             errors=errors,
         )
+
+    def recent(self, limit: int, channel: str | None = None) -> list[JobReport]:
+        """The `limit` newest jobs, of `channel` alone if given."""
+        query = sa.select(jobs.c.job_id).order_by(jobs.c.created_at.desc()).limit(limit)
+        if channel is not None:
+            query = query.where(jobs.c.channel == channel)
+        with self.engine.connect() as connection:
+            job_ids = list(connection.scalars(query))
+        return [self.report(job_id) for job_id in job_ids]
 
     def results(self, job_id: str) -> list[ItemResult]:
         self.report(job_id)  # an unknown job is an error, not an empty list
@@ -674,8 +715,17 @@ class BatchQueue:
     # --- submitting ----------------------------------------------------------------------
 
     def submit(self, task: Task, request: BatchRequest) -> JobAccepted:
-        """Store the job and queue its chunks; `UserError` names a bad item."""
+        """Store the job and queue its chunks; `UserError` names a bad item, `OverCapacity` a
+        caller with too much work queued already."""
         parsed = parse_items(task, request.items)
+        channel = request.channel or UNASSIGNED_CHANNEL
+        open_items = self.store.open_items(channel)
+        if open_items + len(parsed) > MAX_OPEN_ITEMS_PER_CHANNEL:
+            raise OverCapacity(
+                f"channel {channel!r} has {open_items} batch items waiting or running: "
+                f"{len(parsed)} more would pass its {MAX_OPEN_ITEMS_PER_CHANNEL}; "
+                f"retry after {FULL_RETRY_AFTER_SECONDS} s"
+            )
         job_id, queued = self.store.create(task, parsed, request.priority, request.channel)
         try:
             self.enqueue(queued)
@@ -823,12 +873,21 @@ class Heartbeat(threading.Thread):
 
 
 def batch_router(queue: BatchQueue) -> APIRouter:
-    """`POST /batch/{task}`, `GET /batch/jobs/{id}` and `GET /batch/jobs/{id}/results`."""
+    """`POST /batch/{task}`, `GET /batch/jobs/{id}` and `GET /batch/jobs/{id}/results`, and
+    the listing of every caller's jobs, `GET /batch/jobs` (an admin route)."""
     router = APIRouter(prefix="/batch", tags=["batch"])
+
+    def listing(
+        limit: Annotated[int, Query(ge=1, le=MAX_LISTED_JOBS)] = 50,
+        channel: Annotated[BookedName | None, Query(max_length=MAX_ID_CHARS)] = None,
+    ) -> list[JobReport]:
+        return queue.store.recent(limit, channel)
 
     def submit(task: Task, request: BatchRequest) -> JobAccepted:
         try:
             return queue.submit(task, request)
+        except OverCapacity as e:
+            raise HTTPException(429, str(e), {"Retry-After": str(FULL_RETRY_AFTER_SECONDS)}) from e
         except UserError as e:
             raise HTTPException(422, str(e)) from e
 
@@ -852,6 +911,7 @@ def batch_router(queue: BatchQueue) -> APIRouter:
         max_body_size=MAX_BATCH_BODY_BYTES,
         summary="Submit a batch job (answered by the batch workers)",
     )
+    router.add_api_route("/jobs", listing, methods=["GET"], summary="The newest jobs (admin)")
     router.add_api_route("/jobs/{job_id}", status, methods=["GET"])
     router.add_api_route("/jobs/{job_id}/results", job_results, methods=["GET"])
     return router

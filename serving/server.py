@@ -23,6 +23,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from http import HTTPStatus
+from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -71,6 +72,8 @@ instances with two weeks of hourly history each take about 3 MB. Routes with the
 
 LIMITED_ROUTES: dict[str, str] = {
     **{spec.route: spec.model for spec in TASKS.values()},
+    # A batch submission is parsed and stored by the server: it takes a slot too.
+    **{f"/batch/{task.value}": spec.model for task, spec in TASKS.items()},
     # The OpenAI routes name their model in the body; only the script model answers there.
     **{
         f"{OPENAI_ROUTE_PREFIX}/v1/{kind}": TASKS[Task.SCRIPT].model
@@ -150,19 +153,35 @@ WORKER_SHUTDOWN_SECONDS = 50.0
 """A stopping worker finishes its chunk this long, within Kubernetes' 60 s grace period."""
 
 
+class BoundModelServer(ModelServer):
+    """KServe's ModelServer listening on `host`; KServe's own always listens on every
+    interface. gRPC is off: the token check (`serving/admission.py`) guards HTTP only."""
+
+    def __init__(self, host: str, **options: Any) -> None:
+        super().__init__(**options, enable_grpc=False)
+        self.host = host
+
+    def setup_event_loop(self) -> None:
+        # `start` builds its uvicorn config, then calls this before serving: the one moment
+        # the host it hard-codes can be changed.
+        self._rest_server.config.host = self.host
+        super().setup_event_loop()
+
+
 def serve(
     settings: Settings,
+    host: str,
     port: int,
-    grpc_port: int | None = None,
     names: list[str] | None = None,
     *,
     canary: Mapping[str, int] | None = None,
     workers: int = 1,
 ) -> None:
     """Serve V1, V2 (Open Inference Protocol), OpenAI, the task routes, `/v1/channels`, health
-    and /metrics on `port` until stopped, reading the aliases every
-    `settings.serving_poll_seconds` and swapping to the versions they name. Answered instances
-    go to the prediction log (`settings.prediction_log`), written out when the server stops.
+    and /metrics on `host`:`port` (`serving.admission.bind_host`) until stopped, reading the
+    aliases every `settings.serving_poll_seconds` and swapping to the versions they name.
+    Answered instances go to the prediction log (`settings.prediction_log`), written out when
+    the server stops.
     Without `names` (every model) it is the backend API too, with `workers` batch workers.
 
     On SIGTERM it drains (`serving/admission.py`), and only once the last request is answered
@@ -172,10 +191,9 @@ def serve(
     prediction_log = open_prediction_log(settings)
     # KServe gives the grace period to uvicorn's graceful shutdown, whose end runs KServe's
     # own SIGTERM handler: it unloads the models after the last request.
-    server = ModelServer(
+    server = BoundModelServer(
+        host,
         http_port=port,
-        grpc_port=grpc_port or 0,
-        enable_grpc=grpc_port is not None,
         workers=1,
         grace_period=settings.shutdown_grace_seconds,
         enable_latency_logging=False,
@@ -302,7 +320,7 @@ def _as_worker_child() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def serve_api(settings: Settings, port: int) -> None:
+def serve_api(settings: Settings, host: str, port: int) -> None:
     """The backend API without models (the cluster's `contentml-api`): `/generate/script`
     through the provider chain, batch jobs, health, the OpenAPI schema and /metrics; it
     drains on SIGTERM like `serve`."""
@@ -328,7 +346,7 @@ def serve_api(settings: Settings, port: int) -> None:
     try:
         uvicorn.run(
             api,
-            host="0.0.0.0",  # noqa: S104 (a pod's port)
+            host=host,
             port=port,
             timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         )

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 import httpx
+import psutil
 import pytest
 from fastapi import FastAPI
 from kserve.model_repository import ModelRepository
@@ -26,6 +27,7 @@ from starlette.testclient import TestClient
 from timing_asgi import TimingClient, TimingMiddleware
 
 from contentml.demo import READY_TIMEOUT_SECONDS, free_port
+from contentml.errors import UserError
 from contentml.settings import SettingsError
 from serving.admission import (
     BINARY_HEADER,
@@ -33,6 +35,7 @@ from serving.admission import (
     MAX_JSON_DEPTH,
     Admission,
     AdmissionMiddleware,
+    bind_host,
     json_depth,
 )
 from serving.batch import MAX_BATCH_BODY_BYTES
@@ -42,6 +45,7 @@ from serving.tasks import MAX_BODY_BYTES as MAX_TASK_BODY_BYTES
 from tests.conftest import make_settings
 
 TOKEN = "s3cret-Token_1"
+ADMIN = "4dmin-Token_2"
 PREDICT = "/v1/models/{model}:predict"
 FIXED = {"/predict/trend": "trend"}
 
@@ -62,6 +66,11 @@ def app_with(admission: Admission, gate: asyncio.Event | None = None) -> Starlet
         Route("/v1/models/{name}:predict", predict, methods=["POST"]),
         Route("/v1/models/{name}", ok),
         Route("/predict/trend", ok, methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", ok, methods=["POST"]),
+        Route("/v1/channels/{channel:path}/quarantine", ok, methods=["POST", "DELETE"]),
+        Route("/v1/channels/{channel:path}", ok),
+        Route("/v1/experiments/{name}/rewards", ok, methods=["POST"]),
+        Route("/batch/jobs", ok),
         Route("/v2/health/ready", ok),
         Route("/metrics", ok),
     ]
@@ -150,6 +159,93 @@ def test_with_a_token_only_health_and_metrics_are_open(method, path, headers, st
     if status == 401:
         assert answer.headers["WWW-Authenticate"] == "Bearer"
         assert "wrong-token" not in answer.text and TOKEN not in answer.text
+
+
+ADMIN_CALLS = [
+    ("POST", "/v2/repository/models/trend/unload"),
+    ("POST", "/v1/channels/ch_a/quarantine"),
+    ("DELETE", "/v1/channels/ch_a/quarantine"),
+    ("POST", "/v1/experiments/e/rewards"),
+    ("GET", "/batch/jobs"),
+]
+CALLER_CALLS = [("POST", "/predict/trend"), ("GET", "/v1/channels/ch_a")]
+
+
+def _call(admission: Admission, method: str, path: str, token: str | None) -> int:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    with TestClient(app_with(admission)) as client:
+        return client.request(method, path, headers=headers).status_code
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_CALLS)
+def test_admin_routes_need_the_admin_token_not_the_callers(method, path) -> None:
+    both = Admission(2, token=TOKEN, admin_token=ADMIN, models=frozenset({"trend"}))
+    assert _call(both, method, path, None) == 401
+    assert _call(both, method, path, "wrong-token") == 401
+    assert _call(both, method, path, TOKEN) == 403
+    assert _call(both, method, path, ADMIN) == 200
+    # Without an admin token the admin routes are closed wherever callers need a token...
+    callers_only = Admission(2, token=TOKEN, models=frozenset({"trend"}))
+    assert _call(callers_only, method, path, TOKEN) == 403
+    # ...and an admin token alone guards them, the callers' routes staying open.
+    admin_only = Admission(2, admin_token=ADMIN, models=frozenset({"trend"}))
+    assert _call(admin_only, method, path, None) == 401
+    assert _call(admin_only, method, path, ADMIN) == 200
+
+
+@pytest.mark.parametrize(("method", "path"), CALLER_CALLS)
+def test_callers_routes_take_either_token(method, path) -> None:
+    both = Admission(2, token=TOKEN, admin_token=ADMIN, models=frozenset({"trend"}))
+    assert _call(both, method, path, None) == 401
+    assert _call(both, method, path, TOKEN) == 200
+    assert _call(both, method, path, ADMIN) == 200
+    assert _call(Admission(2, admin_token=ADMIN), method, path, None) == 200
+
+
+def test_the_admin_token_must_differ_from_the_callers(tmp_path) -> None:
+    with pytest.raises(SettingsError, match="must differ") as raised:
+        make_settings(tmp_path, CONTENTML_API_TOKEN=TOKEN, CONTENTML_ADMIN_TOKEN=TOKEN)
+    assert TOKEN not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("api_token", "host", "insecure", "bound"),
+    [
+        ("", None, False, "127.0.0.1"),
+        (TOKEN, None, False, "0.0.0.0"),
+        ("", "127.0.0.1", False, "127.0.0.1"),
+        ("", "::1", False, "::1"),
+        ("", "localhost", False, "localhost"),
+        (TOKEN, "10.1.2.3", False, "10.1.2.3"),
+        ("", "0.0.0.0", True, "0.0.0.0"),
+        ("", "0.0.0.0", False, None),
+        ("", "10.1.2.3", False, None),
+        ("", "example.com", False, None),
+    ],
+)
+def test_a_server_without_a_token_listens_on_loopback_only(
+    tmp_path, api_token, host, insecure, bound
+) -> None:
+    settings = make_settings(tmp_path, CONTENTML_API_TOKEN=api_token)
+    if bound is None:
+        with pytest.raises(UserError, match="without a token.*--insecure"):
+            bind_host(settings, host, insecure)
+    else:
+        assert bind_host(settings, host, insecure) == bound
+
+
+@pytest.mark.parametrize("command", ["serve", "api"])
+def test_the_servers_refuse_to_listen_beyond_loopback_without_a_token(tmp_path, command) -> None:
+    settings = make_settings(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "contentml.cli", command, "--host", "0.0.0.0", "--port", "1"],
+        env={**os.environ, **settings.to_env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without a token" in result.stderr
 
 
 def test_a_token_that_can_never_match_is_refused_without_quoting_it(tmp_path) -> None:
@@ -374,6 +470,11 @@ def test_sigterm_turns_not_ready_and_finishes_every_request_in_flight(tmp_path) 
         while not _ready(url):
             assert server.poll() is None and time.monotonic() < deadline, "server did not start"
             time.sleep(0.2)
+        # No token: it listens on loopback alone.
+        listening = psutil.Process(server.pid).connections("tcp")
+        assert {c.laddr for c in listening if c.status == psutil.CONN_LISTEN} == {
+            ("127.0.0.1", port)
+        }
         choose = {"instances": [{"experiment": "drain", "arms": ["a", "b"]}]}
         assert httpx.post(f"{url}/v1/models/revenue:predict", json=choose).status_code == 200
         # Hostile model names and oversized bodies are refused before KServe's handlers.

@@ -22,10 +22,13 @@ from collections.abc import Iterator
 import pydantic
 import pytest
 import redis
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from huey.consumer import Worker
 
 from contentml.errors import UserError
 from contentml.settings import Settings
+from serving import batch
 from serving.batch import (
     STALE_AFTER_SECONDS,
     BatchQueue,
@@ -34,6 +37,7 @@ from serving.batch import (
     JobStatus,
     JobStore,
     Priority,
+    batch_router,
     parse_items,
 )
 from serving.tasks import Task, TrendBody
@@ -112,6 +116,33 @@ def test_urgent_jobs_are_dequeued_before_bulk_ones(settings: Settings):
     first = queue.huey.dequeue()
     assert first.args[0] == urgent.job_id
     assert queue.huey.dequeue().args[0] == bulk.job_id
+    queue.close()
+
+
+def test_a_caller_over_its_share_of_queued_items_gets_429_and_nothing_stored(
+    settings: Settings, monkeypatch
+):
+    monkeypatch.setattr(batch, "MAX_OPEN_ITEMS_PER_CHANNEL", 150)
+    queue = BatchQueue(settings)
+    app = FastAPI()
+    app.include_router(batch_router(queue))
+    with TestClient(app) as client:
+        first = client.post("/batch/trend", json={"items": trend_items(120), "channel": "ch-a"})
+        assert first.status_code == 202
+        over = client.post("/batch/trend", json={"items": trend_items(31), "channel": "ch-a"})
+        assert over.status_code == 429 and over.headers["Retry-After"] == "60"
+        assert "'ch-a' has 120 batch items waiting" in over.json()["detail"]
+        # Other callers have their own share; a job's done chunks free its caller's.
+        other = client.post("/batch/trend", json={"items": trend_items(120), "channel": "ch-b"})
+        assert other.status_code == 202
+        job = first.json()["job_id"]
+        queue.store.set_chunk(job, 0, ChunkState.DONE)
+        assert queue.store.open_items("ch-a") == 70
+        again = client.post("/batch/trend", json={"items": trend_items(31), "channel": "ch-a"})
+        assert again.status_code == 202
+        listing = client.get("/batch/jobs", params={"channel": "ch-a"}).json()
+    assert [j["job_id"] for j in listing] == [again.json()["job_id"], job]
+    assert queue.huey.pending_count() == 3 + 3 + 1  # the refused job queued nothing
     queue.close()
 
 
