@@ -15,6 +15,8 @@ it), or for scripts onto the ContentStrategist's provider chain. `TaskAnswerer.a
 list of bodies: the batch workers (`serving/batch.py`) answer a chunk of items with it.
 
 SLAs are enforced here: the answer runs in a thread and the route stops waiting at the SLA.
+Work still waiting for a thread then is cancelled, and a thread that picks up work whose wait
+is over skips it; each task's pool takes `MAX_WAITING_PER_TASK` waiting answers, and 429 beyond.
 - trend: a forecast that is late or fails (or no trend model served) is replaced by the cached
   forecast of the same request, else the seasonal-naive one, marked `"fallback": true`.
 - quality: late is 504 with a body saying so; no model is 503.
@@ -35,8 +37,9 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from http import HTTPStatus
@@ -68,6 +71,13 @@ UNASSIGNED_CHANNEL = "unassigned"
 
 TASK_THREADS = 4
 """Answers of one task computed at once in a server; more wait for a thread (within the SLA)."""
+
+MAX_WAITING_PER_TASK = 4 * TASK_THREADS
+"""Answers of one task waiting for a thread at most; the next request is 429 at once. Work a
+route gave up on (past its SLA) counts until its thread ends, so overload cannot pile up
+stale work behind the threads."""
+
+BUSY_RETRY_AFTER_SECONDS = 1
 
 TREND_FALLBACK_MARGIN_SECONDS = 0.5
 """Time kept back from the trend SLA to compute the fallback and answer."""
@@ -193,6 +203,14 @@ class TaskUnavailable(Exception):
     and a batch item is retried."""
 
 
+class TaskBusy(Exception):
+    """The task's threads and its waiting room are full: 429."""
+
+
+class TooLate(Exception):
+    """Work whose caller stopped waiting before a thread took it: skipped."""
+
+
 class QualityUnavailable(ContentMLClientError):
     """The in-process quality model could not score a script (the strategist sends it to
     review)."""
@@ -252,6 +270,40 @@ class TaskAnswerer:
             )
             for task in Task
         }
+        self.outstanding: Counter[Task] = Counter()
+        """Answers per task submitted to its pool and not finished (waiting or running)."""
+        self._outstanding_lock = threading.Lock()
+
+    def submit(
+        self, task: Task, call: Callable[[], list[dict[str, Any]]], start_by: float
+    ) -> Future[list[dict[str, Any]]]:
+        """`call` on `task`'s pool, skipped (`TooLate`) if no thread takes it by `start_by`
+        (`time.monotonic()`); `TaskBusy` when the pool has its threads and waiting room full."""
+        limit = TASK_THREADS + MAX_WAITING_PER_TASK
+        with self._outstanding_lock:
+            if self.outstanding[task] >= limit:
+                raise TaskBusy(
+                    f"{task} has {limit} answers running or waiting, its limit: "
+                    f"retry after {BUSY_RETRY_AFTER_SECONDS} s"
+                )
+            self.outstanding[task] += 1
+
+        def run() -> list[dict[str, Any]]:
+            if time.monotonic() > start_by:
+                raise TooLate(f"{task} work started after its caller stopped waiting")
+            return call()
+
+        try:
+            future = self.executors[task].submit(run)
+        except RuntimeError:  # shut down
+            self._finished(task)
+            raise
+        future.add_done_callback(lambda _: self._finished(task))
+        return future
+
+    def _finished(self, task: Task) -> None:
+        with self._outstanding_lock:
+            self.outstanding[task] -= 1
 
     def serves(self, task: Task) -> bool:
         """Scripts come from the chain; trend answers (with its fallback) even without a model;
@@ -389,8 +441,10 @@ class TaskAnswerer:
 # --- routes --------------------------------------------------------------------------------
 
 
-def _problem(status: HTTPStatus, detail: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"detail": detail})
+def _problem(
+    status: HTTPStatus, detail: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
 
 
 async def answer_within_sla(
@@ -404,13 +458,20 @@ async def answer_within_sla(
         # From now, not from when a thread is free: the wait for one counts against the SLA.
         deadline = time.monotonic() + sla - SCRIPT_ANSWER_MARGIN_SECONDS
         call = functools.partial(call, deadline=deadline)
-    loop = asyncio.get_running_loop()
-    work = loop.run_in_executor(answerer.executors[task], call)
+    try:
+        future = answerer.submit(task, call, start_by=time.monotonic() + wait)
+    except TaskBusy as e:
+        return _problem(
+            HTTPStatus.TOO_MANY_REQUESTS, str(e), {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)}
+        )
+    work = asyncio.wrap_future(future)
     try:
         (answer,) = await asyncio.wait_for(asyncio.shield(work), wait)
         return answer
     except TimeoutError:
-        # The thread cannot be stopped; it finishes on its own and its answer is dropped.
+        # Waiting for a thread: it never starts. Running: the thread cannot be stopped; it
+        # finishes on its own (a script's chain by its deadline) and its answer is dropped.
+        future.cancel()
         work.add_done_callback(_log_late_failure)
         if task is Task.TREND:
             logger.warning("trend answer late after %.1f s: answering the fallback", wait)
@@ -436,7 +497,7 @@ async def validation_problem(request: Request, error: RequestValidationError) ->
 
 
 def _log_late_failure(work: asyncio.Future) -> None:
-    if not work.cancelled() and work.exception() is not None:
+    if not work.cancelled() and not isinstance(work.exception(), TooLate | None):
         logger.warning("a late task answer failed: %s", work.exception())
 
 
@@ -456,6 +517,7 @@ def tasks_router(answerer: TaskAnswerer, tasks: Iterable[Task] = tuple(Task)) ->
             summary=f"{task} within {spec.sla_seconds:g} s",
             responses={
                 413: {"description": f"body over {MAX_BODY_BYTES} bytes"},
+                429: {"description": "too many answers of this task waiting: retry later"},
                 503: {"description": "nothing can answer now (the detail says why)"},
                 504: {"description": "not answered within the SLA"},
             },

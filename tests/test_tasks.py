@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,11 +22,14 @@ from serving.quality_model import QualityModel, QualityRequest
 from serving.strategist import ContentStrategist
 from serving.tasks import (
     MAX_BODY_BYTES,
+    MAX_WAITING_PER_TASK,
+    TASK_THREADS,
     TASKS,
     ScriptBody,
     Task,
     TaskAnswerer,
     TaskUnavailable,
+    TooLate,
     TrendBody,
     answer_within_sla,
     naive_forecast,
@@ -145,6 +150,55 @@ def test_refusals_become_their_status(settings, ledger, error, status):
     response = answer_now(answerer, Task.QUALITY, QualityRequest(text="hello"))
     assert isinstance(response, JSONResponse) and response.status_code == status
     assert problem(response) == str(error)
+
+
+class Counting(Late):
+    """`Late`, counting the answers a thread started."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started = 0
+
+    def answer(self, task, bodies, channel=None):
+        self.started += 1
+        return super().answer(task, bodies, channel)
+
+
+def test_work_still_waiting_when_its_sla_passes_is_never_started(short_slas, settings, ledger):
+    answerer = Counting(settings, [], ledger)
+    body = QualityRequest(text="hello")
+
+    async def flood() -> list:
+        try:
+            return await asyncio.gather(
+                *(answer_within_sla(answerer, Task.QUALITY, body) for _ in range(TASK_THREADS + 3))
+            )
+        finally:
+            answerer.release.set()
+
+    responses = asyncio.run(flood())
+    assert [r.status_code for r in responses] == [504] * (TASK_THREADS + 3)
+    for executor in answerer.executors.values():
+        executor.shutdown(wait=True)
+    # Only the answers that had a thread before the SLA passed ran; the others were dropped.
+    assert answerer.started == TASK_THREADS
+    assert answerer.outstanding[Task.QUALITY] == 0
+
+
+def test_a_full_waiting_room_is_429_at_once_and_a_late_start_is_skipped(settings, ledger):
+    answerer = Counting(settings, [], ledger)
+    body = QualityRequest(text="hello")
+    answerer.outstanding[Task.QUALITY] = TASK_THREADS + MAX_WAITING_PER_TASK
+    response = answer_now(answerer, Task.QUALITY, body)
+    assert response.status_code == 429 and response.headers["Retry-After"] == "1"
+    assert "quality has 20 answers running or waiting" in problem(response)
+    answerer.outstanding[Task.QUALITY] = 0
+    answerer.release.set()
+    call = functools.partial(answerer.answer, Task.QUALITY, [body])
+    skipped = answerer.submit(Task.QUALITY, call, start_by=time.monotonic() - 1)
+    with pytest.raises(TooLate):
+        skipped.result(timeout=10)
+    assert answerer.started == 0 and answerer.outstanding[Task.QUALITY] == 0
 
 
 def test_quality_without_its_model_is_503(answerer):
