@@ -67,7 +67,8 @@ class Workload(StrEnum):
     """Our runtime's predictors (`contentml serve`): load champions, serve model and admin
     routes."""
     SCRIPT = "script"
-    """The script model on KServe's Hugging Face runtime and its token check."""
+    """The script model on KServe's Hugging Face runtime and its token check, the
+    InferenceService's transformer (`contentml auth-proxy`)."""
     API = "api"
     """`contentml api`: the batch jobs, the script chain, the admin routes."""
     BATCH_WORKER = "batch-worker"
@@ -100,7 +101,8 @@ WORKLOAD_CREDENTIALS: dict[Workload, dict[str, str]] = {
         **dict.fromkeys((*_MLFLOW, *_BUCKET, *_FEAST, "CONTENTML_REVENUE_STORE"), READER_SECRET),
         **TOKEN_VARIABLES,
     },
-    Workload.SCRIPT: {"HF_TOKEN": READER_SECRET},
+    # The predictor reads the hub token, its transformer (the token check) the API token.
+    Workload.SCRIPT: {"HF_TOKEN": READER_SECRET, "CONTENTML_API_TOKEN": API_TOKEN_SECRET},
     Workload.API: {**dict.fromkeys(_BACKEND, BACKEND_SECRET), **TOKEN_VARIABLES},
     Workload.BATCH_WORKER: {
         **dict.fromkeys((*_MLFLOW, *_BUCKET, *_FEAST), READER_SECRET),

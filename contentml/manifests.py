@@ -529,22 +529,36 @@ def pin_problems(document: dict[str, Any]) -> list[str]:
 
 KSERVE_POD_LABEL = "serving.kserve.io/inferenceservice"
 """The label KServe puts on every pod of an InferenceService, with its name (besides the
-InferenceService's own labels)."""
+InferenceService's own labels and its component's)."""
+KSERVE_COMPONENT_LABEL = "component"
+"""The label KServe puts on every pod of an InferenceService with the component it runs."""
+KSERVE_COMPONENTS = ("predictor", "transformer", "explainer")
+"""An InferenceService's components, each its own pods (KServe's `v1beta1.ComponentType`)."""
 
 
 def labelled_pods(document: dict[str, Any]) -> Iterator[tuple[str, dict[str, str]]]:
     """(path, labels) of each pod template of `document`, with the labels its pods carry: a
-    template's own, or for a predictor KServe's. A ServingRuntime makes no pod of its own (its
-    container runs in its InferenceServices' predictors)."""
+    template's own, or for an InferenceService's components KServe's (the InferenceService's
+    labels, the component's own, its name and the component). A ServingRuntime makes no pod of
+    its own (its container runs in its InferenceServices' predictors)."""
     kind = document.get("kind")
     metadata = document.get("metadata") or {}
     if kind == "ServingRuntime":
         return
     if kind == "InferenceService":
-        yield (
-            "spec.predictor",
-            {**(metadata.get("labels") or {}), KSERVE_POD_LABEL: metadata["name"]},
-        )
+        for component in KSERVE_COMPONENTS:
+            spec = document["spec"].get(component)
+            if spec is None:
+                continue
+            yield (
+                f"spec.{component}",
+                {
+                    **(metadata.get("labels") or {}),
+                    **(spec.get("labels") or {}),
+                    KSERVE_POD_LABEL: metadata["name"],
+                    KSERVE_COMPONENT_LABEL: component,
+                },
+            )
         return
     for path, node in walk(document):
         if isinstance(node, dict) and isinstance((node.get("spec") or {}).get("containers"), list):

@@ -18,6 +18,7 @@ from contentml import cluster, manifests
 from contentml.cli import build_parser
 from contentml.manifests import ManifestError, Rule
 from contentml.settings import Settings
+from serving import auth_proxy
 from serving.tasks import TASKS, Task
 from tests.conftest import SCHEMAS_DIR, make_settings, run_cli
 from training.llm.config import load_config
@@ -498,6 +499,167 @@ def test_egress_allows_what_each_workload_calls_and_no_more(overlay, kind, name,
     assert not denied & ports, ports
 
 
+INFERENCE_SERVICE_CRD = SCHEMAS_DIR / "kserve" / "serving.kserve.io_inferenceservices.yaml"
+KSERVE_TRANSFORMER_ARGS = (
+    "--model_name script --predictor_host script-predictor.contentml --http_port 8080"
+).split()
+"""What KServe appends to a custom transformer's args (its `transformer_custom.go`): the
+InferenceService's name, its predictor's Service and KServe's HTTP port."""
+
+
+def _script_components(documents: list[dict]) -> tuple[dict, dict[str, dict[str, str]]]:
+    """The script InferenceService and the labels of its components' pods, by component."""
+    (script,) = find(documents, "InferenceService", "script")
+    labels = {path.removeprefix("spec."): pod for path, pod in manifests.labelled_pods(script)}
+    return script, labels
+
+
+def test_the_script_endpoint_checks_the_token_in_its_transformer(overlay):
+    """The script InferenceService, its transformer included, is valid against KServe's CRD.
+    The transformer runs `contentml auth-proxy` in the platform image on the port and with the
+    arguments KServe gives it, with the API token as a required key of its Secret and no other
+    credential, and drains within its grace period; the predictor never gets the token."""
+    _, documents = overlay
+    script, labels = _script_components(documents)
+    validator = manifests.crd_validator(INFERENCE_SERVICE_CRD, "v1beta1")
+    assert [error.message for error in validator.iter_errors(script)] == []
+    assert set(labels) == {"predictor", "transformer"}
+
+    transformer = script["spec"]["transformer"]
+    (container,) = transformer["containers"]
+    assert container["name"] == "kserve-container"  # the name KServe gives it anyway
+    assert container["image"].startswith("ghcr.io/contentml/platform")
+    args = build_parser().parse_args([*container["args"], *KSERVE_TRANSFORMER_ARGS])
+    assert args.handler.__name__ == "cmd_auth_proxy"
+    assert [p["containerPort"] for p in container["ports"]] == [args.http_port]
+    assert container["readinessProbe"]["httpGet"] == {
+        "path": auth_proxy.HEALTH_PATHS[1],
+        "port": args.http_port,
+    }
+    assert container["envFrom"] == cluster.env_from()
+    assert [e for e in container["env"] if "valueFrom" in e] == [
+        {
+            "name": "CONTENTML_API_TOKEN",
+            "valueFrom": {
+                "secretKeyRef": {"name": cluster.API_TOKEN_SECRET, "key": "CONTENTML_API_TOKEN"}
+            },
+        }
+    ]
+    predictor_env = {e["name"] for e in script["spec"]["predictor"]["model"]["env"]}
+    assert "CONTENTML_API_TOKEN" not in predictor_env
+    # No Kubernetes API and no storage credentials.
+    assert transformer["serviceAccountName"] == "contentml-worker"
+    assert transformer["automountServiceAccountToken"] is False
+    (config_map,) = find(documents, "ConfigMap", cluster.SETTINGS_CONFIG_MAP)
+    settings = Settings.from_env(config_map["data"])
+    stops = settings.shutdown_drain_seconds + settings.shutdown_grace_seconds
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert transformer["terminationGracePeriodSeconds"] > pre_stop + stops
+
+
+Source = tuple[str, dict[str, str], dict[str, str]]
+"""A calling pod: its namespace, that namespace's labels, its own labels."""
+
+
+def _admits(documents: list[dict], target: tuple[str, dict], source: Source, port: int) -> bool:
+    """Whether the NetworkPolicies of `documents` let a pod of `source` connect to the pods of
+    `target` (their namespace and labels) on `port`."""
+    namespace, labels = target
+    source_namespace, namespace_labels, source_labels = source
+
+    def peer_admits(peer: dict) -> bool:
+        if "ipBlock" in peer:
+            return False
+        if "namespaceSelector" in peer:
+            if not manifests.selects(peer["namespaceSelector"], namespace_labels):
+                return False
+        elif source_namespace != namespace:
+            return False  # a bare podSelector selects pods of the policy's own namespace
+        return "podSelector" not in peer or manifests.selects(peer["podSelector"], source_labels)
+
+    return any(
+        ("from" not in rule or any(peer_admits(peer) for peer in rule["from"]))
+        and ("ports" not in rule or any(p["port"] == port for p in rule["ports"]))
+        for policy in manifests.policies_selecting(documents, namespace, labels, "Ingress")
+        for rule in policy["spec"].get("ingress") or []
+    )
+
+
+PLATFORM_NAMESPACE = {"kubernetes.io/metadata.name": "contentml", "contentml.io/platform": "true"}
+SOURCES: dict[str, Source] = {
+    "transformer": ("contentml", PLATFORM_NAMESPACE, {}),  # its labels: the rendered ones
+    "api": ("contentml", PLATFORM_NAMESPACE, {"app.kubernetes.io/name": API}),
+    "batch-worker": ("contentml", PLATFORM_NAMESPACE, {"app.kubernetes.io/name": BATCH_WORKER}),
+    "trend-predictor": (
+        "contentml",
+        PLATFORM_NAMESPACE,
+        {manifests.KSERVE_POD_LABEL: "trend", manifests.KSERVE_COMPONENT_LABEL: "predictor"},
+    ),
+    "ingress-controller": ("ingress-nginx", {"contentml.io/ingress": "true"}, {}),
+    "knative-gateway": ("knative-serving", {"contentml.io/serving-gateway": "true"}, {}),
+    "another-namespace": ("default", {"kubernetes.io/metadata.name": "default"}, {}),
+}
+"""Who might call the script endpoint's pods: its transformer, the platform's pods, the
+Ingress controller, Knative's activator and gateways, and a pod of a namespace not ours."""
+RUNTIME_PORT, QUEUE_PROXY_PORT = 8080, 8012
+"""A KServe pod's server port (RawDeployment) and Knative's queue-proxy's (Knative)."""
+
+
+@pytest.mark.parametrize(
+    ("source", "to_predictor", "to_transformer"),
+    [
+        # Only the token check reaches the predictor directly (and, as a platform pod, the
+        # transformer too).
+        ("transformer", {RUNTIME_PORT, QUEUE_PROXY_PORT}, {RUNTIME_PORT, QUEUE_PROXY_PORT}),
+        # Callers reach the transformer, as they reached the predictor before.
+        ("api", set(), {RUNTIME_PORT, QUEUE_PROXY_PORT}),
+        ("batch-worker", set(), {RUNTIME_PORT, QUEUE_PROXY_PORT}),
+        ("trend-predictor", set(), {RUNTIME_PORT, QUEUE_PROXY_PORT}),
+        ("ingress-controller", set(), {RUNTIME_PORT, QUEUE_PROXY_PORT}),
+        # In Knative mode the transformer's calls arrive through the activator and gateways,
+        # on queue-proxy's port (network-policies.yaml says what this leaves open).
+        ("knative-gateway", {QUEUE_PROXY_PORT}, {RUNTIME_PORT, QUEUE_PROXY_PORT}),
+        ("another-namespace", set(), set()),
+    ],
+)
+def test_only_the_transformer_reaches_the_script_predictor(
+    overlay, source, to_predictor, to_transformer
+):
+    _, documents = overlay
+    script, labels = _script_components(documents)
+    namespace = script["metadata"]["namespace"]
+    caller = SOURCES[source]
+    if source == "transformer":
+        caller = (namespace, caller[1], labels["transformer"])
+    ports = {RUNTIME_PORT, QUEUE_PROXY_PORT}
+    predictor = (namespace, labels["predictor"])
+    transformer = (namespace, labels["transformer"])
+    assert {p for p in ports if _admits(documents, predictor, caller, p)} == to_predictor
+    assert {p for p in ports if _admits(documents, transformer, caller, p)} == to_transformer
+
+
+def test_the_script_transformer_calls_only_its_predictor(overlay):
+    """Out of the transformer: its predictor (directly, or through Knative's gateways) and DNS,
+    nothing else: no database, no bucket, no hub."""
+    _, documents = overlay
+    script, labels = _script_components(documents)
+    namespace = script["metadata"]["namespace"]
+    rules = [
+        rule
+        for policy in manifests.policies_selecting(
+            documents, namespace, labels["transformer"], "Egress"
+        )
+        for rule in policy["spec"].get("egress") or []
+    ]
+    ports = {port["port"] for rule in rules for port in rule["ports"]}
+    assert ports == {DNS_PORT, RUNTIME_PORT, QUEUE_PROXY_PORT, 80, 8081}
+    for rule in rules:
+        for peer in rule["to"]:
+            if "podSelector" in peer and "namespaceSelector" not in peer:
+                assert manifests.selects(peer["podSelector"], labels["predictor"])
+                assert not manifests.selects(peer["podSelector"], labels["transformer"])
+
+
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
@@ -693,6 +855,21 @@ def _pod(document: dict) -> dict:
             lambda d: d["spec"]["predictor"]["securityContext"].update(runAsUser=0),
             "may run as root",
         ),
+        # The script model's transformer is checked like a predictor: its schema, its token.
+        (
+            "InferenceService",
+            "script",
+            lambda d: d["spec"]["transformer"]["containers"][0].update(arg=["auth-proxy"]),
+            "'arg' was unexpected",
+        ),
+        (
+            "InferenceService",
+            "script",
+            lambda d: d["spec"]["transformer"]["containers"][0]["env"][0]["valueFrom"][
+                "secretKeyRef"
+            ].update(optional=True),
+            "CONTENTML_API_TOKEN is an optional key",
+        ),
     ],
 )
 def test_the_check_names_a_broken_object(prod, kind, name, change, problem):
@@ -710,11 +887,12 @@ POD_KINDS = {
     "Deployment": 4,
     "Job": 1,
     "ServingRuntime": 1,
-    "InferenceService": 5,
+    "InferenceService": 6,
     "TrainingRuntime": 2,
 }
 """Pod templates per kind in each overlay: the four servers' Deployments, the schedules Job, our
-runtime, the five predictors, the DeepSpeed runtime's node and launcher."""
+runtime, the five predictors and the script model's transformer, the DeepSpeed runtime's node
+and launcher."""
 
 
 def test_every_pod_of_every_overlay_is_restricted(overlay):
