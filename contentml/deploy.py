@@ -69,6 +69,11 @@ DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
 AUTOSCALING_FIELDS = ("minReplicas", "maxReplicas", "scaleMetric", "scaleMetricType", "scaleTarget")
 """Fields KServe refuses on a RawDeployment canary; it scales the canary by its defaults."""
 
+CARRIED_COMPONENTS = ("transformer", "explainer")
+"""Components of the template that serve no model version, rendered as the template has them:
+the script model's transformer is its token check, and a manifest without it would remove it
+from the cluster on `kubectl apply`."""
+
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
@@ -232,11 +237,11 @@ def _released(predictor: dict[str, Any], target: Target, release: Release) -> di
     return {**predictor, "labels": {**predictor.get("labels", {}), LABEL_VERSION: release.version}}
 
 
-def _for_mode(predictor: dict[str, Any], mode: Mode) -> dict[str, Any]:
+def _for_mode(component: dict[str, Any], mode: Mode) -> dict[str, Any]:
     """A RawDeployment scales with an HPA on CPU: Knative's concurrency target does not apply."""
-    if mode is Mode.RAW and predictor.get("scaleMetric") == "concurrency":
-        return {k: v for k, v in predictor.items() if k not in ("scaleMetric", "scaleTarget")}
-    return predictor
+    if mode is Mode.RAW and component.get("scaleMetric") == "concurrency":
+        return {k: v for k, v in component.items() if k not in ("scaleMetric", "scaleTarget")}
+    return component
 
 
 def render(
@@ -288,6 +293,9 @@ def render(
                     "predictor": {"name": f"v{challenger.version}", **canary},
                 }
             ]
+    for component in CARRIED_COMPONENTS:
+        if component in template["spec"]:
+            spec[component] = _for_mode(template["spec"][component], mode)
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
 
 

@@ -280,6 +280,12 @@ def test_script_uses_the_hugging_face_runtime_on_the_merged_weights(tmp_path, va
     for mode in Mode:
         manifest = deploy.deploy_manifest(settings, "script", 10, mode)
         assert errors(validator, manifest) == []
+        # The token check comes along: applying a manifest without it would remove it.
+        template = deploy.template("script")["spec"]["transformer"]
+        transformer = manifest["spec"]["transformer"]
+        assert transformer["containers"] == template["containers"]
+        assert transformer["containers"][0]["args"] == ["auth-proxy"]
+        assert ("scaleMetric" in transformer) is (mode is Mode.SERVERLESS)
         predictors = [manifest["spec"]["predictor"]] + [
             c["predictor"] for c in manifest["spec"].get("canary", [])
         ]
