@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -80,25 +81,54 @@ def robust_z(value: float, history: np.ndarray, config: AnomalyConfig) -> float:
     return (value - median) / scale
 
 
+class MetricHistory(Protocol):
+    """Where a monitor keeps each channel's recent points: in memory for a replay
+    (`MemoryHistory`), in the shared SQL store for the model server's replicas
+    (`monitoring.crisis.SqlMetricHistory`)."""
+
+    def recent(self, channel_id: str, metric: str, count: int) -> list[float]:
+        """The last `count` points of the channel's metric, oldest first."""
+        ...
+
+    def append(self, channel_id: str, metric: str, value: float, keep: int) -> None:
+        """Add a point, keeping the last `keep` of the channel's metric."""
+        ...
+
+
+class MemoryHistory:
+    """A `MetricHistory` in this process's memory."""
+
+    def __init__(self) -> None:
+        self._points: dict[tuple[str, str], deque[float]] = defaultdict(deque)
+
+    def recent(self, channel_id: str, metric: str, count: int) -> list[float]:
+        points = self._points.get((channel_id, metric), ())
+        return list(points)[-count:]
+
+    def append(self, channel_id: str, metric: str, value: float, keep: int) -> None:
+        points = self._points[(channel_id, metric)]
+        points.append(value)
+        while len(points) > keep:
+            points.popleft()
+
+
 class CrisisMonitor:
     """Streaming detector: `observe` each new point of a channel, get the anomalies it shows.
 
-    Keeps the last `window` points per (channel, metric) in memory; thread-safe, so the model
-    server's request threads can share one.
+    Keeps the last `window` points per (channel, metric), and the last strike count, in its
+    `history`; thread-safe, so the model server's request threads can share one.
     """
 
-    def __init__(self, config: AnomalyConfig | None = None):
+    def __init__(self, config: AnomalyConfig | None = None, history: MetricHistory | None = None):
         self.config = config or AnomalyConfig()
-        self._history: dict[tuple[str, str], deque[float]] = defaultdict(
-            lambda: deque(maxlen=self.config.window)
-        )
-        self._strikes: dict[str, float] = {}
+        self.history = history or MemoryHistory()
         self._lock = threading.Lock()
 
     def observe(self, channel_id: str, event_timestamp: pd.Timestamp, point: dict) -> list[Anomaly]:
         """Score `point` (`METRICS` and optionally `STRIKES` by name) against the channel's
         history, then add it to the history."""
         found = []
+        window = self.config.window
         with self._lock:
             for metric in METRICS:
                 if metric not in point:
@@ -106,9 +136,9 @@ class CrisisMonitor:
                 value = float(point[metric])
                 if metric in LOG_SCALED:
                     value = float(np.log1p(max(value, 0.0)))
-                history = self._history[(channel_id, metric)]
+                history = self.history.recent(channel_id, metric, window)
                 if len(history) >= self.config.min_history:
-                    past = np.fromiter(history, dtype=float)
+                    past = np.asarray(history, dtype=float)
                     score = robust_z(value, past, self.config)
                     if abs(score) > self.config.threshold:
                         found.append(
@@ -121,15 +151,15 @@ class CrisisMonitor:
                                 score,
                             )
                         )
-                history.append(value)
+                self.history.append(channel_id, metric, value, window)
             if STRIKES in point:
                 strikes = float(point[STRIKES])
-                before = self._strikes.get(channel_id, strikes)
+                (before,) = self.history.recent(channel_id, STRIKES, 1) or (strikes,)
                 if strikes > before:
                     found.append(
                         Anomaly(channel_id, event_timestamp, STRIKES, strikes, before, np.inf)
                     )
-                self._strikes[channel_id] = strikes
+                self.history.append(channel_id, STRIKES, strikes, 1)
         return found
 
 

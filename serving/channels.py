@@ -12,12 +12,10 @@ channel's recent history when it arrives, so an anomaly is flagged on the reques
 it. Quarantine is a person's (or the content pipeline's) decision, made through this API.
 
 Channel ids are checked (`contentml.names.channel_id`) by `serving.admission` before any route
-runs: a hostile one gets a 400 naming the problem. The recent history lives in memory for at most
-`MAX_WATCHED_CHANNELS` channels, the least recently observed dropped first, so callers posting
-to made-up ids cannot grow the server without bound. A dropped channel only starts its history
-again (it is scored from its `min_history`-th new point). Quarantine is in the shared SQL
-store (`Settings.backend_store`, `monitoring.crisis`): never dropped, and every replica gives
-the same answer; the recent history is each replica's own.
+runs: a hostile one gets a 400 naming the problem. Quarantine and each channel's recent history
+(a window of points per metric) are in the shared SQL store (`Settings.backend_store`,
+`monitoring.crisis`): every replica, and a restarted one, gives the same answer. The store work
+runs off the event loop.
 """
 
 from __future__ import annotations
@@ -25,17 +23,16 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
-import threading
 from typing import Annotated
 
 import pydantic
-from cachetools import LRUCache
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from contentml.settings import Settings
 from monitoring.anomaly import Anomaly, AnomalyConfig, CrisisMonitor
-from monitoring.crisis import MAX_REASON, QuarantineStore
+from monitoring.crisis import MAX_REASON, QuarantineStore, SqlMetricHistory
 
 MAX_METRIC_VALUE = 1e15
 """Largest views, likes or comment rate a point may report: beyond any channel's lifetime views,
@@ -45,10 +42,6 @@ MAX_STRIKES = 1_000
 """Largest strike count a point may report (YouTube ends a channel at its third strike)."""
 
 Metric = Annotated[float, pydantic.Field(ge=0, le=MAX_METRIC_VALUE, allow_inf_nan=False)]
-
-MAX_WATCHED_CHANNELS = 10_000
-"""Channels whose recent metrics are kept in memory (about 5 KB each with full windows, so
-about 50 MB); beyond it the least recently observed channel's history is dropped."""
 
 
 class ChannelPoint(pydantic.BaseModel):
@@ -90,21 +83,10 @@ def _anomaly_json(anomaly: Anomaly) -> dict:
     }
 
 
-def channels_router(settings: Settings, max_channels: int = MAX_WATCHED_CHANNELS) -> APIRouter:
-    """The routes, over in-memory monitors of at most `max_channels` channels and the shared
-    quarantine store."""
-    config = AnomalyConfig()
-    # One monitor per channel, so that dropping a channel drops all of its history.
-    monitors: LRUCache[str, CrisisMonitor] = LRUCache(maxsize=max_channels)
-    monitors_lock = threading.Lock()  # LRUCache is not thread-safe
+def channels_router(settings: Settings) -> APIRouter:
+    """The routes, over the shared quarantine store and metric history."""
     store = QuarantineStore(settings.backend_store)
-
-    def monitor_of(channel_id: str) -> CrisisMonitor:
-        with monitors_lock:
-            found = monitors.get(channel_id)
-            if found is None:
-                found = monitors[channel_id] = CrisisMonitor(config)
-            return found
+    monitor = CrisisMonitor(AnomalyConfig(), SqlMetricHistory(store.engine))
 
     def status(channel_id: str) -> dict:
         found = store.get(channel_id)
@@ -121,33 +103,33 @@ def channels_router(settings: Settings, max_channels: int = MAX_WATCHED_CHANNELS
         except pydantic.ValidationError as e:
             return _bad_request(e)
         values = point.model_dump(exclude_none=True, exclude={"event_timestamp"})
-        anomalies = monitor_of(channel_id).observe(channel_id, point.event_timestamp, values)
-        return JSONResponse(
-            {
-                **status(channel_id),
-                "anomalies": [_anomaly_json(a) for a in anomalies],
-            }
-        )
+
+        def scored() -> dict:
+            anomalies = monitor.observe(channel_id, point.event_timestamp, values)
+            return {**status(channel_id), "anomalies": [_anomaly_json(a) for a in anomalies]}
+
+        # The store is SQL: off the event loop, like every route's store work here.
+        return JSONResponse(await run_in_threadpool(scored))
 
     async def quarantine(channel_id: str, raw: Request) -> JSONResponse:
         try:
             request = await _parse(raw, QuarantineRequest)
         except pydantic.ValidationError as e:
             return _bad_request(e)
-        store.quarantine(channel_id, request.reason)
-        return JSONResponse(status(channel_id))
+        await run_in_threadpool(store.quarantine, channel_id, request.reason)
+        return JSONResponse(await run_in_threadpool(status, channel_id))
 
-    async def release(channel_id: str) -> JSONResponse:
+    def release(channel_id: str) -> JSONResponse:
         if not store.release(channel_id):
             return JSONResponse(
                 status_code=404, content={"error": f"channel {channel_id!r} is not quarantined"}
             )
         return JSONResponse(status(channel_id))
 
-    async def get(channel_id: str) -> JSONResponse:
+    def get(channel_id: str) -> JSONResponse:
         return JSONResponse(status(channel_id))
 
-    async def quarantined() -> dict:
+    def quarantined() -> dict:
         return {"quarantined": [dataclasses.asdict(q) for q in store.all()]}
 
     router = APIRouter(prefix="/v1/channels", tags=["CrisisManager"])

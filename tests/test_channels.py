@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from monitoring.crisis import QuarantineStore
+from monitoring.crisis import QuarantineStore, SqlMetricHistory, points
 from serving.admission import Admission, AdmissionMiddleware
 from serving.channels import channels_router
 from tests.conftest import make_settings, requires_postgres
@@ -24,12 +24,12 @@ def settings(tmp_path):
     return make_settings(tmp_path / "state")
 
 
-def channels_app(settings, **limits) -> FastAPI:
+def channels_app(settings) -> FastAPI:
     """The routes behind the admission middleware, as `contentml serve` has them: it checks
     the channel ids in paths."""
     app = FastAPI()
     app.add_middleware(AdmissionMiddleware, admission=Admission(2))
-    app.include_router(channels_router(settings, **limits))
+    app.include_router(channels_router(settings))
     return app
 
 
@@ -149,37 +149,34 @@ STEADY_VIEWS = [1000, 1040, 980, 1010, 995, 1020, 1005, 990, 1015, 1000]
 """Ten hours of a calm channel: a full window, against which 250,000 views is a spike."""
 
 
-@pytest.fixture
-def two_watched(settings) -> Iterator[TestClient]:
-    """The routes keeping the history of two channels at most."""
-    with TestClient(channels_app(settings, max_channels=2)) as client:
-        yield client
-
-
-def test_watched_channels_are_bounded_and_dropping_one_keeps_its_quarantine(two_watched):
-    client = two_watched
-    for hour, views in enumerate(STEADY_VIEWS):
-        client.post("/v1/channels/ch_a/metrics", json=point(hour, views=views))
-    assert client.post("/v1/channels/ch_a/quarantine", json={"reason": "r"}).status_code == 200
-    # Two other channels observed since: ch_a, the least recent, is dropped from memory.
-    client.post("/v1/channels/ch_b/metrics", json=point(0, views=5))
-    client.post("/v1/channels/ch_c/metrics", json=point(0, views=5))
-    after = client.post("/v1/channels/ch_a/metrics", json=point(10, views=250_000)).json()
-    # Its history is gone (a spike that the full window flags is not scored), its durable
-    # quarantine is not.
-    assert after["anomalies"] == []
-    assert after["quarantined"] is True and after["reason"] == "r"
-    assert client.get("/v1/channels/ch_a").json()["quarantined"] is True
-
-
-def test_a_recently_observed_channel_keeps_its_history(two_watched):
-    client = two_watched
-    for hour, views in enumerate(STEADY_VIEWS):
-        client.post("/v1/channels/ch_a/metrics", json=point(hour, views=views))
-        # Another channel each hour: ch_a stays among the two most recent.
-        client.post(f"/v1/channels/ch_other{hour}/metrics", json=point(hour, views=5))
-    spike = client.post("/v1/channels/ch_a/metrics", json=point(10, views=250_000)).json()
+def test_replicas_share_each_channels_history_and_a_restart_keeps_it(settings):
+    """Two servers' routes on one store: the window one replica filled scores the other's
+    point, and a server started afresh still has it."""
+    with TestClient(channels_app(settings)) as first, TestClient(channels_app(settings)) as second:
+        for hour, views in enumerate(STEADY_VIEWS):
+            (first if hour % 2 else second).post(
+                "/v1/channels/ch_a/metrics", json=point(hour, views=views)
+            )
+        assert first.post("/v1/channels/ch_a/quarantine", json={"reason": "r"}).status_code == 200
+        assert second.get("/v1/channels/ch_a").json()["quarantined"] is True
+    with TestClient(channels_app(settings)) as restarted:
+        spike = restarted.post("/v1/channels/ch_a/metrics", json=point(10, views=250_000)).json()
     assert [a["metric"] for a in spike["anomalies"]] == ["views"]
+    assert spike["quarantined"] is True and spike["reason"] == "r"
+
+
+def test_the_stored_history_keeps_one_window_per_channel_and_metric(settings):
+    store = QuarantineStore(settings.backend_store)
+    history = SqlMetricHistory(store.engine)
+    for value in range(30):
+        history.append("ch_a", "views", float(value), keep=24)
+    history.append("ch_b", "views", 7.0, keep=24)
+    assert history.recent("ch_a", "views", 24) == [float(v) for v in range(6, 30)]
+    assert history.recent("ch_a", "views", 3) == [27.0, 28.0, 29.0]
+    assert history.recent("ch_b", "views", 24) == [7.0] and history.recent("ch_c", "likes", 5) == []
+    with store.engine.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(points)) == 25
+    store.close()
 
 
 @requires_postgres
