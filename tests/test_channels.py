@@ -3,9 +3,13 @@ durably and released, bad payloads answered with 400."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import math
+import sqlite3
+import time
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
@@ -204,3 +208,35 @@ def test_the_routes_keep_quarantine_in_the_backend_store_not_under_home(settings
         assert one.post("/v1/channels/ch_r/quarantine", json={"reason": "r"}).status_code == 200
         assert two.get("/v1/channels/ch_r").json()["quarantined"] is True
     assert not list(settings.home.rglob("quarantine.db"))
+
+
+def test_a_write_waiting_on_a_locked_store_leaves_the_event_loop_free(settings):
+    """SQLite waits up to its busy timeout for another process's writer: the route waits in a
+    thread while the server goes on answering other requests."""
+    app = channels_app(settings)
+
+    async def live() -> dict:
+        return {"live": True}
+
+    app.add_api_route("/live", live)
+    writer = sqlite3.connect(settings.backend_store.removeprefix("sqlite:///"))
+    writer.execute("BEGIN EXCLUSIVE")
+
+    async def scenario() -> tuple[float, int]:
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            waiting = asyncio.create_task(
+                client.post("/v1/channels/ch_a/quarantine", json={"reason": "r"})
+            )
+            await asyncio.sleep(0.3)
+            started = time.perf_counter()
+            assert (await client.get("/live")).status_code == 200
+            elapsed = time.perf_counter() - started
+            writer.rollback()
+            return elapsed, (await waiting).status_code
+
+    try:
+        elapsed, status = asyncio.run(scenario())
+    finally:
+        writer.close()
+    assert elapsed < 0.2 and status == 200
