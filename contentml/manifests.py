@@ -503,14 +503,22 @@ REVISION = re.compile(r"[0-9a-f]{40}")
 """A Hugging Face hub commit: a branch (`main`) moves, a commit does not."""
 
 
-def pin_problems(document: dict[str, Any]) -> list[str]:
+def pin_problems(document: dict[str, Any], require_digests: bool = False) -> list[str]:
     """What could change under a running release: an image neither pinned by digest nor the
-    project's own at a version tag, and a hub model served without `--model_revision` at a
-    commit."""
+    project's own at a version tag (with `require_digests`, a release whose pushed digests are
+    known: any image not pinned by digest, ours included), and a hub model served without
+    `--model_revision` at a commit."""
     problems = []
     for path, node in walk(document):
         if (path == "image" or path.endswith(".image")) and isinstance(node, str):
-            if not (OWN_IMAGE.fullmatch(node) or DIGEST.fullmatch(node)):
+            if DIGEST.fullmatch(node):
+                continue
+            if require_digests:
+                problems.append(
+                    f"{_name(document)}: {path}: image {node} is not pinned by digest: add the "
+                    "pushed digest to the overlay's `images:` entry (`digest: sha256:...`)"
+                )
+            elif not OWN_IMAGE.fullmatch(node):
                 problems.append(
                     f"{_name(document)}: {path}: image {node} is neither pinned by digest "
                     "(@sha256:...) nor the platform's own at a version tag"
@@ -654,8 +662,15 @@ def network_problems(documents: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
-def check(overlay: str, schemas_dir: Path, manifests_dir: Path = MANIFESTS_DIR) -> Report:
-    """Render `manifests_dir/overlays/<overlay>` and check every object it holds."""
+def check(
+    overlay: str,
+    schemas_dir: Path,
+    manifests_dir: Path = MANIFESTS_DIR,
+    require_digests: bool = False,
+) -> Report:
+    """Render `manifests_dir/overlays/<overlay>` and check every object it holds; with
+    `require_digests` (a release, once its images are pushed) every image must be pinned by
+    digest, the platform's own too."""
     if not (schemas_dir / "kserve").is_dir() or not (schemas_dir / "kubeflow-trainer").is_dir():
         raise ManifestError(
             f"{schemas_dir}: no kserve/ and kubeflow-trainer/ CRD folders (../shared/schemas)"
@@ -667,7 +682,7 @@ def check(overlay: str, schemas_dir: Path, manifests_dir: Path = MANIFESTS_DIR) 
         problems += secret_problems(document)
         problems += root_problems(document)
         problems += restricted_problems(document)
-        problems += pin_problems(document)
+        problems += pin_problems(document, require_digests)
     problems += network_problems(documents)
     kinds = Counter(str(d.get("kind")) for d in documents)
     return Report(overlay, dict(sorted(kinds.items())), problems)

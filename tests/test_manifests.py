@@ -304,6 +304,41 @@ def test_an_image_is_pinned_by_digest_or_is_ours_at_a_version(prod, image, pinne
     assert (problems == []) is pinned, problems
 
 
+PUSHED_DIGEST = "sha256:" + "0" * 64
+"""Stands in for a pushed image's digest (`docker buildx imagetools inspect`): none is known
+here, and none is written into the manifests."""
+
+
+def test_a_release_pins_every_image_by_the_digest_its_overlay_names(overlay, tmp_path):
+    """docs/deploy.md's release step: the pushed digest in the overlay's `images:` entries pins
+    every pod's image, the script transformer's and the TrainJob's included. Checked with
+    `require_digests`, the overlay as committed names each image that is only tagged, and
+    passes once the digests are there."""
+    name, _ = overlay
+    copied = tmp_path / "manifests"
+    shutil.copytree(manifests.MANIFESTS_DIR, copied)
+    tagged = manifests.check(name, SCHEMAS_DIR, copied, require_digests=True).problems
+    assert tagged and all("is not pinned by digest" in problem for problem in tagged), tagged
+    transformer = "InferenceService contentml/script: spec.transformer.containers[0].image"
+    assert any(problem.startswith(transformer) for problem in tagged), tagged
+
+    kustomization = copied / "overlays" / name / "kustomization.yaml"
+    spec = yaml.safe_load(kustomization.read_text())
+    for entry in spec["images"]:
+        entry["digest"] = PUSHED_DIGEST
+    kustomization.write_text(yaml.safe_dump(spec, sort_keys=False))
+    images = {
+        node
+        for document in manifests.render(copied / "overlays" / name)
+        for path, node in manifests.walk(document)
+        if path.endswith(".image")
+    }
+    assert images == {
+        f"ghcr.io/contentml/{image}:0.1.0@{PUSHED_DIGEST}" for image in ("platform", "training")
+    }
+    assert manifests.check(name, SCHEMAS_DIR, copied, require_digests=True).problems == []
+
+
 def test_a_hub_model_without_a_commit_is_refused(prod):
     def follow_main(document: dict) -> None:
         model = document["spec"]["predictor"]["model"]
