@@ -29,6 +29,7 @@ RUNTIME_PATHS: dict[str, str] = {
     "pipelines/compiled": "contentml.pipelines.COMPILED_DIR",
     "training/llm/configs": "recipes, passed as paths relative to the working directory",
     "serving/script_providers.yaml": "the default CONTENTML_SCRIPT_PROVIDERS",
+    "serving/script_providers.cluster.yaml": "the cluster's CONTENTML_SCRIPT_PROVIDERS",
     "feature_repo": "Feast definitions",
     "monitoring": "drift, retraining trigger, crisis manager",
     "manifests": "contentml deploy's templates (contentml.manifests.MANIFESTS_DIR)",

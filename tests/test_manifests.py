@@ -18,7 +18,7 @@ from contentml import cluster, manifests
 from contentml.cli import build_parser
 from contentml.manifests import ManifestError, Rule
 from contentml.settings import Settings
-from serving import auth_proxy
+from serving import auth_proxy, strategist
 from serving.tasks import TASKS, Task
 from tests.conftest import SCHEMAS_DIR, make_settings, run_cli
 from training.llm.config import load_config
@@ -1214,3 +1214,26 @@ def test_without_kubectl_the_error_says_so(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ManifestError, match="kubectl not found"):
         manifests.render(manifests.overlay_dir("dev"))
+
+
+def test_the_clusters_script_chain_calls_the_script_endpoint_with_the_token(overlay):
+    """The API's and workers' chain (settings.env's CONTENTML_SCRIPT_PROVIDERS, a path in the
+    image) reaches the `script` InferenceService, whose transformer wants the callers' token,
+    and sends that token; CONTENTML_SERVING_URL names the quality predictor, not it."""
+    _, documents = overlay
+    settings_env = manifests.MANIFESTS_DIR / "base" / "platform" / "settings.env"
+    values = dict(
+        line.split("=", 1) for line in settings_env.read_text().splitlines() if "=" in line
+    )
+    in_image = values["CONTENTML_SCRIPT_PROVIDERS"].removeprefix("/app/")
+    (ours,) = strategist.load_config(manifests.MANIFESTS_DIR.parent / in_image).providers
+    (script,) = find(documents, "InferenceService", "script")
+    namespace = script["metadata"].get("namespace", "contentml")
+    assert "transformer" in script["spec"]
+    assert ours.base_url == f"http://script.{namespace}.svc.cluster.local/openai/v1"
+    assert ours.api_key_env == "CONTENTML_API_TOKEN"
+    for name in ("contentml-api", "contentml-batch-worker"):
+        (deployment,) = find(documents, "Deployment", name)
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert "optional" not in env["CONTENTML_API_TOKEN"]["valueFrom"]["secretKeyRef"], name
