@@ -104,7 +104,9 @@ def cmd_manifests_check(settings: Settings, args: argparse.Namespace) -> int:
 
     failed = False
     for overlay in args.overlay or manifests.OVERLAYS:
-        report = manifests.check(overlay, Path(args.schemas).resolve())
+        report = manifests.check(
+            overlay, Path(args.schemas).resolve(), require_digests=args.require_digests
+        )
         kinds = ", ".join(f"{kind} {count}" for kind, count in report.kinds.items())
         total = sum(report.kinds.values())
         for problem in report.problems:
@@ -726,6 +728,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     manifests_check.add_argument(
         "--schemas", default="../shared/schemas", help="folder of the KServe and Trainer CRDs"
+    )
+    manifests_check.add_argument(
+        "--require-digests",
+        action="store_true",
+        help="every image pinned by digest (a release, once its images are pushed)",
     )
     manifests_check.set_defaults(handler=cmd_manifests_check)
 

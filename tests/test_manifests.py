@@ -1198,6 +1198,13 @@ def test_make_manifests_reports_each_overlay(tmp_path):
     assert all(re.fullmatch(r"\w+: \d+ objects valid \(.*InferenceService 5.*\)", x) for x in lines)
 
 
+def test_a_release_check_requires_every_image_pinned_by_digest(tmp_path):
+    args = ("--overlay", "dev", "--schemas", str(SCHEMAS_DIR), "--require-digests")
+    done = run_cli(tmp_path, "manifests", "check", *args)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "image ghcr.io/contentml/platform:0.1.0 is not pinned by digest" in done.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
