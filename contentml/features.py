@@ -22,10 +22,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from feast import Entity, FeatureService, FeatureStore, FeatureView, FileSource, RepoConfig
 from feast.data_source import DataSource
 
+from contentml.errors import DataError
 from contentml.settings import Settings
 from feature_repo import data_sources, entities, feature_services
 from feature_repo import features as feature_views
@@ -39,14 +41,14 @@ from feature_repo.data_sources import (
 )
 from feature_repo.feature_services import niche_engagement_v1, trend_serving_v1, trend_training_v1
 from feature_repo.features import channel_history_fv
-from training.niche.data import (
+from feature_repo.niche_schema import (
     CHANNEL_HISTORY,
     FEATURES,
+    HISTORY_KEYS,
     KEYS,
     NEW_CHANNEL_DAYS,
     NO_HISTORY_LOG_GAIN,
     TARGETS,
-    channel_history_frame,
 )
 
 RECENT_HOURS = 168
@@ -205,6 +207,65 @@ def niche_stats_frame(videos: pd.DataFrame) -> pd.DataFrame:
         )
     )
     return stats.reset_index().astype({"videos_trending": "int64", "channels_trending": "int64"})
+
+
+HISTORY_INPUT_COLUMNS = ("country", "channel_id", "video_id", "views", "event_timestamp")
+"""Columns of the `load_youtube_trending` frame that `channel_history_frame` reads."""
+
+_ROW_KEY = ["country", "video_id"]
+
+
+def channel_history_frame(videos: pd.DataFrame) -> pd.DataFrame:
+    """`HISTORY_KEYS` and `CHANNEL_HISTORY` for every day a channel's video first trends in a
+    country (what training joins), and for every channel on the last day of its country's data
+    (what the online store serves for tomorrow's videos)."""
+    missing = [column for column in HISTORY_INPUT_COLUMNS if column not in videos.columns]
+    if missing or videos.empty:
+        raise DataError(f"channel_history_frame: input is missing columns {missing} or empty")
+    snapshots = videos.sort_values([*_ROW_KEY, "event_timestamp"])
+    first_days = snapshots.groupby(_ROW_KEY, sort=False).head(1)
+    last_day = snapshots.groupby("country")["event_timestamp"].transform("max")
+    latest = snapshots[snapshots["event_timestamp"] == last_day]
+    keys = pd.concat([first_days, latest])[list(HISTORY_KEYS)].drop_duplicates()
+    keys = keys.sort_values(list(HISTORY_KEYS)).reset_index(drop=True)
+    history = _channel_history(snapshots, keys)
+    return pd.concat([keys, history], axis=1).astype({name: "float64" for name in CHANNEL_HISTORY})
+
+
+def _channel_history(snapshots: pd.DataFrame, keys: pd.DataFrame) -> pd.DataFrame:
+    """`CHANNEL_HISTORY` for each row of `keys` (`HISTORY_KEYS`), in its order."""
+    rows = keys.rename(columns={"event_timestamp": "t"})
+    rows["row"] = np.arange(len(rows))
+    # Every snapshot of the same channel in the same country up to and including day t.
+    pairs = rows.merge(
+        snapshots[["country", "channel_id", "video_id", "event_timestamp", "views"]],
+        on=["country", "channel_id"],
+    )
+    pairs = pairs[pairs["event_timestamp"] <= pairs["t"]]
+    on_t = pairs[pairs["event_timestamp"] == pairs["t"]][["row", "video_id"]].drop_duplicates()
+    before = pairs[pairs["event_timestamp"] < pairs["t"]].sort_values("event_timestamp")
+
+    days_since = pd.Series(NEW_CHANNEL_DAYS, index=rows["row"])
+    last_seen = before.groupby("row")["event_timestamp"].max()
+    days_since[last_seen.index] = (rows["t"].iloc[last_seen.index] - last_seen).dt.days.to_numpy()
+
+    runs = before.groupby(["row", "video_id"])["views"].agg(["first", "last"]).reset_index()
+    ended = runs.merge(on_t, on=["row", "video_id"], how="left", indicator=True)
+    ended = ended[ended["_merge"] == "left_only"]
+    ended_gain = np.log1p(np.maximum(ended["last"] - ended["first"], 0))
+    per_row = ended_gain.groupby(ended["row"]).agg(["size", "mean"])
+
+    return pd.DataFrame(
+        {
+            "channel_prior_videos": per_row["size"].reindex(rows["row"], fill_value=0),
+            "channel_prior_log_views_gained": per_row["mean"].reindex(
+                rows["row"], fill_value=NO_HISTORY_LOG_GAIN
+            ),
+            "channel_days_since_trended": days_since,
+            "channel_is_new": ~rows["row"].isin(last_seen.index).to_numpy(),
+        },
+        index=rows["row"],
+    ).reset_index(drop=True)
 
 
 SERIES_SOURCES: list[tuple[FileSource, Callable[[pd.DataFrame], pd.DataFrame]]] = [

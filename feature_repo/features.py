@@ -97,7 +97,7 @@ niche_stats_fv = FeatureView(
 )
 
 # What a channel brings to its next video: its earlier trending runs in the same country, from
-# snapshots before the video's first day only (`training.niche.data.CHANNEL_HISTORY`). No ttl:
+# snapshots before the video's first day only (`feature_repo.niche_schema.CHANNEL_HISTORY`). No ttl:
 # a row stays the channel's history until a newer one, however long the channel is away.
 channel_history_fv = FeatureView(
     name="channel_history_fv",

@@ -38,8 +38,8 @@ from evidently.presets import DataDriftPreset
 from contentml import registry
 from contentml.errors import UserError
 from contentml.settings import Settings
+from feature_repo.niche_schema import FEATURES as NICHE_FEATURES
 from training.data import TEXT_COLUMNS
-from training.niche.data import FEATURES as NICHE_FEATURES
 
 
 class DriftError(UserError):

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from contentml import features, registry
 from contentml.settings import Settings
+from feature_repo.niche_schema import FEATURES
 from serving.payloads import instances_from_v1, parse_instances
 from serving.versions import (
     CachedPredictor,
@@ -29,7 +30,7 @@ from serving.versions import (
     request_key,
 )
 from training.niche.automl import GLOBAL, slug
-from training.niche.data import FEATURES, video_features
+from training.niche.data import video_features
 
 MAX_INSTANCES = 1_000
 PREFIX = "niche-"

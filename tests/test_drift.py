@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from contentml import registry
+from feature_repo.niche_schema import FEATURES, KEYS, TARGETS
 from monitoring.drift import (
     TEXT_STATS,
     DriftConfig,
@@ -26,7 +27,7 @@ from monitoring.drift import (
 )
 from tests.conftest import DATA_DIR, make_settings, run_cli
 from training.data import load_youtube_trending
-from training.niche.data import FEATURES, KEYS, TARGETS, engagement_frame
+from training.niche.data import engagement_frame
 
 SHIFTED = list(FEATURES)[::5]
 """A fifth of the features (continuous, binary and discrete ones), shifted in the drift tests."""

@@ -23,14 +23,15 @@ from feast import FeatureStore
 
 from contentml.demo import free_port
 from contentml.features import (
+    channel_history_frame,
     online_history,
 )
 from contentml.settings import Settings
 from feature_repo.feature_services import niche_engagement_v1, trend_serving_v1
+from feature_repo.niche_schema import CHANNEL_HISTORY
 from tests.conftest import DATA_DIR, make_settings, run_cli
 from tests.test_features import feature_step
 from training.data import load_m4_hourly, load_youtube_trending
-from training.niche.data import CHANNEL_HISTORY, channel_history_frame
 
 M4_PATH = DATA_DIR / "m4-hourly" / "Hourly-train.csv"
 SERIES_IDS = ["H1", "H2", "H3"]

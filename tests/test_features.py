@@ -22,6 +22,7 @@ from contentml.features import (
     TRAINING_COLUMNS,
     TRAINING_DTYPES,
     apply_definitions,
+    channel_history_frame,
     channel_stats_frame,
     engagement_training_frame,
     feature_store,
@@ -36,14 +37,10 @@ from contentml.features import (
     write_sources,
 )
 from contentml.settings import Settings
+from feature_repo.niche_schema import CHANNEL_HISTORY
 from tests.conftest import DATA_DIR, make_settings, requires_postgres, requires_redis
 from training.data import SERIES_END, load_m4_hourly, load_youtube_trending
-from training.niche.data import (
-    CHANNEL_HISTORY,
-    channel_history_frame,
-    engagement_frame,
-    engagement_rows,
-)
+from training.niche.data import engagement_frame, engagement_rows
 
 M4_PATH = DATA_DIR / "m4-hourly" / "Hourly-train.csv"
 SERIES_IDS = ["H1", "H2", "H3"]

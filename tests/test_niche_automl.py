@@ -14,11 +14,12 @@ import pytest
 from contentml import features, registry
 from contentml.cli import main
 from contentml.demo import free_port, model_server
+from feature_repo.niche_schema import FEATURES
 from serving.niche_model import TrendingVideo, _features
 from tests.conftest import DATA_DIR, make_settings
 from training.data import load_youtube_trending
 from training.niche.automl import TOPIC_CLUSTERS, UnknownNiche, niches_table, run_automl, slug
-from training.niche.data import FEATURES, engagement_frame
+from training.niche.data import engagement_frame
 
 pytestmark = pytest.mark.slow
 

@@ -7,18 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from feature_repo.niche_schema import FEATURES, KEYS, NEW_CHANNEL_DAYS, NO_HISTORY_LOG_GAIN, TARGETS
 from tests.conftest import DATA_DIR
 from training.data import DataError, load_youtube_trending
-from training.niche.data import (
-    FEATURES,
-    KEYS,
-    NEW_CHANNEL_DAYS,
-    NO_HISTORY_LOG_GAIN,
-    REQUIRED_COLUMNS,
-    TARGETS,
-    engagement_frame,
-    time_split,
-)
+from training.niche.data import REQUIRED_COLUMNS, engagement_frame, time_split
 
 # Cutoffs where reading a channel's earlier video's run end from the whole data (instead of
 # from what was known on the day) changes features of rows up to the cutoff.

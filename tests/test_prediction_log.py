@@ -26,6 +26,7 @@ from sklearn.dummy import DummyRegressor
 
 from contentml import registry
 from contentml.settings import Settings
+from feature_repo.niche_schema import FEATURES
 from monitoring import performance
 from monitoring.performance import (
     METRICS,
@@ -50,7 +51,6 @@ from serving.trend_model import TrendModel
 from serving.versions import Serving, ServingOptions
 from tests.conftest import make_settings
 from training import steps
-from training.niche.data import FEATURES
 from training.trend.ensemble import EnsembleConfig
 from training.trend.forecasters import Member
 from training.trend.train import log_saved_model, train

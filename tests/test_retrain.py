@@ -17,6 +17,7 @@ import pytest
 
 from contentml import pipelines, registry
 from contentml.settings import Settings
+from feature_repo.niche_schema import FEATURES
 from monitoring import retrain
 from monitoring.drift import run_drift_check
 from monitoring.retrain import (
@@ -33,7 +34,7 @@ from monitoring.retrain import (
 )
 from tests.conftest import DATA_DIR, make_settings
 from training.data import load_youtube_trending
-from training.niche.data import FEATURES, engagement_frame
+from training.niche.data import engagement_frame
 
 
 class FakeLaunch:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from contentml.errors import UserError
+from contentml.errors import DataError
 
 # M4 carries no timestamps, so every series is aligned to end at this hour: the last observation
 # of every series is at SERIES_END - 1 h and SERIES_END is the first hour of the forecast horizon.
@@ -55,10 +55,6 @@ _VIDEO_ID = re.compile(r"^[A-Za-z0-9_-]{11}$")
 _THUMBNAIL_ID = re.compile(r"/vi/([A-Za-z0-9_-]{11})/")
 # `DD.MM` at the start of the cell; some cells have the next row's id glued after it.
 _SNAPSHOT_DATE = re.compile(r"^(\d{1,2})\.(\d{1,2})")
-
-
-class DataError(UserError):
-    """A data file is missing or does not have the shape and content the loaders expect."""
 
 
 def load_m4_hourly(path: Path, limit: int | None = None) -> pd.DataFrame:

@@ -24,8 +24,9 @@ import pandas as pd
 from contentml import features, registry
 from contentml.errors import UserError
 from contentml.settings import Settings
+from feature_repo.niche_schema import FEATURES
 from training import data
-from training.niche.data import FEATURES, engagement_rows, time_split
+from training.niche.data import engagement_rows, time_split
 from training.niche.explorer import assign_clusters, fit_title_clusters
 from training.niche.search import SearchConfig, best_trials_params, fit_params, rmse, search
 

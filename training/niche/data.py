@@ -19,6 +19,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from contentml.features import channel_history_frame
+from feature_repo.niche_schema import (
+    FEATURES,
+    HISTORY_KEYS,
+    KEYS,
+    TARGETS,
+    VIDEO_FEATURES,
+)
 from training.data import DataError
 
 REQUIRED_COLUMNS = (
@@ -37,74 +45,8 @@ REQUIRED_COLUMNS = (
 )
 """Columns of the `load_youtube_trending` frame that `engagement_frame` reads."""
 
-KEYS = ("video_id", "country", "channel_id", "category_id", "category", "title", "event_timestamp")
-"""Identifying columns of an engagement row (not features); `event_timestamp` is the first day."""
-
-VIDEO_FEATURES = (
-    # Title of the first-day snapshot.
-    "title_chars",  # characters
-    "title_words",  # whitespace-separated words
-    "title_upper_share",  # upper-case letters / letters (0 when the title has no letters)
-    "title_has_exclamation",  # 1 if it contains '!'
-    "title_has_question",  # 1 if it contains '?'
-    "title_has_digit",  # 1 if it contains a digit
-    "title_has_separator",  # 1 if it contains '|' or a free-standing dash ("Artist - Song")
-    "title_mentions_official",  # 1 if it says "official"
-    "title_mentions_trailer",  # 1 if it says "trailer" or "teaser"
-    "title_mentions_versus",  # 1 if it says "vs", "vs." or "versus"
-    # The first-day snapshot: the counts of the day the video enters the list are known then.
-    "tag_count",  # number of '|'-separated tags (0 without tags)
-    "first_log_views",  # log1p(views)
-    "first_like_rate",  # likes / views (0 when views is 0)
-    "first_dislike_rate",  # dislikes / views (0 when views is 0)
-    "first_log_comments",  # log1p(comment_total)
-    "day_of_week",  # of the first day, Monday = 0
-)
-"""Features of the video itself, computed by `video_features` from what the caller sends: the
-first-day snapshot."""
-
-CHANNEL_HISTORY = (
-    # The channel's history in the same country, from snapshots before the first day only.
-    "channel_prior_videos",  # earlier videos whose trending run had ended (see below)
-    "channel_prior_log_views_gained",  # their mean log_views_gained; NO_HISTORY_LOG_GAIN if none
-    "channel_days_since_trended",  # days since any channel video was on the list; NEW_CHANNEL_DAYS
-    "channel_is_new",  # 1 if the channel was never on the list in this country before
-)
-"""Features of the channel before the video's first day, served from Feast
-(`channel_history_fv`, built by `channel_history_frame`).
-
-For a row whose first day is `t`: an earlier video of the same channel in the
-same country counts in `channel_prior_videos` and `channel_prior_log_views_gained` only if it
-was on the list before `t` and is NOT on the list on day `t`. Its views gained are only known
-once its run has ended, so a video still trending on `t` does not count; its gain is measured
-from its first snapshot to its last snapshot before `t`, so a video that leaves the list and
-comes back later counts with what was known on `t` (its return is in the future).
-`channel_days_since_trended` counts every snapshot of the channel's videos before `t`,
-including videos still trending on `t` (then it is 1). None of them depends on the video
-itself (it has no snapshot before `t`), so they are keyed by (country, channel, day).
-"""
-
-FEATURES = (*VIDEO_FEATURES, *CHANNEL_HISTORY)
-"""Numeric feature columns, all float64 and never NaN."""
-
-HISTORY_KEYS = ("country", "channel_id", "event_timestamp")
-"""Join keys of `channel_history_frame` (and of Feast's `channel_history_fv`) with its time."""
-
 SNAPSHOT_COLUMNS = ("title", "tags", "views", "likes", "dislikes", "comment_total")
 """What `video_features` reads from a video's first-day snapshot, besides `event_timestamp`."""
-
-TARGETS = ("log_views_gained", "like_rate")
-"""`log_views_gained` = log1p(max(views on the last trending day - views on the first, 0));
-`like_rate` = likes / views on the last trending day (0 when views is 0). Rates are clipped
-to [0, 1] as a guard; the real files have no likes above views."""
-
-NEW_CHANNEL_DAYS = 60.0
-"""`channel_days_since_trended` for a channel never seen: longer than the 40 days of data, so
-"never" reads as "long ago"."""
-
-NO_HISTORY_LOG_GAIN = 0.0
-"""`channel_prior_log_views_gained` when no earlier video of the channel has ended its run;
-`channel_prior_videos` is then 0, which tells the model the value carries no information."""
 
 _SEPARATOR = r"\||\s[-\u2013\u2014]\s"
 _OFFICIAL = r"(?i)\bofficial\b"
@@ -147,21 +89,6 @@ def video_features(first: pd.DataFrame) -> pd.DataFrame:
     frame["first_log_comments"] = np.log1p(first["comment_total"])
     frame["day_of_week"] = first["event_timestamp"].dt.dayofweek
     return frame[list(VIDEO_FEATURES)].astype("float64")
-
-
-def channel_history_frame(videos: pd.DataFrame) -> pd.DataFrame:
-    """`HISTORY_KEYS` and `CHANNEL_HISTORY` for every day a channel's video first trends in a
-    country (what training joins), and for every channel on the last day of its country's data
-    (what the online store serves for tomorrow's videos)."""
-    _check_columns(videos, REQUIRED_COLUMNS, "channel_history_frame")
-    snapshots = videos.sort_values([*_ROW_KEY, "event_timestamp"])
-    first_days = snapshots.groupby(_ROW_KEY, sort=False).head(1)
-    last_day = snapshots.groupby("country")["event_timestamp"].transform("max")
-    latest = snapshots[snapshots["event_timestamp"] == last_day]
-    keys = pd.concat([first_days, latest])[list(HISTORY_KEYS)].drop_duplicates()
-    keys = keys.sort_values(list(HISTORY_KEYS)).reset_index(drop=True)
-    history = _channel_history(snapshots, keys)
-    return pd.concat([keys, history], axis=1).astype({name: "float64" for name in CHANNEL_HISTORY})
 
 
 def engagement_frame(videos: pd.DataFrame) -> pd.DataFrame:
@@ -221,39 +148,3 @@ def _title_features(title: pd.Series) -> dict[str, pd.Series]:
         "title_mentions_trailer": title.str.contains(_TRAILER),
         "title_mentions_versus": title.str.contains(_VERSUS),
     }
-
-
-def _channel_history(snapshots: pd.DataFrame, keys: pd.DataFrame) -> pd.DataFrame:
-    """`CHANNEL_HISTORY` for each row of `keys` (`HISTORY_KEYS`), in its order."""
-    rows = keys.rename(columns={"event_timestamp": "t"})
-    rows["row"] = np.arange(len(rows))
-    # Every snapshot of the same channel in the same country up to and including day t.
-    pairs = rows.merge(
-        snapshots[["country", "channel_id", "video_id", "event_timestamp", "views"]],
-        on=["country", "channel_id"],
-    )
-    pairs = pairs[pairs["event_timestamp"] <= pairs["t"]]
-    on_t = pairs[pairs["event_timestamp"] == pairs["t"]][["row", "video_id"]].drop_duplicates()
-    before = pairs[pairs["event_timestamp"] < pairs["t"]].sort_values("event_timestamp")
-
-    days_since = pd.Series(NEW_CHANNEL_DAYS, index=rows["row"])
-    last_seen = before.groupby("row")["event_timestamp"].max()
-    days_since[last_seen.index] = (rows["t"].iloc[last_seen.index] - last_seen).dt.days.to_numpy()
-
-    runs = before.groupby(["row", "video_id"])["views"].agg(["first", "last"]).reset_index()
-    ended = runs.merge(on_t, on=["row", "video_id"], how="left", indicator=True)
-    ended = ended[ended["_merge"] == "left_only"]
-    ended_gain = np.log1p(np.maximum(ended["last"] - ended["first"], 0))
-    per_row = ended_gain.groupby(ended["row"]).agg(["size", "mean"])
-
-    return pd.DataFrame(
-        {
-            "channel_prior_videos": per_row["size"].reindex(rows["row"], fill_value=0),
-            "channel_prior_log_views_gained": per_row["mean"].reindex(
-                rows["row"], fill_value=NO_HISTORY_LOG_GAIN
-            ),
-            "channel_days_since_trended": days_since,
-            "channel_is_new": ~rows["row"].isin(last_seen.index).to_numpy(),
-        },
-        index=rows["row"],
-    ).reset_index(drop=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from training.niche.data import FEATURES
+from feature_repo.niche_schema import FEATURES
 
 
 class NicheModel(PythonModel):
