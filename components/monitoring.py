@@ -39,6 +39,7 @@ def retrain_trigger(
     """Launches the model's training pipeline when a threshold is crossed, once per window."""
     from pathlib import Path
 
+    from contentml.launch import launch_pipeline
     from contentml.settings import Settings
     from monitoring.retrain import check_window
 
@@ -50,4 +51,5 @@ def retrain_trigger(
         drift_share,
         float(current_metric) if current_metric else None,
         drift_run_id,
+        launch=launch_pipeline,
     )

@@ -440,6 +440,7 @@ def cmd_drift_check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_monitor_check(settings: Settings, args: argparse.Namespace) -> int:
+    from contentml.launch import launch_pipeline
     from monitoring.drift import run_drift_check
     from monitoring.retrain import check_window
 
@@ -452,6 +453,7 @@ def cmd_monitor_check(settings: Settings, args: argparse.Namespace) -> int:
         drift["drift_share"],
         args.current_metric,
         drift_run_id=drift["run_id"],
+        launch=launch_pipeline,
     )
     _print_json({**result, "report": drift["report"]})
     return 0

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from contentml import pipelines, registry
+from contentml import launch, registry
 from contentml.errors import UserError
 from contentml.settings import Settings
 from serving.client import ContentMLClient
@@ -153,7 +153,7 @@ def _start(settings: Settings, stage: DemoStage, position: int) -> _PipelineRun:
     # Each pipeline gets its share of the cores: native threads fighting over them (torch's
     # OpenMP spins) would slow both runs down far more.
     threads = str(max(1, (os.cpu_count() or 1) // PARALLEL_PIPELINES))
-    process = pipelines.spawn_local(
+    process = launch.spawn_local(
         settings, stage.pipeline, stage.arguments, log, {"OMP_NUM_THREADS": threads}
     )
     bar = tqdm(

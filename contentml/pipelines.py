@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,9 +16,10 @@ from typing import Any
 import yaml
 from kfp import compiler
 
-from contentml import cluster
-from contentml.errors import UserError
+from contentml import cluster, launch
+from contentml.launch import COMPILED_DIR, PipelineError
 from contentml.settings import Settings
+from monitoring.retrain import MONITORING_EXPERIMENT, TriggerError, check_name
 from pipelines.monitoring import monitoring
 from pipelines.niche import niche_automl
 from pipelines.optimization import optimization
@@ -37,13 +36,6 @@ PIPELINES: dict[str, Callable] = {
     "optimization": optimization,
 }
 """Pipeline name (as in the KFP UI) -> pipeline function."""
-
-COMPILED_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "compiled"
-"""Where `contentml pipeline compile` writes the YAML that the KFP UI uploads."""
-
-
-class PipelineError(UserError):
-    """A pipeline request names an unknown pipeline or parameter."""
 
 
 class PipelineFailed(RuntimeError):
@@ -135,50 +127,13 @@ def run_local(settings: Settings, name: str, arguments: dict[str, Any]) -> dict:
     return task.output
 
 
-def spawn_local(
-    settings: Settings,
-    name: str,
-    arguments: dict[str, Any],
-    log: Path,
-    environment: dict[str, str] | None = None,
-    detached: bool = False,
-) -> subprocess.Popen:
-    """`contentml pipeline run NAME --local` as a child process, its output in `log`;
-    `environment` is added to this process's and the settings'; a `detached` child outlives
-    this process."""
-    pipeline(name)  # an unknown name fails here, not in the background
-    log.parent.mkdir(parents=True, exist_ok=True)
-    params = [item for key, value in arguments.items() for item in ("--param", f"{key}={value}")]
-    with log.open("wb") as output:
-        return subprocess.Popen(
-            [sys.executable, "-m", "contentml.cli", "pipeline", "run", name, "--local", *params],
-            env={**os.environ, **settings.to_env(), **(environment or {})},
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=detached,
-        )
-
-
-def start_local(settings: Settings, name: str, arguments: dict[str, Any]) -> str:
-    """Start `contentml pipeline run NAME --local` in the background (a monitor must not wait
-    for a training run); returns where to follow it: the process id and its log file."""
-    log = settings.home / "kfp" / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    process = spawn_local(settings, name, arguments, log, detached=True)
-    return f"local pid {process.pid}, log {log}"
-
-
 def submit(settings: Settings, name: str, arguments: dict[str, Any]) -> str:
-    """Start a run on the cluster's KFP; returns the run id (visible in the KFP UI)."""
-    import kfp
-
-    client = kfp.Client(host=settings.kfp_host)
-    run = client.create_run_from_pipeline_func(
-        pipeline(name),
-        arguments=arguments,
-        experiment_name="contentml",
-        service_account=cluster.SERVICE_ACCOUNT,
-    )
-    return run.run_id
+    """Start a run of the pipeline as this code defines it on the cluster's KFP; returns the
+    run id (visible in the KFP UI)."""
+    with tempfile.TemporaryDirectory() as folder:
+        package = Path(folder) / f"{name}.yaml"
+        compiler.Compiler().compile(pipeline(name), str(package))
+        return launch.submit_package(settings, package, arguments)
 
 
 _CRON_FIELDS = 6
@@ -290,3 +245,41 @@ def schedule(
             )
             scheduled[run.name] = created.recurring_run_id
     return scheduled
+
+
+HOURLY = "0 0 * * * *"
+"""KFP's cron has six fields, seconds first: at minute 0 of every hour."""
+
+
+def schedule_monitoring(
+    settings: Settings,
+    model: str,
+    reference_path: str,
+    current_path: str,
+    cron: str = HOURLY,
+    client: Any = None,
+) -> str:
+    """Create the recurring `monitoring` run for `model` on the cluster's KFP; returns the
+    recurring run's id. Each run checks the drift of the file at `current_path` as it is then
+    (its window id is the file's content); one run at a time, no catch-up of missed runs.
+    `client`: a `kfp.Client` (default: one for `settings.kfp_host`)."""
+
+    check_name("model", model)
+    try:
+        run = RecurringRun(
+            name=f"monitoring-{model}",
+            pipeline="monitoring",
+            cron=cron,
+            params={
+                "model": model,
+                "reference_path": reference_path,
+                "current_path": current_path,
+                "window_id": "",
+                "current_metric": "",
+            },
+            description=f"drift check and retraining trigger for {model}",
+        )
+        scheduled = schedule(settings, [run], MONITORING_EXPERIMENT, client)
+    except PipelineError as e:
+        raise TriggerError(str(e)) from e
+    return scheduled[run.name]

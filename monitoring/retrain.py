@@ -203,24 +203,15 @@ class TriggerRecord:
 
 
 Launch = Callable[[Settings, str, dict[str, Any]], str]
-"""(settings, pipeline name, arguments) -> the launched run's reference (`pipeline_run`)."""
-
-
-def launch_pipeline(settings: Settings, name: str, arguments: dict[str, Any]) -> str:
-    """The project's launchers: the KFP API when `kfp_host` is set (returns the run id), else
-    kfp.local in a background process (returns its process id and log file)."""
-    from contentml import pipelines
-
-    if settings.kfp_host:
-        return pipelines.submit(settings, name, arguments)
-    return pipelines.start_local(settings, name, arguments)
+"""(settings, pipeline name, arguments) -> the launched run's reference (`pipeline_run`); the
+project's is `contentml.launch.launch_pipeline`, which its callers pass in."""
 
 
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+\-]{0,199}")
 """Model names and window ids: they go into MLflow search filters."""
 
 
-def _check_name(what: str, value: str) -> None:
+def check_name(what: str, value: str) -> None:
     if not _SAFE.fullmatch(value):
         raise TriggerError(
             f"{what} {value!r}: use letters, digits and . _ : + - (at most 200, not first)"
@@ -279,7 +270,7 @@ def trigger_records(settings: Settings, model: str | None = None) -> list[Trigge
     if experiment is None:
         return []
     if model is not None:
-        _check_name("model", model)
+        check_name("model", model)
     filter_string = "tags.`contentml.kind` = 'retrain-trigger'"
     if model is not None:
         filter_string += f" AND tags.`{TAG}model` = '{model}'"
@@ -294,7 +285,7 @@ def maybe_retrain(
     drift_share: float,
     performance_drop: float | None = None,
     *,
-    launch: Launch = launch_pipeline,
+    launch: Launch,
     config: TriggerConfig | None = None,
     drift_run_id: str = "",
 ) -> TriggerRecord | None:
@@ -302,8 +293,8 @@ def maybe_retrain(
     (model, window_id); returns the window's trigger record (the existing one when the window
     already fired), or None when no threshold is crossed (nothing is recorded: the drift
     check's own run records the check)."""
-    _check_name("model", model)
-    _check_name("window id", window_id)
+    check_name("model", model)
+    check_name("window id", window_id)
     decision = decide(drift_share, performance_drop, config)
     if not decision.retrain:
         return None
@@ -382,7 +373,8 @@ def check_window(
     drift_share: float,
     current_metric: float | None = None,
     drift_run_id: str = "",
-    launch: Launch = launch_pipeline,
+    *,
+    launch: Launch,
 ) -> dict[str, Any]:
     """The monitoring pipeline's trigger step (and `contentml monitor check`'s): the decision
     and, when it retrains, the trigger record. An empty `window_id` is the current window
@@ -405,42 +397,3 @@ def check_window(
         "performance_drop": drop,
         "trigger": None if record is None else record.to_dict(),
     }
-
-
-HOURLY = "0 0 * * * *"
-"""KFP's cron has six fields, seconds first: at minute 0 of every hour."""
-
-
-def schedule_monitoring(
-    settings: Settings,
-    model: str,
-    reference_path: str,
-    current_path: str,
-    cron: str = HOURLY,
-    client: Any = None,
-) -> str:
-    """Create the recurring `monitoring` run for `model` on the cluster's KFP; returns the
-    recurring run's id. Each run checks the drift of the file at `current_path` as it is then
-    (its window id is the file's content); one run at a time, no catch-up of missed runs.
-    `client`: a `kfp.Client` (default: one for `settings.kfp_host`)."""
-    from contentml import pipelines
-
-    _check_name("model", model)
-    try:
-        run = pipelines.RecurringRun(
-            name=f"monitoring-{model}",
-            pipeline="monitoring",
-            cron=cron,
-            params={
-                "model": model,
-                "reference_path": reference_path,
-                "current_path": current_path,
-                "window_id": "",
-                "current_metric": "",
-            },
-            description=f"drift check and retraining trigger for {model}",
-        )
-        scheduled = pipelines.schedule(settings, [run], MONITORING_EXPERIMENT, client)
-    except pipelines.PipelineError as e:
-        raise TriggerError(str(e)) from e
-    return scheduled[run.name]

@@ -26,7 +26,7 @@ RUNTIME_PATHS: dict[str, str] = {
     "pyproject.toml": "the project's editable install in the image",
     "contentml": "settings, CLI, registry, deploy",
     "components": "KFP components",
-    "pipelines/compiled": "contentml.pipelines.COMPILED_DIR",
+    "pipelines/compiled": "contentml.launch.COMPILED_DIR",
     "training/llm/configs": "recipes, passed as paths relative to the working directory",
     "serving/script_providers.yaml": "the default CONTENTML_SCRIPT_PROVIDERS",
     "serving/script_providers.cluster.yaml": "the cluster's CONTENTML_SCRIPT_PROVIDERS",
@@ -379,8 +379,8 @@ def test_dockerignore_keeps_local_state_out():
 
 
 def test_the_runtime_paths_table_covers_what_the_code_reads():
+    from contentml.launch import COMPILED_DIR
     from contentml.manifests import MANIFESTS_DIR
-    from contentml.pipelines import COMPILED_DIR
     from contentml.settings import Settings
     from training.llm.config import CONFIGS
 

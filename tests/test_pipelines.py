@@ -11,7 +11,7 @@ import pytest
 import yaml
 from kfp import components
 
-from contentml import cluster, pipelines, registry
+from contentml import cluster, launch, pipelines, registry
 from contentml.pipelines import PipelineError
 from contentml.settings import Settings
 from tests.conftest import DATA_DIR, make_settings
@@ -205,9 +205,9 @@ def test_optimization_pipeline_tells_and_publishes_locally(tmp_path: Path):
 def test_start_local_runs_the_pipeline_in_the_background_with_a_log(tmp_path: Path):
     settings = make_settings(tmp_path / "state")
     with pytest.raises(PipelineError, match="unknown pipeline 'nope'"):
-        pipelines.start_local(settings, "nope", {})
+        launch.start_local(settings, "nope", {})
     missing = tmp_path / "missing.parquet"
-    started = pipelines.start_local(
+    started = launch.start_local(
         settings,
         "monitoring",
         {"model": "quality", "reference_path": str(missing), "current_path": str(missing)},

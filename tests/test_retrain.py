@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from contentml import pipelines, registry
+from contentml import launch, pipelines, registry
 from contentml.settings import Settings
 from feature_repo.niche_schema import FEATURES
 from monitoring import retrain
@@ -260,14 +260,21 @@ def test_names_that_could_break_the_search_are_refused(settings, model, window):
         maybe_retrain(settings, model, window, 0.3, launch=FakeLaunch())
 
 
-def test_the_default_launcher_is_the_projects(settings, monkeypatch):
+def test_the_projects_launcher_runs_locally_or_submits_the_compiled_package(settings, monkeypatch):
     seen = []
-    monkeypatch.setattr(pipelines, "start_local", lambda s, n, a: seen.append("local") or "pid 1")
-    monkeypatch.setattr(pipelines, "submit", lambda s, n, a: seen.append("kfp") or "run-7")
-    assert retrain.launch_pipeline(settings, "training", {}) == "pid 1"
+    monkeypatch.setattr(launch, "start_local", lambda s, n, a: seen.append("local") or "pid 1")
+
+    def submitted(settings, package, arguments):
+        seen.append(package)
+        return "run-7"
+
+    monkeypatch.setattr(launch, "submit_package", submitted)
+    assert launch.launch_pipeline(settings, "training", {}) == "pid 1"
     cluster = make_settings(settings.home, KFP_HOST="http://kfp.example")
-    assert retrain.launch_pipeline(cluster, "training", {}) == "run-7"
-    assert seen == ["local", "kfp"]
+    assert launch.launch_pipeline(cluster, "training", {}) == "run-7"
+    assert seen == ["local", launch.COMPILED_DIR / "training.yaml"]
+    with pytest.raises(launch.PipelineError, match="unknown pipeline 'nope'"):
+        launch.launch_pipeline(cluster, "nope", {})
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +370,7 @@ class FakeKfpClient:
 
 def test_schedule_monitoring_creates_an_hourly_recurring_run(settings):
     client = FakeKfpClient()
-    run_id = retrain.schedule_monitoring(
+    run_id = pipelines.schedule_monitoring(
         settings, "niche-music", "/data/reference.parquet", "/data/current.parquet", client=client
     )
     assert run_id == "rr-1"
@@ -396,9 +403,11 @@ def test_schedule_monitoring_creates_an_hourly_recurring_run(settings):
 
 def test_schedule_monitoring_names_bad_requests(settings):
     with pytest.raises(TriggerError, match="six fields"):
-        retrain.schedule_monitoring(settings, "trend", "r", "c", cron="0 * * * *", client=object())
+        pipelines.schedule_monitoring(
+            settings, "trend", "r", "c", cron="0 * * * *", client=object()
+        )
     with pytest.raises(TriggerError, match="set KFP_HOST"):
-        retrain.schedule_monitoring(settings, "trend", "r", "c")
+        pipelines.schedule_monitoring(settings, "trend", "r", "c")
 
 
 @pytest.mark.slow
