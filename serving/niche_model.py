@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 Count = pydantic.NonNegativeInt
 
+FIRST_DATE = pd.Timestamp.min.ceil("D").date()
+LAST_DATE = pd.Timestamp.max.floor("D").date()
+"""The dates pandas' nanosecond timestamps hold (1677-09-22 to 2262-04-11): the features are
+computed on them."""
+
 
 class TrendingVideo(pydantic.BaseModel):
     """A video on its first day on a country's trending list: what the content pipeline knows
@@ -57,7 +62,7 @@ class TrendingVideo(pydantic.BaseModel):
     likes: Count
     dislikes: Count
     comment_total: Count
-    trending_date: datetime.date = pydantic.Field(strict=False)
+    trending_date: datetime.date = pydantic.Field(strict=False, ge=FIRST_DATE, le=LAST_DATE)
     """ISO date (`2018-06-14`) of the first day on the list."""
 
 

@@ -193,6 +193,10 @@ def test_each_niche_model_has_its_own_endpoint(server: str):
         ({"likes": -1}, "likes: Input should be greater than or equal to 0"),
         ({"country": "usa"}, "country: String should match pattern"),
         ({"trending_date": "yesterday"}, "trending_date: Input should be a valid date"),
+        # Dates pandas' timestamps cannot hold were a 500 (OutOfBoundsDatetime), found by
+        # `make fuzz`.
+        ({"trending_date": "0005-04-01"}, "trending_date: Input should be greater than or equal"),
+        ({"trending_date": "9999-12-31"}, "trending_date: Input should be less than or equal"),
         ({"nope": 1.0}, "nope: Extra inputs are not permitted"),
     ],
 )
