@@ -66,6 +66,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY contentml/ contentml/
+COPY entrypoints/ entrypoints/
 COPY components/ components/
 COPY pipelines/ pipelines/
 COPY training/ training/

@@ -9,7 +9,7 @@ IMAGE ?= ghcr.io/contentml/platform:$(VERSION)
 TRAINING_IMAGE ?= ghcr.io/contentml/training:$(VERSION)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test compile serve bench loadtest lint constraints manifests images
+.PHONY: install demo test compile serve bench loadtest fuzz lint constraints manifests images
 
 install: $(INSTALLED)
 
@@ -29,6 +29,7 @@ demo: install
 # Two workers, a test module each (its fixtures load once): much of the suite waits on servers
 # and child processes starting, so the 2 cores are busier (18 -> 14 minutes).
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 compile: install
@@ -63,7 +64,18 @@ SOAK_MINUTES ?= 2
 loadtest: install
 	$(PY) -m tests.load --soak-minutes $(SOAK_MINUTES)
 
+# Property-based fuzzing with schemathesis of every operation in a real `contentml serve`'s
+# /openapi.json, with an API token (tests/fuzz.py; not part of `make test`); fails on any answer
+# >= 500. FUZZ_HOME keeps the trained champions between runs (default: a temporary folder,
+# trained by `contentml demo`); reports and the server's log go to .contentml/fuzz/.
+FUZZ_MAX_EXAMPLES ?= 30
+FUZZ_HOME ?=
+FUZZ_SEED ?=
+fuzz: install
+	$(PY) -m tests.fuzz --max-examples $(FUZZ_MAX_EXAMPLES) $(if $(FUZZ_HOME),--home $(FUZZ_HOME)) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
+
 lint: install
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

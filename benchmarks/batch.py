@@ -25,9 +25,10 @@ import time
 import httpx
 import numpy as np
 
-from contentml import pipelines, registry
-from contentml.demo import HORIZON, batch_workers, free_port, model_server, trend_items
+from contentml import registry
 from contentml.settings import Settings
+from entrypoints import runner
+from entrypoints.demo import HORIZON, batch_workers, free_port, model_server, trend_items
 from serving.tasks import TASKS, Task
 
 URGENT_EVERY_SECONDS = 0.25
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     client = registry.connect(settings)
     if registry.alias_version(client, "trend", registry.Alias.CHAMPION) is None:
         print("[bench] no trend champion yet: running the training pipeline", file=sys.stderr)
-        pipelines.run_local(settings, "training", {"max_series": 24})
+        runner.run_local(settings, "training", {"max_series": 24})
     items = trend_items(settings, args.items + 101)
     probe, warm_up, items = items[0]["history"], items[1:101], items[101:]
     # The same items both ways: the workers have no prediction cache, and the server's cache

@@ -29,8 +29,8 @@ from sklearn.metrics import f1_score
 
 from benchmarks.timing import percentiles
 from contentml import registry
-from contentml.demo import free_port, model_server
 from contentml.settings import Settings
+from entrypoints.demo import free_port, model_server
 from training import steps
 from training.data import load_toxicity
 from training.quality import train

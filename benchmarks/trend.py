@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.timing import percentiles
-from contentml import pipelines, registry
-from contentml.demo import free_port, model_server
+from contentml import registry
 from contentml.settings import Settings
+from entrypoints import runner
+from entrypoints.demo import free_port, model_server
 from serving.client import ContentMLClient
 from training.trend.backtest import default_prophet_config, read_m4_series, run_backtest
 from training.trend.ensemble import LocalRunner
@@ -58,7 +59,7 @@ def serving_latency(settings: Settings, unseen: list[float]) -> dict[str, dict[s
     client = registry.connect(settings)
     if registry.alias_version(client, "trend", registry.Alias.CHAMPION) is None:
         print("[bench] no trend champion yet: running the training pipeline", file=sys.stderr)
-        pipelines.run_local(settings, "training", {"max_series": 24})
+        runner.run_local(settings, "training", {"max_series": 24})
     prophet = default_prophet_config(len(unseen))
     results = {
         "prophet_uncached": percentiles(

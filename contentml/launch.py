@@ -20,7 +20,7 @@ from contentml.settings import PACKAGE_ROOT, Settings
 COMPILED_DIR = PACKAGE_ROOT / "pipelines" / "compiled"
 """Where `contentml pipeline compile` writes the YAML that the KFP UI uploads."""
 
-CLI_MODULE = "contentml.cli"
+CLI_MODULE = "entrypoints.cli"
 """The `contentml` command, as `python -m` runs it in a child process."""
 
 

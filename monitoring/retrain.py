@@ -107,7 +107,7 @@ def _recipe_default(model: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Retraining:
     pipeline: str
-    """The training pipeline's name (a key of `contentml.pipelines.PIPELINES`)."""
+    """The training pipeline's name (its package: `pipelines/compiled/<name>.yaml`)."""
     arguments: Callable[[str], dict[str, Any]]
     """Registered model name -> the pipeline's arguments."""
 

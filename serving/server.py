@@ -37,6 +37,7 @@ from starlette.types import ASGIApp
 from timing_asgi import TimingMiddleware
 
 from contentml.errors import UserError
+from contentml.launch import CLI_MODULE
 from contentml.runtime import freeze_heap, one_native_thread
 from contentml.settings import Settings
 from serving.admission import Admission, AdmissionMiddleware, drain_on_sigterm
@@ -290,7 +291,7 @@ def finish_app(app: FastAPI, admission: Admission, repository: ModelRepository) 
 @contextmanager
 def batch_workers(settings: Settings, count: int) -> Iterator[None]:
     """`count` `contentml batch worker` child processes while the block runs."""
-    command = [sys.executable, "-m", "contentml.cli", "batch", "worker"]
+    command = [sys.executable, "-m", CLI_MODULE, "batch", "worker"]
     children = [
         subprocess.Popen(
             command,

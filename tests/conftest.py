@@ -41,7 +41,7 @@ def run_cli(home: Path, *argv: str) -> subprocess.CompletedProcess:
     """`contentml ARGV` in a child process with the embedded settings rooted in `home`."""
     env = {**os.environ, **make_settings(home).to_env()}
     return subprocess.run(
-        [sys.executable, "-m", "contentml.cli", *argv],
+        [sys.executable, "-m", "entrypoints.cli", *argv],
         env=env,
         capture_output=True,
         text=True,

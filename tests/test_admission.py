@@ -26,9 +26,9 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 from timing_asgi import TimingClient, TimingMiddleware
 
-from contentml.demo import READY_TIMEOUT_SECONDS, free_port
 from contentml.errors import UserError
 from contentml.settings import SettingsError
+from entrypoints.demo import READY_TIMEOUT_SECONDS, free_port
 from serving.admission import (
     BINARY_HEADER,
     MAX_BODY_BYTES,
@@ -238,7 +238,7 @@ def test_a_server_without_a_token_listens_on_loopback_only(
 def test_the_servers_refuse_to_listen_beyond_loopback_without_a_token(tmp_path, command) -> None:
     settings = make_settings(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "contentml.cli", command, "--host", "0.0.0.0", "--port", "1"],
+        [sys.executable, "-m", "entrypoints.cli", command, "--host", "0.0.0.0", "--port", "1"],
         env={**os.environ, **settings.to_env()},
         capture_output=True,
         text=True,
@@ -463,7 +463,7 @@ def test_sigterm_turns_not_ready_and_finishes_every_request_in_flight(tmp_path) 
     url = f"http://127.0.0.1:{port}"
     command = ["serve", "--models", "revenue", "--workers", "0", "--port", str(port)]
     server = subprocess.Popen(
-        [sys.executable, "-m", "contentml.cli", *command], env={**os.environ, **settings.to_env()}
+        [sys.executable, "-m", "entrypoints.cli", *command], env={**os.environ, **settings.to_env()}
     )
     try:
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS

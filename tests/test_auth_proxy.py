@@ -21,8 +21,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from contentml.cli import build_parser
 from contentml.errors import UserError
+from entrypoints.cli import build_parser
 from serving.admission import UNAUTHORIZED
 from serving.auth_proxy import auth_proxy_app, predictor_url, run_auth_proxy
 from tests.conftest import make_settings
@@ -299,7 +299,7 @@ def test_the_command_serves_the_check_and_refuses_to_start_without_a_token(
 ):
     _, url = predictor
     port = _free_port()
-    command = [sys.executable, "-m", "contentml.cli", "auth-proxy"]
+    command = [sys.executable, "-m", "entrypoints.cli", "auth-proxy"]
     command += ["--model_name", "script", "--predictor_host", url.removeprefix("http://")]
     command += ["--http_port", str(port)]
     environment = {**os.environ, **make_settings(tmp_path).to_env()}

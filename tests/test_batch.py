@@ -262,7 +262,7 @@ def test_a_pickled_message_on_the_queue_is_refused_not_unpickled(settings, tmp_p
 @contextlib.contextmanager
 def worker(settings: Settings, threads: int = 2) -> Iterator[subprocess.Popen]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "contentml.cli", "batch", "worker", "--threads", str(threads)],
+        [sys.executable, "-m", "entrypoints.cli", "batch", "worker", "--threads", str(threads)],
         env={**os.environ, **settings.to_env()},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

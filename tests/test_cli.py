@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from contentml.cli import main
+from entrypoints.cli import main
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,9 @@ import io
 import pytest
 from tqdm import tqdm
 
-from contentml import demo
 from contentml.errors import UserError
-from contentml.pipelines import typed_arguments
+from entrypoints import demo
+from entrypoints.runner import typed_arguments
 from serving.niche_model import TrendingVideo
 
 

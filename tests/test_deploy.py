@@ -12,11 +12,12 @@ import mlflow
 import pytest
 import yaml
 
-from contentml import deploy, registry
-from contentml.deploy import DeployError, Mode
+from contentml import registry
 from contentml.errors import UserError
-from contentml.manifests import crd_validator
 from contentml.registry import Alias, RegistryError
+from entrypoints import deploy
+from entrypoints.deploy import DeployError, Mode
+from entrypoints.manifests import crd_validator
 from tests.conftest import SCHEMAS_DIR, make_settings, run_cli
 from tests.test_registry import Constant, register_versions
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from contentml.demo import batch_workers, free_port, model_server, trend_items
+from entrypoints.demo import batch_workers, free_port, model_server, trend_items
 from serving.batch import JobStatus, JobStore
 from serving.client import ClientError, ContentMLClient
 from serving.tasks import MAX_BODY_BYTES, TASKS, Task

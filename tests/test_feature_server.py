@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 from feast import FeatureStore
 
-from contentml.demo import free_port
 from contentml.features import (
     channel_history_frame,
     online_history,
 )
 from contentml.settings import Settings
+from entrypoints.demo import free_port
 from feature_repo.feature_services import niche_engagement_v1, trend_serving_v1
 from feature_repo.niche_schema import CHANNEL_HISTORY
 from tests.conftest import DATA_DIR, make_settings, run_cli
@@ -67,7 +67,7 @@ def server(published: tuple[Settings, FeatureStore], tmp_path_factory) -> Iterat
     log = tmp_path_factory.mktemp("feature-server-log") / "server.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "contentml.cli", "features", "serve"]
+            [sys.executable, "-m", "entrypoints.cli", "features", "serve"]
             + ["--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
             env={**os.environ, **settings.to_env()},
             stdout=output,

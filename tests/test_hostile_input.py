@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from contentml import deploy, names, registry
+from contentml import names, registry
 from contentml.registry import Alias, RegistryError
 from contentml.settings import Settings
+from entrypoints import deploy
 from serving.versions import VersionedModel
 from tests.conftest import make_settings
 from tests.test_registry import cli, register_versions

@@ -26,10 +26,10 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from contentml import registry
-from contentml.demo import free_port, model_server
 from contentml.errors import UserError
 from contentml.registry import Alias
 from contentml.settings import Settings
+from entrypoints.demo import free_port, model_server
 from serving.cache import CacheConfig, LruCache, make_cache
 from serving.server import parse_canary
 from serving.trend_model import TrendModel

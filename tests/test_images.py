@@ -32,7 +32,7 @@ RUNTIME_PATHS: dict[str, str] = {
     "serving/script_providers.cluster.yaml": "the cluster's CONTENTML_SCRIPT_PROVIDERS",
     "feature_repo": "Feast definitions",
     "monitoring": "drift, retraining trigger, crisis manager",
-    "manifests": "contentml deploy's templates (contentml.manifests.MANIFESTS_DIR)",
+    "manifests": "contentml deploy's templates (entrypoints.manifests.MANIFESTS_DIR)",
 }
 """Paths the code reads at run time, relative to the working directory or to
 `contentml.settings.PACKAGE_ROOT` (the same folder in the images): each must be in the image."""
@@ -380,8 +380,8 @@ def test_dockerignore_keeps_local_state_out():
 
 def test_the_runtime_paths_table_covers_what_the_code_reads():
     from contentml.launch import COMPILED_DIR
-    from contentml.manifests import MANIFESTS_DIR
     from contentml.settings import Settings
+    from entrypoints.manifests import MANIFESTS_DIR
     from training.llm.config import CONFIGS
 
     read = [MANIFESTS_DIR, COMPILED_DIR, CONFIGS, Settings.from_env({}).script_providers]

@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 
 from contentml import cluster
-from contentml.manifests import crd_validator
 from contentml.recipes import ConfigError
+from entrypoints.manifests import crd_validator
 from tests.conftest import SCHEMAS_DIR, make_settings
 from training.llm.config import CONFIGS, FinetuneConfig, Launcher, load_config
 from training.llm.trainjob import (

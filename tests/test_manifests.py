@@ -14,10 +14,11 @@ from collections.abc import Callable
 import pytest
 import yaml
 
-from contentml import cluster, manifests
-from contentml.cli import build_parser
-from contentml.manifests import ManifestError, Rule
+from contentml import cluster
 from contentml.settings import Settings
+from entrypoints import manifests
+from entrypoints.cli import build_parser
+from entrypoints.manifests import ManifestError, Rule
 from serving import auth_proxy, strategist
 from serving.tasks import TASKS, Task
 from tests.conftest import SCHEMAS_DIR, make_settings, run_cli
@@ -357,7 +358,7 @@ def test_the_mlflow_server_runs_with_auth_postgres_and_s3(prod, monkeypatch):
     (deployment,) = find(prod, "Deployment", "mlflow")
     pod = _pod(deployment)
     (container,) = pod["containers"]
-    assert container["command"] == ["python", "-m", "contentml.mlflow_server"]
+    assert container["command"] == ["python", "-m", "entrypoints.mlflow_server"]
     args = container["args"]
     assert "--app-name=basic-auth" in args and "--serve-artifacts" in args
     assert any(a.startswith("--artifacts-destination=s3://") for a in args)

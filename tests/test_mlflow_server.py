@@ -1,4 +1,4 @@
-"""The MLflow server's start-up check (`contentml.mlflow_server`): it refuses an empty, default or
+"""The MLflow server's start-up check (`entrypoints.mlflow_server`): it refuses an empty, default or
 short admin password, a SQLite user store and a server without auth, naming the setting and
 never its value; otherwise it becomes `mlflow server`."""
 
@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from contentml import mlflow_server
-from contentml.mlflow_server import UnsafeAuthConfig
 from contentml.settings import PACKAGE_ROOT
+from entrypoints import mlflow_server
+from entrypoints.mlflow_server import UnsafeAuthConfig
 
 PASSWORD = "correct-horse-battery-staple"
 OPTIONS = ["--host=0.0.0.0", "--port=5000", "--app-name=basic-auth"]
@@ -122,7 +122,7 @@ def test_main_becomes_mlflow_server_or_exits_1(ini, monkeypatch, capsys):
 
 def _run(*options: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "contentml.mlflow_server", *options],
+        [sys.executable, "-m", "entrypoints.mlflow_server", *options],
         capture_output=True,
         text=True,
         env=os.environ.copy(),
@@ -132,7 +132,7 @@ def _run(*options: str) -> subprocess.CompletedProcess:
 
 
 def test_the_module_runs_as_the_pods_command(ini):
-    """As in the Deployment: `python -m contentml.mlflow_server ...` execs the real
+    """As in the Deployment: `python -m entrypoints.mlflow_server ...` execs the real
     `mlflow server` (`--help` stops it there), or refuses before it."""
     done = _run("--app-name=basic-auth", "--help")
     assert done.returncode == 0, done.stderr

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from contentml import features, registry
-from contentml.cli import main
-from contentml.demo import free_port, model_server
+from entrypoints.cli import main
+from entrypoints.demo import free_port, model_server
 from feature_repo.niche_schema import FEATURES
 from serving.niche_model import TrendingVideo, _features
 from tests.conftest import DATA_DIR, make_settings

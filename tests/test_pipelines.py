@@ -11,22 +11,23 @@ import pytest
 import yaml
 from kfp import components
 
-from contentml import cluster, launch, pipelines, registry
-from contentml.pipelines import PipelineError
+from contentml import cluster, launch, registry
 from contentml.settings import Settings
+from entrypoints import runner
+from entrypoints.runner import PipelineError
 from tests.conftest import DATA_DIR, make_settings
 from training.revenue import channel_settings
 
 
 def test_compiled_yaml_is_committed_and_current(tmp_path: Path):
-    for path in pipelines.compile_all(tmp_path):
-        committed = pipelines.COMPILED_DIR / path.name
+    for path in runner.compile_all(tmp_path):
+        committed = runner.COMPILED_DIR / path.name
         assert committed.exists(), f"run `make compile` and commit {committed}"
         assert path.read_text() == committed.read_text(), f"run `make compile`: {path.name}"
 
 
 def test_kfp_loads_the_compiled_pipeline():
-    loaded = components.load_component_from_file(str(pipelines.COMPILED_DIR / "training.yaml"))
+    loaded = components.load_component_from_file(str(runner.COMPILED_DIR / "training.yaml"))
     assert loaded.name == "training"
     assert set(loaded.component_spec.inputs) == {
         "model_name",
@@ -41,7 +42,7 @@ def test_kfp_loads_the_compiled_pipeline():
 
 
 def test_arguments_are_typed_from_the_pipeline_inputs():
-    arguments = pipelines.parse_arguments(
+    arguments = runner.parse_arguments(
         "training", ["max_series=3", "promotion_margin=0.1", "model_name=trend"]
     )
     assert arguments == {"max_series": 3, "promotion_margin": 0.1, "model_name": "trend"}
@@ -58,13 +59,11 @@ def test_arguments_are_typed_from_the_pipeline_inputs():
 )
 def test_bad_arguments_name_the_problem(name, pairs, problem):
     with pytest.raises(PipelineError, match=problem):
-        pipelines.parse_arguments(name, pairs)
+        runner.parse_arguments(name, pairs)
 
 
 def test_kfp_loads_the_compiled_quality_pipeline():
-    loaded = components.load_component_from_file(
-        str(pipelines.COMPILED_DIR / "quality-training.yaml")
-    )
+    loaded = components.load_component_from_file(str(runner.COMPILED_DIR / "quality-training.yaml"))
     assert loaded.name == "quality-training"
     assert set(loaded.component_spec.inputs) == {
         "model_name",
@@ -83,7 +82,7 @@ def test_quality_pipeline_runs_locally_and_registers_a_champion(tmp_path: Path):
     raw = pd.read_csv(DATA_DIR / "toxicity" / "train.csv", dtype=str, keep_default_na=False)
     raw.groupby("class", group_keys=False).sample(n=400, random_state=0).to_csv(sample, index=False)
     settings = make_settings(tmp_path / "state")
-    gate = pipelines.run_local(
+    gate = runner.run_local(
         settings,
         "quality-training",
         {"data_path": str(sample), "epochs": 1, "max_train_rows": 200, "learning_rate": 3e-4},
@@ -97,7 +96,7 @@ def test_quality_pipeline_runs_locally_and_registers_a_champion(tmp_path: Path):
 
 
 def test_kfp_loads_the_compiled_niche_pipeline():
-    loaded = components.load_component_from_file(str(pipelines.COMPILED_DIR / "niche-automl.yaml"))
+    loaded = components.load_component_from_file(str(runner.COMPILED_DIR / "niche-automl.yaml"))
     assert loaded.name == "niche-automl"
     assert set(loaded.component_spec.inputs) == {"budget_minutes", "niches"}
 
@@ -106,7 +105,7 @@ def test_kfp_loads_the_compiled_niche_pipeline():
 def test_niche_pipeline_fans_out_over_niches_locally(tmp_path: Path):
     """The global study, then one ParallelFor task per niche, in kfp.local."""
     settings = make_settings(tmp_path / "state")
-    results = pipelines.run_local(
+    results = runner.run_local(
         settings, "niche-automl", {"budget_minutes": 0.3, "niches": "music,comedy"}
     )
     assert sorted(r["model"] for r in results) == ["niche-comedy", "niche-music"]
@@ -118,9 +117,7 @@ def test_niche_pipeline_fans_out_over_niches_locally(tmp_path: Path):
 def test_kfp_loads_the_compiled_script_pipeline():
     """One task per node pool, of which a run takes the one its `node_pool` names; the recipe
     decides whether that task trains itself or submits a TrainJob."""
-    loaded = components.load_component_from_file(
-        str(pipelines.COMPILED_DIR / "script-finetune.yaml")
-    )
+    loaded = components.load_component_from_file(str(runner.COMPILED_DIR / "script-finetune.yaml"))
     assert loaded.name == "script-finetune"
     inputs = loaded.component_spec.inputs
     assert set(inputs) == {"config", "node_pool", "max_steps"}
@@ -151,15 +148,15 @@ def test_script_pipeline_runs_locally(tmp_path: Path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({**TINY, "max_steps": 4, "warmup_steps": 1}))
     settings = make_settings(tmp_path / "state")
-    arguments = pipelines.parse_arguments("script-finetune", [f"config={recipe}"])
-    summary = pipelines.run_local(settings, "script-finetune", arguments)
+    arguments = runner.parse_arguments("script-finetune", [f"config={recipe}"])
+    summary = runner.run_local(settings, "script-finetune", arguments)
     assert summary["model"] == "script" and summary["bits_per_byte"] > 0
     assert summary["version"] == "1"
 
 
 def test_kfp_loads_the_compiled_monitoring_pipeline():
     """The drift check, then the trigger; neither cached, as each run reads the files anew."""
-    loaded = components.load_component_from_file(str(pipelines.COMPILED_DIR / "monitoring.yaml"))
+    loaded = components.load_component_from_file(str(runner.COMPILED_DIR / "monitoring.yaml"))
     assert loaded.name == "monitoring"
     assert set(loaded.component_spec.inputs) == {
         "model",
@@ -177,7 +174,7 @@ def test_kfp_loads_the_compiled_monitoring_pipeline():
 def test_kfp_loads_the_compiled_optimization_pipeline():
     """Tell the day's outcomes, then publish the next settings; neither cached, as each run
     reads the file and the studies anew."""
-    loaded = components.load_component_from_file(str(pipelines.COMPILED_DIR / "optimization.yaml"))
+    loaded = components.load_component_from_file(str(runner.COMPILED_DIR / "optimization.yaml"))
     assert loaded.name == "optimization"
     inputs = loaded.component_spec.inputs
     assert set(inputs) == {"outcomes_path", "studies"}
@@ -197,7 +194,7 @@ def test_optimization_pipeline_tells_and_publishes_locally(tmp_path: Path):
     pd.DataFrame({"study": ["main"], "trial": [asked["trial"]], "value": [4.0]}).to_csv(
         outcomes, index=False
     )
-    published = pipelines.run_local(settings, "optimization", {"outcomes_path": str(outcomes)})
+    published = runner.run_local(settings, "optimization", {"outcomes_path": str(outcomes)})
     assert list(published) == ["main"] and published["main"]["trial"] == asked["trial"] + 1
     assert channel_settings.best(settings, "main")["value"] == 4.0
 
@@ -227,7 +224,7 @@ GPU_EXECUTORS = {"script-finetune": {"exec-finetune-script"}}
 
 def compiled_executors(name: str) -> tuple[dict, dict]:
     """(executor label -> executor of the pipeline spec, label -> its Kubernetes config)."""
-    text = (pipelines.COMPILED_DIR / f"{name}.yaml").read_text()
+    text = (runner.COMPILED_DIR / f"{name}.yaml").read_text()
     spec, platform = yaml.safe_load_all(text)
     return (
         spec["deploymentSpec"]["executors"],
@@ -235,7 +232,7 @@ def compiled_executors(name: str) -> tuple[dict, dict]:
     )
 
 
-@pytest.mark.parametrize("name", pipelines.PIPELINES)
+@pytest.mark.parametrize("name", runner.PIPELINES)
 def test_every_task_reads_the_cluster_settings_credentials_and_data(name: str):
     executors, kubernetes = compiled_executors(name)
     assert set(kubernetes) == set(executors), "a task lacks `on_cluster` (pipelines/platform.py)"
@@ -266,7 +263,7 @@ def test_every_task_reads_the_cluster_settings_credentials_and_data(name: str):
         }
 
 
-@pytest.mark.parametrize("name", pipelines.PIPELINES)
+@pytest.mark.parametrize("name", runner.PIPELINES)
 def test_every_task_has_a_node_pool_and_only_the_gpu_task_a_gpu(name: str):
     executors, kubernetes = compiled_executors(name)
     gpu_tolerations = [dict(toleration) for toleration in cluster.GPU_TOLERATIONS]
@@ -282,7 +279,7 @@ def test_every_task_has_a_node_pool_and_only_the_gpu_task_a_gpu(name: str):
             assert "tolerations" not in kubernetes[label] and accelerator is None, label
 
 
-@pytest.mark.parametrize("name", pipelines.PIPELINES)
+@pytest.mark.parametrize("name", runner.PIPELINES)
 def test_no_credential_is_written_into_the_yaml(name: str):
     """Credentials reach a task by reference to the Secret only: no task sets one as a literal
     environment variable, and this machine's values of them appear nowhere in the file."""
@@ -290,7 +287,7 @@ def test_no_credential_is_written_into_the_yaml(name: str):
     for label, executor in executors.items():
         literal = {variable["name"] for variable in executor["container"].get("env", [])}
         assert not literal & set(cluster.SECRET_VARIABLES), label
-    text = (pipelines.COMPILED_DIR / f"{name}.yaml").read_text()
+    text = (runner.COMPILED_DIR / f"{name}.yaml").read_text()
     here = Settings.from_env().to_env()
     for variable in cluster.SECRET_VARIABLES:
         assert not here.get(variable) or here[variable] not in text, variable

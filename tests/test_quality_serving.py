@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from contentml.cli import main
-from contentml.demo import free_port, model_server
+from entrypoints.cli import main
+from entrypoints.demo import free_port, model_server
 from serving.quality_model import MAX_TEXT_CHARS
 from tests.conftest import make_settings, run_cli
 from tests.test_quality import CLEAN, TINY_RECIPE, sample_toxicity, write_csv

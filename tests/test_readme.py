@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from contentml.cli import build_parser
+from entrypoints.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

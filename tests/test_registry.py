@@ -25,9 +25,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 from contentml import names, registry
-from contentml.cli import main
 from contentml.registry import Alias, AliasEvent, RegistryError
 from contentml.settings import Settings
+from entrypoints.cli import main
 from tests.conftest import make_settings, requires_postgres
 
 

@@ -40,9 +40,9 @@ def promote_at_once(settings, version: str, start: multiprocessing.Barrier) -> N
 def tracking_server(tmp_path_factory) -> Iterator[str]:
     """`mlflow server` on SQLite: what the registry looks like through HTTP only."""
     home = tmp_path_factory.mktemp("tracking-server")
-    # Imported here: `contentml.demo` imports the training pipelines, seconds that every
+    # Imported here: `entrypoints.demo` imports the training pipelines, seconds that every
     # worker process importing this module would pay.
-    from contentml.demo import free_port
+    from entrypoints.demo import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

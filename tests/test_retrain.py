@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from contentml import launch, pipelines, registry
+from contentml import launch, registry
 from contentml.settings import Settings
+from entrypoints import runner
 from feature_repo.niche_schema import FEATURES
 from monitoring import retrain
 from monitoring.drift import run_drift_check
@@ -110,7 +111,7 @@ def test_each_family_retrains_with_its_pipeline(model, pipeline, arguments):
 
 def test_the_table_names_real_pipelines_and_their_inputs():
     for plan in RETRAINING.values():
-        inputs = pipelines.pipeline(plan.pipeline).component_spec.inputs or {}
+        inputs = runner.pipeline(plan.pipeline).component_spec.inputs or {}
         assert set(plan.arguments("niche-music")) <= set(inputs)
     with pytest.raises(TriggerError, match="no training pipeline known for model 'prophet'"):
         retrain.retraining("prophet")
@@ -226,7 +227,8 @@ def test_concurrent_processes_launch_once_and_the_record_survives_a_restart(tmp_
     ]
     for process in processes:
         process.start()
-    start.wait(timeout=60)
+    # A spawned process imports this module first: minutes on a busy 2-core machine.
+    start.wait(timeout=300)
     returned = [results.get(timeout=60) for _ in processes]
     for process in processes:
         process.join(timeout=60)
@@ -370,7 +372,7 @@ class FakeKfpClient:
 
 def test_schedule_monitoring_creates_an_hourly_recurring_run(settings):
     client = FakeKfpClient()
-    run_id = pipelines.schedule_monitoring(
+    run_id = runner.schedule_monitoring(
         settings, "niche-music", "/data/reference.parquet", "/data/current.parquet", client=client
     )
     assert run_id == "rr-1"
@@ -380,7 +382,7 @@ def test_schedule_monitoring_creates_an_hourly_recurring_run(settings):
     assert listed == ("list_recurring_runs", "exp-1")
     assert replaced == ("delete_recurring_run", "rr-0")
     package = kwargs.pop("package")
-    assert package == (pipelines.COMPILED_DIR / "monitoring.yaml").read_text()
+    assert package == (runner.COMPILED_DIR / "monitoring.yaml").read_text()
     assert kwargs == {
         "experiment_id": "exp-1",
         "job_name": "monitoring-niche-music",
@@ -403,17 +405,15 @@ def test_schedule_monitoring_creates_an_hourly_recurring_run(settings):
 
 def test_schedule_monitoring_names_bad_requests(settings):
     with pytest.raises(TriggerError, match="six fields"):
-        pipelines.schedule_monitoring(
-            settings, "trend", "r", "c", cron="0 * * * *", client=object()
-        )
+        runner.schedule_monitoring(settings, "trend", "r", "c", cron="0 * * * *", client=object())
     with pytest.raises(TriggerError, match="set KFP_HOST"):
-        pipelines.schedule_monitoring(settings, "trend", "r", "c")
+        runner.schedule_monitoring(settings, "trend", "r", "c")
 
 
 @pytest.mark.slow
 def test_the_monitoring_pipeline_runs_locally(settings, windows):
     """Both tasks in kfp.local: a steady window checks, decides and launches nothing."""
-    result = pipelines.run_local(
+    result = runner.run_local(
         settings,
         "monitoring",
         {

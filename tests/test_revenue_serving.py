@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from contentml.demo import free_port, model_server
+from entrypoints.demo import free_port, model_server
 from tests.conftest import make_settings, run_cli
 
 RATES = {"calm": 0.10, "bold": 0.30, "plain": 0.18}

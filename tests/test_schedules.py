@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 from kfp import compiler
 
-from contentml.pipelines import (
+from contentml.settings import Settings
+from entrypoints.runner import (
     PIPELINES,
     PipelineError,
     RecurringRun,
@@ -17,7 +18,6 @@ from contentml.pipelines import (
     schedule,
     typed_arguments,
 )
-from contentml.settings import Settings
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from contentml import registry
-from contentml.demo import free_port, model_server
+from entrypoints.demo import free_port, model_server
 from serving.script_model import (
     ANSWER_MARGIN_SECONDS,
     CompletionRequest,

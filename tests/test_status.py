@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from contentml import registry
-from contentml.cli import main
-from contentml.status import model_status, status_lines
+from entrypoints.cli import main
+from entrypoints.status import model_status, status_lines
 from monitoring.drift import run_drift_check
 from tests.conftest import DATA_DIR
 from tests.test_registry import register_versions

@@ -44,9 +44,9 @@ import psutil
 from locust import constant
 from locust.env import Environment
 
-from contentml.demo import free_port, model_server
 from contentml.runtime import freeze_heap
 from contentml.settings import Settings
+from entrypoints.demo import free_port, model_server
 from serving.tasks import TASKS, Task
 from tests.load.locustfile import TrendUser
 from tests.load.traffic import HORIZON, Outcome, poisson_starts
@@ -405,7 +405,7 @@ def registry_command(settings: Settings, *args: str) -> float:
     """`contentml ARGS`, niced; the seconds it took."""
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "contentml.cli", *args],
+        [sys.executable, "-m", "entrypoints.cli", *args],
         env={**os.environ, **settings.to_env()},
         capture_output=True,
         text=True,

@@ -18,9 +18,10 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from contentml import pipelines, registry
+from contentml import registry
 from contentml.registry import Alias
 from contentml.settings import Settings
+from entrypoints import runner
 
 MODEL = "trend"
 COPY_TAG = "contentml.loadtest.copy_of"
@@ -32,7 +33,7 @@ def champion(settings: Settings) -> str:
     version = registry.alias_version(client, MODEL, Alias.CHAMPION)
     if version is None:
         print("[load] no trend champion yet: running the training pipeline", file=sys.stderr)
-        pipelines.run_local(settings, "training", {"max_series": 24})
+        runner.run_local(settings, "training", {"max_series": 24})
         version = registry.alias_version(client, MODEL, Alias.CHAMPION)
     if version is None:
         raise registry.RegistryError("the training pipeline made no trend champion")

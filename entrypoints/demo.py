@@ -216,7 +216,7 @@ def model_server(
     with contextlib.ExitStack() as files:
         output = files.enter_context(log.open("ab")) if log is not None else sys.stderr
         process = subprocess.Popen(
-            [sys.executable, "-m", "contentml.cli", "serve", "--port", str(port), *serve_args],
+            [sys.executable, "-m", "entrypoints.cli", "serve", "--port", str(port), *serve_args],
             env={**os.environ, **settings.to_env()},
             stdout=output,  # never stdout: it carries only the demo's summary line
             stderr=output,
@@ -247,7 +247,7 @@ def batch_workers(settings: Settings, count: int = 1) -> Iterator[list[subproces
     on the way out."""
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "contentml.cli", "batch", "worker"],
+            [sys.executable, "-m", "entrypoints.cli", "batch", "worker"],
             env={**os.environ, **settings.to_env()},
             stderr=subprocess.DEVNULL,
         )

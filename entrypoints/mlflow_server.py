@@ -1,7 +1,7 @@
 """The cluster's MLflow tracking server (`manifests/base/mlflow/deployment.yaml`), started only
 with a safe authentication configuration.
 
-`python -m contentml.mlflow_server OPTIONS...` reads the basic-auth configuration with MLflow's
+`python -m entrypoints.mlflow_server OPTIONS...` reads the basic-auth configuration with MLflow's
 own reader (`MLFLOW_AUTH_CONFIG_PATH`, the `MLFLOW_AUTH_ADMIN_*` variables before the file) and
 refuses to start, exit status 1, when the admin password is empty, MLflow's former default or
 shorter than MLflow's minimum, or when the user store is SQLite: MLflow itself checks the
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         check(options)
     except UnsafeAuthConfig as e:
-        print(f"contentml.mlflow_server: {e}", file=sys.stderr)
+        print(f"entrypoints.mlflow_server: {e}", file=sys.stderr)
         raise SystemExit(1) from e
     command = server_command(options)
     os.execvp(command[0], command)

@@ -38,11 +38,12 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
-from contentml import manifests, names, registry
+from contentml import names, registry
 from contentml.errors import UserError
-from contentml.manifests import MANIFESTS_DIR
 from contentml.registry import Alias, AliasEvent
 from contentml.settings import Settings
+from entrypoints import manifests
+from entrypoints.manifests import MANIFESTS_DIR
 
 API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"

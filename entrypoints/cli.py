@@ -53,7 +53,7 @@ def _write_yaml(manifest: dict, output: str | None) -> None:
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    from contentml.demo import run_demo
+    from entrypoints.demo import run_demo
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     summary = run_demo(settings, args.max_series, args.retrain, families)
@@ -62,22 +62,22 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_compile(settings: Settings, args: argparse.Namespace) -> int:
-    from contentml import pipelines
+    from entrypoints import runner
 
-    for path in pipelines.compile_all(Path(args.output_dir)):
+    for path in runner.compile_all(Path(args.output_dir)):
         print(path)
     return 0
 
 
 def cmd_pipeline_run(settings: Settings, args: argparse.Namespace) -> int:
-    from contentml import pipelines
+    from entrypoints import runner
 
-    arguments = pipelines.parse_arguments(args.name, args.param)
+    arguments = runner.parse_arguments(args.name, args.param)
     if args.local:
-        _print_json(pipelines.run_local(settings, args.name, arguments))
+        _print_json(runner.run_local(settings, args.name, arguments))
     elif settings.kfp_host:
         _print_json(
-            {"run_id": pipelines.submit(settings, args.name, arguments), "host": settings.kfp_host}
+            {"run_id": runner.submit(settings, args.name, arguments), "host": settings.kfp_host}
         )
     else:
         raise UsageError("pipeline run: pass --local, or set KFP_HOST to run on the cluster")
@@ -85,10 +85,10 @@ def cmd_pipeline_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_schedule(settings: Settings, args: argparse.Namespace) -> int:
-    from contentml import pipelines
+    from entrypoints import runner
 
-    runs = pipelines.load_schedules(Path(args.file))
-    _print_json(pipelines.schedule(settings, runs, args.experiment))
+    runs = runner.load_schedules(Path(args.file))
+    _print_json(runner.schedule(settings, runs, args.experiment))
     return 0
 
 
@@ -100,7 +100,7 @@ def cmd_features_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_manifests_check(settings: Settings, args: argparse.Namespace) -> int:
-    from contentml import manifests
+    from entrypoints import manifests
 
     failed = False
     for overlay in args.overlay or manifests.OVERLAYS:
@@ -364,7 +364,7 @@ def cmd_models_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from contentml.status import model_status, status_lines
+    from entrypoints.status import model_status, status_lines
 
     statuses = model_status(settings, args.url)
     if args.json:
@@ -408,7 +408,7 @@ def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(settings: Settings, args: argparse.Namespace) -> int:
-    from contentml import deploy
+    from entrypoints import deploy
 
     if args.canary and (args.promote or args.rollback):
         raise UsageError("deploy: --canary renders a canary; --promote/--rollback end one")
