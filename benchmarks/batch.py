@@ -29,7 +29,7 @@ from contentml import registry
 from contentml.settings import Settings
 from entrypoints import runner
 from entrypoints.demo import HORIZON, batch_workers, free_port, model_server, trend_items
-from serving.tasks import TASKS, Task
+from serving.backend.tasks import TASKS, Task
 
 URGENT_EVERY_SECONDS = 0.25
 """How often an urgent single request is sent while the batch runs."""

@@ -22,7 +22,7 @@ from contentml import registry
 from contentml.settings import Settings
 from entrypoints import runner
 from entrypoints.demo import free_port, model_server
-from serving.client import ContentMLClient
+from serving.caller.client import ContentMLClient
 from training.trend.backtest import default_prophet_config, read_m4_series, run_backtest
 from training.trend.ensemble import LocalRunner
 from training.trend.forecasters import ForecasterConfig, Member

@@ -88,8 +88,8 @@ class Settings:
     gate checks new texts against for near-duplicates; by default the trending US titles."""
 
     script_providers: Path = field(metadata=_env("CONTENTML_SCRIPT_PROVIDERS"))
-    """YAML of the script writer's fallback chain (`serving/script_providers.yaml` by default:
-    our own `script` endpoint only)."""
+    """YAML of the script writer's fallback chain (`serving/caller/script_providers.yaml` by
+    default: our own `script` endpoint only)."""
 
     script_max_tokens: int = field(metadata=_env("CONTENTML_SCRIPT_MAX_TOKENS"))
     """Cap on `max_tokens` the served `script` model generates per request."""
@@ -100,7 +100,7 @@ class Settings:
 
     prediction_log: str = field(metadata=_env("CONTENTML_PREDICTION_LOG"))
     """Where the model server logs every answered trend, quality and niche instance (parquet
-    part files, `serving/prediction_log.py`): a folder, an `s3://` URI, or `off`."""
+    part files, `serving/model_server/prediction_log.py`): a folder, an `s3://` URI, or `off`."""
 
     serving_poll_seconds: float = field(metadata=_env("CONTENTML_SERVING_POLL_SECONDS"))
     """How often the model server reads the aliases and swaps to the versions they name."""
@@ -124,8 +124,8 @@ class Settings:
 
     backend_store: str = field(repr=False, metadata=_env("CONTENTML_BACKEND_STORE"))
     """Database of the backend's batch jobs (items, results, dead letters) and of its cost
-    ledger (`serving/batch.py`, `serving/costs.py`): SQLite locally, `postgresql://` in the
-    cluster, shared by the API and the batch workers."""
+    ledger (`serving/backend/batch.py`, `serving/backend/costs.py`): SQLite locally,
+    `postgresql://` in the cluster, shared by the API and the batch workers."""
 
     batch_queue: str = field(repr=False, metadata=_env("CONTENTML_BATCH_QUEUE"))
     """The batch workers' task queue (huey): `sqlite:///<file>` locally, `redis://host:port/db`

@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from contentml.errors import UserError
+from contentml.protocol import Task
 from contentml.settings import Settings
 
 QUIET_ENVIRONMENT = {
@@ -256,8 +257,7 @@ def _batch_items(path: str) -> list:
 def cmd_batch_submit(settings: Settings, args: argparse.Namespace) -> int:
     import pydantic
 
-    from serving.batch import BatchQueue, BatchRequest
-    from serving.tasks import Task
+    from serving.backend.batch import BatchQueue, BatchRequest
 
     try:
         request = BatchRequest(
@@ -275,7 +275,7 @@ def cmd_batch_submit(settings: Settings, args: argparse.Namespace) -> int:
 
 def _read_jobs(settings: Settings, read):
     """`read(store)` on the batch job store, closed after."""
-    from serving.batch import JobStore
+    from serving.backend.batch import JobStore
 
     store = JobStore(settings.backend_store)
     try:
@@ -315,7 +315,7 @@ def cmd_batch_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_batch_dlq_retry(settings: Settings, args: argparse.Namespace) -> int:
-    from serving.batch import BatchQueue
+    from serving.backend.batch import BatchQueue
 
     if args.id and not args.job:
         raise UserError("--id needs --job: item ids are unique within a job")
@@ -329,7 +329,7 @@ def cmd_batch_dlq_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_costs(settings: Settings, args: argparse.Namespace) -> int:
-    from serving.costs import CostLedger
+    from serving.backend.costs import CostLedger
 
     ledger = CostLedger.from_settings(settings)
     try:
@@ -780,9 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     batch = commands.add_parser("batch", help="batch jobs: submit, follow, work, dead letters")
     batch_commands = batch.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
-    tasks = ("trend", "quality", "script")
     batch_submit = batch_commands.add_parser("submit", help="queue a job; prints its id")
-    batch_submit.add_argument("task", choices=tasks)
+    batch_submit.add_argument("task", choices=[task.value for task in Task])
     batch_submit.add_argument("file", help="JSON: a list of items, or an object with `items`")
     batch_submit.add_argument("--priority", choices=("bulk", "urgent"), default="bulk")
     batch_submit.add_argument("--channel", default=None, help="channel the cost is booked to")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from contentml import launch, registry
 from contentml.errors import UserError
 from contentml.settings import Settings
-from serving.client import ContentMLClient
+from serving.caller.client import ContentMLClient
 from training.data import load_youtube_trending
 from training.revenue.channel_settings import has_study
 from training.trend.backtest import read_m4_series

@@ -1,7 +1,7 @@
 """Model performance against late ground truth: the logged predictions
-(`serving/prediction_log.py`) joined with the actual values by `request_id` and `index`, scored
-per model, version and time window with each family's metric, and compared with the metric
-logged when the version was registered.
+(`serving/model_server/prediction_log.py`) joined with the actual values by `request_id` and
+`index`, scored per model, version and time window with each family's metric, and compared with
+the metric logged when the version was registered.
 
 | family | models | metric per window | logged at registration | better |
 |---|---|---|---|---|

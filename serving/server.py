@@ -41,18 +41,18 @@ from contentml.launch import CLI_MODULE
 from contentml.runtime import freeze_heap, one_native_thread
 from contentml.settings import Settings
 from serving.admission import Admission, AdmissionMiddleware, drain_on_sigterm
-from serving.batch import BatchQueue, Heartbeat, batch_router
-from serving.cache import CacheConfig
-from serving.channels import channels_router
-from serving.costs import CostLedger, register_cost_metrics
-from serving.niche_model import NicheRouter
-from serving.prediction_log import PredictionLog, open_prediction_log
-from serving.quality_model import QualityModel
-from serving.revenue_model import RevenueModel, revenue_router
-from serving.script_model import OPENAI_ROUTE_PREFIX, ScriptModel, openai_router
-from serving.tasks import TASKS, Task, TaskAnswerer, tasks_router, validation_problem
-from serving.trend_model import TrendModel
-from serving.versions import OffLoopModel, ServingOptions, VersionWatcher
+from serving.backend.batch import BatchQueue, Heartbeat, batch_router
+from serving.backend.channels import channels_router
+from serving.backend.costs import CostLedger, register_cost_metrics
+from serving.backend.tasks import TASKS, Task, TaskAnswerer, tasks_router, validation_problem
+from serving.model_server.cache import CacheConfig
+from serving.model_server.niche import NicheRouter
+from serving.model_server.prediction_log import PredictionLog, open_prediction_log
+from serving.model_server.quality import QualityModel
+from serving.model_server.revenue import RevenueModel, revenue_router
+from serving.model_server.script import OPENAI_ROUTE_PREFIX, ScriptModel, openai_router
+from serving.model_server.trend import TrendModel
+from serving.model_server.versions import OffLoopModel, ServingOptions, VersionWatcher
 
 PREDICTORS: dict[str, type[OffLoopModel]] = {
     "trend": TrendModel,
@@ -219,7 +219,7 @@ def serve(
     app.include_router(APIRouter(lifespan=drain))
     router = openai_router(models)
     if router is not None:
-        # KServe's own OpenAI routes need vLLM (see serving/script_model.py); ours go on the
+        # KServe's own OpenAI routes need vLLM (see serving/model_server/script.py); ours go on the
         # app KServe serves, which it imports by name when it starts.
         app.include_router(router)
     app.include_router(channels_router(settings))  # CrisisManager: anomalies and quarantine
@@ -267,7 +267,7 @@ def finish_app(app: FastAPI, admission: Admission, repository: ModelRepository) 
     - A refusal must cost only its check, not the other middlewares'. The timing middleware
       calls getrusage twice and logs two lines per request, with the GIL held: about a third
       of the event loop's time at saturation, for figures the Prometheus histograms (KServe's
-      and `serving.versions`') already hold.
+      and `serving.model_server.versions`') already hold.
     - KServe's 503 for a model not ready says only that; ours says why and, for a model with
       no champion yet, which command trains one."""
     build = app.build_middleware_stack

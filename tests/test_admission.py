@@ -38,10 +38,10 @@ from serving.admission import (
     bind_host,
     json_depth,
 )
-from serving.batch import MAX_BATCH_BODY_BYTES
-from serving.revenue_model import MAX_BODY_BYTES as MAX_REWARDS_BODY
+from serving.backend.batch import MAX_BATCH_BODY_BYTES
+from serving.backend.tasks import MAX_BODY_BYTES as MAX_TASK_BODY_BYTES
+from serving.model_server.revenue import MAX_BODY_BYTES as MAX_REWARDS_BODY
 from serving.server import MAX_MODEL_BODY_BYTES, finish_app
-from serving.tasks import MAX_BODY_BYTES as MAX_TASK_BODY_BYTES
 from tests.conftest import make_settings
 
 TOKEN = "s3cret-Token_1"

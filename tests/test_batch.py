@@ -28,8 +28,8 @@ from huey.consumer import Worker
 
 from contentml.errors import UserError
 from contentml.settings import Settings
-from serving import batch
-from serving.batch import (
+from serving.backend import batch
+from serving.backend.batch import (
     STALE_AFTER_SECONDS,
     BatchQueue,
     BatchRequest,
@@ -40,7 +40,7 @@ from serving.batch import (
     batch_router,
     parse_items,
 )
-from serving.tasks import Task, TrendBody
+from serving.backend.tasks import Task, TrendBody
 from tests.conftest import make_settings, requires_postgres, requires_redis
 
 REDIS_QUEUE = "redis://127.0.0.1:6379/7"

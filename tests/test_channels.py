@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from monitoring.crisis import QuarantineStore, SqlMetricHistory, points
 from serving.admission import Admission, AdmissionMiddleware
-from serving.channels import channels_router
+from serving.backend.channels import channels_router
 from tests.conftest import make_settings, requires_postgres
 
 START = datetime.datetime(2026, 11, 26, tzinfo=datetime.UTC)

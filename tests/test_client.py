@@ -1,4 +1,5 @@
-"""End-to-end tests of `serving.client`: real HTTP servers on free ports with scripted answers."""
+"""End-to-end tests of `serving.caller.client`: real HTTP servers on free ports with scripted
+answers."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ import httpx
 import openai
 import pytest
 
-from serving.client import (
+from contentml.protocol import Task
+from serving.caller.client import (
     BadResponse,
     ClientError,
     ContentMLClient,
     RetryLater,
     ServerError,
     ServiceUnavailable,
-    Task,
 )
 
 # Short deadlines and backoff so failure paths take milliseconds, not the production seconds.
@@ -173,7 +174,7 @@ ROUTES = {
         ok={"predictions": [{"score": 0.9, "label": "good"}]},
         expected={"score": 0.9, "label": "good"},
     ),
-    Task.GENERATE: Route(
+    Task.SCRIPT: Route(
         call=lambda c: c.generate_script("volcanoes", "Upbeat science channel."),
         path="/openai/v1/chat/completions",
         ok=chat_completion("Welcome back!"),
@@ -186,7 +187,7 @@ def test_default_deadlines_are_the_roadmaps() -> None:
     assert dict(ContentMLClient.DEADLINES) == {
         Task.TREND: 5.0,
         Task.QUALITY: 2.0,
-        Task.GENERATE: 30.0,
+        Task.SCRIPT: 30.0,
     }
 
 
@@ -337,7 +338,7 @@ def test_persistent_5xx_is_service_unavailable_after_all_retries(serve, task: Ta
     [
         (Task.TREND, httpx.ConnectError),
         (Task.QUALITY, httpx.ConnectError),
-        (Task.GENERATE, openai.APIConnectionError),
+        (Task.SCRIPT, openai.APIConnectionError),
     ],
 )
 def test_connection_refused_is_service_unavailable(closed_port_url, task, cause_type) -> None:
@@ -405,7 +406,7 @@ def test_malformed_completion_is_bad_response_not_retried(serve, body: Any) -> N
     server = serve(Reply(body=body))
     with ContentMLClient(server.url, **FAST) as client:
         with pytest.raises(BadResponse):
-            ROUTES[Task.GENERATE].call(client)
+            ROUTES[Task.SCRIPT].call(client)
     assert len(server.requests) == 1
 
 

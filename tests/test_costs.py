@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from contentml.db import open_database
 from contentml.errors import UserError
-from serving.costs import (
+from serving.backend.costs import (
     COST_METRICS,
     PER_VIDEO_METRIC,
     STREAK_METRIC,
@@ -97,7 +97,7 @@ def test_ten_videos_over_budget_fire_the_alert_and_a_cheap_one_resets_it(ledger,
     for i in range(9):
         ledger.record(script(1.5, video_id=f"v{i}"))
     assert ledger.alert() == {"firing": False, "streak": 9, "budget_usd": 1.0, "streak_length": 10}
-    with caplog.at_level(logging.WARNING, logger="serving.costs"):
+    with caplog.at_level(logging.WARNING, logger="serving.backend.costs"):
         ledger.record(script(0.6, video_id="v9"))
         assert ledger.over_budget_streak() == 0  # the latest video is within budget, so far
         ledger.record(CostEntry("cooking", "batch:quality", 0.5, video_id="v9"))
@@ -164,7 +164,7 @@ def test_a_ledger_that_cannot_be_read_leaves_metrics_working(tmp_path, caplog):
         connection.exec_driver_sql("DROP TABLE cost_videos")
     registry = CollectorRegistry()
     registry.register(CostCollector(ledger))
-    with caplog.at_level(logging.ERROR, logger="serving.costs"):
+    with caplog.at_level(logging.ERROR, logger="serving.backend.costs"):
         text = generate_latest(registry).decode()
     assert STREAK_METRIC not in text and "reading the ledger failed" in caplog.text
     ledger.close()

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from contentml.errors import UserError
 from entrypoints import demo
 from entrypoints.runner import typed_arguments
-from serving.niche_model import TrendingVideo
+from serving.model_server.niche import TrendingVideo
 
 
 def test_every_family_has_a_stage_whose_arguments_its_pipeline_takes(settings, tmp_path):

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from entrypoints.demo import batch_workers, free_port, model_server, trend_items
-from serving.batch import JobStatus, JobStore
-from serving.client import ClientError, ContentMLClient
-from serving.tasks import MAX_BODY_BYTES, TASKS, Task
+from serving.backend.batch import JobStatus, JobStore
+from serving.backend.tasks import MAX_BODY_BYTES, TASKS, Task
+from serving.caller.client import ClientError, ContentMLClient
 from tests.conftest import DATA_DIR, make_settings, run_cli
 from training.data import load_m4_hourly
 

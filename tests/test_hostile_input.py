@@ -15,7 +15,7 @@ from contentml import names, registry
 from contentml.registry import Alias, RegistryError
 from contentml.settings import Settings
 from entrypoints import deploy
-from serving.versions import VersionedModel
+from serving.model_server.versions import VersionedModel
 from tests.conftest import make_settings
 from tests.test_registry import cli, register_versions
 

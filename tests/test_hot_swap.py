@@ -30,10 +30,10 @@ from contentml.errors import UserError
 from contentml.registry import Alias
 from contentml.settings import Settings
 from entrypoints.demo import free_port, model_server
-from serving.cache import CacheConfig, LruCache, make_cache
+from serving.model_server.cache import CacheConfig, LruCache, make_cache
+from serving.model_server.trend import TrendModel
+from serving.model_server.versions import ServingOptions, split_bucket
 from serving.server import parse_canary
-from serving.trend_model import TrendModel
-from serving.versions import ServingOptions, split_bucket
 from tests.conftest import make_settings, requires_redis
 from training.trend.ensemble import EnsembleConfig
 from training.trend.forecasters import Member

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from serving.tasks import TrendBody
+from serving.backend.tasks import TrendBody
 from tests.load.traffic import (
     HISTORY_HOURS,
     HORIZON,

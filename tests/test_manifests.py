@@ -19,8 +19,9 @@ from contentml.settings import Settings
 from entrypoints import manifests
 from entrypoints.cli import build_parser
 from entrypoints.manifests import ManifestError, Rule
-from serving import auth_proxy, strategist
-from serving.tasks import TASKS, Task
+from serving import auth_proxy
+from serving.backend.tasks import TASKS, Task
+from serving.caller import strategist
 from tests.conftest import SCHEMAS_DIR, make_settings, run_cli
 from training.llm.config import load_config
 from training.llm.trainjob import RUNTIME, trainjob_manifest

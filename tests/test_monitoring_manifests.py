@@ -9,9 +9,9 @@ from pathlib import Path
 import yaml
 from prometheus_client import REGISTRY
 
-import serving.versions  # noqa: F401  (registers the serving metrics)
+import serving.model_server.versions  # noqa: F401  (registers the serving metrics)
 from monitoring.performance import PERFORMANCE_DROP
-from serving.costs import COST_METRICS
+from serving.backend.costs import COST_METRICS
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests" / "monitoring"
 SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")

@@ -15,7 +15,7 @@ from contentml import features, registry
 from entrypoints.cli import main
 from entrypoints.demo import free_port, model_server
 from feature_repo.niche_schema import FEATURES
-from serving.niche_model import TrendingVideo, _features
+from serving.model_server.niche import TrendingVideo, _features
 from tests.conftest import DATA_DIR, make_settings
 from training.data import load_youtube_trending
 from training.niche.automl import TOPIC_CLUSTERS, UnknownNiche, niches_table, run_automl, slug

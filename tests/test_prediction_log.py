@@ -39,16 +39,16 @@ from monitoring.performance import (
     registered_metric,
     rolling_performance,
 )
-from serving import niche_model
-from serving.prediction_log import (
+from serving.model_server import niche as niche_model
+from serving.model_server.prediction_log import (
     SCHEMA,
     PredictionLog,
     PredictionLogError,
     open_prediction_log,
     read_predictions,
 )
-from serving.trend_model import TrendModel
-from serving.versions import Serving, ServingOptions
+from serving.model_server.trend import TrendModel
+from serving.model_server.versions import Serving, ServingOptions
 from tests.conftest import make_settings
 from training import steps
 from training.trend.ensemble import EnsembleConfig

@@ -13,9 +13,9 @@ import sklearn.ensemble  # noqa: F401 (loads sklearn's OpenMP runtime)
 from threadpoolctl import threadpool_info
 
 from contentml.runtime import freeze_heap, one_native_thread
-from serving.costs import CostLedger
-from serving.tasks import Task, TaskAnswerer
-from serving.versions import OffLoopModel
+from serving.backend.costs import CostLedger
+from serving.backend.tasks import Task, TaskAnswerer
+from serving.model_server.versions import OffLoopModel
 
 
 def openmp_threads() -> list[int]:

@@ -21,14 +21,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from contentml import registry
 from entrypoints.demo import free_port, model_server
-from serving.script_model import (
+from serving.caller.strategist import TIMEOUT_HEADER, ContentStrategist
+from serving.model_server.script import (
     ANSWER_MARGIN_SECONDS,
     CompletionRequest,
     ScriptModel,
     StopFilter,
     time_limit,
 )
-from serving.strategist import TIMEOUT_HEADER, ContentStrategist
 from tests.conftest import DATA_DIR, make_settings, run_cli
 from training.data import load_youtube_trending
 from training.llm.package import FinishReason, Sampling, cut_at_stop, log_script_model

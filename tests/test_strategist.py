@@ -20,11 +20,12 @@ import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from contentml.protocol import Task
 from contentml.settings import Settings
-from serving import tasks
-from serving.client import ClientError, ServiceUnavailable, Task
-from serving.costs import CostLedger
-from serving.strategist import (
+from serving.backend import tasks
+from serving.backend.costs import CostLedger
+from serving.caller.client import ClientError, ServiceUnavailable
+from serving.caller.strategist import (
     TIMEOUT_HEADER,
     AllProvidersFailed,
     ContentStrategist,
@@ -269,7 +270,7 @@ def test_hosted_4xx_is_raised_not_masked(build, code: int) -> None:
         strategist.generate_script("volcanoes", "Upbeat.")
 
     assert raised.value.status_code == code
-    assert raised.value.task is Task.GENERATE
+    assert raised.value.task is Task.SCRIPT
     assert "hosted" in str(raised.value) and f"scripted {code}" in str(raised.value)
     assert backend.hosts == [HOSTED]
 

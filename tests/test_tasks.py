@@ -17,10 +17,8 @@ from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from kserve.errors import InvalidInput
 
-from serving.costs import CostLedger
-from serving.quality_model import QualityModel, QualityRequest
-from serving.strategist import ContentStrategist
-from serving.tasks import (
+from serving.backend.costs import CostLedger
+from serving.backend.tasks import (
     MAX_BODY_BYTES,
     MAX_WAITING_PER_TASK,
     TASK_THREADS,
@@ -35,6 +33,8 @@ from serving.tasks import (
     naive_forecast,
     tasks_router,
 )
+from serving.caller.strategist import ContentStrategist
+from serving.model_server.quality import QualityModel, QualityRequest
 from tests.conftest import DATA_DIR
 from training.data import load_m4_hourly
 

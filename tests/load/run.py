@@ -47,7 +47,7 @@ from locust.env import Environment
 from contentml.runtime import freeze_heap
 from contentml.settings import Settings
 from entrypoints.demo import free_port, model_server
-from serving.tasks import TASKS, Task
+from serving.backend.tasks import TASKS, Task
 from tests.load.locustfile import TrendUser
 from tests.load.traffic import HORIZON, Outcome, poisson_starts
 

@@ -12,7 +12,7 @@ route per task, each answered within its SLA (the backend team's contract):
 A route maps its body onto the predictor that serves the model in this process (the same
 `predict()` as `/v1/models/<name>:predict`, so the prediction cache, the log and the metrics see
 it), or for scripts onto the ContentStrategist's provider chain. `TaskAnswerer.answer` takes a
-list of bodies: the batch workers (`serving/batch.py`) answer a chunk of items with it.
+list of bodies: the batch workers (`serving/backend/batch.py`) answer a chunk of items with it.
 
 SLAs are enforced here: the answer runs in a thread and the route stops waiting at the SLA.
 Work still waiting for a thread then is cancelled, and a thread that picks up work whose wait
@@ -41,7 +41,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import StrEnum
 from http import HTTPStatus
 from typing import Any
 
@@ -55,12 +54,13 @@ from kserve.errors import InvalidInput
 from kserve.model import BaseKServeModel
 
 from contentml.errors import UserError
+from contentml.protocol import TASK_ROUTES, Task
 from contentml.runtime import one_native_thread
 from contentml.settings import Settings
-from serving.client import ClientError, ContentMLClientError
-from serving.costs import MAX_NAME, BookedName, CostEntry, CostLedger, compute_cost
-from serving.quality_model import MAX_TEXT_CHARS, QualityRequest
-from serving.strategist import AllProvidersFailed, ContentStrategist
+from serving.backend.costs import MAX_NAME, BookedName, CostEntry, CostLedger, compute_cost
+from serving.caller.client import ClientError, ContentMLClientError
+from serving.caller.strategist import AllProvidersFailed, ContentStrategist
+from serving.model_server.quality import MAX_TEXT_CHARS, QualityRequest
 from training.trend.metrics import direction, seasonal_naive
 from training.trend.model import MAX_HISTORY, MAX_HORIZON, MIN_HISTORY
 
@@ -85,12 +85,6 @@ TREND_FALLBACK_MARGIN_SECONDS = 0.5
 SCRIPT_ANSWER_MARGIN_SECONDS = 1.0
 """Time kept back from the script SLA to score the script and answer: the rest is the
 provider chain's deadline."""
-
-
-class Task(StrEnum):
-    TREND = "trend"
-    QUALITY = "quality"
-    SCRIPT = "script"
 
 
 # --- bodies and answers --------------------------------------------------------------------
@@ -188,11 +182,18 @@ class TaskSpec:
     """The served model the route maps onto."""
 
 
-TASKS: dict[Task, TaskSpec] = {
-    Task.TREND: TaskSpec("/predict/trend", 5.0, TrendBody, TrendAnswer, "trend"),
-    Task.QUALITY: TaskSpec("/score/quality", 2.0, QualityRequest, QualityAnswer, "quality"),
-    Task.SCRIPT: TaskSpec("/generate/script", 30.0, ScriptBody, ScriptAnswer, "script"),
+_SHAPES: dict[Task, tuple[type[pydantic.BaseModel], type[pydantic.BaseModel]]] = {
+    Task.TREND: (TrendBody, TrendAnswer),
+    Task.QUALITY: (QualityRequest, QualityAnswer),
+    Task.SCRIPT: (ScriptBody, ScriptAnswer),
 }
+
+TASKS: dict[Task, TaskSpec] = {
+    task: TaskSpec(route.route, route.sla_seconds, *_SHAPES[task], route.model)
+    for task, route in TASK_ROUTES.items()
+}
+"""Each task's route, SLA and model (`contentml.protocol.TASK_ROUTES`) with its body and
+answer."""
 
 
 # --- answering -----------------------------------------------------------------------------

@@ -46,8 +46,8 @@ from kserve.errors import InferenceError, InvalidInput
 from kserve.model import BaseKServeModel
 from transformers import TextStreamer
 
-from serving.strategist import TIMEOUT_HEADER
-from serving.versions import VersionedModel, load_pyfunc
+from contentml.protocol import OPENAI_ROUTE_PREFIX, TIMEOUT_HEADER
+from serving.model_server.versions import VersionedModel, load_pyfunc
 from training.llm.package import (
     FinishReason,
     Generation,
@@ -56,9 +56,6 @@ from training.llm.package import (
     ScriptGenerator,
     cut_at_stop,
 )
-
-OPENAI_ROUTE_PREFIX = "/openai"
-"""KServe's prefix for its OpenAI routes: clients use `base_url=<server>/openai/v1`."""
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for `/completions` when the request sets no `max_tokens`."""

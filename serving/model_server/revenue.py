@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from contentml import names
 from contentml.settings import Settings
-from serving.versions import OffLoopModel
+from serving.model_server.versions import OffLoopModel
 from training.revenue.experiment import Metric, Policy
 from training.revenue.policies import choose
 from training.revenue.report import experiment_report, report_html

@@ -1,6 +1,6 @@
 """Batch jobs for non-urgent work (> 100 items): `POST /batch/{task}` stores a job and queues
 its chunks; `contentml batch worker` processes answer them with the task routes' own code
-(`serving/tasks.py`), loading the models in-process, so urgent single requests on the model
+(`serving/backend/tasks.py`), loading the models in-process, so urgent single requests on the model
 servers never wait behind batch work.
 
 - **Queue.** huey (`Settings.batch_queue`): SQLite locally, Redis in the cluster; `urgent` jobs
@@ -50,8 +50,8 @@ from kserve.errors import InvalidInput
 from contentml.db import open_database, upsert
 from contentml.errors import UserError
 from contentml.settings import Settings
-from serving.costs import BookedName, CostEntry, CostLedger, compute_cost
-from serving.tasks import MAX_BODY_BYTES, TASKS, UNASSIGNED_CHANNEL, Task, TaskAnswerer
+from serving.backend.costs import BookedName, CostEntry, CostLedger, compute_cost
+from serving.backend.tasks import MAX_BODY_BYTES, TASKS, UNASSIGNED_CHANNEL, Task, TaskAnswerer
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import pydantic
 from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest
 
-from serving.payloads import instances_from_v1, parse_instances
-from serving.versions import CachedPredictor, load_pyfunc
+from serving.model_server.payloads import instances_from_v1, parse_instances
+from serving.model_server.versions import CachedPredictor, load_pyfunc
 from training.data import load_texts
 from training.quality.gate import decide
 from training.quality.policy import PolicyChecker, TextKind, load_policy

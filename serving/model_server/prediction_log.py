@@ -43,7 +43,7 @@ from prometheus_client import Counter
 
 from contentml.errors import UserError
 from contentml.settings import Settings
-from serving.cache import canonical_json
+from serving.model_server.cache import canonical_json
 
 logger = logging.getLogger(__name__)
 

@@ -50,13 +50,13 @@ import openai
 import yaml
 
 from contentml.errors import UserError
+from contentml.protocol import OPENAI_ROUTE_PREFIX, TIMEOUT_HEADER, Task
 from contentml.settings import Settings
-from serving.client import (
+from serving.caller.client import (
     PLACEHOLDER_API_KEY,
     ClientError,
     ContentMLClient,
     ContentMLClientError,
-    Task,
 )
 from training.quality.gate import Decision
 
@@ -91,12 +91,8 @@ QualityScorer = Callable[[str], Mapping[str, Any]]
 `reasons`), as `ContentMLClient.score_quality` does; raises `ContentMLClientError` when it
 cannot score."""
 
-OUR_ENDPOINT_PATH = "/openai/v1"
+OUR_ENDPOINT_PATH = f"{OPENAI_ROUTE_PREFIX}/v1"
 """Where our model server's OpenAI-compatible routes live, under `Settings.serving_url`."""
-
-TIMEOUT_HEADER = "X-Contentml-Timeout-Seconds"
-"""Request header with the seconds the chain waits for this answer; our model server's OpenAI
-routes cut the generation's time limit to it (`serving.script_model`)."""
 
 TIMEOUT_MARGIN_SECONDS = 5.0
 """Added to `Settings.script_timeout_seconds` for providers without `timeout_seconds`: our server
@@ -692,7 +688,7 @@ class ContentStrategist:
         except openai.APIStatusError as e:
             if e.status_code == 429 or e.status_code >= 500:
                 raise ProviderUnavailable(f"HTTP {e.status_code}: {e.message}") from e
-            raise ClientError(Task.GENERATE, e.status_code, f"{provider.name}: {e.message}") from e
+            raise ClientError(Task.SCRIPT, e.status_code, f"{provider.name}: {e.message}") from e
         except openai.APITimeoutError as e:
             raise ProviderUnavailable(f"no answer within {timeout:.2f} s") from e
         except openai.APIConnectionError as e:

@@ -18,12 +18,13 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from enum import StrEnum
 from types import MappingProxyType, TracebackType
 from typing import Any, ClassVar, Self, TypeVar
 
 import httpx
 import openai
+
+from contentml.protocol import OPENAI_ROUTE_PREFIX, TASK_ROUTES, Task
 
 __all__ = [
     "BadResponse",
@@ -33,7 +34,6 @@ __all__ = [
     "RetryLater",
     "ServerError",
     "ServiceUnavailable",
-    "Task",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,6 @@ _JITTER = 0.1
 
 # Longest server text quoted in an error message.
 _MAX_QUOTED_CHARS = 300
-
-
-class Task(StrEnum):
-    """A call the client makes; keys the deadline table."""
-
-    TREND = "trend"
-    QUALITY = "quality"
-    GENERATE = "generate"
 
 
 class ContentMLClientError(Exception):
@@ -149,13 +141,9 @@ class ContentMLClient:
     """Calls the model server at `base_url` (e.g. `Settings.serving_url`)."""
 
     DEADLINES: ClassVar[Mapping[Task, float]] = MappingProxyType(
-        {
-            Task.TREND: 5.0,
-            Task.QUALITY: 2.0,
-            Task.GENERATE: 30.0,
-        }
+        {task: route.sla_seconds for task, route in TASK_ROUTES.items()}
     )
-    """Seconds a whole call may take, retries included (the roadmap's service levels)."""
+    """Seconds a whole call may take, retries included: the tasks' SLAs."""
 
     def __init__(
         self,
@@ -201,10 +189,10 @@ class ContentMLClient:
         # The openai client's own retries would also retry 408/409/429 and restart the timeout
         # on each attempt, so it makes one attempt per call and `_call` drives the retries.
         self._openai = openai.OpenAI(
-            base_url=f"{self.base_url}/openai/v1",
+            base_url=f"{self.base_url}{OPENAI_ROUTE_PREFIX}/v1",
             api_key=api_key or PLACEHOLDER_API_KEY,
             max_retries=0,
-            timeout=self.deadlines[Task.GENERATE],
+            timeout=self.deadlines[Task.SCRIPT],
         )
 
     def __enter__(self) -> Self:
@@ -277,13 +265,13 @@ class ContentMLClient:
                 completion = self._openai.chat.completions.create(**request, timeout=timeout)
             except openai.APIStatusError as e:
                 raise _status_error(
-                    Task.GENERATE, e.status_code, _message(e.body, e.message), e.response.headers
+                    Task.SCRIPT, e.status_code, _message(e.body, e.message), e.response.headers
                 ) from e
             except openai.APIResponseValidationError as e:
-                raise BadResponse(Task.GENERATE, str(e), str(e.body or "")) from e
+                raise BadResponse(Task.SCRIPT, str(e), str(e.body or "")) from e
             return _script_text(completion)
 
-        return self._call(Task.GENERATE, attempt)
+        return self._call(Task.SCRIPT, attempt)
 
     def _predict(self, task: Task, model: str, instance: dict[str, Any]) -> dict[str, Any]:
         path = f"/v1/models/{model}:predict"
@@ -393,13 +381,13 @@ def _script_text(completion: object) -> str:
     """The message content of a chat completion; BadResponse if there is none."""
     if isinstance(completion, str):
         # The openai client hands back the text of an answer that is not JSON.
-        raise BadResponse(Task.GENERATE, "not JSON", completion)
+        raise BadResponse(Task.SCRIPT, "not JSON", completion)
     try:
         content = completion.choices[0].message.content  # type: ignore[attr-defined]
     except (AttributeError, IndexError, TypeError) as e:
-        raise BadResponse(Task.GENERATE, "no choices[0].message", repr(completion)) from e
+        raise BadResponse(Task.SCRIPT, "no choices[0].message", repr(completion)) from e
     if not isinstance(content, str):
-        raise BadResponse(Task.GENERATE, "message has no text content", repr(completion))
+        raise BadResponse(Task.SCRIPT, "message has no text content", repr(completion))
     return content
 
 

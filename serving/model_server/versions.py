@@ -21,11 +21,11 @@ and a prediction cache. One code path for every predictor; each adds only `load_
   `contentml_request_seconds` by model and version (beside KServe's per-model histograms on
   `/metrics`), `contentml_served_version{model,alias}`, `contentml_cache_lookups_total`.
 - **Cache.** `CachedPredictor` answers each instance from the prediction cache
-  (`serving/cache.py`) and sends only the misses to the model.
+  (`serving/model_server/cache.py`) and sends only the misses to the model.
 - **Prediction log.** Every request has an id (`request_id_of`), returned in the response
   (V1: top-level `request_id`; V2: the response `id`); each answered instance is handed to the
-  prediction log (`serving/prediction_log.py`, off the request path) under that id and its
-  position in the request, which is what ground truth joins on.
+  prediction log (`serving/model_server/prediction_log.py`, off the request path) under that
+  id and its position in the request, which is what ground truth joins on.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ from contentml.errors import UserError
 from contentml.registry import Alias
 from contentml.runtime import one_native_thread
 from contentml.settings import Settings
-from serving.cache import CacheConfig, PredictionCache, canonical_json, make_cache
-from serving.prediction_log import PredictionLog
+from serving.model_server.cache import CacheConfig, PredictionCache, canonical_json, make_cache
+from serving.model_server.prediction_log import PredictionLog
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 from contentml import features, registry
 from contentml.settings import Settings
 from feature_repo.niche_schema import FEATURES
-from serving.payloads import instances_from_v1, parse_instances
-from serving.versions import (
+from serving.model_server.payloads import instances_from_v1, parse_instances
+from serving.model_server.versions import (
     CachedPredictor,
     OffLoopModel,
     ServingOptions,

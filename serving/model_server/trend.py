@@ -11,8 +11,8 @@ from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest
 
 from contentml import features
-from serving.payloads import instances_from_v1, parse_instances
-from serving.versions import CachedPredictor, load_pyfunc
+from serving.model_server.payloads import instances_from_v1, parse_instances
+from serving.model_server.versions import CachedPredictor, load_pyfunc
 from training.trend.forecasters import ForecastInputError
 from training.trend.model import TrendRequest, UnknownSeries
 
