@@ -172,6 +172,15 @@ def test_the_same_seed_samples_the_same_text(generator):
 
 
 @slow
+@pytest.mark.parametrize("temperature", [2.2250738585e-313, 1e-40, 1e-7])
+def test_a_temperature_too_small_to_sample_at_decodes_greedily(generator, temperature):
+    """Found by `make fuzz`: such a temperature failed the generation (a 500)."""
+    prompt = generator.tokenizer("Music")["input_ids"]
+    greedy = generator.generate(prompt, Sampling(max_tokens=12, temperature=0))
+    assert generator.generate(prompt, Sampling(max_tokens=12, temperature=temperature)) == greedy
+
+
+@slow
 def test_a_generation_past_the_time_limit_ends_with_length(settings, champion):
     """The limit comes from the settings the predictor reads in `load()`."""
     hurried = make_settings(settings.home, CONTENTML_SCRIPT_TIMEOUT_SECONDS="0.000001")

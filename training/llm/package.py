@@ -51,13 +51,20 @@ class PromptTooLong(ValueError):
     """The prompt leaves no room in the model's context for a single new token."""
 
 
+MIN_SAMPLING_TEMPERATURE = 1e-6
+"""Temperatures below this decode greedily, as sampling at them would but for near-ties: at a
+tiny one the logits divided by it overflow float32 (or it rounds to 0 there) and sampling
+fails."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     max_tokens: int
     """Most tokens to generate (fewer when the model's context ends first)."""
 
     temperature: float = 0.0
-    """0 is greedy decoding; above 0, sampling at this temperature."""
+    """0 is greedy decoding (and below `MIN_SAMPLING_TEMPERATURE`); above, sampling at this
+    temperature."""
 
     top_p: float = 1.0
     """Nucleus sampling mass (only when sampling)."""
@@ -165,7 +172,7 @@ class ScriptGenerator(PythonModel):
                 "top_p": sampling.top_p,
                 "top_k": 0,  # OpenAI's sampling has no top-k; transformers' default is 50
             }
-            if sampling.temperature > 0
+            if sampling.temperature >= MIN_SAMPLING_TEMPERATURE
             else {"do_sample": False}
         )
         stopping = StoppingCriteriaList(
