@@ -105,7 +105,13 @@ REVENUE_INSTANCE = {
     "properties": {
         # `contentml.names.revenue_experiment_name`'s, shorter.
         "experiment": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,40}$"},
-        "arms": {"type": "array", "items": {"type": "string"}},
+        "arms": {
+            "type": "array",
+            "items": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,20}$"},
+            "minItems": 2,
+            "maxItems": 5,
+            "uniqueItems": True,
+        },
         "metric": {"enum": [m.value for m in Metric]},
         "policy": {"enum": [p.value for p in Policy]},
     },
@@ -114,21 +120,13 @@ REVENUE_INSTANCE = {
 }
 """What `serving.model_server.revenue.RevenueModel` parses (by hand: it has no pydantic type)."""
 
-REWARD = {
-    "type": "object",
-    "properties": {"arm": {"type": "string"}, "reward": {"type": "number"}},
-    "required": ["arm", "reward"],
-    "additionalProperties": False,
-}
+REWARDS = "/v1/experiments/{experiment}/rewards"
 
 BODIES: dict[tuple[str, str], type[pydantic.BaseModel] | dict] = {
     ("POST", "/openai/v1/completions"): CompletionRequest,
     ("POST", "/openai/v1/chat/completions"): ChatCompletionRequest,
     ("POST", "/v1/channels/{channel_id}/metrics"): ChannelPoint,
     ("POST", "/v1/channels/{channel_id}/quarantine"): QuarantineRequest,
-    ("POST", "/v1/experiments/{experiment}/rewards"): {
-        "anyOf": [REWARD, {"type": "array", "items": REWARD, "minItems": 1}]
-    },
 }
 """Operations whose body the schema leaves out -> what their code parses."""
 
@@ -182,11 +180,25 @@ def _concrete(
     }
 
 
-def complete(schema: dict[str, Any], models: list[str], experiments: list[str]) -> dict:
+def rewards(arms: list[str]) -> dict[str, Any]:
+    """A rewards body: one `{"arm", "reward"}` or a list of them, for one of `arms`."""
+    reward = {
+        "type": "object",
+        "properties": {
+            "arm": {"enum": arms} if arms else {"type": "string"},
+            "reward": {"type": "number"},
+        },
+        "required": ["arm", "reward"],
+        "additionalProperties": False,
+    }
+    return {"anyOf": [reward, {"type": "array", "items": reward, "minItems": 1}]}
+
+
+def complete(schema: dict[str, Any], models: list[str], experiments: list[dict[str, Any]]) -> dict:
     """`schema` with the bodies of `BODIES`, a V1 `:predict` path per served model with its
-    instances, a batch path per task with its items, and the served models and existing
-    experiments as the values of the path parameters naming them (schemathesis' negative cases
-    then try other names)."""
+    instances, a batch path per task with its items, a rewards body for the experiments' arms,
+    and the served models and existing experiments as the values of the path parameters naming
+    them (schemathesis' negative cases then try other names)."""
     schema = json.loads(json.dumps(schema))
     json_schema = _Components(schema)
     openai_model = {"enum": [m for m in models if instance_schema(m) is None] or ["script"]}
@@ -198,7 +210,11 @@ def complete(schema: dict[str, Any], models: list[str], experiments: list[str]) 
             if path.startswith("/openai/"):
                 body_schema["properties"]["model"] = openai_model
             operation["requestBody"] = _json_body(body_schema)
-    names = {"model_name": models, "experiment": experiments}
+    operation = paths.get(REWARDS, {}).get("post")
+    if operation is not None and "requestBody" not in operation:
+        arms = sorted({arm for experiment in experiments for arm in experiment["arms"]})
+        operation["requestBody"] = _json_body(rewards(arms))
+    names = {"model_name": models, "experiment": sorted(e["name"] for e in experiments)}
     for item in paths.values():
         for operation in item.values():
             for parameter in operation.get("parameters", []):
@@ -274,13 +290,13 @@ def served(settings: Settings, log: Path) -> Iterator[str]:
         raise
 
 
-def server_state(url: str, token: str) -> tuple[dict[str, Any], list[str], list[str]]:
+def server_state(url: str, token: str) -> tuple[dict[str, Any], list[str], list[dict]]:
     """The server's OpenAPI schema, the models it serves and the experiments it holds."""
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
         schema = http.get("/openapi.json").raise_for_status().json()
         models = http.get("/v2/models").raise_for_status().json()["models"]
         found = http.get("/v1/experiments").raise_for_status().json()["experiments"]
-    return schema, sorted(models), sorted(e["name"] for e in found)
+    return schema, sorted(models), found
 
 
 # --- auth --------------------------------------------------------------------------------
@@ -443,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.fuzz", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--max-examples", type=int, default=30, help="per operation and phase")
+    parser.add_argument("--max-examples", type=int, default=200, help="per operation and phase")
     parser.add_argument("--seed", type=int, default=None, help="default: a new one, printed")
     parser.add_argument(
         "--families",
@@ -486,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         figures, errors = summarize(hars, url, operations(fuzzed_schema))
     summary = {
         "operations": len(ops),
+        "operations_fuzzed": len(operations(fuzzed_schema)),
         **figures,
         "server_errors": len(errors),
         "auth_problems": refused_wrongly,
@@ -513,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"auth: {problem}")
     seeds = ", ".join(str(o.report.get("seed")) for o in outcomes.values())
     _say(
-        f"{summary['requests']:,} requests over {len(ops)} operations in {fuzzed:.0f} s "
+        f"{summary['requests']:,} requests over {len(ops)} operations "
+        f"({summary['operations_fuzzed']} with the paths added) in {fuzzed:.0f} s "
         f"(seeds {seeds}): {summary['statuses']}; {len(errors)} answers >= 500 "
         f"({errors_file}), {len(refused_wrongly)} auth problems; reports in {report_dir}"
     )
