@@ -69,7 +69,7 @@ loadtest: install
 # >= 500 or a route open without its token. FUZZ_MAX_EXAMPLES cases per operation and phase;
 # FUZZ_HOME keeps the trained champions between runs (default: a temporary folder, trained by
 # `contentml demo`); reports and the server's log go to .contentml/fuzz/. About 15 minutes from
-# an empty FUZZ_HOME on 2 cores, 4 once it has the champions.
+# an empty FUZZ_HOME on 2 cores, 5 once it has the champions.
 FUZZ_MAX_EXAMPLES ?= 200
 FUZZ_HOME ?=
 FUZZ_SEED ?=

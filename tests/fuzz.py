@@ -3,7 +3,7 @@
 only `test_*.py`).
 
 1. A state folder with trained models: `--home`, else a temporary one. `contentml demo
-   --families FAMILIES` trains each family's champion where it has none (about 6 minutes for
+   --families FAMILIES` trains each family's champion where it has none (about 10 minutes for
    all five on 2 cores), and calls each once.
 2. `contentml serve` on a free loopback port with the callers' and the admin token
    (`CONTENTML_API_TOKEN`, `CONTENTML_ADMIN_TOKEN`). The fuzzing sends the admin token, which
