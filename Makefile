@@ -9,7 +9,7 @@ IMAGE ?= ghcr.io/contentml/platform:$(VERSION)
 TRAINING_IMAGE ?= ghcr.io/contentml/training:$(VERSION)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test compile serve bench loadtest fuzz lint constraints manifests images
+.PHONY: install demo test test-fast compile serve bench loadtest fuzz lint constraints manifests images
 
 install: $(INSTALLED)
 
@@ -32,11 +32,16 @@ test: install
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# The inner loop: the tests not marked slow (tests/unit, data, model, serving, e2e by kind).
+test-fast: install
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+
 compile: install
 	$(VENV)/bin/contentml pipeline compile
 
 # Render the dev and prod overlays with `kubectl kustomize` and check every object against
-# Kubernetes' schemas and the KServe / Kubeflow Trainer CRDs (tests/test_manifests.py too).
+# Kubernetes' schemas and the KServe / Kubeflow Trainer CRDs (tests/unit/test_manifests.py too).
 manifests: install
 	@command -v kubectl >/dev/null || { echo "make manifests needs kubectl >= 1.27 (kustomize 5) on PATH"; exit 2; }
 	$(VENV)/bin/contentml manifests check --schemas ../shared/schemas

@@ -232,7 +232,7 @@ class Settings:
             "training_image": "ghcr.io/contentml/training:0.1.0",
             "serving_url": "http://127.0.0.1:8080",
             "published_content": data_dir / "youtube-trending" / "USvideos.csv",
-            "script_providers": PACKAGE_ROOT / "serving" / "script_providers.yaml",
+            "script_providers": PACKAGE_ROOT / "serving" / "caller" / "script_providers.yaml",
             "script_max_tokens": 512,
             "script_timeout_seconds": 30.0,
             "prediction_cache": "memory",

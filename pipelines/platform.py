@@ -55,7 +55,7 @@ def on_cluster(*tasks: dsl.PipelineTask, pool: Pool = Pool.CPU) -> None:
     """Give each task the platform's settings (ConfigMap) and credentials (Secret) as
     environment variables, by reference, the data claim at `cluster.DATA_MOUNT`, the images'
     non-root user, and the image and nodes of `pool`. A pipeline calls it once with all its tasks;
-    tests/test_pipelines.py checks that none is left out."""
+    tests/e2e/test_pipelines.py checks that none is left out."""
     placement = POOL_TO_PLACEMENT[pool]
     for task in tasks:
         task.set_container_image(placement.image)

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,15 @@ def run_cli(home: Path, *argv: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
+
+
+def wait_until(condition, seconds: float, what: str, every: float = 0.05) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {seconds:g} s")
+        time.sleep(every)
 
 
 def make_settings(home: Path, **overrides: str) -> Settings:

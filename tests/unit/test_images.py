@@ -17,7 +17,7 @@ import yaml
 from contentml import cluster
 from contentml.settings import PACKAGE_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = ("Dockerfile", "Dockerfile.training")
 WORKDIR = "/app"
 VENV = "/opt/venv"

@@ -21,7 +21,7 @@ import pytest
 from contentml import registry
 from contentml.registry import Alias
 from tests.conftest import make_settings, requires_postgres
-from tests.test_registry import Constant, children, register_versions, shared_backend
+from tests.unit.test_registry import Constant, children, register_versions, shared_backend
 
 WORKERS = 8
 NAME = "raced"

@@ -32,7 +32,7 @@ from tests.load.traffic import (
 )
 from training.trend.model import TrendRequest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = shared_histories()
 
 

@@ -234,18 +234,28 @@ def test_a_server_without_a_token_listens_on_loopback_only(
         assert bind_host(settings, host, insecure) == bound
 
 
-@pytest.mark.parametrize("command", ["serve", "api"])
-def test_the_servers_refuse_to_listen_beyond_loopback_without_a_token(tmp_path, command) -> None:
+@pytest.mark.parametrize(
+    ("command", "refusal"),
+    [
+        (["serve"], "refusing to listen on 0.0.0.0 without a token"),
+        (["api"], "refusing to listen on 0.0.0.0 without a token"),
+        # Feast's server has no token to set: beyond loopback only when told --insecure.
+        (["features", "serve"], "refusing to serve the feature store on 0.0.0.0"),
+    ],
+)
+def test_the_servers_refuse_to_listen_beyond_loopback_without_a_token(
+    tmp_path, command, refusal
+) -> None:
     settings = make_settings(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "entrypoints.cli", command, "--host", "0.0.0.0", "--port", "1"],
+        [sys.executable, "-m", "entrypoints.cli", *command, "--host", "0.0.0.0", "--port", "1"],
         env={**os.environ, **settings.to_env()},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2
-    assert "refusing to listen on 0.0.0.0 without a token" in result.stderr
+    assert refusal in result.stderr
 
 
 def test_a_token_that_can_never_match_is_refused_without_quoting_it(tmp_path) -> None:

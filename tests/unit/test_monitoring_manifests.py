@@ -13,13 +13,15 @@ import serving.model_server.versions  # noqa: F401  (registers the serving metri
 from monitoring.performance import PERFORMANCE_DROP
 from serving.backend.costs import COST_METRICS
 
-MANIFESTS = Path(__file__).resolve().parents[1] / "manifests" / "monitoring"
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "monitoring"
 SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
 
 
 def exported() -> set[str]:
     names = {PERFORMANCE_DROP}  # pushed by the monitoring pipeline, not scraped
-    names.update(COST_METRICS)  # registered by the server with its ledger (tests/test_costs.py)
+    names.update(
+        COST_METRICS
+    )  # registered by the server with its ledger (tests/serving/test_costs.py)
     for family in REGISTRY.collect():
         names.add(family.name)
         names.update(family.name + suffix for suffix in SUFFIXES)

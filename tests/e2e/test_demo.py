@@ -1,6 +1,6 @@
 """The demo's parts that run before and beside the pipelines: its budgets, the progress it reads
 from kfp.local's logs, a failed pipeline, and the inputs it sends. The whole demo runs in
-tests/test_e2e.py."""
+tests/e2e/test_e2e.py."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def test_to_env_round_trips(tmp_path: Path):
 
 
 def test_every_field_is_documented_and_has_an_environment_variable():
-    source = Path(__file__).parents[1].joinpath("contentml", "settings.py").read_text()
+    source = Path(__file__).parents[2].joinpath("contentml", "settings.py").read_text()
     for field in dataclasses.fields(Settings):
         assert field.metadata["env"]
         assert f"    {field.name}:" in source

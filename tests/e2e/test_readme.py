@@ -11,7 +11,7 @@ import pytest
 
 from entrypoints.cli import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 DEPLOY_GUIDE = (ROOT / "docs" / "deploy.md").read_text()
 

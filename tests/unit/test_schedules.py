@@ -20,7 +20,7 @@ from entrypoints.runner import (
 )
 from tests.conftest import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEDULES = ROOT / "manifests" / "base" / "pipelines" / "schedules.yaml"
 
 

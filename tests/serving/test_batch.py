@@ -1,7 +1,7 @@
 """Batch jobs: the store's bookkeeping (each result once, dead letters, statuses, dead workers'
 chunks), priorities in the queue, and real `contentml batch worker` processes answering jobs on
 the embedded SQLite queue and on Redis + PostgreSQL. A worker killed in the middle of a job is in
-tests/test_e2e.py, where a trend champion makes chunks take real time."""
+tests/e2e/test_e2e.py, where a trend champion makes chunks take real time."""
 
 from __future__ import annotations
 

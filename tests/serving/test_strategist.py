@@ -42,7 +42,9 @@ from training.quality.gate import Decision
 SERVING_URL = "http://serving.test"
 HOSTED_URL = "https://api.hosted.test/v1"
 OURS, HOSTED = "serving.test", "api.hosted.test"
-DEFAULT_PROVIDERS = Path(__file__).resolve().parents[1] / "serving" / "script_providers.yaml"
+DEFAULT_PROVIDERS = (
+    Path(__file__).resolve().parents[2] / "serving" / "caller" / "script_providers.yaml"
+)
 
 OUR_PROVIDER = {"name": "contentml", "model": "script"}
 HOSTED_PROVIDER = {

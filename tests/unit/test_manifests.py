@@ -175,7 +175,7 @@ WORKLOADS = [
     ("InferenceService", "script", cluster.Workload.SCRIPT),
 ]
 """The rendered pods of the `contentml` namespace and what they do (the TrainJob is training's,
-tests/test_llm_trainjob.py)."""
+tests/model/test_llm_trainjob.py)."""
 
 
 def _credentials(document: dict) -> list[dict]:

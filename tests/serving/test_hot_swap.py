@@ -34,7 +34,7 @@ from serving.model_server.cache import CacheConfig, LruCache, make_cache
 from serving.model_server.trend import TrendModel
 from serving.model_server.versions import ServingOptions, split_bucket
 from serving.server import parse_canary
-from tests.conftest import make_settings, requires_redis
+from tests.conftest import make_settings, requires_redis, wait_until
 from training.trend.ensemble import EnsembleConfig
 from training.trend.forecasters import Member
 from training.trend.train import log_saved_model, train
@@ -110,6 +110,12 @@ def versions(settings: Settings, client, tmp_path_factory) -> list[str]:
     assert registered == ["1", "2", "3"]
     break_version(client, "3")
     return registered
+
+
+def served_version(url: str) -> str | None:
+    """The champion version the server at `url` reports serving, from its /metrics."""
+    value = scrape(url).get(series("contentml_served_version", model=NAME, alias="champion"))
+    return None if value is None else str(int(value))
 
 
 def champion_is(client, version: str) -> None:
@@ -365,9 +371,11 @@ class LoadGenerator:
             time.sleep(0.02)
         raise AssertionError(f"v{version} not served {SWITCH_LIMIT_SECONDS} s after the change")
 
-    def versions_sent_after(self, moment: float, until: float) -> set[str | None]:
+    def versions_sent_after(self, moment: float, until: float, collect=set) -> set[str | None]:
+        """The versions that answered requests sent after `moment`, done before `until`;
+        `collect=list` keeps one per request."""
         with self._lock:
-            return {c.version for c in self.calls if moment < c.sent and c.done < until}
+            return collect(c.version for c in self.calls if moment < c.sent and c.done < until)
 
 
 @pytest.fixture(scope="module")
@@ -379,10 +387,10 @@ def server(versions, settings: Settings, client) -> Iterator[str]:
 
 def test_zero_failed_requests_through_five_promote_rollback_cycles(server: str, client):
     champion_is(client, "1")
-    time.sleep(3 * POLL_SECONDS)
+    wait_until(lambda: served_version(server) == "1", SWITCH_LIMIT_SECONDS, "v1 served")
     switches: list[float] = []
     with LoadGenerator(server) as load:
-        time.sleep(1.0)
+        wait_until(lambda: len(load.calls) >= 20, 30, "the load's first 20 answers")
         for _ in range(5):
             for change, version in (
                 (lambda: registry.promote(client, NAME, "2", reason="cycle"), "2"),
@@ -392,7 +400,14 @@ def test_zero_failed_requests_through_five_promote_rollback_cycles(server: str, 
                 change()
                 switches.append(load.switch_seconds(version, changed))
                 switched = changed + switches[-1]
-                time.sleep(1.0)  # serve the new version a while
+                # Serve the new version a while: 20 requests sent after the switch answered.
+                wait_until(
+                    lambda since=switched: (
+                        len(load.versions_sent_after(since, time.monotonic(), list)) >= 20
+                    ),
+                    30,
+                    f"20 answers of v{version}",
+                )
                 # Once answered by the new version, never again by the old one.
                 assert load.versions_sent_after(switched, time.monotonic()) == {version}
     failed = [c.error for c in load.calls if c.error is not None]
@@ -417,14 +432,15 @@ def test_zero_failed_requests_through_five_promote_rollback_cycles(server: str, 
 
 def test_a_broken_version_is_reported_and_the_old_one_keeps_serving(server: str, client):
     champion_is(client, "1")
+    failures = series("contentml_model_load_failures_total", model=NAME, version="3")
     with LoadGenerator(server, threads=2) as load:
-        time.sleep(1.0)
+        wait_until(lambda: len(load.calls) >= 10, 30, "the load's first 10 answers")
         registry.promote(client, NAME, "3", reason="broken artifacts", force=True)
-        time.sleep(6 * POLL_SECONDS)
+        wait_until(lambda: scrape(server).get(failures) == 1, 30, "v3's failed load reported")
+        wait_until(lambda: len(load.calls) >= 40, 30, "answers while v3 is the champion")
         registry.rollback(client, NAME)
     assert {c.version for c in load.calls} == {"1"}
     assert all(c.error is None for c in load.calls)
-    failures = series("contentml_model_load_failures_total", model=NAME, version="3")
     assert scrape(server)[failures] == 1
 
 
