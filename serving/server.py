@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
 from kserve.errors import ModelNotReady
+from kserve.model import BaseKServeModel
 from kserve.model_repository import ModelRepository
 from kserve.model_server import app
 from starlette.types import ASGIApp
@@ -154,6 +155,28 @@ WORKER_SHUTDOWN_SECONDS = 50.0
 """A stopping worker finishes its chunk this long, within Kubernetes' 60 s grace period."""
 
 
+class ServedModels(ModelRepository):
+    """KServe's model repository, whose `load` (a no-op in KServe) loads again, and registers
+    again, a model this server serves after `/v2/repository/models/{name}/unload` took it out
+    (KServe's unload marks it not ready)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.served: dict[str, BaseKServeModel] = {}
+
+    def update(self, model: BaseKServeModel, name: str | None = None) -> None:
+        super().update(model, name)
+        self.served[name or model.name] = model
+
+    def load(self, name: str) -> bool:
+        model = self.served.get(name)
+        if model is None:
+            return False
+        model.load()
+        super().update(model, name)
+        return model.ready
+
+
 class BoundModelServer(ModelServer):
     """KServe's ModelServer listening on `host`; KServe's own always listens on every
     interface. gRPC is off: the token check (`serving/admission.py`) guards HTTP only."""
@@ -195,6 +218,7 @@ def serve(
     server = BoundModelServer(
         host,
         http_port=port,
+        registered_models=ServedModels(),
         workers=1,
         grace_period=settings.shutdown_grace_seconds,
         enable_latency_logging=False,
@@ -258,7 +282,7 @@ def serve(
             prediction_log.close()
 
 
-def finish_app(app: FastAPI, admission: Admission, repository: ModelRepository) -> None:
+def finish_app(app: FastAPI, admission: Admission, repository: ServedModels) -> None:
     """Make `AdmissionMiddleware` the outermost middleware of KServe's `app`, take out
     KServe's `TimingMiddleware`, and answer a model that is not ready with why. KServe adds
     its middlewares and exception handlers when the server starts, outside (and over) any
@@ -269,10 +293,17 @@ def finish_app(app: FastAPI, admission: Admission, repository: ModelRepository) 
       of the event loop's time at saturation, for figures the Prometheus histograms (KServe's
       and `serving.model_server.versions`') already hold.
     - KServe's 503 for a model not ready says only that; ours says why and, for a model with
-      no champion yet, which command trains one."""
+      no champion yet, which command trains one. A model this server does not serve is 404.
+    - KServe answers 501 for what it does not implement (a model version in the path or
+      query, `:explain` without an explainer): here that is a resource not offered, 404."""
     build = app.build_middleware_stack
 
     async def model_not_ready(_: Request, error: ModelNotReady) -> JSONResponse:
+        if error.model_name not in repository.served:
+            return JSONResponse(
+                status_code=HTTPStatus.NOT_FOUND,
+                content={"error": f"no model {error.model_name!r} is served here"},
+            )
         model = repository.get_model(error.model_name)
         reason = model.not_ready_reason() if isinstance(model, OffLoopModel) else "not loaded"
         return JSONResponse(
@@ -280,9 +311,16 @@ def finish_app(app: FastAPI, admission: Admission, repository: ModelRepository) 
             content={"error": f"model {error.model_name!r} is not ready: {reason}"},
         )
 
+    async def not_offered(_: Request, error: NotImplementedError) -> JSONResponse:
+        return JSONResponse(
+            status_code=HTTPStatus.NOT_FOUND,
+            content={"error": f"not offered by this server: {error}"},
+        )
+
     def build_middleware_stack() -> ASGIApp:
         app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
         app.exception_handlers[ModelNotReady] = model_not_ready
+        app.exception_handlers[NotImplementedError] = not_offered
         return AdmissionMiddleware(build(), admission)
 
     app.build_middleware_stack = build_middleware_stack

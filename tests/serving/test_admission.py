@@ -17,7 +17,6 @@ import httpx
 import psutil
 import pytest
 from fastapi import FastAPI
-from kserve.model_repository import ModelRepository
 from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -41,7 +40,7 @@ from serving.admission import (
 from serving.backend.batch import MAX_BATCH_BODY_BYTES
 from serving.backend.tasks import MAX_BODY_BYTES as MAX_TASK_BODY_BYTES
 from serving.model_server.revenue import MAX_BODY_BYTES as MAX_REWARDS_BODY
-from serving.server import MAX_MODEL_BODY_BYTES, finish_app
+from serving.server import MAX_MODEL_BODY_BYTES, ServedModels, finish_app
 from tests.conftest import make_settings
 
 TOKEN = "s3cret-Token_1"
@@ -405,7 +404,7 @@ def test_on_kserves_app_admission_is_outermost_and_timing_is_gone() -> None:
     app.add_api_route(
         "/v1/models/{name}:predict", lambda name: {"predictions": [1.0]}, methods=["POST"]
     )
-    finish_app(app, Admission(1, models=frozenset({"trend"})), ModelRepository())
+    finish_app(app, Admission(1, models=frozenset({"trend"})), ServedModels())
     app.add_middleware(TimingMiddleware, client=Timings())  # as KServe's RESTServer does
     app.middleware("http")(passing)
     with TestClient(app) as client:
@@ -490,6 +489,20 @@ def test_sigterm_turns_not_ready_and_finishes_every_request_in_flight(tmp_path) 
         # Hostile model names and oversized bodies are refused before KServe's handlers.
         hostile = httpx.post(f"{url}/v1/models/%2e%2e:predict", json=choose)
         assert hostile.status_code == 400 and "'..'" in hostile.json()["error"]
+        # What KServe leaves unimplemented or answers 503 for is 404 here, never 5xx: a model
+        # version in the path, :explain, loading a model this server does not serve. A model
+        # unloaded is loaded again.
+        for method, path in (
+            ("GET", "/v2/models/revenue/versions/1/ready"),
+            ("POST", "/v1/models/revenue:explain"),
+            ("POST", "/v2/repository/models/nope/load"),
+        ):
+            answer = httpx.request(method, f"{url}{path}", json=choose)
+            assert answer.status_code == 404, (path, answer.text)
+        assert httpx.post(f"{url}/v2/repository/models/revenue/unload").status_code == 200
+        assert httpx.post(f"{url}/v1/models/revenue:predict", json=choose).status_code == 404
+        assert httpx.post(f"{url}/v2/repository/models/revenue/load").status_code == 200
+        assert httpx.post(f"{url}/v1/models/revenue:predict", json=choose).status_code == 200
         oversized = b"[" + b" " * MAX_MODEL_BODY_BYTES + b"]"
         predict = f"{url}/v1/models/revenue:predict"
         assert httpx.post(predict, content=oversized, timeout=30).status_code == 413
