@@ -377,18 +377,36 @@ def _message(error: object, fallback: str) -> str:
     return _quote(fallback)
 
 
-def _script_text(completion: object) -> str:
-    """The message content of a chat completion; BadResponse if there is none."""
+class MalformedCompletion(ValueError):
+    """An answer of an OpenAI-compatible endpoint that is not a chat completion with text."""
+
+    def __init__(self, problem: str, body: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.body = body
+
+
+def chat_text(completion: object) -> str:
+    """The message content of a chat completion (the client's and the strategist's parsing);
+    `MalformedCompletion` naming what is missing."""
     if isinstance(completion, str):
         # The openai client hands back the text of an answer that is not JSON.
-        raise BadResponse(Task.SCRIPT, "not JSON", completion)
+        raise MalformedCompletion("not JSON", completion)
     try:
         content = completion.choices[0].message.content  # type: ignore[attr-defined]
     except (AttributeError, IndexError, TypeError) as e:
-        raise BadResponse(Task.SCRIPT, "no choices[0].message", repr(completion)) from e
+        raise MalformedCompletion("no choices[0].message", repr(completion)) from e
     if not isinstance(content, str):
-        raise BadResponse(Task.SCRIPT, "message has no text content", repr(completion))
+        raise MalformedCompletion("message has no text content", repr(completion))
     return content
+
+
+def _script_text(completion: object) -> str:
+    """The message content of a chat completion; BadResponse if there is none."""
+    try:
+        return chat_text(completion)
+    except MalformedCompletion as e:
+        raise BadResponse(Task.SCRIPT, e.problem, e.body) from e
 
 
 def _quote(text: str) -> str:

@@ -57,6 +57,8 @@ from serving.caller.client import (
     ClientError,
     ContentMLClient,
     ContentMLClientError,
+    MalformedCompletion,
+    chat_text,
 )
 from training.quality.gate import Decision
 
@@ -742,14 +744,11 @@ def _estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
 
 def _answer(completion: object) -> _Answer:
     """Text and usage of a chat completion; `ProviderUnavailable` if it is not one."""
-    if isinstance(completion, str):
-        # The openai client hands back the text of an answer that is not JSON.
-        raise ProviderUnavailable(f"malformed answer, not JSON: {completion[:200]!r}")
     try:
-        text = completion.choices[0].message.content  # type: ignore[attr-defined]
-    except (AttributeError, IndexError, TypeError) as e:
-        raise ProviderUnavailable("malformed answer, no choices[0].message") from e
-    if not isinstance(text, str) or not text.strip():
+        text = chat_text(completion)
+    except MalformedCompletion as e:
+        raise ProviderUnavailable(f"malformed answer, {e.problem}: {e.body[:200]!r}") from e
+    if not text.strip():
         raise ProviderUnavailable("malformed answer, no script text")
     usage = getattr(completion, "usage", None)
     return _Answer(
