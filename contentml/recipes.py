@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
+from types import NoneType
 from typing import Any, TypeVar
 
 import yaml
@@ -19,21 +20,22 @@ class ConfigError(UserError):
     """A training recipe has a value training cannot use."""
 
 
-def check_field_types(recipe: Any) -> None:
-    """Raise `ConfigError` naming the first field whose value does not have its declared type.
+def check_field_types(config: Any, error: type[Exception] = ConfigError) -> None:
+    """Raise `error` naming the first field of the dataclass `config` whose value does not
+    have its declared type: every recipe's and config's check (the script providers' too).
 
     A float field takes ints; `bool` is not taken for an int (`epochs: true` is a mistake, not
-    1 epoch); a `list[str]` field takes a list of strings.
+    1 epoch); a `list[str]` field takes a list of strings, a `tuple[...]` field a tuple.
     """
-    hints = typing.get_type_hints(type(recipe))
-    for f in dataclasses.fields(recipe):
-        value = getattr(recipe, f.name)
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
         allowed = _accepted_types(hints[f.name])
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            names = " or ".join(t.__name__ for t in allowed)
-            raise ConfigError(f"{f.name} must be {names}, not {value!r}")
+            names = " or ".join(_type_name(t) for t in dict.fromkeys(allowed))
+            raise error(f"{f.name} must be {names}, not {value!r}")
         if isinstance(value, list) and not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"{f.name} must be a list of strings, not {value!r}")
+            raise error(f"{f.name} must be a list of strings, not {value!r}")
 
 
 def load_recipe(cls: type[Recipe], path: Path | None = None, **overrides: Any) -> Recipe:
@@ -65,7 +67,15 @@ def load_recipe(cls: type[Recipe], path: Path | None = None, **overrides: Any) -
 
 def _accepted_types(hint: Any) -> tuple[type, ...]:
     """`int | None` -> (int, NoneType); `list[str]` -> (list,); a float field takes ints."""
-    if typing.get_origin(hint) is list:
-        return (list,)
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        return (origin,)
     types = typing.get_args(hint) or (hint,)
     return (*types, int) if float in types else types
+
+
+def _type_name(accepted: type) -> str:
+    """How an error names a type: YAML's words for None and sequences."""
+    if accepted is NoneType:
+        return "null"
+    return "a list" if accepted in (list, tuple) else accepted.__name__

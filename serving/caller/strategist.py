@@ -37,12 +37,11 @@ import math
 import os
 import threading
 import time
-import typing
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import NoneType, TracebackType
+from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 import httpx
@@ -51,6 +50,7 @@ import yaml
 
 from contentml.errors import UserError
 from contentml.protocol import OPENAI_ROUTE_PREFIX, TIMEOUT_HEADER, Task
+from contentml.recipes import check_field_types
 from contentml.settings import Settings
 from serving.caller.client import (
     PLACEHOLDER_API_KEY,
@@ -185,7 +185,7 @@ class ProviderConfig:
     skipped, and the providers before it stop in time to leave it this much."""
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_field_types(self, ProviderConfigError)
         for name in ("name", "model", "api_key_env"):
             value = getattr(self, name)
             if value is not None and not value.strip():
@@ -227,7 +227,7 @@ class StrategistConfig:
     """Most scripts cached; the oldest makes room for a new one."""
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_field_types(self, ProviderConfigError)
         if not self.providers or not all(isinstance(p, ProviderConfig) for p in self.providers):
             raise ProviderConfigError("providers must be a non-empty list of providers")
         names = [p.name for p in self.providers]
@@ -780,25 +780,6 @@ def _required(name: str, value: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} must be a non-empty string, not {value!r}")
     return value.strip()
-
-
-def _check_types(config: Any) -> None:
-    """Each field of a config dataclass has its annotated type (a float field takes an int;
-    an int field does not take a bool)."""
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        hint = hints[f.name]
-        allowed = (typing.get_origin(hint),) if typing.get_origin(hint) is tuple else None
-        allowed = allowed or typing.get_args(hint) or (hint,)
-        if float in allowed:
-            allowed = (*allowed, int)
-        value = getattr(config, f.name)
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            names = " or ".join(
-                "null" if t is NoneType else "a list" if t is tuple else t.__name__
-                for t in dict.fromkeys(allowed)
-            )
-            raise ProviderConfigError(f"{f.name} must be {names}, not {value!r}")
 
 
 def _check_keys(path: Path, where: str, raw: Mapping[Any, Any], config: type) -> None:

@@ -56,7 +56,7 @@ def videos() -> pd.DataFrame:
         ({"precision": "bf16-mixed"}, "precision on cpu must be '32-true'"),
         ({"hidden_size": 130}, "hidden_size must be a multiple of num_heads"),
         ({"launcher": "slurm"}, "launcher must be one of"),
-        ({"lora_target_modules": "q_proj"}, "lora_target_modules must be list"),
+        ({"lora_target_modules": "q_proj"}, "lora_target_modules must be a list"),
         ({"lora_target_modules": [1]}, "lora_target_modules must be a list of strings"),
         ({"devices": True}, "devices must be int"),
         ({"warmup_steps": 200}, r"warmup_steps must be in \[0, max_steps\)"),

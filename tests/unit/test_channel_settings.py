@@ -88,7 +88,7 @@ def test_the_packaged_space_is_the_four_channel_settings():
         ("hour: {kind: int, low: 0}", "hour: high is needed"),
         ("hour: {kind: int, low: 0, high: 23.5}", "hour: high must be a whole number"),
         ("hour: {kind: int, low: 23, high: 0}", r"hour: low \(23\) must be below high"),
-        ("hour: {kind: int, low: zero, high: 23}", "hour: low must be float or NoneType or int"),
+        ("hour: {kind: int, low: zero, high: 23}", "hour: low must be float or null or int"),
         ("length: {kind: float, low: 0, high: 9, log: true}", "length: low must be positive"),
         ("cadence: {kind: categorical}", "cadence: choices must list"),
         ("cadence: {kind: categorical, choices: [a, a]}", "cadence: choices must be distinct"),
