@@ -61,6 +61,7 @@ from serving.backend.costs import MAX_NAME, BookedName, CostEntry, CostLedger, c
 from serving.caller.client import ClientError, ContentMLClientError
 from serving.caller.strategist import AllProvidersFailed, ContentStrategist
 from serving.model_server.quality import MAX_TEXT_CHARS, QualityRequest
+from serving.model_server.versions import CachedPredictor
 from training.trend.metrics import direction, seasonal_naive
 from training.trend.model import MAX_HISTORY, MAX_HORIZON, MIN_HISTORY
 
@@ -335,13 +336,9 @@ class TaskAnswerer:
     def trend_fallback(self, body: TrendBody) -> TrendAnswer:
         """The cached forecast of this request, else the seasonal-naive one."""
         model = self.models.get("trend")
-        cache = getattr(model, "cache", None)
-        if model is not None and cache is not None and model.ready:
-            version = model.serving.champion.version
-            request = model.parse({"instances": [body.instance()]})
-            (hit,) = cache.get_many(version, model.model_inputs(request))
-            if hit is not None:
-                return _trend_answer({**hit, "model_version": version}, body, fallback=True)
+        hit = model.cached_answer(body.instance()) if isinstance(model, CachedPredictor) else None
+        if hit is not None:
+            return _trend_answer(hit, body, fallback=True)
         return naive_forecast(body)
 
     def _predict(self, name: str, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:

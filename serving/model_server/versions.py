@@ -411,6 +411,16 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
                 self.name, version, request_id, inputs, answers, latency_s, indices
             )
 
+    def cached_answer(self, instance: dict[str, Any]) -> dict[str, Any] | None:
+        """The champion's cached answer to one V1 instance, with its `model_version`; None when
+        there is none (no cache, no champion, not asked before). The fallback of a late one."""
+        if self.cache is None or not self.ready:
+            return None
+        version = self.serving.champion.version
+        (inputs,) = self.model_inputs(self.parse({"instances": [instance]}))
+        (hit,) = self.cache.get_many(version, [inputs])
+        return None if hit is None else {**hit, "model_version": version}
+
     def answer(self, state: S, inputs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Answers of `state`'s version, from the cache where it has them."""
         with self.observe(state.version):

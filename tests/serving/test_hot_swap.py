@@ -30,6 +30,8 @@ from contentml.errors import UserError
 from contentml.registry import Alias
 from contentml.settings import Settings
 from entrypoints.demo import free_port, model_server
+from serving.backend.costs import CostLedger
+from serving.backend.tasks import TaskAnswerer, TrendBody
 from serving.model_server.cache import CacheConfig, LruCache, make_cache
 from serving.model_server.trend import TrendModel
 from serving.model_server.versions import ServingOptions, split_bucket
@@ -170,6 +172,26 @@ def test_a_swap_serves_the_new_version_and_a_rollback_finds_its_answers_cached(
     assert sample("contentml_cache_lookups_total", model=NAME, version="1", result="hit") == (
         hits + 2
     )
+
+
+def test_a_late_trend_task_falls_back_to_the_champions_cached_forecast(versions, settings, client):
+    champion_is(client, "1")
+    model = loaded(settings)
+    assert model.cached_answer(REPEATED) is None  # not asked yet
+    (answer,) = model.predict_now({"instances": [REPEATED]})["predictions"]
+    assert model.cached_answer(REPEATED)["forecast"] == answer["forecast"]
+    ledger = CostLedger.from_settings(settings)
+    answerer = TaskAnswerer(settings, [model], ledger)
+    try:
+        body = TrendBody(history=REPEATED["history"], horizon=REPEATED["horizon"])
+        fallback = answerer.trend_fallback(body)
+        assert fallback.fallback and fallback.model_version == "1"
+        assert fallback.forecast == answer["forecast"]
+        other = TrendBody(history=(BASE[-336:] + 1).tolist(), horizon=24)
+        assert answerer.trend_fallback(other).model_version == "seasonal-naive"
+    finally:
+        answerer.close()
+        ledger.close()
 
 
 def test_a_pinned_version_ignores_the_aliases(versions, settings, client):
