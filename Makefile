@@ -30,7 +30,7 @@ demo: install
 # and child processes starting, so the 2 cores are busier (18 -> 14 minutes).
 test: install
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 
 # The inner loop: the tests not marked slow (tests/unit, data, model, serving, e2e by kind).
 test-fast: install

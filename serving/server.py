@@ -298,14 +298,21 @@ def finish_app(app: FastAPI, admission: Admission, repository: ServedModels) -> 
       query, `:explain` without an explainer): here that is a resource not offered, 404."""
     build = app.build_middleware_stack
 
-    async def model_not_ready(_: Request, error: ModelNotReady) -> JSONResponse:
+    async def model_not_ready(request: Request, error: ModelNotReady) -> JSONResponse:
         if error.model_name not in repository.served:
             return JSONResponse(
                 status_code=HTTPStatus.NOT_FOUND,
                 content={"error": f"no model {error.model_name!r} is served here"},
             )
-        model = repository.get_model(error.model_name)
+        model = repository.served[error.model_name]
         reason = model.not_ready_reason() if isinstance(model, OffLoopModel) else "not loaded"
+        if request.url.path.endswith("/load"):
+            # A load asked of a model that cannot be loaded now (no champion yet): the
+            # registry's state is in the way, not the server's health.
+            return JSONResponse(
+                status_code=HTTPStatus.CONFLICT,
+                content={"error": f"model {error.model_name!r} cannot be loaded: {reason}"},
+            )
         return JSONResponse(
             status_code=HTTPStatus.SERVICE_UNAVAILABLE,
             content={"error": f"model {error.model_name!r} is not ready: {reason}"},

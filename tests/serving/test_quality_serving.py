@@ -101,6 +101,9 @@ def test_a_server_on_an_empty_home_serves_quality_once_training_beside_it_makes_
             assert response.status_code == 503, (path, response.text)
             problem = response.json().get("error") or response.json().get("detail")
             assert "no champion yet" in problem and "contentml quality train" in problem, path
+        # Asked to load it, the server says what stands in the way: a conflict, not a 5xx.
+        load = httpx.post(f"{url}/v2/repository/models/quality/load")
+        assert load.status_code == 409 and "no champion yet" in load.json()["error"], load.text
 
         request.getfixturevalue("trained")  # `contentml quality train`: gated to champion
         deadline = time.monotonic() + POLL_SECONDS + 5
