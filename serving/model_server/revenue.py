@@ -77,6 +77,7 @@ class RevenueModel(OffLoopModel):
                 f'(V1 protocol), each {{"experiment": "E", "arms": ["a", "b"]}}'
             )
         requests = []
+        first_named: dict[str, int] = {}
         for index, instance in enumerate(instances):
             if not isinstance(instance, dict) or not {"experiment", "arms"} <= set(instance):
                 raise InvalidInput(f"instance {index}: needs 'experiment' and 'arms'")
@@ -95,7 +96,23 @@ class RevenueModel(OffLoopModel):
                 )
             except ExperimentError as e:
                 raise InvalidInput(f"instance {index}: {e}") from e
-            requests.append((instance["experiment"], list(instance["arms"]), metric, policy, found))
+            name = instance["experiment"]
+            if name in first_named:
+                # Both new here, the check above saw neither: they must agree.
+                _, arms, first_metric, first_policy, _ = requests[first_named[name]]
+                if (
+                    list(instance["arms"]) != arms
+                    or None not in (metric, first_metric)
+                    and metric != first_metric
+                    or None not in (policy, first_policy)
+                    and policy != first_policy
+                ):
+                    raise InvalidInput(
+                        f"instance {index}: experiment {name!r} differs from instance "
+                        f"{first_named[name]}'s (arms, metric or policy) in the same request"
+                    )
+            first_named.setdefault(name, index)
+            requests.append((name, list(instance["arms"]), metric, policy, found))
         return requests
 
     def predict_now(self, payload: Any, headers: dict[str, str] | None = None) -> dict:
@@ -104,7 +121,10 @@ class RevenueModel(OffLoopModel):
         predictions = []
         for name, arms, metric, policy, found in requests:
             # Created on first use; an existing experiment was read (and checked) above.
-            experiment = found or self.store.ensure(name, arms, metric, policy)
+            try:
+                experiment = found or self.store.ensure(name, arms, metric, policy)
+            except ExperimentError as e:  # another replica created it otherwise meanwhile
+                raise InvalidInput(str(e)) from e
             stats = self.store.stats_of(experiment)
             choice = choose(stats, experiment.kind, experiment.policy, self.rng)
             self.store.record_impression(name, choice.arm)

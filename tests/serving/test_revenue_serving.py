@@ -132,6 +132,26 @@ def started_counts(url: str, experiment: str) -> list[tuple[int, int]]:
             {"instances": [{"experiment": "e3", "arms": ["a", "b"]}, {"experiment": "e3"}]},
             "instance 1",
         ),
+        # A new experiment named twice with other arms (or metric) in one request (fuzzing).
+        (
+            {
+                "instances": [
+                    {"experiment": "e3", "arms": ["a", "b", "c"]},
+                    {"experiment": "e2", "arms": ["x", "y"]},
+                    {"experiment": "e3", "arms": ["b", "c"], "metric": "rpm"},
+                ]
+            },
+            "instance 2: experiment 'e3' differs from instance 0's",
+        ),
+        (
+            {
+                "instances": [
+                    {"experiment": "e3", "arms": ["a", "b"], "metric": "ctr"},
+                    {"experiment": "e3", "arms": ["a", "b"], "metric": "rpm"},
+                ]
+            },
+            "instance 1: experiment 'e3' differs",
+        ),
     ],
 )
 def test_a_malformed_choice_gets_400_and_stores_nothing(server, payload, problem):
