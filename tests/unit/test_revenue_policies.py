@@ -18,7 +18,7 @@ from training.revenue.policies import (
     expected_loss,
     probability_best,
 )
-from training.revenue.report import MIN_REWARDS, report, report_html
+from training.revenue.report import MIN_REWARDS, recommendation, report, report_html
 from training.revenue.simulator import Simulator, WatchTimeSimulator, run_bandit
 
 RATES = {"plain": 0.04, "bold": 0.08, "question": 0.05}
@@ -221,6 +221,15 @@ def test_report_says_continue_for_equal_arms_and_for_too_little_data():
     # posterior is in the probability of being best.
     starved = stats_of({"a": (5, 0.0), "b": (5_000, 2_500.0)})
     assert report(starved, Metric.CTR)["recommendation"].startswith("stop: b is best")
+
+
+def test_an_arm_that_leads_on_its_prior_alone_is_no_reason_to_stop():
+    """Found by fuzzing: a report whose leading arm had no rewards was a 500."""
+    stats = [*stats_of({"a": (MIN_REWARDS, 10.0)}), ArmStats("new", 3, 0, 0.0, 0.0)]
+    best = {"arm": "new", "mean": None, "probability_best": 0.99, "expected_loss": 0.0}
+    assert recommendation(stats, Metric.RPM, best) == (
+        "continue: new leads on its prior alone: it has no rewards yet"
+    )
 
 
 def test_report_html_plots_every_arm():

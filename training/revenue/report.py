@@ -113,6 +113,8 @@ def recommendation(stats: Sequence[ArmStats], metric: Metric, best: dict) -> str
     total = sum(s.rewards for s in stats)
     if total < MIN_REWARDS:
         return f"continue: not enough data ({total} of the {MIN_REWARDS} rewards needed)"
+    if best["mean"] is None:
+        return f"continue: {best['arm']} leads on its prior alone: it has no rewards yet"
     threshold = max(LOSS_TOLERANCE * abs(best["mean"]), LOSS_FLOOR[Metric(metric)])
     arm, p, loss = best["arm"], best["probability_best"], best["expected_loss"]
     if p >= STOP_PROBABILITY and loss < threshold:
