@@ -70,17 +70,23 @@ def start_local(settings: Settings, name: str, arguments: dict[str, Any]) -> str
     return f"local pid {process.pid}, log {log}"
 
 
+def kfp_client(settings: Settings, purpose: str) -> Any:
+    """A `kfp.Client` for `settings.kfp_host`; `PipelineError` saying `purpose` needs one
+    when it is unset."""
+    if not settings.kfp_host:
+        raise PipelineError(f"{purpose} needs the cluster's KFP: set KFP_HOST")
+    import kfp
+
+    return kfp.Client(host=settings.kfp_host)
+
+
 def submit_package(
     settings: Settings, package: Path, arguments: dict[str, Any], client: Any = None
 ) -> str:
     """Start a run of the compiled `package` on the cluster's KFP; returns the run id (visible
     in the KFP UI). `client`: a `kfp.Client` (default: one for `settings.kfp_host`)."""
     if client is None:
-        if not settings.kfp_host:
-            raise PipelineError("running on the cluster needs its KFP: set KFP_HOST")
-        import kfp
-
-        client = kfp.Client(host=settings.kfp_host)
+        client = kfp_client(settings, "running on the cluster")
     run = client.create_run_from_pipeline_package(
         str(package),
         arguments=arguments,

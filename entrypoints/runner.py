@@ -211,11 +211,7 @@ def schedule(
     {name: recurring run id}. One run at a time per schedule, no catch-up of missed runs.
     `client`: a `kfp.Client` (default: one for `settings.kfp_host`)."""
     if client is None:
-        if not settings.kfp_host:
-            raise PipelineError("scheduling needs the cluster's KFP: set KFP_HOST")
-        import kfp
-
-        client = kfp.Client(host=settings.kfp_host)
+        client = launch.kfp_client(settings, "scheduling")
     experiment_id = client.create_experiment(experiment).experiment_id
     listing = client.list_recurring_runs(experiment_id=experiment_id, page_size=200)
     existing: dict[str, list[str]] = {}
