@@ -10,6 +10,7 @@ from pathlib import Path
 from contentml.settings import Settings
 from entrypoints.cli.base import (
     OneLineParser,
+    UsageError,
     positive_int,
     print_json,
     write_yaml,
@@ -26,6 +27,32 @@ def cmd_llm_finetune(settings: Settings, args: argparse.Namespace) -> int:
     summary = finetune(settings, config)
     if summary is not None:  # rank 0 reports; the other ranks of a TrainJob stay quiet
         print_json({**summary, "seconds": round(time.monotonic() - started, 1)})
+    return 0
+
+
+def cmd_llm_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    if args.model_dir is not None and args.config is None:
+        raise UsageError("--model-dir needs --config: the recipe that says its held-out videos")
+    from training.llm.config import load_config
+    from training.llm.data import recipe_examples
+    from training.llm.evaluate import evaluate, load_folder, load_registered
+
+    started = time.monotonic()
+    config = load_config(Path(args.config)) if args.config else None
+    if args.model_dir is not None:
+        generator, source = load_folder(Path(args.model_dir)), {"model_dir": args.model_dir}
+    else:
+        loaded = load_registered(settings, None if args.version is None else str(args.version))
+        generator, source = loaded.generator, {"model": "script", "version": loaded.version}
+        config = config or loaded.recipe
+        if config is None:
+            raise UsageError(
+                f"script version {loaded.version}'s run logged no recipe: pass --config with "
+                "the recipe it was trained with"
+            )
+    train, validation = recipe_examples(settings.data_dir, config)
+    result = evaluate(generator, train, validation)
+    print_json({**source, **result, "seconds": round(time.monotonic() - started, 1)})
     return 0
 
 
@@ -53,6 +80,23 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     llm_finetune.add_argument("--max-steps", type=positive_int, default=None)
     llm_finetune.set_defaults(handler=cmd_llm_finetune)
+    llm_evaluate = llm_commands.add_parser(
+        "evaluate",
+        help="validation bits per byte beside a byte n-gram baseline, and sample generations",
+    )
+    which = llm_evaluate.add_mutually_exclusive_group()
+    which.add_argument(
+        "--version", type=positive_int, default=None, help="`script` version (default: champion)"
+    )
+    which.add_argument(
+        "--model-dir", default=None, help="a saved model and tokenizer instead (needs --config)"
+    )
+    llm_evaluate.add_argument(
+        "--config",
+        default=None,
+        help="the recipe it was trained with (default: the one its run logged)",
+    )
+    llm_evaluate.set_defaults(handler=cmd_llm_evaluate)
     llm_trainjob = llm_commands.add_parser(
         "trainjob", help="render the Kubeflow Trainer TrainJob of a `launcher: trainjob` recipe"
     )

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from training.data import load_youtube_trending
+from training.llm.config import FinetuneConfig
 
 IGNORE_INDEX = -100
 """Label of a token the loss skips: prompts and padding."""
@@ -86,13 +90,27 @@ def held_out(video_id: str, fraction: float) -> bool:
     return bucket / 0x1_0000_0000 < fraction
 
 
+def recipe_examples(data_dir: Path, config: FinetuneConfig) -> tuple[list[Example], list[Example]]:
+    """A recipe's training and validation examples: the first `max_examples` pairs of the
+    trending data in `data_dir`, split by `held_out`. Training, its gate and `llm evaluate` all
+    take them from here, so every score of a recipe's model is on the same videos."""
+    examples = instruction_pairs(load_youtube_trending(data_dir))[: config.max_examples]
+    train = [e for e in examples if not held_out(e.video_id, config.validation_fraction)]
+    validation = [e for e in examples if held_out(e.video_id, config.validation_fraction)]
+    return train, validation
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` in the chat template, ending where the assistant's turn starts:
+    the prompt as training saw it."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation and its labels: the prompt is `IGNORE_INDEX`,
     the response and its closing EOS are learned."""
-    prompt = tokenizer.apply_chat_template(
-        example.messages, tokenize=False, add_generation_prompt=True
-    )
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = render_prompt(tokenizer, example.messages)
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
     response_ids = [*response_ids, tokenizer.eos_token_id]
     return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids

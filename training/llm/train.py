@@ -26,12 +26,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from contentml import registry
 from contentml.settings import Settings
-from training import data as datasets
 from training.llm import data, model
 from training.llm.config import FinetuneConfig
 from training.llm.package import log_script_model
 
 MODEL_NAME = "script"
+RECIPE_ARTIFACT = "recipe.yaml"
+"""The run's recipe (`FinetuneConfig` fields), logged next to the model."""
 GATE_METRIC = "bits_per_byte"
 """Validation loss per UTF-8 byte of the responses: lower is better, and unlike loss per
 token it compares models with different tokenizers."""
@@ -123,11 +124,7 @@ def bits_per_byte(
 def finetune(settings: Settings, config: FinetuneConfig) -> dict | None:
     """Train, and on rank 0 export, register and gate; returns rank 0's summary (None on the
     other ranks)."""
-    examples = data.instruction_pairs(datasets.load_youtube_trending(settings.data_dir))
-    if config.max_examples is not None:
-        examples = examples[: config.max_examples]
-    validation = [e for e in examples if data.held_out(e.video_id, config.validation_fraction)]
-    train = [e for e in examples if not data.held_out(e.video_id, config.validation_fraction)]
+    train, validation = data.recipe_examples(settings.data_dir, config)
     corpus = [m["content"] for e in train for m in e.messages] + [e.response for e in train]
     tokenizer = model.load_tokenizer(config, corpus)
     peft_model = model.add_lora(model.load_base(config, tokenizer), config)
@@ -241,6 +238,9 @@ def _export(
             "tokens_per_second": tokens / train_seconds,
         }
         mlflow.log_params(config.to_dict())
+        # The recipe as a file its loader reads back: `llm evaluate` takes the run's held-out
+        # videos from it.
+        mlflow.log_dict(config.to_dict(), RECIPE_ARTIFACT)
         mlflow.log_metrics(metrics)
         for step, loss in enumerate(losses):
             mlflow.log_metric("train_loss", loss, step=step)
