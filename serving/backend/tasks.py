@@ -9,10 +9,10 @@ route per task, each answered within its SLA (the backend team's contract):
     POST /generate/script 30 s   {"topic": "...", "persona": "...", "channel": "optional"}
                                  -> {"script", "provider", "cost_usd", ...}
 
-A route maps its body onto the predictor that serves the model in this process (the same
-`predict()` as `/v1/models/<name>:predict`, so the prediction cache, the log and the metrics see
-it), or for scripts onto the ContentStrategist's provider chain. `TaskAnswerer.answer` takes a
-list of bodies: the batch workers (`serving/backend/batch.py`) answer a chunk of items with it.
+A route hands its body to the predictor that serves the model in this process (the same
+answer as `/v1/models/<name>:predict`, so the prediction cache, the log and the metrics see it),
+or for scripts to the ContentStrategist's provider chain. `TaskAnswerer.answer` takes a list of
+bodies: the batch workers (`serving/backend/batch/`) answer a chunk of items with it.
 
 SLAs are enforced here: the answer runs in a thread and the route stops waiting at the SLA.
 Work still waiting for a thread then is cancelled, and a thread that picks up work whose wait
@@ -24,7 +24,9 @@ is over skips it; each task's pool takes `MAX_WAITING_PER_TASK` waiting answers,
   `SCRIPT_ANSWER_MARGIN_SECONDS`, so a hung provider gives way to the next in time; a chain whose
   every provider failed (or had too little time left) is 503 with each provider's reason, one
   that is still late is 504.
-Bodies are validated by their pydantic models (422 naming the field; FastAPI's `detail` list);
+Bodies are the predictors' own request types (`TrendBody` is the trend model's `TrendRequest`
+with its history required, `/score/quality` takes `QualityRequest`), validated once (422 naming
+the field; FastAPI's `detail` list) and answered by the predictor's typed `answer(requests)`;
 bodies larger than `MAX_BODY_BYTES` are 413 (FastAPI's `max_body_size`). The OpenAPI schema at
 `/openapi.json` describes every route and body.
 """
@@ -34,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -63,7 +64,7 @@ from serving.caller.strategist import AllProvidersFailed, ContentStrategist
 from serving.model_server.quality import MAX_TEXT_CHARS, QualityRequest
 from serving.model_server.versions import CachedPredictor
 from training.trend.metrics import direction, seasonal_naive
-from training.trend.model import MAX_HISTORY, MAX_HORIZON, MIN_HISTORY
+from training.trend.model import MAX_HISTORY, MAX_HORIZON, MAX_SERIES_ID, MIN_HISTORY, TrendRequest
 
 logger = logging.getLogger(__name__)
 
@@ -91,33 +92,25 @@ provider chain's deadline."""
 # --- bodies and answers --------------------------------------------------------------------
 
 
-class TrendBody(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
+class TrendBody(TrendRequest):
+    """The trend predictor's request as the task route takes it: the history is required and
+    the series id is called `topic`. `TrendRequest` checks it; the fields here document it."""
 
-    history: list[float] = pydantic.Field(
+    series_id: str | None = pydantic.Field(
+        None,
+        validation_alias="topic",
+        serialization_alias="topic",
+        min_length=1,
+        max_length=MAX_SERIES_ID,
+        description="The topic's series id: a series the model was fitted on is answered "
+        "from its precomputed forecast while the history still ends as it did.",
+    )
+    history: list[float] = pydantic.Field(  # type: ignore[assignment]
         min_length=MIN_HISTORY,
         max_length=MAX_HISTORY,
         description="Hourly interest of the topic, oldest first.",
     )
     horizon: int = pydantic.Field(48, ge=1, le=MAX_HORIZON, description="Hours to forecast.")
-    topic: str | None = pydantic.Field(
-        None,
-        min_length=1,
-        max_length=200,
-        description="The topic's series id: a series the model was fitted on is answered "
-        "from its precomputed forecast while the history still ends as it did.",
-    )
-
-    @pydantic.field_validator("history")
-    @classmethod
-    def finite(cls, history: list[float]) -> list[float]:
-        if not all(math.isfinite(v) for v in history):
-            raise ValueError("history must hold finite numbers only")
-        return history
-
-    def instance(self) -> dict[str, Any]:
-        """The V1 instance of the trend predictor."""
-        return {"history": self.history, "horizon": self.horizon, "series_id": self.topic}
 
 
 class TrendAnswer(pydantic.BaseModel):
@@ -229,7 +222,7 @@ def naive_forecast(body: TrendBody) -> TrendAnswer:
         direction="up" if direction(history, point) > 0 else "down",
         model_version="seasonal-naive",
         fallback=True,
-        topic=body.topic,
+        topic=body.series_id,
     )
 
 
@@ -241,7 +234,7 @@ def _trend_answer(prediction: Mapping[str, Any], body: TrendBody, fallback: bool
         direction=prediction["direction"],
         model_version=str(prediction["model_version"]),
         fallback=fallback,
-        topic=body.topic,
+        topic=body.series_id,
     )
 
 
@@ -336,25 +329,25 @@ class TaskAnswerer:
     def trend_fallback(self, body: TrendBody) -> TrendAnswer:
         """The cached forecast of this request, else the seasonal-naive one."""
         model = self.models.get("trend")
-        hit = model.cached_answer(body.instance()) if isinstance(model, CachedPredictor) else None
+        hit = model.cached_answer(body) if isinstance(model, CachedPredictor) else None
         if hit is not None:
             return _trend_answer(hit, body, fallback=True)
         return naive_forecast(body)
 
-    def _predict(self, name: str, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _predict(self, name: str, requests: Sequence[pydantic.BaseModel]) -> list[dict[str, Any]]:
         model = self.models.get(name)
-        if model is None:
+        if not isinstance(model, CachedPredictor):
             raise TaskUnavailable(f"the {name} model is not served here")
         if not model.ready:
             raise TaskUnavailable(f"the {name} model is not ready: {model.not_ready_reason()}")
-        return model.predict_now({"instances": instances}, {})["predictions"]
+        return model.answer(requests)
 
     def _trend(self, bodies: Sequence[TrendBody]) -> list[TrendAnswer]:
         model = self.models.get("trend")
         if model is None or not model.ready:  # no champion yet: the simpler model is all there is
             return [naive_forecast(body) for body in bodies]
         try:
-            predictions = self._predict("trend", [b.instance() for b in bodies])
+            predictions = self._predict("trend", bodies)
         except InvalidInput:
             raise
         except Exception as e:  # the roadmap's rule: fall back to a simpler model
@@ -363,7 +356,7 @@ class TaskAnswerer:
         return [_trend_answer(p, b, False) for p, b in zip(predictions, bodies, strict=True)]
 
     def _quality(self, bodies: Sequence[QualityRequest]) -> list[QualityAnswer]:
-        predictions = self._predict("quality", [b.model_dump(mode="json") for b in bodies])
+        predictions = self._predict("quality", bodies)
         return [
             QualityAnswer(
                 score=p["score"],

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,6 @@ from serving.model_server.versions import (
     ServingOptions,
     load_pyfunc,
     request_id_of,
-    request_key,
 )
 from training.niche.automl import GLOBAL, slug
 from training.niche.data import video_features
@@ -141,7 +139,6 @@ class NicheRouter(OffLoopModel):
         """Called with each niche model found after `load()` (the server exposes it)."""
 
     def load(self) -> bool:
-        self.store = features.feature_store(self.settings)
         self.refresh(registry.connect(self.settings))
         if not self.ready:
             logger.warning("not serving %s yet: %s", self.name, self.not_ready_reason())
@@ -178,23 +175,23 @@ class NicheRouter(OffLoopModel):
         return found if found is not None and found.ready else self.niches[GLOBAL]
 
     def predict_now(self, payload: dict, headers: dict[str, str] | None = None) -> dict:
-        started = time.perf_counter()
         request_id = request_id_of(payload, headers)
         videos = parse_instances(instances_from_v1(payload), TrendingVideo, MAX_INSTANCES)
-        inputs = _feature_rows(self.store, videos)
+        return {"predictions": self.answer(videos, request_id), "request_id": request_id}
+
+    def answer(
+        self, videos: Sequence[TrendingVideo], request_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Each video's answer from its niche's model (else the global one: `fallback`)."""
         chosen = [self._model_for(v) for v in videos]
         predictions: list[dict[str, Any]] = [{} for _ in videos]
         for model in set(chosen):
             rows = [i for i, c in enumerate(chosen) if c is model]
-            state = model.pick(request_key([videos[i] for i in rows]))
-            answers = model.answer(state, [inputs[i] for i in rows])
-            latency = time.perf_counter() - started
-            model.log(request_id, state.version, [inputs[i] for i in rows], answers, latency, rows)
+            answers = model.answer([videos[i] for i in rows], request_id, rows)
             for i, answer in zip(rows, answers, strict=True):
                 predictions[i] = {
                     **answer,
                     "model": model.name,
-                    "model_version": state.version,
                     "fallback": model.name == f"{PREFIX}{GLOBAL}",
                 }
-        return {"predictions": predictions, "request_id": request_id}
+        return predictions

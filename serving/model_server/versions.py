@@ -361,19 +361,17 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
         """One JSON-ready answer per input, from one loaded version."""
         raise NotImplementedError
 
-    def respond(
-        self, payload: Any, version: str, answers: list[dict[str, Any]]
-    ) -> dict | InferResponse:
-        """The response body: V1 predictions carry `model_version`; V2 outputs are the
-        predictor's `v2_outputs`."""
+    def respond(self, payload: Any, answers: list[dict[str, Any]]) -> dict | InferResponse:
+        """The response body: V1 predictions as answered; V2 outputs are the predictor's
+        `v2_outputs`."""
         if isinstance(payload, InferRequest):
             return InferResponse(
                 response_id=payload.id or "",
                 model_name=self.name,
-                model_version=version,
+                model_version=answers[0]["model_version"],
                 infer_outputs=self.v2_outputs(answers),
             )
-        return {"predictions": [{**a, "model_version": version} for a in answers]}
+        return {"predictions": answers}
 
     def v2_outputs(self, answers: list[dict[str, Any]]) -> list[InferOutput]:
         """The answers as Open Inference Protocol outputs; a V1-only predictor refuses."""
@@ -382,18 +380,37 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
     def predict_now(
         self, payload: dict | InferRequest, headers: dict[str, str] | None = None
     ) -> dict | InferResponse:
-        started = time.perf_counter()
         request_id = request_id_of(payload, headers)
         try:
             requests = self.parse(payload)
         except InvalidInput:
             ERRORS.labels(self.name, "", "invalid_input").inc()
             raise
+        answers = self.answer(requests, request_id)
+        return with_request_id(self.respond(payload, answers), request_id)
+
+    def answer(
+        self,
+        requests: Sequence[Request],
+        request_id: str | None = None,
+        indices: Sequence[int] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The answer to each validated request, with the `model_version` the split picked for
+        them, logged under `request_id` (None: a new one); `indices` are the requests'
+        positions in the call when they are part of it (see `log`)."""
+        started = time.perf_counter()
         state = self.pick(request_key(requests))
-        inputs = self.model_inputs(requests)
-        answers = self.answer(state, inputs)
-        self.log(request_id, state.version, inputs, answers, time.perf_counter() - started)
-        return with_request_id(self.respond(payload, state.version, answers), request_id)
+        inputs = self.model_inputs(list(requests))
+        answers = self.answer_inputs(state, inputs)
+        self.log(
+            request_id or str(uuid.uuid4()),
+            state.version,
+            inputs,
+            answers,
+            time.perf_counter() - started,
+            indices,
+        )
+        return [{**a, "model_version": state.version} for a in answers]
 
     def log(
         self,
@@ -411,18 +428,18 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
                 self.name, version, request_id, inputs, answers, latency_s, indices
             )
 
-    def cached_answer(self, instance: dict[str, Any]) -> dict[str, Any] | None:
-        """The champion's cached answer to one V1 instance, with its `model_version`; None when
+    def cached_answer(self, request: Request) -> dict[str, Any] | None:
+        """The champion's cached answer to one request, with its `model_version`; None when
         there is none (no cache, no champion, not asked before). The fallback of a late one."""
         if self.cache is None or not self.ready:
             return None
         version = self.serving.champion.version
-        (inputs,) = self.model_inputs(self.parse({"instances": [instance]}))
+        (inputs,) = self.model_inputs([request])
         (hit,) = self.cache.get_many(version, [inputs])
         return None if hit is None else {**hit, "model_version": version}
 
-    def answer(self, state: S, inputs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Answers of `state`'s version, from the cache where it has them."""
+    def answer_inputs(self, state: S, inputs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answers of `state`'s version to model inputs, from the cache where it has them."""
         with self.observe(state.version):
             if self.cache is None:
                 with self._inferring:

@@ -351,11 +351,12 @@ def test_the_niche_router_logs_each_instance_under_its_niche_model(settings, mon
     with PredictionLog(tmp_path / "log") as log:
         options = ServingOptions(prediction_log=log)
         router = niche_model.NicheRouter("niche", settings, options)
-        router.store, router.niches = None, {}
+        router.niches = {}
         for niche, value in (("global", 1.0), ("music", 2.0)):
             model = niche_model.NicheModel(f"niche-{niche}", settings, options)
             estimator = DummyRegressor(strategy="constant", constant=value).fit([[0.0]], [value])
-            model.cache, model._serving = None, Serving(niche_model.NicheVersion("3", estimator))
+            model.store, model.cache = None, None
+            model._serving = Serving(niche_model.NicheVersion("3", estimator))
             model.ready = True
             router.niches[niche] = model
         categories = ["Music", "Cooking", "Music"]

@@ -39,6 +39,7 @@ from serving.server import parse_canary
 from tests.conftest import make_settings, requires_redis, wait_until
 from training.trend.ensemble import EnsembleConfig
 from training.trend.forecasters import Member
+from training.trend.model import TrendRequest
 from training.trend.train import log_saved_model, train
 
 pytestmark = pytest.mark.slow
@@ -177,9 +178,10 @@ def test_a_swap_serves_the_new_version_and_a_rollback_finds_its_answers_cached(
 def test_a_late_trend_task_falls_back_to_the_champions_cached_forecast(versions, settings, client):
     champion_is(client, "1")
     model = loaded(settings)
-    assert model.cached_answer(REPEATED) is None  # not asked yet
+    repeated = TrendRequest.model_validate(REPEATED)
+    assert model.cached_answer(repeated) is None  # not asked yet
     (answer,) = model.predict_now({"instances": [REPEATED]})["predictions"]
-    assert model.cached_answer(REPEATED)["forecast"] == answer["forecast"]
+    assert model.cached_answer(repeated)["forecast"] == answer["forecast"]
     ledger = CostLedger.from_settings(settings)
     answerer = TaskAnswerer(settings, [model], ledger)
     try:

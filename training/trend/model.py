@@ -62,23 +62,39 @@ class TrendRequest(pydantic.BaseModel):
     history: list[float] | None = None
     horizon: int = 48
 
-    @pydantic.model_validator(mode="after")
-    def _check(self) -> TrendRequest:
-        if self.series_id is None and self.history is None:
-            raise ValueError("give a series_id or a history")
-        if self.series_id is not None and len(self.series_id) > MAX_SERIES_ID:
+    @pydantic.field_validator("series_id")
+    @classmethod
+    def _short_id(cls, series_id: str | None) -> str | None:
+        if series_id is not None and len(series_id) > MAX_SERIES_ID:
             # Errors quote the id: a longer one is refused, not echoed.
             raise ValueError(f"series_id must have at most {MAX_SERIES_ID} characters")
-        if not 1 <= self.horizon <= MAX_HORIZON:
-            raise ValueError(f"horizon must be between 1 and {MAX_HORIZON}, not {self.horizon}")
-        if self.history is not None:
-            if not MIN_HISTORY <= len(self.history) <= MAX_HISTORY:
-                raise ValueError(
-                    f"history must hold {MIN_HISTORY} to {MAX_HISTORY} hourly "
-                    f"values, not {len(self.history)}"
-                )
-            if not all(math.isfinite(v) for v in self.history):
-                raise ValueError("history must hold finite numbers only")
+        return series_id
+
+    @pydantic.field_validator("history")
+    @classmethod
+    def _usable_history(cls, history: list[float] | None) -> list[float] | None:
+        if history is None:
+            return history
+        if not MIN_HISTORY <= len(history) <= MAX_HISTORY:
+            raise ValueError(
+                f"history must hold {MIN_HISTORY} to {MAX_HISTORY} hourly values, "
+                f"not {len(history)}"
+            )
+        if not all(math.isfinite(v) for v in history):
+            raise ValueError("history must hold finite numbers only")
+        return history
+
+    @pydantic.field_validator("horizon")
+    @classmethod
+    def _horizon_in_range(cls, horizon: int) -> int:
+        if not 1 <= horizon <= MAX_HORIZON:
+            raise ValueError(f"horizon must be between 1 and {MAX_HORIZON}, not {horizon}")
+        return horizon
+
+    @pydantic.model_validator(mode="after")
+    def _series_or_history(self) -> TrendRequest:
+        if self.series_id is None and self.history is None:
+            raise ValueError("give a series_id or a history")
         return self
 
 
