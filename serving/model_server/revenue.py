@@ -19,6 +19,7 @@ route runs.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,8 +41,17 @@ MAX_REWARDS = 10_000
 MAX_BODY_BYTES = 2_000_000
 INSTANCE_KEYS = {"experiment", "arms", "metric", "policy"}
 
-Choosing = tuple[str, list[str], Metric | None, Policy | None, Experiment | None]
-"""A checked instance: experiment, arms, metric, policy, and the experiment when it exists."""
+
+@dataclass(frozen=True)
+class ArmRequest:
+    """A checked instance: choose an arm of `experiment`."""
+
+    experiment: str
+    arms: list[str]
+    metric: Metric | None
+    policy: Policy | None
+    found: Experiment | None
+    """The experiment as stored when the request was checked; None: created on first use."""
 
 
 def _enum(kind: type, value: Any, what: str):
@@ -69,7 +79,7 @@ class RevenueModel(OffLoopModel):
         self.ready = True
         return self.ready
 
-    def _parse(self, payload: Any) -> list[Choosing]:
+    def parse(self, payload: Any) -> list[ArmRequest]:
         instances = payload.get("instances") if isinstance(payload, dict) else None
         if not isinstance(instances, list) or not 1 <= len(instances) <= MAX_INSTANCES:
             raise InvalidInput(
@@ -99,37 +109,41 @@ class RevenueModel(OffLoopModel):
             name = instance["experiment"]
             if name in first_named:
                 # Both new here, the check above saw neither: they must agree.
-                _, arms, first_metric, first_policy, _ = requests[first_named[name]]
+                first = requests[first_named[name]]
                 if (
-                    list(instance["arms"]) != arms
-                    or None not in (metric, first_metric)
-                    and metric != first_metric
-                    or None not in (policy, first_policy)
-                    and policy != first_policy
+                    list(instance["arms"]) != first.arms
+                    or None not in (metric, first.metric)
+                    and metric != first.metric
+                    or None not in (policy, first.policy)
+                    and policy != first.policy
                 ):
                     raise InvalidInput(
                         f"instance {index}: experiment {name!r} differs from instance "
                         f"{first_named[name]}'s (arms, metric or policy) in the same request"
                     )
             first_named.setdefault(name, index)
-            requests.append((name, list(instance["arms"]), metric, policy, found))
+            requests.append(ArmRequest(name, list(instance["arms"]), metric, policy, found))
         return requests
 
     def predict_now(self, payload: Any, headers: dict[str, str] | None = None) -> dict:
         # Every instance is checked before any is answered: a bad one stores nothing.
-        requests = self._parse(payload)
+        return {"predictions": self.answer(self.parse(payload))}
+
+    def answer(self, requests: list[ArmRequest]) -> list[dict[str, Any]]:
+        """The arm chosen for each checked request, each impression stored."""
         predictions = []
-        for name, arms, metric, policy, found in requests:
-            # Created on first use; an existing experiment was read (and checked) above.
+        for request in requests:
             try:
-                experiment = found or self.store.ensure(name, arms, metric, policy)
+                experiment = request.found or self.store.ensure(
+                    request.experiment, request.arms, request.metric, request.policy
+                )
             except ExperimentError as e:  # another replica created it otherwise meanwhile
                 raise InvalidInput(str(e)) from e
             stats = self.store.stats_of(experiment)
             choice = choose(stats, experiment.kind, experiment.policy, self.rng)
-            self.store.record_impression(name, choice.arm)
+            self.store.record_impression(request.experiment, choice.arm)
             predictions.append({"arm": choice.arm, "probabilities": choice.probabilities})
-        return {"predictions": predictions}
+        return predictions
 
 
 def _error(status: int, message: str) -> JSONResponse:
