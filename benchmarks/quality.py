@@ -31,9 +31,8 @@ from benchmarks.timing import percentiles
 from contentml import registry
 from contentml.settings import Settings
 from entrypoints.demo import free_port, model_server
-from training import steps
 from training.data import load_toxicity
-from training.quality import train
+from training.quality import steps, train
 from training.quality.config import QualityConfig
 from training.quality.pyfunc import QualityClassifier
 

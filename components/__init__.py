@@ -1,1 +1,2 @@
-"""KFP components: thin wiring around `training.steps`; no logic lives here."""
+"""KFP components: thin wiring around the pipelines' stage functions (`training.<family>.steps`,
+`training.register`); no logic lives here."""

@@ -1,4 +1,4 @@
-"""Components of the quality pipeline, one per stage, each calling one `training.steps`
+"""Components of the quality pipeline, one per stage, each calling one `training.quality.steps`
 function. Imports sit inside the functions because KFP ships each function's source alone."""
 
 from kfp import dsl
@@ -12,7 +12,7 @@ def ingest_toxicity(data_path: str, frame: Output[Dataset]):
     from pathlib import Path
 
     from contentml.settings import Settings
-    from training import steps
+    from training.quality import steps
 
     path = Path(data_path) if data_path else Settings.from_env().data_dir / "toxicity/train.csv"
     frame.metadata.update(steps.ingest_toxicity(path, Path(frame.path)))
@@ -28,7 +28,7 @@ def train_quality(
 ):
     from pathlib import Path
 
-    from training import steps
+    from training.quality import steps
     from training.quality.config import QualityConfig
 
     config = QualityConfig(
@@ -41,7 +41,7 @@ def train_quality(
 def evaluate_quality(model: Input[Model], frame: Input[Dataset], metrics: Output[Metrics]) -> dict:
     from pathlib import Path
 
-    from training import steps
+    from training.quality import steps
 
     scores = steps.evaluate_quality(model.path, Path(frame.path))
     for name, value in scores.items():
@@ -57,9 +57,9 @@ def quality_gate(
     from pathlib import Path
 
     from contentml.settings import Settings
-    from training import steps
+    from training.quality import steps
 
-    decision = steps.quality_promotion_gate(
+    decision = steps.promotion_gate(
         Settings.from_env(), model_name, version, Path(frame.path), scores, margin
     )
     return asdict(decision)

@@ -1,5 +1,6 @@
-"""Components of the training pipeline, one per stage, each calling one `training.steps`
-function. Imports sit inside the functions because KFP ships each function's source alone."""
+"""Components of the training pipeline, one per stage, each calling one function of
+`training.trend.steps` (`register`: `training.register`). Imports sit inside the functions
+because KFP ships each function's source alone."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -15,7 +16,7 @@ def ingest(max_series: int, series: Output[Dataset], videos: Output[Dataset]):
     from pathlib import Path
 
     from contentml.settings import Settings
-    from training import steps
+    from training.trend import steps
 
     counts = steps.ingest(Settings.from_env(), max_series, Path(series.path), Path(videos.path))
     series.metadata.update(counts)
@@ -31,7 +32,7 @@ def build_features(
     from pathlib import Path
 
     from contentml.settings import Settings
-    from training import steps
+    from training.trend import steps
 
     counts = steps.build_features(
         Settings.from_env(),
@@ -54,7 +55,7 @@ def train(
 ):
     from pathlib import Path
 
-    from training import steps
+    from training.trend import steps
 
     config = steps.ensemble_config(horizon, members, validation_origins)
     params = steps.train_trend(Path(training_frame.path), Path(model.path), config, workers)
@@ -67,7 +68,7 @@ def evaluate(
 ) -> dict:
     from pathlib import Path
 
-    from training import steps
+    from training.trend import steps
 
     scores = steps.evaluate_trend(model.path, Path(training_frame.path), workers)
     for name, value in scores.items():
@@ -87,10 +88,10 @@ def register(
     from pathlib import Path
 
     from contentml.settings import Settings
-    from training import steps
+    from training.register import register
 
     params = {**training_frame.metadata, **model.metadata}
-    return steps.register(
+    return register(
         Settings.from_env(), model_name, Path(model.path), params, scores, run_name, family
     )
 
@@ -108,7 +109,7 @@ def promotion_gate(
     from pathlib import Path
 
     from contentml.settings import Settings
-    from training import steps
+    from training.trend import steps
 
     decision = steps.promotion_gate(
         Settings.from_env(), model_name, version, Path(training_frame.path), workers, scores, margin

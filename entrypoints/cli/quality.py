@@ -17,7 +17,7 @@ from entrypoints.cli.base import (
 
 
 def cmd_quality_train(settings: Settings, args: argparse.Namespace) -> int:
-    from training import steps
+    from training.quality import steps
     from training.quality.config import load_config
 
     # Lightning sets its logger to INFO when imported (by `steps`): device and tip notices.

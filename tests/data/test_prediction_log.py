@@ -50,7 +50,7 @@ from serving.model_server.prediction_log import (
 from serving.model_server.trend import TrendModel
 from serving.model_server.versions import Serving, ServingOptions
 from tests.conftest import make_settings
-from training import steps
+from training.register import register
 from training.trend.ensemble import EnsembleConfig
 from training.trend.forecasters import Member
 from training.trend.train import log_saved_model, train
@@ -255,7 +255,7 @@ def model_dir(tmp_path_factory) -> Path:
 def champion(settings: Settings, client, model_dir: Path) -> str:
     """Version 1 of `trend`, registered by the pipeline's step with its metrics; champion."""
     metrics = {"smape": 12.5, "owa": 0.9}
-    version = steps.register(settings, "trend", model_dir, {}, metrics, run_name="test")
+    version = register(settings, "trend", model_dir, {}, metrics, run_name="test")
     registry.promote(client, "trend", version, reason="test")
     return version
 

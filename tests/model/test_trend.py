@@ -7,11 +7,11 @@ import numpy as np
 import pydantic
 import pytest
 
-from training.steps import ensemble_config
 from training.trend import metrics
 from training.trend.ensemble import EnsembleConfig
 from training.trend.forecasters import BoostingConfig, ForecasterConfig, ForecastInputError, Member
 from training.trend.model import ProphetConfig, TrendRequest, UnknownSeries, fit_forecast
+from training.trend.steps import ensemble_config
 from training.trend.train import evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

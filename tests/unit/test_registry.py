@@ -365,7 +365,7 @@ def cli_child(settings: Settings, argv: tuple[str, ...], kill_at: int) -> None:
 
 
 def registration_child(settings: Settings, name: str, kill_at: int) -> None:
-    """What training does (`training.steps.register`): log and register a model, then make it
+    """What training does (`training.register.register`): log and register a model, then make it
     the challenger; killed after its `kill_at`-th write."""
 
     def job() -> None:
