@@ -145,3 +145,22 @@ def artifact_path(path: object) -> str:
     """A path inside a version's artifacts (as its MLmodel file records one): relative, its
     parts names, so it never leaves the version's folder."""
     return _checked("artifact path", path, _ARTIFACT_PATH, MAX_ARTIFACT_PATH_LENGTH, "/")
+
+
+# --- niche models ---------------------------------------------------------------------------
+
+NICHE_MODEL_PREFIX = "niche-"
+"""Registered niche models are named `niche-<slug>`; the niche router serves each of them."""
+
+GLOBAL_NICHE = "global"
+"""The niche whose model answers every category that has no model of its own."""
+
+
+def niche_slug(niche: str) -> str:
+    """`Howto & Style` -> `howto-style`: registered model names and URLs take it."""
+    return re.sub(r"[^a-z0-9]+", "-", niche.lower()).strip("-")
+
+
+def niche_model_name(niche: str) -> str:
+    """The registered model of a niche (a name or its slug): `niche-<slug>`."""
+    return f"{NICHE_MODEL_PREFIX}{niche_slug(niche)}"

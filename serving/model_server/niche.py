@@ -16,7 +16,8 @@ from feast import FeatureStore
 from kserve.errors import InferenceError
 from mlflow.tracking import MlflowClient
 
-from contentml import features, registry
+from contentml import features, names, registry
+from contentml.names import GLOBAL_NICHE, NICHE_MODEL_PREFIX
 from contentml.settings import Settings
 from feature_repo.niche_schema import FEATURES
 from serving.model_server.payloads import instances_from_v1, parse_instances
@@ -27,11 +28,9 @@ from serving.model_server.versions import (
     load_pyfunc,
     request_id_of,
 )
-from training.niche.automl import GLOBAL, slug
 from training.niche.data import video_features
 
 MAX_INSTANCES = 1_000
-PREFIX = "niche-"
 NICHE_TRAIN_COMMAND = "contentml niche automl"
 
 logger = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ class TrendingVideo(pydantic.BaseModel):
 def niche_model_names(settings: Settings) -> list[str]:
     """Registered niche models (the global one included)."""
     client: MlflowClient = registry.connect(settings)
-    found = client.search_registered_models(filter_string=f"name LIKE '{PREFIX}%'")
+    found = client.search_registered_models(filter_string=f"name LIKE '{NICHE_MODEL_PREFIX}%'")
     return sorted(m.name for m in found)
 
 
@@ -150,7 +149,7 @@ class NicheRouter(OffLoopModel):
         for model in self.niches.values():
             changed |= model.refresh(client)
         for model_name in niche_model_names(self.settings):
-            niche = model_name.removeprefix(PREFIX)
+            niche = model_name.removeprefix(NICHE_MODEL_PREFIX)
             if niche in self.niches:
                 continue
             model = NicheModel(model_name, self.settings, self.options)
@@ -162,17 +161,17 @@ class NicheRouter(OffLoopModel):
             changed = True
             if self.on_new_niche is not None:
                 self.on_new_niche(model)
-        self.ready = GLOBAL in self.niches and self.niches[GLOBAL].ready
+        self.ready = GLOBAL_NICHE in self.niches and self.niches[GLOBAL_NICHE].ready
         return changed
 
     def not_ready_reason(self) -> str:
-        global_model = f"{PREFIX}{GLOBAL!s}"
+        global_model = names.niche_model_name(GLOBAL_NICHE)
         return f"{global_model} has no champion yet: train one with `{self.train_command}`"
 
     def _model_for(self, video: TrendingVideo) -> NicheModel:
         """The video's niche model when it serves, else the global model."""
-        found = self.niches.get(slug(video.category))
-        return found if found is not None and found.ready else self.niches[GLOBAL]
+        found = self.niches.get(names.niche_slug(video.category))
+        return found if found is not None and found.ready else self.niches[GLOBAL_NICHE]
 
     def predict_now(self, payload: dict, headers: dict[str, str] | None = None) -> dict:
         request_id = request_id_of(payload, headers)
@@ -192,6 +191,6 @@ class NicheRouter(OffLoopModel):
                 predictions[i] = {
                     **answer,
                     "model": model.name,
-                    "fallback": model.name == f"{PREFIX}{GLOBAL}",
+                    "fallback": model.name == names.niche_model_name(GLOBAL_NICHE),
                 }
         return predictions

@@ -12,13 +12,14 @@ import pandas as pd
 import pytest
 
 from contentml import features, registry
+from contentml.names import niche_slug
 from entrypoints.cli import main
 from entrypoints.demo import free_port, model_server
 from feature_repo.niche_schema import FEATURES
 from serving.model_server.niche import TrendingVideo, _features
 from tests.conftest import DATA_DIR, make_settings
 from training.data import load_youtube_trending
-from training.niche.automl import TOPIC_CLUSTERS, UnknownNiche, niches_table, run_automl, slug
+from training.niche.automl import TOPIC_CLUSTERS, UnknownNiche, niches_table, run_automl
 from training.niche.data import engagement_frame
 
 pytestmark = pytest.mark.slow
@@ -100,8 +101,8 @@ def test_niches_table_lists_categories_and_topics_with_their_rows():
 
 
 def test_slug():
-    assert slug("Howto & Style") == "howto-style"
-    assert slug("News & Politics") == "news-politics"
+    assert niche_slug("Howto & Style") == "howto-style"
+    assert niche_slug("News & Politics") == "news-politics"
 
 
 @pytest.fixture(scope="module")

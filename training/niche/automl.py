@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -21,8 +20,9 @@ import joblib
 import mlflow
 import pandas as pd
 
-from contentml import features, registry
+from contentml import features, names, registry
 from contentml.errors import UserError
+from contentml.names import GLOBAL_NICHE
 from contentml.settings import Settings
 from feature_repo.niche_schema import FEATURES
 from training import data
@@ -42,7 +42,6 @@ MIN_TRAIN_ROWS = 150
 MIN_VALIDATION_ROWS = 30
 """A category is a niche with enough data when it has this many rows on each side."""
 
-GLOBAL = "global"
 WARM_START_TRIALS = 3
 """Best global trials every niche study runs first."""
 
@@ -52,11 +51,6 @@ SEARCH_SHARE = 0.85
 
 class UnknownNiche(UserError):
     """A requested niche is not among the niches with enough data."""
-
-
-def slug(name: str) -> str:
-    """`Howto & Style` -> `howto-style`: registered model names and URLs take it."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 class NicheKind(StrEnum):
@@ -87,7 +81,7 @@ def niches_table(train: pd.DataFrame, validation: pd.DataFrame) -> pd.DataFrame:
     table = pd.concat(parts, ignore_index=True).astype(
         {"train_rows": "int64", "validation_rows": "int64"}
     )
-    table["slug"] = table["niche"].map(slug)
+    table["slug"] = table["niche"].map(names.niche_slug)
     table["enough_data"] = (table["train_rows"] >= MIN_TRAIN_ROWS) & (
         table["validation_rows"] >= MIN_VALIDATION_ROWS
     )
@@ -144,16 +138,16 @@ def search_global(
     chosen = _choose(table, niches)
     study_seconds = budget_minutes * 60 * SEARCH_SHARE / (len(chosen) + 1)
     config = SearchConfig(budget_seconds=study_seconds, max_trials=10_000, seed=seed)
-    found = _study(settings, GLOBAL, train, validation, config, enqueue=())
+    found = _study(settings, GLOBAL_NICHE, train, validation, config, enqueue=())
     model = fit_params(found["params"], train, FEATURES, TARGET, seed)
-    version, _ = _register(settings, GLOBAL, model, found, validation)
+    version, _ = _register(settings, GLOBAL_NICHE, model, found, validation)
     return {
         "niches": chosen,
         "study_seconds": study_seconds,
         "validation_from": validation["event_timestamp"].min().isoformat(),
         "niches_table": table.to_dict(orient="records"),
         "global": {
-            "model": f"niche-{GLOBAL}",
+            "model": names.niche_model_name(GLOBAL_NICHE),
             "best_family": found["family"],
             "validation_rmse": rmse(model, validation, FEATURES, TARGET),
             "trials": found["trials"],
@@ -171,15 +165,17 @@ def search_niche(
     kind = _kind_of(niche, niches_table(train, validation))
     niche_train = train[train[kind] == niche]
     niche_validation = validation[validation[kind] == niche]
-    warm = best_trials_params(settings.optuna_storage, _study_name(GLOBAL), WARM_START_TRIALS)
+    warm = best_trials_params(settings.optuna_storage, _study_name(GLOBAL_NICHE), WARM_START_TRIALS)
     config = SearchConfig(budget_seconds=study_seconds, max_trials=10_000, seed=seed)
-    found = _study(settings, slug(niche), niche_train, niche_validation, config, warm)
+    found = _study(settings, names.niche_slug(niche), niche_train, niche_validation, config, warm)
     model = fit_params(found["params"], niche_train, FEATURES, TARGET, seed)
-    version, gate = _register(settings, slug(niche), model, found, niche_validation)
-    global_model = mlflow.pyfunc.load_model(f"models:/niche-{GLOBAL}/{global_version}")
+    version, gate = _register(settings, names.niche_slug(niche), model, found, niche_validation)
+    global_model = mlflow.pyfunc.load_model(
+        f"models:/{names.niche_model_name(GLOBAL_NICHE)}/{global_version}"
+    )
     result = NicheResult(
         niche=niche,
-        model=f"niche-{slug(niche)}",
+        model=names.niche_model_name(niche),
         train_rows=len(niche_train),
         validation_rows=len(niche_validation),
         best_family=found["family"],
@@ -276,7 +272,7 @@ def _register(
     settings: Settings, niche_slug: str, model, found: dict, validation: pd.DataFrame
 ) -> tuple[str, registry.GateDecision]:
     """Log and register the fitted winner as challenger; gate it on the validation window."""
-    name = f"niche-{niche_slug}"
+    name = names.niche_model_name(niche_slug)
     client = registry.connect(settings)
     score = rmse(model, validation, FEATURES, TARGET)
     with (
