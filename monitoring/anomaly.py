@@ -116,20 +116,27 @@ class CrisisMonitor:
     """Streaming detector: `observe` each new point of a channel, get the anomalies it shows.
 
     Keeps the last `window` points per (channel, metric), and the last strike count, in its
-    `history`; thread-safe, so the model server's request threads can share one.
+    `history`; thread-safe, so the model server's request threads can share one. Points of one
+    channel are scored one at a time (each against the points before it); channels do not wait
+    on each other's history reads and writes (SQL in the server).
     """
 
     def __init__(self, config: AnomalyConfig | None = None, history: MetricHistory | None = None):
         self.config = config or AnomalyConfig()
         self.history = history or MemoryHistory()
-        self._lock = threading.Lock()
+        self._channel_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._locks_lock = threading.Lock()
+
+    def _channel_lock(self, channel_id: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._channel_locks[channel_id]
 
     def observe(self, channel_id: str, event_timestamp: pd.Timestamp, point: dict) -> list[Anomaly]:
         """Score `point` (`METRICS` and optionally `STRIKES` by name) against the channel's
         history, then add it to the history."""
         found = []
         window = self.config.window
-        with self._lock:
+        with self._channel_lock(channel_id):
             for metric in METRICS:
                 if metric not in point:
                     continue

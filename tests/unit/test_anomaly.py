@@ -3,10 +3,18 @@ flagged on the point that shows it."""
 
 from __future__ import annotations
 
+import threading
+
 import pandas as pd
 import pytest
 
-from monitoring.anomaly import AnomalyConfig, CrisisMonitor, channel_metrics, detect_anomalies
+from monitoring.anomaly import (
+    AnomalyConfig,
+    CrisisMonitor,
+    MemoryHistory,
+    channel_metrics,
+    detect_anomalies,
+)
 from tests.conftest import DATA_DIR
 from training.data import load_m4_hourly, load_youtube_trending
 
@@ -79,3 +87,38 @@ def test_impossible_settings_are_refused(fields: dict):
 def test_a_frame_without_keys_is_refused():
     with pytest.raises(ValueError, match=r"columns \['channel_id'\]"):
         detect_anomalies(pd.DataFrame({"event_timestamp": [], "views": []}))
+
+
+class BlockingHistory(MemoryHistory):
+    """A history whose reads for one channel wait until released, like a slow SQL store."""
+
+    def __init__(self, blocked_channel: str):
+        super().__init__()
+        self.blocked_channel = blocked_channel
+        self.reading = threading.Event()
+        self.release = threading.Event()
+
+    def recent(self, channel_id: str, metric: str, count: int) -> list[float]:
+        if channel_id == self.blocked_channel:
+            self.reading.set()
+            assert self.release.wait(10)
+        return super().recent(channel_id, metric, count)
+
+
+def test_a_slow_channel_does_not_hold_up_another():
+    history = BlockingHistory("slow")
+    monitor = CrisisMonitor(history=history)
+    point = {"views": 100.0}
+    slow = threading.Thread(target=monitor.observe, args=("slow", pd.Timestamp(0), point))
+    slow.start()
+    assert history.reading.wait(10)
+    fast = threading.Thread(target=monitor.observe, args=("fast", pd.Timestamp(0), point))
+    fast.start()
+    fast.join(5)
+    try:
+        assert not fast.is_alive(), "a channel waited on another channel's history read"
+        assert history.recent("fast", "views", 1) != []
+    finally:
+        history.release.set()
+        slow.join(10)
+        fast.join(10)
