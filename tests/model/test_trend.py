@@ -48,6 +48,8 @@ def test_direction_compares_means_over_the_horizon():
         ({"series_id": "H1", "horizon": 10_000}, "horizon must be between"),
         ({"history": [1.0] * 10}, "history must hold 48"),
         ({"history": [float("nan")] * 48}, "finite"),
+        ({"history": [1.0] * 47 + [1.7e308]}, "values must lie within"),
+        ({"history": [-2e12] + [1.0] * 47}, "values must lie within"),
         ({"series_id": 5}, "valid string"),
         ({"series_id": "H" * 257}, "at most 256 characters"),
         ({"series_id": "H1", "colour": "red"}, "Extra inputs"),

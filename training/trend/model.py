@@ -20,6 +20,10 @@ MAX_HORIZON = 7 * SEASONALITY
 MAX_HISTORY = 20_000
 """Longer payloads are a client bug, not a forecasting need."""
 
+MAX_INTEREST = 1e12
+"""Largest hourly value taken (in size): far above any topic's views per hour, and small
+enough that the members' sums and squares stay finite, so a forecast is never NaN or inf."""
+
 MAX_SERIES_ID = 256
 
 # Prophet fits on an hourly index; M4 histories carry no timestamps, so every history is placed
@@ -82,6 +86,8 @@ class TrendRequest(pydantic.BaseModel):
             )
         if not all(math.isfinite(v) for v in history):
             raise ValueError("history must hold finite numbers only")
+        if not all(abs(v) <= MAX_INTEREST for v in history):
+            raise ValueError(f"history values must lie within ±{MAX_INTEREST:g}")
         return history
 
     @pydantic.field_validator("horizon")
