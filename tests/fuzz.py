@@ -45,13 +45,13 @@ import httpx
 import pydantic
 from starlette.routing import compile_path
 
+from contentml.names import NICHE_MODEL_PREFIX
 from contentml.settings import Settings
 from entrypoints.demo import FAMILIES, free_port, model_server
 from serving.admission import ADMIN_ROUTES, OPEN_PATHS
 from serving.backend.batch import BatchRequest
 from serving.backend.channels import ChannelPoint, QuarantineRequest
 from serving.backend.tasks import TASKS
-from serving.model_server.niche import PREFIX as NICHE_PREFIX
 from serving.model_server.niche import TrendingVideo
 from serving.model_server.quality import QualityRequest
 from serving.model_server.script import ChatCompletionRequest, CompletionRequest
@@ -136,7 +136,7 @@ BATCH = "/batch/{task}"
 
 def instance_schema(model: str) -> type[pydantic.BaseModel] | dict | None:
     """The V1 instance a served model parses; None: it answers no V1 call (`script`)."""
-    if model.startswith(NICHE_PREFIX) or model == "niche":
+    if model.startswith(NICHE_MODEL_PREFIX) or model == "niche":
         return TrendingVideo
     return {"trend": TrendRequest, "quality": QualityRequest, "revenue": REVENUE_INSTANCE}.get(
         model
