@@ -124,7 +124,7 @@ class Settings:
 
     backend_store: str = field(repr=False, metadata=_env("CONTENTML_BACKEND_STORE"))
     """Database of the backend's batch jobs (items, results, dead letters) and of its cost
-    ledger (`serving/backend/batch.py`, `serving/backend/costs.py`): SQLite locally,
+    ledger (`serving/backend/batch/`, `serving/backend/costs.py`): SQLite locally,
     `postgresql://` in the cluster, shared by the API and the batch workers."""
 
     batch_queue: str = field(repr=False, metadata=_env("CONTENTML_BATCH_QUEUE"))

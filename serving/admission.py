@@ -64,7 +64,7 @@ five levels at most (a V2 tensor's data one per dimension)."""
 
 MAX_BODY_BYTES = 64 * 2**20
 """Largest body read for the depth check (413 beyond): at least every route's own limit, the
-largest being a batch job's (`serving.backend.batch.MAX_BATCH_BODY_BYTES`)."""
+largest being a batch job's (`serving.backend.batch.routes.MAX_BATCH_BODY_BYTES`)."""
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 

@@ -42,7 +42,8 @@ from contentml.launch import CLI_MODULE
 from contentml.runtime import freeze_heap, one_native_thread
 from contentml.settings import Settings
 from serving.admission import Admission, AdmissionMiddleware, drain_on_sigterm
-from serving.backend.batch import BatchQueue, Heartbeat, batch_router
+from serving.backend.batch.queue import BatchQueue, Heartbeat
+from serving.backend.batch.routes import batch_router
 from serving.backend.channels import channels_router
 from serving.backend.costs import CostLedger, register_cost_metrics
 from serving.backend.tasks import TASKS, Task, TaskAnswerer, tasks_router, validation_problem

@@ -49,7 +49,7 @@ from contentml.names import NICHE_MODEL_PREFIX
 from contentml.settings import Settings
 from entrypoints.demo import FAMILIES, free_port, model_server
 from serving.admission import ADMIN_ROUTES, OPEN_PATHS
-from serving.backend.batch import BatchRequest
+from serving.backend.batch.models import BatchRequest
 from serving.backend.channels import ChannelPoint, QuarantineRequest
 from serving.backend.tasks import TASKS
 from serving.model_server.niche import TrendingVideo

@@ -34,7 +34,8 @@ def _batch_items(path: str) -> list:
 def cmd_batch_submit(settings: Settings, args: argparse.Namespace) -> int:
     import pydantic
 
-    from serving.backend.batch import BatchQueue, BatchRequest
+    from serving.backend.batch.models import BatchRequest
+    from serving.backend.batch.queue import BatchQueue
 
     try:
         request = BatchRequest(
@@ -52,7 +53,7 @@ def cmd_batch_submit(settings: Settings, args: argparse.Namespace) -> int:
 
 def _read_jobs(settings: Settings, read):
     """`read(store)` on the batch job store, closed after."""
-    from serving.backend.batch import JobStore
+    from serving.backend.batch.store import JobStore
 
     store = JobStore(settings.backend_store)
     try:
@@ -92,7 +93,7 @@ def cmd_batch_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_batch_dlq_retry(settings: Settings, args: argparse.Namespace) -> int:
-    from serving.backend.batch import BatchQueue
+    from serving.backend.batch.queue import BatchQueue
 
     if args.id and not args.job:
         raise UserError("--id needs --job: item ids are unique within a job")

@@ -156,7 +156,7 @@ class CostLedger:
     `video_budget_usd` is over budget, and `streak_length` such videos in a row fire the alert."""
 
     def __init__(self, url: str, *, video_budget_usd: float = 1.0, streak_length: int = 10):
-        # Only the cost_ tables: serving/backend/batch.py keeps its own in the same database.
+        # Only the cost_ tables: serving/backend/batch/ keeps its own in the same database.
         self.engine = open_database(url, metadata)
         if self.engine.dialect.name not in UPSERT:
             raise UserError(

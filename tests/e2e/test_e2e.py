@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from entrypoints.demo import batch_workers, free_port, model_server, trend_items
-from serving.backend.batch import JobStatus, JobStore
+from serving.backend.batch.models import JobStatus
+from serving.backend.batch.store import JobStore
 from serving.backend.tasks import MAX_BODY_BYTES, TASKS, Task
 from serving.caller.client import ClientError, ContentMLClient
 from tests.conftest import DATA_DIR, make_settings, run_cli

@@ -37,7 +37,7 @@ from serving.admission import (
     bind_host,
     json_depth,
 )
-from serving.backend.batch import MAX_BATCH_BODY_BYTES
+from serving.backend.batch.routes import MAX_BATCH_BODY_BYTES
 from serving.backend.tasks import MAX_BODY_BYTES as MAX_TASK_BODY_BYTES
 from serving.model_server.revenue import MAX_BODY_BYTES as MAX_REWARDS_BODY
 from serving.server import MAX_MODEL_BODY_BYTES, ServedModels, finish_app

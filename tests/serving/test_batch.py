@@ -28,18 +28,12 @@ from huey.consumer import Worker
 
 from contentml.errors import UserError
 from contentml.settings import Settings
-from serving.backend import batch
-from serving.backend.batch import (
-    STALE_AFTER_SECONDS,
-    BatchQueue,
-    BatchRequest,
-    ChunkState,
-    JobStatus,
-    JobStore,
-    Priority,
-    batch_router,
-    parse_items,
-)
+from serving.backend.batch import queue as batch_queue
+from serving.backend.batch.models import BatchRequest, JobStatus, Priority, parse_items
+from serving.backend.batch.queue import BatchQueue
+from serving.backend.batch.routes import batch_router
+from serving.backend.batch.schema import ChunkState
+from serving.backend.batch.store import STALE_AFTER_SECONDS, JobStore
 from serving.backend.tasks import Task, TrendBody
 from tests.conftest import make_settings, requires_postgres, requires_redis
 
@@ -122,7 +116,7 @@ def test_urgent_jobs_are_dequeued_before_bulk_ones(settings: Settings):
 def test_a_caller_over_its_share_of_queued_items_gets_429_and_nothing_stored(
     settings: Settings, monkeypatch
 ):
-    monkeypatch.setattr(batch, "MAX_OPEN_ITEMS_PER_CHANNEL", 150)
+    monkeypatch.setattr(batch_queue, "MAX_OPEN_ITEMS_PER_CHANNEL", 150)
     queue = BatchQueue(settings)
     app = FastAPI()
     app.include_router(batch_router(queue))
