@@ -20,13 +20,16 @@ the quality gate's decision:
   reserves its estimated tokens (prompt estimate + `max_tokens`); the reservation is corrected
   to the tokens the answer reports (or to 0 when it fails).
 - Cache: an identical request (topic, persona, length, `max_tokens`, temperature, chain) within
-  the TTL is answered from memory: `cached=True`, cost 0.
+  the TTL is answered from memory (a `cachetools.TTLCache`): `cached=True`, cost 0.
 - Cost: from the answer's token usage and the provider's prices; returned with each script and
   summed per provider (`costs()`).
 - Quality: every new script is scored by the quality model (`/v1/models/quality:predict`). If
   the quality model cannot be reached the script is marked `review` with the reason: a person
   looks at it rather than it passing unchecked or being thrown away. Rejected and unscored
   scripts are not cached, so the next request writes (and scores) a new one.
+
+The chain's configuration is read by `providers_config`, its rate limits kept by `rate_limit`,
+and why a provider is skipped is named by `provider_errors`.
 """
 
 from __future__ import annotations
@@ -37,20 +40,16 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Self
 
+import cachetools
 import httpx
 import openai
-import yaml
 
-from contentml.errors import UserError
 from contentml.protocol import OPENAI_ROUTE_PREFIX, TIMEOUT_HEADER, Task
-from contentml.recipes import check_field_types
 from contentml.settings import Settings
 from serving.caller.client import (
     PLACEHOLDER_API_KEY,
@@ -60,33 +59,12 @@ from serving.caller.client import (
     MalformedCompletion,
     chat_text,
 )
+from serving.caller.provider_errors import NoTimeLeft, ProviderUnavailable
+from serving.caller.providers_config import ProviderConfig, ProviderConfigError, load_config
+from serving.caller.rate_limit import Clock, SlidingWindowLimit
 from training.quality.gate import Decision
 
-__all__ = [
-    "AllProvidersFailed",
-    "ContentStrategist",
-    "NoTimeLeft",
-    "ProviderConfig",
-    "ProviderConfigError",
-    "ProviderCosts",
-    "ProviderUnavailable",
-    "RateLimitExhausted",
-    "Script",
-    "ScriptProvider",
-    "SlidingWindowLimit",
-    "StrategistConfig",
-    "TIMEOUT_HEADER",
-    "TTLCache",
-    "load_config",
-]
-
 log = logging.getLogger(__name__)
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-Clock = Callable[[], float]
-"""Seconds on a monotonic clock; rate windows and cache TTLs read it (tests pass a fake)."""
 
 QualityScorer = Callable[[str], Mapping[str, Any]]
 """Scores a script's text and returns the quality model's prediction (`decision`, `score`,
@@ -105,9 +83,6 @@ HANDOFF_SECONDS = 0.25
 with a deadline: a timed-out request comes back a little after its timeout, and the next
 provider must still find its minimum left."""
 
-RATE_WINDOW_SECONDS = 60.0
-"""The window that `requests_per_minute` and `tokens_per_minute` count over."""
-
 WORDS_PER_SECOND = 2.5
 """Speaking pace (150 words a minute) that turns a script's target length into words."""
 
@@ -118,23 +93,6 @@ TOKENS_PER_MESSAGE = 4
 """Tokens a chat message costs beyond its text (role and separators)."""
 
 
-class ProviderConfigError(UserError):
-    """The providers file or one of its providers has a value the chain cannot use."""
-
-
-class ProviderUnavailable(ContentMLClientError):
-    """One provider cannot answer now (down, overloaded, over its rate limit, or answering
-    nonsense); the chain tries the next. `__cause__` is the underlying error, if any."""
-
-
-class RateLimitExhausted(ProviderUnavailable):
-    """A provider has spent its requests or tokens of the last minute."""
-
-
-class NoTimeLeft(ProviderUnavailable):
-    """Too little of the call's deadline is left to try a provider: it is skipped unasked."""
-
-
 class AllProvidersFailed(ContentMLClientError):
     """Every provider in the chain failed; `failures` says why each did."""
 
@@ -143,137 +101,6 @@ class AllProvidersFailed(ContentMLClientError):
         super().__init__(f"every script provider failed: {listed}")
         self.failures = tuple(failures)
         """(provider name, its failure) in chain order."""
-
-
-@dataclass(frozen=True)
-class ProviderConfig:
-    """One OpenAI-compatible provider in the chain, mirroring an entry of `providers:`."""
-
-    name: str
-    """Unique name, used in costs, logs and errors (e.g. `openai`, `contentml`)."""
-
-    model: str
-    """Model the chat completion asks for (`script` on our endpoint, e.g. `gpt-4o` hosted)."""
-
-    base_url: str | None = None
-    """Root of the provider's OpenAI API (`https://api.openai.com/v1`); None means our endpoint,
-    `Settings.serving_url` + `/openai/v1`."""
-
-    api_key_env: str | None = None
-    """Environment variable holding the API key, read once when the chain is built; while it is
-    unset or empty the provider is skipped. None: no key needed (our endpoint)."""
-
-    input_usd_per_million_tokens: float = 0.0
-    """Price of 1M prompt tokens in USD."""
-
-    output_usd_per_million_tokens: float = 0.0
-    """Price of 1M completion tokens in USD."""
-
-    requests_per_minute: int | None = None
-    """Requests this client sends in any 60 s; None: no limit."""
-
-    tokens_per_minute: int | None = None
-    """Prompt + completion tokens in any 60 s (reserved as estimate + `max_tokens`, corrected
-    to the answer's usage); None: no limit."""
-
-    timeout_seconds: float | None = None
-    """Limit of one request; None: `Settings.script_timeout_seconds` + 5 s. A call with a
-    deadline cuts it to what is left (see `min_seconds`)."""
-
-    min_seconds: float = 1.0
-    """Least time worth giving this provider in a call with a deadline: with less left it is
-    skipped, and the providers before it stop in time to leave it this much."""
-
-    def __post_init__(self) -> None:
-        check_field_types(self, ProviderConfigError)
-        for name in ("name", "model", "api_key_env"):
-            value = getattr(self, name)
-            if value is not None and not value.strip():
-                raise ProviderConfigError(f"{name} must not be empty")
-        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
-            raise ProviderConfigError(
-                f"base_url must start with http:// or https://, not {self.base_url!r}"
-            )
-        for name in ("input_usd_per_million_tokens", "output_usd_per_million_tokens"):
-            price = getattr(self, name)
-            if not (math.isfinite(price) and price >= 0):
-                raise ProviderConfigError(f"{name} must be a finite price >= 0, not {price}")
-        for name in ("requests_per_minute", "tokens_per_minute"):
-            limit = getattr(self, name)
-            if limit is not None and limit < 1:
-                raise ProviderConfigError(f"{name} must be at least 1 (or null), not {limit}")
-        timeout = self.timeout_seconds
-        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-            raise ProviderConfigError(f"timeout_seconds must be positive, not {timeout}")
-        if not (math.isfinite(self.min_seconds) and self.min_seconds > 0):
-            raise ProviderConfigError(f"min_seconds must be positive, not {self.min_seconds}")
-        if timeout is not None and self.min_seconds > timeout:
-            raise ProviderConfigError(
-                f"min_seconds ({self.min_seconds}) must not exceed timeout_seconds ({timeout})"
-            )
-
-
-@dataclass(frozen=True)
-class StrategistConfig:
-    """The whole chain, mirroring `script_providers.yaml`."""
-
-    providers: tuple[ProviderConfig, ...]
-    """Providers in the order they are tried."""
-
-    cache_ttl_seconds: float = 3600.0
-    """How long a script answers identical requests; 0 turns the cache off."""
-
-    cache_max_entries: int = 1024
-    """Most scripts cached; the oldest makes room for a new one."""
-
-    def __post_init__(self) -> None:
-        check_field_types(self, ProviderConfigError)
-        if not self.providers or not all(isinstance(p, ProviderConfig) for p in self.providers):
-            raise ProviderConfigError("providers must be a non-empty list of providers")
-        names = [p.name for p in self.providers]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ProviderConfigError(f"providers have repeated names {repeated}")
-        if not (math.isfinite(self.cache_ttl_seconds) and self.cache_ttl_seconds >= 0):
-            raise ProviderConfigError(
-                f"cache_ttl_seconds must be >= 0, not {self.cache_ttl_seconds}"
-            )
-        if self.cache_max_entries < 1:
-            raise ProviderConfigError(
-                f"cache_max_entries must be at least 1, not {self.cache_max_entries}"
-            )
-
-
-def load_config(path: Path) -> StrategistConfig:
-    """The chain in `path`; any problem raises `ProviderConfigError` naming the file and field."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ProviderConfigError(f"{path}: cannot read the providers file: {e}") from e
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ProviderConfigError(f"{path}: not readable YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ProviderConfigError(f"{path}: must be a mapping with `providers`, got {raw!r}")
-    _check_keys(path, "", raw, StrategistConfig)
-    if not isinstance(raw["providers"], list) or not raw["providers"]:
-        raise ProviderConfigError(f"{path}: providers must be a non-empty list")
-    providers = []
-    for i, item in enumerate(raw["providers"]):
-        where = f"providers[{i}]"
-        if not isinstance(item, dict):
-            raise ProviderConfigError(f"{path}: {where} must be a mapping, got {item!r}")
-        if isinstance(item.get("name"), str):
-            where += f" ({item['name']})"
-        _check_keys(path, f"{where}: ", item, ProviderConfig)
-        try:
-            providers.append(ProviderConfig(**item))
-        except ProviderConfigError as e:
-            raise ProviderConfigError(f"{path}: {where}: {e}") from e
-    try:
-        return StrategistConfig(**{**raw, "providers": tuple(providers)})
-    except ProviderConfigError as e:
-        raise ProviderConfigError(f"{path}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -309,92 +136,6 @@ class ProviderCosts:
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
-
-
-@dataclass
-class _Grant:
-    """Requests and tokens one call holds in a rate window."""
-
-    at: float
-    tokens: int
-
-
-class SlidingWindowLimit:
-    """Requests and tokens per minute over a sliding window; thread-safe. `acquire` never
-    waits: it raises `RateLimitExhausted` and the chain moves on."""
-
-    def __init__(
-        self,
-        requests_per_minute: int | None,
-        tokens_per_minute: int | None,
-        clock: Clock = time.monotonic,
-        window_seconds: float = RATE_WINDOW_SECONDS,
-    ) -> None:
-        self.requests_per_minute = requests_per_minute
-        self.tokens_per_minute = tokens_per_minute
-        self.window_seconds = window_seconds
-        self._clock = clock
-        self._grants: deque[_Grant] = deque()
-        self._lock = threading.Lock()
-
-    def acquire(self, tokens: int) -> _Grant:
-        """Reserve one request and `tokens` tokens now, or raise `RateLimitExhausted`."""
-        with self._lock:
-            now = self._clock()
-            while self._grants and self._grants[0].at <= now - self.window_seconds:
-                self._grants.popleft()
-            rpm, tpm = self.requests_per_minute, self.tokens_per_minute
-            if rpm is not None and len(self._grants) >= rpm:
-                raise RateLimitExhausted(f"rate limit: {rpm} requests in the last minute")
-            if tpm is not None:
-                used = sum(grant.tokens for grant in self._grants)
-                if used + tokens > tpm:
-                    raise RateLimitExhausted(
-                        f"rate limit: {used} of {tpm} tokens used in the last minute, "
-                        f"this request needs up to {tokens}"
-                    )
-            grant = _Grant(at=now, tokens=tokens)
-            self._grants.append(grant)
-            return grant
-
-    def settle(self, grant: _Grant, tokens: int) -> None:
-        """Correct a reservation to the tokens the call actually used."""
-        with self._lock:
-            grant.tokens = tokens
-
-
-class TTLCache(Generic[K, V]):
-    """A thread-safe map whose entries expire `ttl_seconds` after they are put."""
-
-    def __init__(self, ttl_seconds: float, max_entries: int, clock: Clock = time.monotonic):
-        self.ttl_seconds = ttl_seconds
-        self.max_entries = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: K) -> V | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            expires, value = entry
-            if self._clock() >= expires:
-                del self._entries[key]
-                return None
-            return value
-
-    def put(self, key: K, value: V) -> None:
-        if self.ttl_seconds <= 0:
-            return
-        with self._lock:
-            self._entries.pop(key, None)
-            while len(self._entries) >= self.max_entries:
-                self._entries.popitem(last=False)
-            self._entries[key] = (self._clock() + self.ttl_seconds, value)
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 @dataclass(frozen=True)
@@ -450,7 +191,7 @@ class ContentStrategist:
             quality: Scores each new script (`ContentMLClient.score_quality` in production).
             default_max_tokens: `max_tokens` of calls that do not pass one.
             cache_ttl_seconds: How long a script answers identical requests; 0: no cache.
-            cache_max_entries: Most scripts cached.
+            cache_max_entries: Most scripts cached (the least recently used makes room).
             clock: Monotonic seconds for rate windows and the cache's TTL.
             on_close: Called by `close()`, after the providers' clients are closed.
         """
@@ -467,7 +208,11 @@ class ContentStrategist:
         )
         self.default_max_tokens = default_max_tokens
         self._quality = quality
-        self._cache: TTLCache[tuple, Script] = TTLCache(cache_ttl_seconds, cache_max_entries, clock)
+        # cachetools' caches are not thread-safe: `_cache_lock` guards every use.
+        self._cache: cachetools.TTLCache[tuple, Script] = cachetools.TTLCache(
+            maxsize=cache_max_entries, ttl=cache_ttl_seconds, timer=clock
+        )
+        self._cache_lock = threading.Lock()
         self._chain = tuple((p.name, p.config.model, p.base_url) for p in self.providers)
         self._costs = {p.name: ProviderCosts(0, 0, 0, 0.0) for p in self.providers}
         self._costs_lock = threading.Lock()
@@ -598,7 +343,8 @@ class ContentStrategist:
 
         start = time.perf_counter()
         key = (topic, channel_persona, target_seconds, max_tokens, temperature, self._chain)
-        hit = self._cache.get(key)
+        with self._cache_lock:
+            hit = self._cache.get(key)
         if hit is not None:
             return dataclasses.replace(
                 hit, cached=True, cost_usd=0.0, latency_s=time.perf_counter() - start
@@ -647,7 +393,8 @@ class ContentStrategist:
             latency_s=time.perf_counter() - start,
         )
         if quality.scored and quality.decision is not Decision.REJECT:
-            self._cache.put(key, script)
+            with self._cache_lock:
+                self._cache[key] = script
         return script
 
     def _timeout(self, index: int, deadline: float | None) -> float:
@@ -780,21 +527,3 @@ def _required(name: str, value: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} must be a non-empty string, not {value!r}")
     return value.strip()
-
-
-def _check_keys(path: Path, where: str, raw: Mapping[Any, Any], config: type) -> None:
-    """Every required field present and no unknown one, named with the file."""
-    fields = dataclasses.fields(config)
-    required = [
-        f.name
-        for f in fields
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [name for name in required if name not in raw]
-    if missing:
-        raise ProviderConfigError(f"{path}: {where}missing fields {missing}")
-    unknown = sorted(str(key) for key in raw.keys() - {f.name for f in fields})
-    if unknown:
-        raise ProviderConfigError(
-            f"{path}: {where}unknown fields {unknown}; known: {[f.name for f in fields]}"
-        )

@@ -20,8 +20,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from contentml import registry
+from contentml.protocol import TIMEOUT_HEADER
 from entrypoints.demo import free_port, model_server
-from serving.caller.strategist import TIMEOUT_HEADER, ContentStrategist
+from serving.caller.strategist import ContentStrategist
 from serving.model_server.script import (
     ANSWER_MARGIN_SECONDS,
     CompletionRequest,

@@ -20,22 +20,15 @@ import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from contentml.protocol import Task
+from contentml.protocol import TIMEOUT_HEADER, Task
 from contentml.settings import Settings
 from serving.backend import tasks
 from serving.backend.costs import CostLedger
 from serving.caller.client import ClientError, ServiceUnavailable
-from serving.caller.strategist import (
-    TIMEOUT_HEADER,
-    AllProvidersFailed,
-    ContentStrategist,
-    NoTimeLeft,
-    ProviderConfigError,
-    ProviderCosts,
-    RateLimitExhausted,
-    SlidingWindowLimit,
-    load_config,
-)
+from serving.caller.provider_errors import NoTimeLeft, RateLimitExhausted
+from serving.caller.providers_config import ProviderConfigError, load_config
+from serving.caller.rate_limit import SlidingWindowLimit
+from serving.caller.strategist import AllProvidersFailed, ContentStrategist, ProviderCosts
 from tests.conftest import make_settings
 from training.quality.gate import Decision
 

@@ -21,7 +21,7 @@ from entrypoints.cli import build_parser
 from entrypoints.manifests import ManifestError, Rule
 from serving import auth_proxy
 from serving.backend.tasks import TASKS, Task
-from serving.caller import strategist
+from serving.caller import providers_config
 from tests.conftest import SCHEMAS_DIR, make_settings, run_cli
 from training.llm.config import load_config
 from training.llm.trainjob import RUNTIME, trainjob_manifest
@@ -1235,7 +1235,7 @@ def test_the_clusters_script_chain_calls_the_script_endpoint_with_the_token(over
         line.split("=", 1) for line in settings_env.read_text().splitlines() if "=" in line
     )
     in_image = values["CONTENTML_SCRIPT_PROVIDERS"].removeprefix("/app/")
-    (ours,) = strategist.load_config(manifests.MANIFESTS_DIR.parent / in_image).providers
+    (ours,) = providers_config.load_config(manifests.MANIFESTS_DIR.parent / in_image).providers
     (script,) = find(documents, "InferenceService", "script")
     namespace = script["metadata"].get("namespace", "contentml")
     assert "transformer" in script["spec"]

@@ -1,0 +1,19 @@
+"""Why one provider of the script writer's chain cannot answer now: the chain skips it and
+tries the next."""
+
+from __future__ import annotations
+
+from serving.caller.client import ContentMLClientError
+
+
+class ProviderUnavailable(ContentMLClientError):
+    """One provider cannot answer now (down, overloaded, over its rate limit, or answering
+    nonsense); the chain tries the next. `__cause__` is the underlying error, if any."""
+
+
+class RateLimitExhausted(ProviderUnavailable):
+    """A provider has spent its requests or tokens of the last minute."""
+
+
+class NoTimeLeft(ProviderUnavailable):
+    """Too little of the call's deadline is left to try a provider: it is skipped unasked."""
