@@ -39,6 +39,7 @@ from timing_asgi import TimingMiddleware
 
 from contentml.errors import UserError
 from contentml.launch import CLI_MODULE
+from contentml.protocol import OPENAI_ROUTE_PREFIX
 from contentml.runtime import freeze_heap, one_native_thread
 from contentml.settings import Settings
 from serving.admission import Admission, AdmissionMiddleware, drain_on_sigterm
@@ -49,10 +50,11 @@ from serving.backend.costs import CostLedger, register_cost_metrics
 from serving.backend.tasks import TASKS, Task, TaskAnswerer, tasks_router, validation_problem
 from serving.model_server.cache import CacheConfig
 from serving.model_server.niche import NicheRouter
+from serving.model_server.openai_routes import openai_router
 from serving.model_server.prediction_log import PredictionLog, open_prediction_log
 from serving.model_server.quality import QualityModel
 from serving.model_server.revenue import RevenueModel, revenue_router
-from serving.model_server.script import OPENAI_ROUTE_PREFIX, ScriptModel, openai_router
+from serving.model_server.script import ScriptModel
 from serving.model_server.trend import TrendModel
 from serving.model_server.versions import OffLoopModel, ServingOptions, VersionWatcher
 
@@ -244,8 +246,8 @@ def serve(
     app.include_router(APIRouter(lifespan=drain))
     router = openai_router(models)
     if router is not None:
-        # KServe's own OpenAI routes need vLLM (see serving/model_server/script.py); ours go on the
-        # app KServe serves, which it imports by name when it starts.
+        # KServe's own OpenAI routes need vLLM (see serving/model_server/openai_routes.py);
+        # ours go on the app KServe serves, which it imports by name when it starts.
         app.include_router(router)
     app.include_router(channels_router(settings))  # CrisisManager: anomalies and quarantine
     for model in models:

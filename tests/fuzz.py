@@ -53,8 +53,8 @@ from serving.backend.batch.models import BatchRequest
 from serving.backend.channels import ChannelPoint, QuarantineRequest
 from serving.backend.tasks import TASKS
 from serving.model_server.niche import TrendingVideo
+from serving.model_server.openai_schema import ChatCompletionRequest, CompletionRequest
 from serving.model_server.quality import QualityRequest
-from serving.model_server.script import ChatCompletionRequest, CompletionRequest
 from training.revenue.experiment import Metric, Policy
 from training.trend.model import MIN_HISTORY, TrendRequest
 

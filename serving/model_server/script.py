@@ -1,14 +1,6 @@
-"""The `script` model served OpenAI-compatible: `/openai/v1/completions`,
-`/openai/v1/chat/completions` (both with `stream`) and `/openai/v1/models`, on the same KServe
-ModelServer as the other predictors.
-
-KServe 0.21 has an OpenAI layer (`kserve.protocol.rest.openai`), but its request and response
-types are vLLM's: it imports only with `kserve[llm]`, which pins vllm 0.24 and with it
-torch 2.11, against our torch 2.13. KServe registers those routes only when that import works,
-so it stays out of the way and this module serves the same paths with its own pydantic types,
-following OpenAI's API: the same request fields, response bodies, server-sent events
-(`data: {chunk}` lines, then `data: [DONE]`) and error bodies (`{"error": {"message", "type",
-"param", "code"}}`).
+"""The `script` model's predictor: the champion of the `script` model (and its challenger for
+the canary's share) generating OpenAI completions and chat completions, whole or streamed.
+The routes that call it are `openai_routes`, the bodies they parse `openai_schema`.
 
 What the server does with a request, beyond OpenAI's documentation:
 - `max_tokens` (chat: also `max_completion_tokens`) above `CONTENTML_SCRIPT_MAX_TOKENS` is
@@ -29,28 +21,32 @@ What the server does with a request, beyond OpenAI's documentation:
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from http import HTTPStatus
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any
 
-import pydantic
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
 from kserve.errors import InferenceError, InvalidInput
-from kserve.model import BaseKServeModel
 from transformers import TextStreamer
 
-from contentml.protocol import OPENAI_ROUTE_PREFIX, TIMEOUT_HEADER
+from contentml.protocol import OPENAI_ROUTE_PREFIX
+from serving.model_server.openai_schema import (
+    CHAT,
+    COMPLETION,
+    AnswerShape,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    RequestError,
+    error_body,
+    sse_event,
+    usage_body,
+)
 from serving.model_server.versions import VersionedModel, load_pyfunc
 from training.llm.package import (
     FinishReason,
-    Generation,
     PromptTooLong,
     Sampling,
     ScriptGenerator,
@@ -60,43 +56,9 @@ from training.llm.package import (
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for `/completions` when the request sets no `max_tokens`."""
 
-MAX_STOP_SEQUENCES = 4
-"""OpenAI's limit on `stop` sequences per request."""
-
 ANSWER_MARGIN_SECONDS = 0.5
 """Taken off the caller's `TIMEOUT_HEADER` for the generation's time limit (at most half of it):
 time for the answer to be written, sent and read before the caller gives up."""
-
-
-# --- requests ------------------------------------------------------------------------------
-
-
-class RequestError(Exception):
-    """A request the model cannot answer as asked: HTTP 400 naming the field. (Not a
-    `ValueError`, which pydantic would fold into a `ValidationError` without the field.)"""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-def caller_timeout(value: str | None) -> float | None:
-    """Seconds the caller waits for the answer, from its `TIMEOUT_HEADER` value; None when it
-    sent none."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError as e:
-        raise RequestError(
-            f"{TIMEOUT_HEADER} must be a number of seconds, not {value!r}", TIMEOUT_HEADER
-        ) from e
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise RequestError(
-            f"{TIMEOUT_HEADER} must be a finite number of seconds above 0, not {value!r}",
-            TIMEOUT_HEADER,
-        )
-    return seconds
 
 
 def time_limit(configured_seconds: float, caller_seconds: float | None) -> float:
@@ -107,191 +69,6 @@ def time_limit(configured_seconds: float, caller_seconds: float | None) -> float
         return configured_seconds
     margin = min(ANSWER_MARGIN_SECONDS, caller_seconds / 2)
     return min(configured_seconds, caller_seconds - margin)
-
-
-class StreamOptions(pydantic.BaseModel):
-    include_usage: bool = False
-
-
-class _GenerationRequest(pydantic.BaseModel):
-    """The fields the completions and chat completions requests share."""
-
-    model_config = pydantic.ConfigDict(extra="ignore")
-
-    unsupported: ClassVar[tuple[str, ...]] = ()
-    """OpenAI fields this server refuses when they are set (others it does not know are
-    ignored)."""
-
-    model: str
-    max_tokens: int | None = pydantic.Field(None, ge=1)
-    temperature: float | None = pydantic.Field(None, ge=0, le=2)
-    top_p: float | None = pydantic.Field(None, gt=0, le=1)
-    n: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = pydantic.Field(None, ge=-(2**63), lt=2**64)  # torch's seed range
-
-    @pydantic.model_validator(mode="before")
-    @classmethod
-    def refuse_unsupported(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name in cls.unsupported:
-                if data.get(name) not in (None, False):
-                    raise RequestError(f"{name} is not supported by this model", name)
-        return data
-
-    @pydantic.field_validator("n")
-    @classmethod
-    def one_choice(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise ValueError("only n=1 is supported: send one request per answer")
-        return n
-
-    @pydantic.field_validator("stop")
-    @classmethod
-    def stop_sequences(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        sequences = [stop] if isinstance(stop, str) else stop or []
-        if len(sequences) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        if any(not s for s in sequences):
-            raise ValueError("stop sequences must not be empty")
-        return stop
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
-
-    @property
-    def stop_tuple(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
-
-
-class CompletionRequest(_GenerationRequest):
-    unsupported: ClassVar[tuple[str, ...]] = ("echo", "logprobs", "suffix")
-
-    prompt: str | list[str]
-
-    @pydantic.field_validator("prompt")
-    @classmethod
-    def one_prompt(cls, prompt: str | list[str]) -> str:
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ValueError("send exactly one prompt per request")
-            prompt = prompt[0]
-        if not prompt.strip():
-            raise ValueError("prompt is empty")
-        return prompt
-
-
-class TextPart(pydantic.BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(pydantic.BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-    @property
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text for part in self.content)
-
-
-class ChatCompletionRequest(_GenerationRequest):
-    unsupported: ClassVar[tuple[str, ...]] = ("logprobs", "tools")
-
-    messages: list[ChatMessage] = pydantic.Field(min_length=1)
-    max_completion_tokens: int | None = pydantic.Field(None, ge=1)
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-
-# --- responses -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """How one endpoint words its answers: the only difference between the two."""
-
-    object: str
-    chunk_object: str
-    id_prefix: str
-    prompt_field: str
-    choice: Callable[[str, str | None], dict]
-    delta: Callable[[str, str | None], dict]
-    opening_delta: dict | None
-
-
-COMPLETION = _Shape(
-    object="text_completion",
-    chunk_object="text_completion",
-    id_prefix="cmpl",
-    prompt_field="prompt",
-    choice=lambda text, finish: {
-        "index": 0,
-        "text": text,
-        "logprobs": None,
-        "finish_reason": finish,
-    },
-    delta=lambda text, finish: {
-        "index": 0,
-        "text": text,
-        "logprobs": None,
-        "finish_reason": finish,
-    },
-    opening_delta=None,
-)
-
-CHAT = _Shape(
-    object="chat.completion",
-    chunk_object="chat.completion.chunk",
-    id_prefix="chatcmpl",
-    prompt_field="messages",
-    choice=lambda text, finish: {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": None,
-        "finish_reason": finish,
-    },
-    delta=lambda text, finish: {
-        "index": 0,
-        "delta": {"content": text} if text else {},
-        "logprobs": None,
-        "finish_reason": finish,
-    },
-    opening_delta={
-        "index": 0,
-        "delta": {"role": "assistant", "content": ""},
-        "logprobs": None,
-        "finish_reason": None,
-    },
-)
-
-
-def _usage(generation: Generation) -> dict[str, int]:
-    return {
-        "prompt_tokens": generation.prompt_tokens,
-        "completion_tokens": generation.completion_tokens,
-        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-    }
-
-
-def _event(body: dict) -> str:
-    """One server-sent event as OpenAI's clients read it."""
-    return f"data: {json.dumps(body)}\n\n"
-
-
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error"):
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
 # --- streaming -----------------------------------------------------------------------------
@@ -405,8 +182,8 @@ class ScriptModel(VersionedModel[ScriptVersion]):
     async def _create(
         self,
         state: ScriptVersion,
-        shape: _Shape,
-        request: _GenerationRequest,
+        shape: AnswerShape,
+        request: GenerationRequest,
         prompt_ids: list[int],
         default_max_tokens: int,
         caller_seconds: float | None,
@@ -443,13 +220,13 @@ class ScriptModel(VersionedModel[ScriptVersion]):
             **header,
             "object": shape.object,
             "choices": [shape.choice(generation.text, generation.finish_reason.value)],
-            "usage": _usage(generation),
+            "usage": usage_body(generation),
         }
 
     async def _stream(
         self,
         generator: ScriptGenerator,
-        shape: _Shape,
+        shape: AnswerShape,
         header: dict,
         prompt_ids: list[int],
         sampling: Sampling,
@@ -470,113 +247,21 @@ class ScriptModel(VersionedModel[ScriptVersion]):
         held = StopFilter(sampling.stop)
         try:
             if shape.opening_delta is not None:
-                yield _event({**chunk, "choices": [shape.opening_delta]})
+                yield sse_event({**chunk, "choices": [shape.opening_delta]})
             while (piece := await pieces.get()) is not None:
                 if text := held.push(piece):
-                    yield _event({**chunk, "choices": [shape.delta(text, None)]})
+                    yield sse_event({**chunk, "choices": [shape.delta(text, None)]})
             try:
                 generation = await task
             except Exception as e:
-                yield _event(error_body(f"generation failed: {e}", kind="server_error"))
+                yield sse_event(error_body(f"generation failed: {e}", kind="server_error"))
                 return
             if text := held.flush():
-                yield _event({**chunk, "choices": [shape.delta(text, None)]})
+                yield sse_event({**chunk, "choices": [shape.delta(text, None)]})
             finish = FinishReason.STOP if held.stopped else generation.finish_reason
-            yield _event({**chunk, "choices": [shape.delta("", finish.value)]})
+            yield sse_event({**chunk, "choices": [shape.delta("", finish.value)]})
             if include_usage:
-                yield _event({**chunk, "choices": [], "usage": _usage(generation)})
+                yield sse_event({**chunk, "choices": [], "usage": usage_body(generation)})
             yield "data: [DONE]\n\n"
         finally:
             cancel.set()  # the client went away: stop generating at the next token
-
-
-# --- routes --------------------------------------------------------------------------------
-
-Req = TypeVar("Req", bound=_GenerationRequest)
-
-
-def _validation_problem(error: pydantic.ValidationError) -> tuple[str, str | None]:
-    """A message naming every bad field, and the first one as OpenAI's `param`."""
-    problems = []
-    for err in error.errors():
-        field = ".".join(str(part) for part in err["loc"]) or "request"
-        message = err["msg"].removeprefix("Value error, ")
-        problems.append(f"{field}: {message}")
-    first = error.errors()[0]["loc"]
-    return "; ".join(problems), str(first[0]) if first else None
-
-
-def _error(status: HTTPStatus, message: str, param: str | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(status_code=status, content=error_body(message, param, kind))
-
-
-async def _dispatch(
-    served: dict[str, ScriptModel],
-    raw: Request,
-    request_type: type[Req],
-    handle: Callable[[ScriptModel, Req, float | None], Awaitable[dict | AsyncIterator[str]]],
-) -> Response:
-    try:
-        body = await raw.json()
-    except ValueError as e:
-        return _error(HTTPStatus.BAD_REQUEST, f"request body is not valid JSON: {e}")
-    try:
-        caller_seconds = caller_timeout(raw.headers.get(TIMEOUT_HEADER))
-        request = request_type.model_validate(body)
-    except RequestError as e:
-        return _error(HTTPStatus.BAD_REQUEST, str(e), e.param)
-    except pydantic.ValidationError as e:
-        return _error(HTTPStatus.BAD_REQUEST, *_validation_problem(e))
-    model = served.get(request.model)
-    if model is None:
-        return _error(
-            HTTPStatus.NOT_FOUND,
-            f"model {request.model!r} is not served here; served: {', '.join(served)}",
-            "model",
-        )
-    if not model.ready:
-        return _error(
-            HTTPStatus.SERVICE_UNAVAILABLE,
-            f"model {request.model!r} is not ready: {model.not_ready_reason()}",
-            "model",
-        )
-    try:
-        result = await handle(model, request, caller_seconds)
-    except RequestError as e:
-        return _error(HTTPStatus.BAD_REQUEST, str(e), e.param)
-    if isinstance(result, AsyncIterator):
-        return StreamingResponse(result, media_type="text/event-stream")
-    return JSONResponse(result)
-
-
-def openai_router(models: Iterable[BaseKServeModel]) -> APIRouter | None:
-    """The OpenAI routes for the `ScriptModel`s among `models`; None when there are none."""
-    served = {m.name: m for m in models if isinstance(m, ScriptModel)}
-    if not served:
-        return None
-    started = int(time.time())
-
-    async def completions(raw: Request) -> Response:
-        return await _dispatch(served, raw, CompletionRequest, ScriptModel.create_completion)
-
-    async def chat_completions(raw: Request) -> Response:
-        return await _dispatch(
-            served, raw, ChatCompletionRequest, ScriptModel.create_chat_completion
-        )
-
-    async def list_models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": started, "owned_by": "contentml"}
-                for name, model in served.items()
-                if model.ready
-            ],
-        }
-
-    router = APIRouter(prefix=OPENAI_ROUTE_PREFIX, tags=["OpenAI"])
-    router.add_api_route("/v1/completions", completions, methods=["POST"])
-    router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    router.add_api_route("/v1/models", list_models, methods=["GET"])
-    return router

@@ -23,13 +23,8 @@ from contentml import registry
 from contentml.protocol import TIMEOUT_HEADER
 from entrypoints.demo import free_port, model_server
 from serving.caller.strategist import ContentStrategist
-from serving.model_server.script import (
-    ANSWER_MARGIN_SECONDS,
-    CompletionRequest,
-    ScriptModel,
-    StopFilter,
-    time_limit,
-)
+from serving.model_server.openai_schema import CompletionRequest
+from serving.model_server.script import ANSWER_MARGIN_SECONDS, ScriptModel, StopFilter, time_limit
 from tests.conftest import DATA_DIR, make_settings, run_cli
 from training.data import load_youtube_trending
 from training.llm.package import FinishReason, Sampling, cut_at_stop, log_script_model
