@@ -17,7 +17,7 @@ from contentml.settings import Settings
 from entrypoints import deploy
 from serving.model_server.versions import VersionedModel
 from tests.conftest import make_settings
-from tests.unit.test_registry import cli, register_versions
+from tests.helpers.registry import cli, register_versions
 
 HOSTILE_NAMES = [
     ("..", "'..'"),

@@ -19,7 +19,7 @@ from entrypoints import deploy
 from entrypoints.deploy import DeployError, Mode
 from entrypoints.manifests import crd_validator
 from tests.conftest import SCHEMAS_DIR, make_settings, run_cli
-from tests.unit.test_registry import Constant, register_versions
+from tests.helpers.registry import Constant, register_versions
 
 CRD = SCHEMAS_DIR / "kserve" / "serving.kserve.io_inferenceservices.yaml"
 

@@ -5,17 +5,14 @@ their writes."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import shutil
 import signal
 import sys
 from collections.abc import Callable
-from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import mlflow
@@ -29,11 +26,13 @@ from contentml.registry import Alias, AliasEvent, RegistryError
 from contentml.settings import Settings
 from entrypoints.cli import main
 from tests.conftest import make_settings, requires_postgres
-
-
-class Constant(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input: list[float], params=None) -> list[float]:
-        return [1.0 for _ in model_input]
+from tests.helpers.registry import (
+    children,
+    cli,
+    register,
+    register_versions,
+    shared_backend,
+)
 
 
 class Untyped(mlflow.pyfunc.PythonModel):
@@ -47,42 +46,12 @@ def views_signature(kind: str) -> ModelSignature:
     return ModelSignature(inputs=Schema([ColSpec(kind, "views")]))
 
 
-def register(settings, name: str, python_model=None, signature=None) -> str:
-    client = registry.connect(settings)
-    with mlflow.start_run(experiment_id=registry.experiment_id(client, settings)):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=python_model or Constant(),
-            signature=signature,
-            registered_model_name=name,
-            pip_requirements=["mlflow"],  # inferring them runs a child process: seconds each
-        )
-    return str(info.registered_model_version)
-
-
-def register_versions(settings, name: str, count: int) -> list[str]:
-    return [register(settings, name) for _ in range(count)]
-
-
 def register_broken(settings, name: str) -> str:
     """A version whose artifacts are there but do not load, as after a botched upload."""
     version = register(settings, name)
     uri = registry.connect(settings).get_model_version_download_uri(name, version)
     (Path(uri.removeprefix("file://")) / "python_model.pkl").write_bytes(b"not a pickle")
     return version
-
-
-def shared_backend(request, tmp_path: Path, tracking_uri: str) -> Settings:
-    """Settings on a backend the module's tests share (PostgreSQL, a tracking server). Its
-    experiment keeps the artifact root it was created with, and versions elsewhere are refused
-    (`registry.stored_artifact_uri`), so the tests share one root too."""
-    key = hashlib.blake2b(tracking_uri.encode(), digest_size=6).hexdigest()
-    root = request.getfixturevalue("tmp_path_factory").getbasetemp() / f"artifacts-{key}"
-    return make_settings(
-        tmp_path / "state",
-        MLFLOW_TRACKING_URI=tracking_uri,
-        CONTENTML_MLFLOW_ARTIFACT_ROOT=str(root),
-    )
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=requires_postgres)])
@@ -251,15 +220,6 @@ def test_a_champion_whose_artifacts_are_gone_can_be_replaced(settings):
     assert registry.promote(client, "toy", good).from_version == lost
 
 
-def cli(settings, monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
-    """`contentml ARGV` in this process against `settings`: status, stdout, stderr."""
-    for key, value in settings.to_env().items():
-        monkeypatch.setenv(key, value)
-    status = main(list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 def test_cli_promote_checks_force_and_rollback(backend_settings, model_name, monkeypatch, capsys):
     name = model_name
     unsigned = register(backend_settings, name, Untyped())
@@ -375,24 +335,9 @@ def registration_child(settings: Settings, name: str, kill_at: int) -> None:
     killed_after_write(kill_at, job)
 
 
-PRELOADED = (
-    "mlflow.store.tracking.sqlalchemy_store",
-    "mlflow.store.model_registry.sqlalchemy_store",
-)
-
-
-def children() -> BaseContext:
-    """Child processes forked from a server that imported MLflow and this module once: each
-    starts bare like a separate command, in a fraction of a second rather than seconds."""
-    context = multiprocessing.get_context("forkserver")
-    # Taking effect when this process starts its server; MLflow imports its stores lazily.
-    context.set_forkserver_preload([__name__, *PRELOADED])
-    return context
-
-
 def run_child(target: Callable, *args) -> int | None:
     """`target(*args)` in a child process; its exit status (-9: killed by SIGKILL)."""
-    process = children().Process(target=target, args=args)
+    process = children(__name__).Process(target=target, args=args)
     process.start()
     process.join(timeout=300)
     return process.exitcode

@@ -21,7 +21,7 @@ import pytest
 from contentml import registry
 from contentml.registry import Alias
 from tests.conftest import make_settings, requires_postgres
-from tests.unit.test_registry import Constant, children, register_versions, shared_backend
+from tests.helpers.registry import Constant, children, register_versions, shared_backend
 
 WORKERS = 8
 NAME = "raced"
@@ -89,7 +89,7 @@ def test_concurrent_promotions_are_all_recorded_in_order(backend):
     settings, locked = backend
     versions = register_versions(settings, NAME, WORKERS)
     # Each worker starts like a separate `contentml promote`, no state shared (`children`).
-    context = children()
+    context = children(__name__)
     start = context.Barrier(WORKERS)
     workers = [
         context.Process(target=promote_at_once, args=(settings, version, start))
@@ -132,7 +132,7 @@ def test_parallel_registrations_number_versions_without_gaps(database, tmp_path,
         logged = mlflow.pyfunc.log_model(
             name="model", python_model=Constant(), pip_requirements=["mlflow"]
         )
-    processes = children()
+    processes = children(__name__)
     start, versions = processes.Barrier(REGISTRATIONS), processes.Queue()
     workers = [
         processes.Process(

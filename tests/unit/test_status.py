@@ -17,7 +17,7 @@ from entrypoints.cli import main
 from entrypoints.status import model_status, status_lines
 from monitoring.drift import run_drift_check
 from tests.conftest import DATA_DIR
-from tests.unit.test_registry import register_versions
+from tests.helpers.registry import register_versions
 
 
 @pytest.fixture

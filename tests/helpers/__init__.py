@@ -1,0 +1,1 @@
+"""Helpers that several test modules share (fixtures live in `tests/conftest.py`)."""
