@@ -148,6 +148,11 @@ class Settings:
     them; models are unloaded only then. The pod's `terminationGracePeriodSeconds` must exceed
     drain + grace."""
 
+    event_bus: str = field(repr=False, metadata=_env("CONTENTML_EVENT_BUS"))
+    """How events (`contentml/events.py`, `GET /v1/events`) cross processes: `sql`, a table in
+    `backend_store` every server tails (embedded), or `redis://host:port/db`, Redis pub/sub
+    every replica subscribes to (the cluster)."""
+
     api_token: str = field(repr=False, metadata=_env("CONTENTML_API_TOKEN"))
     """Bearer token every route of the model server and backend API requires, but health and
     /metrics (a Secret in the cluster); empty: no check, and the servers listen on loopback
@@ -203,6 +208,11 @@ class Settings:
                 "CONTENTML_ADMIN_TOKEN must differ from CONTENTML_API_TOKEN: "
                 "every caller holds the callers' token"
             )
+        if self.event_bus != "sql" and not self.event_bus.startswith(("redis://", "rediss://")):
+            raise SettingsError(
+                "CONTENTML_EVENT_BUS must be sql or redis://host:port/db, "
+                f"not a {self.event_bus.partition(':')[0]}: URL"
+            )
         if not self.batch_queue.startswith(("sqlite:///", "redis://", "rediss://")):
             raise SettingsError(
                 "CONTENTML_BATCH_QUEUE must be sqlite:///<file> or redis://host:port/db, "
@@ -249,6 +259,7 @@ class Settings:
             # A second on a laptop; the cluster's ConfigMap waits for its routes to update.
             "shutdown_drain_seconds": 1.0,
             "shutdown_grace_seconds": 30.0,
+            "event_bus": "sql",
             "api_token": "",
             "admin_token": "",
         }
