@@ -153,6 +153,10 @@ class Settings:
     `backend_store` every server tails (embedded), or `redis://host:port/db`, Redis pub/sub
     every replica subscribes to (the cluster)."""
 
+    review_expiry_hours: float = field(metadata=_env("CONTENTML_REVIEW_EXPIRY_HOURS"))
+    """How long a text sent to human review may wait for a decision before it is escalated
+    (`review.expired`, `contentml_review_items{status="overdue"}`); it stays in the queue."""
+
     api_token: str = field(repr=False, metadata=_env("CONTENTML_API_TOKEN"))
     """Bearer token every route of the model server and backend API requires, but health and
     /metrics (a Secret in the cluster); empty: no check, and the servers listen on loopback
@@ -189,6 +193,7 @@ class Settings:
             "serving_poll_seconds",
             "max_concurrent_requests",
             "shutdown_grace_seconds",
+            "review_expiry_hours",
         ):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"setting {name} must be positive, not {getattr(self, name)}")
@@ -260,6 +265,8 @@ class Settings:
             "shutdown_drain_seconds": 1.0,
             "shutdown_grace_seconds": 30.0,
             "event_bus": "sql",
+            # A working day: a text waiting longer holds up its video.
+            "review_expiry_hours": 24.0,
             "api_token": "",
             "admin_token": "",
         }
