@@ -17,3 +17,12 @@ class RateLimitExhausted(ProviderUnavailable):
 
 class NoTimeLeft(ProviderUnavailable):
     """Too little of the call's deadline is left to try a provider: it is skipped unasked."""
+
+
+class KeysExhausted(ProviderUnavailable):
+    """Every key of a provider is inside its `Retry-After` or has sent its daily quota."""
+
+
+class ProviderSkipped(ProviderUnavailable):
+    """A provider in contingency (past 95 % of today's quota, or past its failure threshold)
+    is skipped until the next day or the end of its cool-down."""

@@ -35,8 +35,34 @@ class ProviderConfig:
     `Settings.serving_url` + `/openai/v1`."""
 
     api_key_env: str | None = None
-    """Environment variable holding the API key, read once when the chain is built; while it is
-    unset or empty the provider is skipped. None: no key needed (our endpoint)."""
+    """Environment variable holding the API key, or several (one per line, or a YAML/JSON
+    list: `provider_keys`), read once when the chain is built; while it is unset or empty the
+    provider is skipped. None: no key needed (our endpoint), or `api_keys_file`."""
+
+    api_keys_file: str | None = None
+    """File holding the API keys (a Secret mounted in the pod), one per line or a YAML/JSON
+    list, read once when the chain is built; while it is missing or empty the provider is
+    skipped. At most one of `api_key_env` and `api_keys_file`."""
+
+    daily_quota_per_key: int | None = None
+    """Requests each key may send per UTC day (the provider's quota); a key that has sent them
+    is skipped until the next day, and the provider as a whole past 95 % of its keys' sum.
+    None: no quota."""
+
+    max_failures_per_hour: int | None = None
+    """Failed requests (every key answering 429, 5xx, timeouts, no connection, malformed
+    answers) in the last hour beyond which the chain skips the provider for `cooldown_seconds`
+    after the latest one; None: never skipped for failures."""
+
+    cooldown_seconds: float = 900.0
+    """How long a provider past `max_failures_per_hour` is skipped; then one call tries it."""
+
+    key_cooldown_seconds: float = 60.0
+    """How long a key answered 429 without a `Retry-After` is skipped."""
+
+    normal_latency_seconds: float | None = None
+    """The provider's normal median answer time; None: learned from its last 7 days of calls.
+    A current median above twice this is an early warning."""
 
     input_usd_per_million_tokens: float = 0.0
     """Price of 1M prompt tokens in USD."""
@@ -61,7 +87,7 @@ class ProviderConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, ProviderConfigError)
-        for name in ("name", "model", "api_key_env"):
+        for name in ("name", "model", "api_key_env", "api_keys_file"):
             value = getattr(self, name)
             if value is not None and not value.strip():
                 raise ProviderConfigError(f"{name} must not be empty")
@@ -73,15 +99,27 @@ class ProviderConfig:
             price = getattr(self, name)
             if not (math.isfinite(price) and price >= 0):
                 raise ProviderConfigError(f"{name} must be a finite price >= 0, not {price}")
-        for name in ("requests_per_minute", "tokens_per_minute"):
+        if self.api_key_env is not None and self.api_keys_file is not None:
+            raise ProviderConfigError("set api_key_env or api_keys_file, not both")
+        for name in (
+            "requests_per_minute",
+            "tokens_per_minute",
+            "daily_quota_per_key",
+            "max_failures_per_hour",
+        ):
             limit = getattr(self, name)
             if limit is not None and limit < 1:
                 raise ProviderConfigError(f"{name} must be at least 1 (or null), not {limit}")
         timeout = self.timeout_seconds
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise ProviderConfigError(f"timeout_seconds must be positive, not {timeout}")
-        if not (math.isfinite(self.min_seconds) and self.min_seconds > 0):
-            raise ProviderConfigError(f"min_seconds must be positive, not {self.min_seconds}")
+        for name in ("min_seconds", "cooldown_seconds", "key_cooldown_seconds"):
+            seconds = getattr(self, name)
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise ProviderConfigError(f"{name} must be positive, not {seconds}")
+        normal = self.normal_latency_seconds
+        if normal is not None and not (math.isfinite(normal) and normal > 0):
+            raise ProviderConfigError(f"normal_latency_seconds must be positive, not {normal}")
         if timeout is not None and self.min_seconds > timeout:
             raise ProviderConfigError(
                 f"min_seconds ({self.min_seconds}) must not exceed timeout_seconds ({timeout})"

@@ -19,6 +19,16 @@ the quality gate's decision:
   exhausted provider is skipped, not waited for, so a call never blocks on a limit. A request
   reserves its estimated tokens (prompt estimate + `max_tokens`); the reservation is corrected
   to the tokens the answer reports (or to 0 when it fails).
+- Keys: a provider may have several API keys (`provider_keys`). Each call takes the available
+  key that sent the fewest requests today, across replicas (the shared store,
+  `provider_usage`), ties in turn. A key answered 429 is skipped by every replica until its
+  `Retry-After`, and the same call tries the provider's next key; a key that sent its
+  `daily_quota_per_key` rests until the next UTC day. Keys are named by index only: a
+  provider's message quoting one is redacted.
+- Contingency: a provider past 95 % of today's quota, or past its `max_failures_per_hour`, is
+  skipped until the next day or its cool-down (`provider_monitor`), so the chain's later
+  providers (ending with our self-hosted model) write the scripts; each answered call is
+  recorded (key, answer time, quality score) and the early warnings checked.
 - Cache: an identical request (topic, persona, length, `max_tokens`, temperature, chain) within
   the TTL is answered from memory (a `cachetools.TTLCache`): `cached=True`, cost 0.
 - Cost: from the answer's token usage and the provider's prices; returned with each script and
@@ -34,12 +44,15 @@ and why a provider is skipped is named by `provider_errors`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import email.utils
 import logging
 import math
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -59,7 +72,15 @@ from serving.caller.client import (
     MalformedCompletion,
     chat_text,
 )
-from serving.caller.provider_errors import NoTimeLeft, ProviderUnavailable
+from serving.caller.provider_errors import (
+    KeysExhausted,
+    NoTimeLeft,
+    ProviderSkipped,
+    ProviderUnavailable,
+)
+from serving.caller.provider_keys import chain_keys, redact
+from serving.caller.provider_monitor import ProviderMonitor, ProviderState
+from serving.caller.provider_usage import ProviderUsage, WallClock
 from serving.caller.providers_config import ProviderConfig, ProviderConfigError, load_config
 from serving.caller.rate_limit import Clock, SlidingWindowLimit
 from training.quality.gate import Decision
@@ -140,14 +161,16 @@ class ProviderCosts:
 
 @dataclass(frozen=True)
 class ScriptProvider:
-    """A provider ready to call: its config, resolved URL and timeout, client and rate limit."""
+    """A provider ready to call: its config, resolved URL and timeout, one client per key and
+    its rate limit."""
 
     config: ProviderConfig
     base_url: str
     timeout_seconds: float
     """Limit of one request when the call has no deadline (or more time than this left)."""
-    client: openai.OpenAI
-    """Built with `max_retries=0`: the chain moves on instead of retrying a provider."""
+    clients: tuple[openai.OpenAI, ...]
+    """One per API key, in the keys' order (a key is its index), each built with
+    `max_retries=0`: the chain moves on instead of retrying a provider."""
     limit: SlidingWindowLimit
 
     @property
@@ -160,6 +183,8 @@ class _Answer:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    key_index: int = 0
+    latency_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -178,6 +203,7 @@ class ContentStrategist:
         providers: Sequence[ScriptProvider],
         quality: QualityScorer,
         *,
+        monitor: ProviderMonitor,
         default_max_tokens: int,
         cache_ttl_seconds: float = 3600.0,
         cache_max_entries: int = 1024,
@@ -189,6 +215,8 @@ class ContentStrategist:
             providers: The chain, in the order it is tried; at least one, none of whose
                 clients retries (`max_retries=0`).
             quality: Scores each new script (`ContentMLClient.score_quality` in production).
+            monitor: The providers' shared usage: which keys and providers to skip, where each
+                call is recorded.
             default_max_tokens: `max_tokens` of calls that do not pass one.
             cache_ttl_seconds: How long a script answers identical requests; 0: no cache.
             cache_max_entries: Most scripts cached (the least recently used makes room).
@@ -197,7 +225,7 @@ class ContentStrategist:
         """
         if not providers:
             raise ValueError("the chain needs at least one provider")
-        retrying = [p.name for p in providers if p.client.max_retries]
+        retrying = [p.name for p in providers if any(c.max_retries for c in p.clients)]
         if retrying:
             raise ValueError(f"clients of {retrying} retry: a retry could outlast the deadline")
         self.providers = tuple(providers)
@@ -217,6 +245,12 @@ class ContentStrategist:
         self._costs = {p.name: ProviderCosts(0, 0, 0, 0.0) for p in self.providers}
         self._costs_lock = threading.Lock()
         self._on_close = tuple(on_close)
+        self.monitor = monitor
+        # Requests in flight per (provider, key) in this process: concurrent calls spread
+        # over the keys before the shared counts show the first ones.
+        self._in_flight: Counter[tuple[str, int]] = Counter()
+        self._turn: Counter[str] = Counter()
+        self._keys_lock = threading.Lock()
 
     @classmethod
     def from_settings(
@@ -227,47 +261,48 @@ class ContentStrategist:
         quality: QualityScorer | None = None,
         http_client: httpx.Client | None = None,
         clock: Clock = time.monotonic,
+        wall_clock: WallClock = time.time,
     ) -> ContentStrategist:
         """The chain in `settings.script_providers`, with API keys read from `environ` (default
-        `os.environ`) now, not per call. Providers whose key variable is unset are skipped.
+        `os.environ`) or their files now, not per call. Providers without keys are skipped.
+        Usage is shared through `settings.backend_store`.
 
         Args:
             quality: Scorer of scripts; None: our quality model via `ContentMLClient`.
             http_client: Shared by the providers' openai clients (tests pass a fake transport).
+            wall_clock: UNIX seconds of the shared usage (days, `Retry-After`, the last hour).
         """
         config = load_config(settings.script_providers)
         environ = os.environ if environ is None else environ
+        # Our own endpoint (no base_url) gets its token; no other provider ever sees it.
+        keys = chain_keys(config.providers, environ, settings.api_token, PLACEHOLDER_API_KEY)
         providers = []
         for provider in config.providers:
-            # Our own endpoint (no base_url) gets its token; no other provider ever sees it.
-            api_key = (provider.base_url is None and settings.api_token) or PLACEHOLDER_API_KEY
-            if provider.api_key_env is not None:
-                api_key = environ.get(provider.api_key_env, "")
-                if not api_key:
-                    log.info(
-                        "script provider %s skipped: %s is unset",
-                        provider.name,
-                        provider.api_key_env,
-                    )
-                    continue
+            if not keys[provider.name]:
+                continue
             base_url = provider.base_url or settings.serving_url.rstrip("/") + OUR_ENDPOINT_PATH
             timeout = provider.timeout_seconds or (
                 settings.script_timeout_seconds + TIMEOUT_MARGIN_SECONDS
             )
-            client = openai.OpenAI(
-                base_url=base_url, api_key=api_key, max_retries=0, http_client=http_client
+            clients = tuple(
+                openai.OpenAI(
+                    base_url=base_url, api_key=key, max_retries=0, http_client=http_client
+                )
+                for key in keys[provider.name]
             )
             limit = SlidingWindowLimit(
                 provider.requests_per_minute, provider.tokens_per_minute, clock
             )
-            providers.append(ScriptProvider(provider, base_url, timeout, client, limit))
+            providers.append(ScriptProvider(provider, base_url, timeout, clients, limit))
         if not providers:
-            # Only providers needing a key can be skipped, so each of them names a variable.
-            needed = sorted({str(p.api_key_env) for p in config.providers})
+            # Only providers needing a key can be skipped, so each of them names its source.
+            needed = sorted({str(p.api_key_env or p.api_keys_file) for p in config.providers})
             raise ProviderConfigError(
                 f"{settings.script_providers}: no usable script provider; set one of {needed}"
             )
-        on_close: list[Callable[[], None]] = []
+        usage = ProviderUsage.from_settings(settings, now=wall_clock)
+        monitor = ProviderMonitor(config, {n: len(k) for n, k in keys.items()}, usage)
+        on_close: list[Callable[[], None]] = [monitor.close]
         if quality is None:
             quality_client = ContentMLClient(settings.serving_url, api_key=settings.api_token)
             quality = quality_client.score_quality
@@ -275,6 +310,7 @@ class ContentStrategist:
         return cls(
             providers,
             quality,
+            monitor=monitor,
             default_max_tokens=settings.script_max_tokens,
             cache_ttl_seconds=config.cache_ttl_seconds,
             cache_max_entries=config.cache_max_entries,
@@ -296,7 +332,8 @@ class ContentStrategist:
     def close(self) -> None:
         """Close the providers' connections (and the quality client this object made)."""
         for provider in self.providers:
-            provider.client.close()
+            for client in provider.clients:
+                client.close()
         for close in self._on_close:
             close()
 
@@ -361,8 +398,12 @@ class ContentStrategist:
         failures: list[tuple[str, ProviderUnavailable]] = []
         for index, provider in enumerate(self.providers):
             try:
-                timeout = self._timeout(index, deadline)
-                answer = self._ask(provider, request, prompt_estimate + max_tokens, timeout)
+                answer = self._ask(
+                    index,
+                    request,
+                    prompt_estimate + max_tokens,
+                    lambda i=index: self._timeout(i, deadline),
+                )
                 break
             except ProviderUnavailable as e:
                 log.warning("script provider %s failed, trying the next: %s", provider.name, e)
@@ -379,6 +420,15 @@ class ContentStrategist:
             )
         cost = self._account(provider, answer)
         quality = _judge(self._quality, answer.text)
+        self.monitor.usage.record_call(
+            provider.name,
+            answer.key_index,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            latency_s=answer.latency_s,
+            quality_score=quality.score,
+        )
+        self.monitor.check(provider.name)
         script = Script(
             text=answer.text,
             provider=provider.name,
@@ -415,14 +465,75 @@ class ContentStrategist:
         return min(provider.timeout_seconds, left - reserve)
 
     def _ask(
-        self, provider: ScriptProvider, request: dict[str, Any], tokens: int, timeout: float
+        self,
+        index: int,
+        request: dict[str, Any],
+        tokens: int,
+        timeout: Callable[[], float],
     ) -> _Answer:
-        """One provider's answer within `timeout` seconds (httpx applies it to each of connect,
-        write and read); `ProviderUnavailable` when the chain should move on."""
+        """Provider `index`'s answer, from its keys in turn while they answer 429, each
+        request within `timeout()` seconds (httpx applies it to each of connect, write and
+        read); `ProviderUnavailable` when the chain should move on."""
+        provider = self.providers[index]
+        state = self.monitor.state(provider.name)
+        if state.skip_reason is not None:
+            raise ProviderSkipped(f"skipped (contingency): {state.skip_reason}")
+        seconds = timeout()  # NoTimeLeft before any key or rate limit is taken
         grant = provider.limit.acquire(tokens)
         used = 0
+        tried: set[int] = set()
         try:
-            completion = provider.client.chat.completions.create(
+            while True:
+                key = self._take_key(provider, state, tried)
+                try:
+                    answer = self._ask_key(provider, key, request, seconds)
+                finally:
+                    with self._keys_lock:
+                        self._in_flight[provider.name, key] -= 1
+                if answer is not None:
+                    used = answer.prompt_tokens + answer.completion_tokens or tokens
+                    return answer
+                tried.add(key)
+                if len(tried) == len(provider.clients):
+                    self.monitor.usage.record_failure(provider.name)
+                    raise ProviderUnavailable(f"HTTP 429 from each of its {len(tried)} keys")
+                seconds = timeout()
+        finally:
+            provider.limit.settle(grant, used)
+
+    def _take_key(self, provider: ScriptProvider, state: ProviderState, tried: set[int]) -> int:
+        """The available key (not tried in this call) that sent the fewest requests today,
+        counting this process's requests in flight; ties go round in turn."""
+        requests = {k.index: k.requests_today for k in state.keys if k.available}
+        candidates = [i for i in requests if i not in tried]
+        if not candidates:
+            limited = len(provider.clients) - len(requests)
+            raise KeysExhausted(
+                f"no key left to try: {limited} of {len(provider.clients)} keys rate-limited or "
+                f"out of today's quota"
+                + (f", {len(tried)} answered 429 in this call" if tried else "")
+            )
+        name, count = provider.name, len(provider.clients)
+        with self._keys_lock:
+            turn = self._turn[name]
+            key = min(
+                candidates,
+                key=lambda i: (requests[i] + self._in_flight[name, i], (i - turn) % count),
+            )
+            self._turn[name] = key + 1
+            self._in_flight[name, key] += 1
+        return key
+
+    def _ask_key(
+        self, provider: ScriptProvider, key: int, request: dict[str, Any], timeout: float
+    ) -> _Answer | None:
+        """The answer of `provider` with key `key`; None when the key answered 429 (recorded:
+        every replica skips it until its `Retry-After`)."""
+        client = provider.clients[key]
+        keys = [c.api_key for c in provider.clients]
+        started = time.perf_counter()
+        try:
+            completion = client.chat.completions.create(
                 model=provider.config.model,
                 timeout=timeout,
                 # Sent to every provider: hosted APIs ignore headers they do not know, and a
@@ -432,20 +543,35 @@ class ContentStrategist:
                 **request,
             )
             answer = _answer(completion)
-            used = answer.prompt_tokens + answer.completion_tokens or tokens
-            return answer
+            return dataclasses.replace(
+                answer, key_index=key, latency_s=time.perf_counter() - started
+            )
         except openai.APIStatusError as e:
-            if e.status_code == 429 or e.status_code >= 500:
-                raise ProviderUnavailable(f"HTTP {e.status_code}: {e.message}") from e
-            raise ClientError(Task.SCRIPT, e.status_code, f"{provider.name}: {e.message}") from e
+            message = redact(e.message, keys)
+            if e.status_code == 429:
+                wait = retry_after(e.response.headers, provider.config.key_cooldown_seconds)
+                log.warning(
+                    "script provider %s key %d answered 429, skipped for %.0f s: %s",
+                    provider.name, key, wait, message,
+                )  # fmt: skip
+                self.monitor.usage.record_rate_limit(provider.name, key, wait)
+                return None
+            if e.status_code >= 500:
+                self.monitor.usage.record_failure(provider.name)
+                raise ProviderUnavailable(f"HTTP {e.status_code}: {message}") from None
+            # `from None`: the openai error's own message may quote the key.
+            raise ClientError(Task.SCRIPT, e.status_code, f"{provider.name}: {message}") from None
         except openai.APITimeoutError as e:
+            self.monitor.usage.record_failure(provider.name)
             raise ProviderUnavailable(f"no answer within {timeout:.2f} s") from e
         except openai.APIConnectionError as e:
-            raise ProviderUnavailable(f"{type(e).__name__}: {e}") from e
-        except openai.APIResponseValidationError as e:
-            raise ProviderUnavailable(f"malformed answer: {e}") from e
-        finally:
-            provider.limit.settle(grant, used)
+            self.monitor.usage.record_failure(provider.name)
+            raise ProviderUnavailable(f"{type(e).__name__}: {redact(str(e), keys)}") from e
+        except (openai.APIResponseValidationError, ProviderUnavailable) as e:
+            self.monitor.usage.record_failure(provider.name)
+            if isinstance(e, ProviderUnavailable):
+                raise
+            raise ProviderUnavailable(f"malformed answer: {redact(str(e), keys)}") from e
 
     def _account(self, provider: ScriptProvider, answer: _Answer) -> float:
         config = provider.config
@@ -462,6 +588,25 @@ class ContentStrategist:
                 cost_usd=before.cost_usd + cost,
             )
         return cost
+
+
+def retry_after(headers: Mapping[str, str], default: float) -> float:
+    """Seconds a 429's `Retry-After` (seconds or an HTTP date; OpenAI's `retry-after-ms`)
+    says to wait, within [1 s, 1 day]; `default` without one."""
+    seconds = default
+    if (ms := headers.get("retry-after-ms")) is not None:
+        with contextlib.suppress(ValueError):
+            seconds = float(ms) / 1000
+    elif (value := headers.get("retry-after")) is not None:
+        try:
+            seconds = float(value)
+        except ValueError:
+            with contextlib.suppress(TypeError, ValueError):
+                at = email.utils.parsedate_to_datetime(value)
+                seconds = at.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        seconds = default
+    return min(max(seconds, 1.0), 86400.0)
 
 
 def _messages(topic: str, persona: str, target_seconds: int) -> list[dict[str, str]]:

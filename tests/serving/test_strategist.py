@@ -699,11 +699,14 @@ def test_each_provider_is_told_the_timeout_it_is_given(build, deadline_in: float
 
 
 def test_a_client_that_retries_is_refused(build) -> None:
-    (provider,) = build([OUR_PROVIDER], Backend({OURS: [ok()]})).providers
-    retrying = replace(provider, client=provider.client.with_options(max_retries=2))
+    strategist = build([OUR_PROVIDER], Backend({OURS: [ok()]}))
+    (provider,) = strategist.providers
+    retrying = replace(provider, clients=(provider.clients[0].with_options(max_retries=2),))
 
     with pytest.raises(ValueError, match=r"\['contentml'\] retry"):
-        ContentStrategist([retrying], FakeQuality(), default_max_tokens=64)
+        ContentStrategist(
+            [retrying], FakeQuality(), monitor=strategist.monitor, default_max_tokens=64
+        )
 
 
 def test_a_provider_that_would_eat_the_next_ones_minimum_is_skipped(build) -> None:
