@@ -45,9 +45,11 @@ from contentml.settings import Settings
 from serving.admission import Admission, AdmissionMiddleware, drain_on_sigterm
 from serving.backend.batch.queue import BatchQueue, Heartbeat
 from serving.backend.batch.routes import batch_router
+from serving.backend.capacity import capacity_router
 from serving.backend.channels import channels_router
 from serving.backend.costs import CostLedger, register_cost_metrics
 from serving.backend.tasks import TASKS, Task, TaskAnswerer, tasks_router, validation_problem
+from serving.caller.provider_monitor import ProviderMonitor, register_provider_metrics
 from serving.model_server.cache import CacheConfig
 from serving.model_server.niche import NicheRouter
 from serving.model_server.openai_routes import openai_router
@@ -262,11 +264,14 @@ def serve(
     tasks = [t for t in Task if is_api or TASKS[t].model in served]
     app.include_router(tasks_router(answerer, tasks))
     app.add_exception_handler(RequestValidationError, validation_problem)
-    queue = None
+    queue = monitor = None
     if ledger is not None:
         queue = BatchQueue(settings, ledger=ledger)
         app.include_router(batch_router(queue))
         register_cost_metrics(ledger)
+        monitor = ProviderMonitor.from_settings(settings)  # the script providers' state
+        app.include_router(capacity_router(monitor))
+        register_provider_metrics(monitor)
     freeze_heap()
     for model in exposed:
         server.register_model(model)  # ready or not: KServe answers 503 for a model not ready
@@ -281,6 +286,8 @@ def serve(
         answerer.close()
         if queue is not None:
             queue.close()
+        if monitor is not None:
+            monitor.close()
         if prediction_log is not None:
             prediction_log.close()
 
@@ -379,6 +386,8 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
     answerer = TaskAnswerer(settings, [], ledger)
     queue = BatchQueue(settings, ledger=ledger)
     register_cost_metrics(ledger)
+    monitor = ProviderMonitor.from_settings(settings)
+    register_provider_metrics(monitor)
     admission = Admission.from_settings(settings, fixed_routes=LIMITED_ROUTES)
     api = FastAPI(
         title="contentml backend API",
@@ -388,6 +397,7 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
     api.add_exception_handler(RequestValidationError, validation_problem)
     api.include_router(tasks_router(answerer, [Task.SCRIPT]))
     api.include_router(batch_router(queue))
+    api.include_router(capacity_router(monitor))
     api.add_api_route("/v2/health/live", lambda: {"live": True}, methods=["GET"])
     api.add_api_route("/v2/health/ready", lambda: {"ready": True}, methods=["GET"])
     api.mount("/metrics", make_asgi_app())
@@ -402,6 +412,7 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
     finally:
         answerer.close()
         queue.close()
+        monitor.close()
 
 
 def work(settings: Settings, threads: int) -> None:
