@@ -103,7 +103,9 @@ class Settings:
     part files, `serving/model_server/prediction_log.py`): a folder, an `s3://` URI, or `off`."""
 
     serving_poll_seconds: float = field(metadata=_env("CONTENTML_SERVING_POLL_SECONDS"))
-    """How often the model server reads the aliases and swaps to the versions they name."""
+    """How often the model server reads the aliases and swaps to the versions they name, and
+    refreshes what it holds in memory from the shared stores (the trend histories of series
+    asked by id, the bandits' posteriors): no answer is staler than this."""
 
     pushgateway_url: str = field(metadata=_env("CONTENTML_PUSHGATEWAY_URL"))
     """Prometheus Pushgateway the monitoring jobs push model performance to (they are batch

@@ -4,9 +4,9 @@ requests each model takes at once, and when the cluster should stop routing here
 - Auth: with `Settings.api_token` set, every route but health and /metrics needs
   `Authorization: Bearer <token>`; other callers get 401, and the answer quotes nothing they
   sent. The admin routes (`ADMIN_ROUTES`: load and unload, quarantine and release, rewards,
-  the batch job listing) need `Settings.admin_token` instead: the callers' token gets 403
-  there. With neither token set nothing is checked, and the servers listen on loopback only
-  (`bind_host`).
+  the batch job listing, the review queue) need `Settings.admin_token` instead: the callers'
+  token gets 403 there. With neither token set nothing is checked, and the servers listen on
+  loopback only (`bind_host`).
 - Names: a route whose model name, version, channel id or experiment name is not one the
   platform could hold (`..`, NUL, `%2e%2e` once decoded, ...: `contentml.names`) gets 400
   saying why, before any handler.
@@ -160,6 +160,9 @@ ADMIN_ROUTES = tuple(
         ("DELETE", "/v1/channels/{channel_id:path}/quarantine"),
         ("POST", "/v1/experiments/{experiment:path}/rewards"),
         ("GET", "/batch/jobs"),
+        ("GET", "/v1/review/items"),
+        ("GET", "/v1/review/items/{item_id:path}"),
+        ("POST", "/v1/review/items/{item_id:path}/decision"),
     )
 )
 """Routes that change what is served or what is learnt, or list every caller's work: they

@@ -48,6 +48,7 @@ from serving.backend.batch.routes import batch_router
 from serving.backend.capacity import capacity_router
 from serving.backend.channels import channels_router
 from serving.backend.costs import CostLedger, register_cost_metrics
+from serving.backend.review import ReviewExpiry, register_review_metrics, review_router
 from serving.backend.tasks import TASKS, Task, TaskAnswerer, tasks_router, validation_problem
 from serving.caller.provider_monitor import ProviderMonitor, register_provider_metrics
 from serving.model_server.cache import CacheConfig
@@ -59,6 +60,7 @@ from serving.model_server.revenue import RevenueModel, revenue_router
 from serving.model_server.script import ScriptModel
 from serving.model_server.trend import TrendModel
 from serving.model_server.versions import OffLoopModel, ServingOptions, VersionWatcher
+from training.quality.review_store import ReviewStore
 
 PREDICTORS: dict[str, type[OffLoopModel]] = {
     "trend": TrendModel,
@@ -251,6 +253,9 @@ def serve(
         # KServe's own OpenAI routes need vLLM (see serving/model_server/openai_routes.py);
         # ours go on the app KServe serves, which it imports by name when it starts.
         app.include_router(router)
+    reviews = ReviewStore.from_settings(settings)  # the human review queue, shared
+    app.include_router(review_router(reviews))
+    register_review_metrics(reviews, settings)
     app.include_router(channels_router(settings))  # CrisisManager: anomalies and quarantine
     for model in models:
         if isinstance(model, RevenueModel):
@@ -276,13 +281,16 @@ def serve(
     for model in exposed:
         server.register_model(model)  # ready or not: KServe answers 503 for a model not ready
     # Started after the registration above: a niche it finds later is exposed once, by it.
-    watcher = VersionWatcher(settings, models, settings.serving_poll_seconds).start()
+    watcher = VersionWatcher(
+        settings, models, settings.serving_poll_seconds, chores=[ReviewExpiry(reviews, settings)]
+    ).start()
     try:
         with batch_workers(settings, workers if queue is not None else 0):
             # KServe's start() marks every model it is given ready: only those that are.
             server.start([m for m in exposed if m.ready])
     finally:
         watcher.stop()
+        reviews.close()
         answerer.close()
         if queue is not None:
             queue.close()
@@ -386,6 +394,8 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
     answerer = TaskAnswerer(settings, [], ledger)
     queue = BatchQueue(settings, ledger=ledger)
     register_cost_metrics(ledger)
+    reviews = ReviewStore.from_settings(settings)
+    register_review_metrics(reviews, settings)
     monitor = ProviderMonitor.from_settings(settings)
     register_provider_metrics(monitor)
     admission = Admission.from_settings(settings, fixed_routes=LIMITED_ROUTES)
@@ -397,6 +407,7 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
     api.add_exception_handler(RequestValidationError, validation_problem)
     api.include_router(tasks_router(answerer, [Task.SCRIPT]))
     api.include_router(batch_router(queue))
+    api.include_router(review_router(reviews))
     api.include_router(capacity_router(monitor))
     api.add_api_route("/v2/health/live", lambda: {"live": True}, methods=["GET"])
     api.add_api_route("/v2/health/ready", lambda: {"ready": True}, methods=["GET"])
@@ -410,6 +421,7 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
             timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         )
     finally:
+        reviews.close()
         answerer.close()
         queue.close()
         monitor.close()

@@ -3,9 +3,9 @@ route per task, each answered within its SLA (the backend team's contract):
 
     POST /predict/trend    5 s   {"history": [hourly floats], "horizon": 48, "topic": "id"}
                                  -> {"forecast": [...], "model_version", "fallback": false, ...}
-    POST /score/quality    2 s   {"text": "..."}
+    POST /score/quality    2 s   {"text": "...", "channel": "optional", "video_id": "optional"}
                                  -> {"score", "decision": "pass|review|reject", "reasons",
-                                     "model_version"}
+                                     "model_version", "review_item"}
     POST /generate/script 30 s   {"topic": "...", "persona": "...", "channel": "optional"}
                                  -> {"script", "provider", "cost_usd", ...}
 
@@ -29,6 +29,10 @@ with its history required, `/score/quality` takes `QualityRequest`), validated o
 the field; FastAPI's `detail` list) and answered by the predictor's typed `answer(requests)`;
 bodies larger than `MAX_BODY_BYTES` are 413 (FastAPI's `max_body_size`). The OpenAPI schema at
 `/openapi.json` describes every route and body.
+
+Every quality `review` answered here (a route's, a batch item's) is queued for a person
+(`training/quality/review_store.py`), and the answer names the item (`review_item`); a script's
+is queued by the strategist, with the script's channel and video.
 """
 
 from __future__ import annotations
@@ -61,8 +65,9 @@ from contentml.settings import Settings
 from serving.backend.costs import MAX_NAME, BookedName, CostEntry, CostLedger, compute_cost
 from serving.caller.client import ClientError, ContentMLClientError
 from serving.caller.strategist import AllProvidersFailed, ContentStrategist
-from serving.model_server.quality import MAX_TEXT_CHARS, QualityRequest
+from serving.model_server.quality import MAX_TEXT_CHARS, QualityModel, QualityRequest
 from serving.model_server.versions import CachedPredictor
+from training.quality.review_store import Source
 from training.trend.metrics import direction, seasonal_naive
 from training.trend.model import MAX_HISTORY, MAX_HORIZON, MAX_SERIES_ID, MIN_HISTORY, TrendRequest
 
@@ -133,6 +138,9 @@ class QualityAnswer(pydantic.BaseModel):
     decision: str = pydantic.Field(description="`pass`, `review` (a person decides) or `reject`.")
     reasons: list[dict[str, Any]] = pydantic.Field(description="Why it did not pass.")
     model_version: str
+    review_item: str | None = pydantic.Field(
+        None, description="The review queue's item for a `review` (`GET /v1/review/items`)."
+    )
 
 
 class ScriptBody(pydantic.BaseModel):
@@ -238,6 +246,11 @@ def _trend_answer(prediction: Mapping[str, Any], body: TrendBody, fallback: bool
     )
 
 
+def _named(channel: str | None) -> str | None:
+    """A job's channel as a review item keeps it: none for the jobs booked to no channel."""
+    return None if channel == UNASSIGNED_CHANNEL else channel
+
+
 class TaskAnswerer:
     """Answers task bodies with this process's predictors and the script provider chain."""
 
@@ -312,15 +325,18 @@ class TaskAnswerer:
         channel: str | None = None,
         *,
         deadline: float | None = None,
+        source: Source = Source.TASK,
     ) -> list[dict[str, Any]]:
         """One JSON answer per body. Raises `InvalidInput` when the model refuses a body (the
         request's fault), `TaskUnavailable` when nothing can answer now, and anything else
         when the model failed. `deadline` (`time.monotonic()`) bounds the script chain's
-        providers; None: each waits its own timeout."""
+        providers; None: each waits its own timeout. `source` is where a quality review item
+        comes from (a route's or a batch job's)."""
         if task is Task.TREND:
             return [a.model_dump() for a in self._trend(bodies)]  # type: ignore[arg-type]
         if task is Task.QUALITY:
-            return [a.model_dump() for a in self._quality(bodies)]  # type: ignore[arg-type]
+            answers = self._quality(bodies, channel, source)  # type: ignore[arg-type]
+            return [a.model_dump() for a in answers]
         return [
             self._script(body, channel, deadline).model_dump()  # type: ignore[arg-type]
             for body in bodies
@@ -355,16 +371,23 @@ class TaskAnswerer:
             return [self.trend_fallback(body) for body in bodies]
         return [_trend_answer(p, b, False) for p, b in zip(predictions, bodies, strict=True)]
 
-    def _quality(self, bodies: Sequence[QualityRequest]) -> list[QualityAnswer]:
+    def _quality(
+        self, bodies: Sequence[QualityRequest], channel: str | None, source: Source
+    ) -> list[QualityAnswer]:
         predictions = self._predict("quality", bodies)
+        model = self.models["quality"]
+        if not isinstance(model, QualityModel):
+            raise TaskUnavailable("the quality model here is not the quality gate")
+        channel = _named(channel)
         return [
             QualityAnswer(
                 score=p["score"],
                 decision=p["decision"],
                 reasons=p["reasons"],
                 model_version=str(p["model_version"]),
+                review_item=model.queue_review(b, p, source, channel),
             )
-            for p in predictions
+            for b, p in zip(bodies, predictions, strict=True)
         ]
 
     def _script(
@@ -373,7 +396,12 @@ class TaskAnswerer:
         started = time.perf_counter()
         try:
             script = self.strategist().generate_script(
-                body.topic, body.persona, target_seconds=body.target_seconds, deadline=deadline
+                body.topic,
+                body.persona,
+                target_seconds=body.target_seconds,
+                deadline=deadline,
+                channel=body.channel or _named(channel),
+                video_id=body.video_id,
             )
         except AllProvidersFailed as e:
             raise TaskUnavailable(str(e)) from e
@@ -417,8 +445,10 @@ class TaskAnswerer:
         return ContentStrategist.from_settings(self.settings, quality=scorer)
 
     def _score_script(self, text: str) -> dict[str, Any]:
+        # The model's own answer (labels included), not the route's: the strategist queues a
+        # review itself, with the script's channel and video.
         try:
-            return self.answer(Task.QUALITY, [QualityRequest(text=text[:MAX_TEXT_CHARS])])[0]
+            return self._predict("quality", [QualityRequest(text=text[:MAX_TEXT_CHARS])])[0]
         except Exception as e:  # any failure to score: the strategist sends the script to review
             raise QualityUnavailable(f"quality model could not score the script: {e}") from e
 

@@ -35,8 +35,10 @@ the quality gate's decision:
   summed per provider (`costs()`).
 - Quality: every new script is scored by the quality model (`/v1/models/quality:predict`). If
   the quality model cannot be reached the script is marked `review` with the reason: a person
-  looks at it rather than it passing unchecked or being thrown away. Rejected and unscored
-  scripts are not cached, so the next request writes (and scores) a new one.
+  looks at it rather than it passing unchecked or being thrown away. A script marked `review`
+  is put in the review queue (`training/quality/review_store.py`, the shared SQL store) with
+  the channel and video it is for. Rejected and unscored scripts are not cached, so the next
+  request writes (and scores) a new one.
 
 The chain's configuration is read by `providers_config`, its rate limits kept by `rate_limit`,
 and why a provider is skipped is named by `provider_errors`.
@@ -84,6 +86,7 @@ from serving.caller.provider_usage import ProviderUsage, WallClock
 from serving.caller.providers_config import ProviderConfig, ProviderConfigError, load_config
 from serving.caller.rate_limit import Clock, SlidingWindowLimit
 from training.quality.gate import Decision
+from training.quality.review_store import NewItem, ReviewStore, Source, check_name
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +196,10 @@ class _Quality:
     score: float | None
     reasons: tuple[str, ...]
     scored: bool
+    findings: tuple[Mapping[str, str], ...] = ()
+    """The gate's reasons as it gave them (`check`, `severity`, `detail`), for a review item."""
+    labels: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    model_version: str | None = None
 
 
 class ContentStrategist:
@@ -209,6 +216,7 @@ class ContentStrategist:
         cache_max_entries: int = 1024,
         clock: Clock = time.monotonic,
         on_close: Sequence[Callable[[], None]] = (),
+        reviews: ReviewStore | None = None,
     ) -> None:
         """
         Args:
@@ -222,6 +230,8 @@ class ContentStrategist:
             cache_max_entries: Most scripts cached (the least recently used makes room).
             clock: Monotonic seconds for rate windows and the cache's TTL.
             on_close: Called by `close()`, after the providers' clients are closed.
+            reviews: The review queue a script the gate sends to `review` is put in; None:
+                not queued.
         """
         if not providers:
             raise ValueError("the chain needs at least one provider")
@@ -245,6 +255,7 @@ class ContentStrategist:
         self._costs = {p.name: ProviderCosts(0, 0, 0, 0.0) for p in self.providers}
         self._costs_lock = threading.Lock()
         self._on_close = tuple(on_close)
+        self._reviews = reviews
         self.monitor = monitor
         # Requests in flight per (provider, key) in this process: concurrent calls spread
         # over the keys before the shared counts show the first ones.
@@ -302,7 +313,8 @@ class ContentStrategist:
             )
         usage = ProviderUsage.from_settings(settings, now=wall_clock)
         monitor = ProviderMonitor(config, {n: len(k) for n, k in keys.items()}, usage)
-        on_close: list[Callable[[], None]] = [monitor.close]
+        reviews = ReviewStore.from_settings(settings)
+        on_close: list[Callable[[], None]] = [monitor.close, reviews.close]
         if quality is None:
             quality_client = ContentMLClient(settings.serving_url, api_key=settings.api_token)
             quality = quality_client.score_quality
@@ -316,6 +328,7 @@ class ContentStrategist:
             cache_max_entries=config.cache_max_entries,
             clock=clock,
             on_close=on_close,
+            reviews=reviews,
         )
 
     def __enter__(self) -> Self:
@@ -352,6 +365,8 @@ class ContentStrategist:
         max_tokens: int | None = None,
         temperature: float = 0.7,
         deadline: float | None = None,
+        channel: str | None = None,
+        video_id: str | None = None,
     ) -> Script:
         """A script of about `target_seconds` spoken about `topic`, in the voice of
         `channel_persona`, scored by the quality gate.
@@ -359,6 +374,8 @@ class ContentStrategist:
         Args:
             deadline: `time.monotonic()` by which a provider must have answered (scoring the
                 script comes after); None: each provider waits its own `timeout_seconds`.
+            channel, video_id: What the script is for, kept with its review item when the gate
+                sends it to review.
 
         Raises:
             ValueError: an empty topic or persona, or a parameter out of range.
@@ -377,6 +394,8 @@ class ContentStrategist:
             raise ValueError(f"temperature must be in [0, 2], not {temperature!r}")
         if deadline is not None and not math.isfinite(deadline):
             raise ValueError(f"deadline must be a finite time.monotonic(), not {deadline!r}")
+        check_name(channel, "channel")
+        check_name(video_id, "video_id")
 
         start = time.perf_counter()
         key = (topic, channel_persona, target_seconds, max_tokens, temperature, self._chain)
@@ -420,6 +439,7 @@ class ContentStrategist:
             )
         cost = self._account(provider, answer)
         quality = _judge(self._quality, answer.text)
+        self._queue_review(answer.text, quality, channel, video_id)
         self.monitor.usage.record_call(
             provider.name,
             answer.key_index,
@@ -446,6 +466,28 @@ class ContentStrategist:
             with self._cache_lock:
                 self._cache[key] = script
         return script
+
+    def _queue_review(
+        self, text: str, quality: _Quality, channel: str | None, video_id: str | None
+    ) -> None:
+        """Put a script the gate sent to review (or could not score) in the review queue; a
+        queue that cannot be written is logged: the script is still returned, marked review."""
+        if self._reviews is None or quality.decision is not Decision.REVIEW:
+            return
+        item = NewItem(
+            text=text,
+            reasons=quality.findings,
+            labels=quality.labels,
+            source=Source.STRATEGIST,
+            score=quality.score,
+            channel=channel,
+            video_id=video_id,
+            model_version=quality.model_version,
+        )
+        try:
+            self._reviews.add(item)
+        except Exception as e:  # the caller still gets the script and its review mark
+            log.error("script could not be queued for review: %s", e, exc_info=e)
 
     def _timeout(self, index: int, deadline: float | None) -> float:
         """Seconds provider `index` may take: its own timeout, cut to what is left of
@@ -657,15 +699,31 @@ def _judge(quality: QualityScorer, text: str) -> _Quality:
         prediction = quality(text)
     except ContentMLClientError as e:
         log.warning("quality model unavailable, script sent to review: %s", e)
-        return _Quality(Decision.REVIEW, None, (f"quality model unavailable: {e}",), False)
+        return _unscored(f"quality model unavailable: {e}")
     try:
         decision = Decision(prediction["decision"])
         score = float(prediction["score"])
         reasons = tuple(f"{r['check']}: {r['detail']}" for r in prediction.get("reasons", ()))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         log.warning("malformed quality answer, script sent to review: %r", prediction)
-        return _Quality(Decision.REVIEW, None, (f"malformed quality answer: {e!r}",), False)
-    return _Quality(decision, score, reasons, True)
+        return _unscored(f"malformed quality answer: {e!r}")
+    findings = tuple(dict(r) for r in prediction.get("reasons", ()))
+    version = prediction.get("model_version")
+    return _Quality(
+        decision,
+        score,
+        reasons,
+        True,
+        findings,
+        dict(prediction.get("labels", {})),
+        None if version is None else str(version),
+    )
+
+
+def _unscored(reason: str) -> _Quality:
+    """A script the gate could not score: a person reviews it."""
+    finding = {"check": "quality", "severity": "review", "detail": reason}
+    return _Quality(Decision.REVIEW, None, (reason,), False, (finding,))
 
 
 def _required(name: str, value: str) -> str:

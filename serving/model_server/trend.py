@@ -11,8 +11,10 @@ from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest
 
 from contentml import features
+from contentml.settings import Settings
 from serving.model_server.payloads import instances_from_v1, parse_instances
-from serving.model_server.versions import CachedPredictor, load_pyfunc
+from serving.model_server.refresh import HeldLookups, Refresher
+from serving.model_server.versions import CachedPredictor, ServingOptions, load_pyfunc
 from training.trend.forecasters import ForecastInputError
 from training.trend.model import TrendRequest, UnknownSeries
 
@@ -29,9 +31,32 @@ class TrendVersion:
 class TrendModel(CachedPredictor[TrendVersion, TrendRequest]):
     train_command = "contentml pipeline run training --local"
 
+    def __init__(self, name: str, settings: Settings, options: ServingOptions | None = None):
+        super().__init__(name, settings, options)
+        self.refresher: Refresher | None = None
+
     def load(self) -> bool:
         self.store = features.feature_store(self.settings)
+        # A request by series id reads its history from memory, not from the online store:
+        # held histories are read again every poll interval, so newly materialized data is
+        # answered within it (a new series is read through on its first request).
+        self.histories: HeldLookups[str, list[float] | None] = HeldLookups(
+            lambda ids: features.online_history(self.store, ids)
+        )
+        self._stop_refresher()  # a load after an unload: the previous refresher ends
+        self.refresher = Refresher(
+            f"{self.name}-histories", self.histories.refresh, self.settings.serving_poll_seconds
+        ).start()
         return super().load()
+
+    def stop(self) -> None:
+        self._stop_refresher()
+        super().stop()
+
+    def _stop_refresher(self) -> None:
+        if self.refresher is not None:
+            self.refresher.stop()
+            self.refresher = None
 
     def load_version(self, version: str) -> TrendVersion:
         return TrendVersion(version, load_pyfunc(self.name, version))
@@ -45,7 +70,7 @@ class TrendModel(CachedPredictor[TrendVersion, TrendRequest]):
         # Series known to the feature store are forecast from their online history, so a
         # precomputed (or cached) forecast is only served while it matches the latest data.
         by_id = [r.series_id for r in requests if r.series_id and r.history is None]
-        histories = features.online_history(self.store, by_id) if by_id else {}
+        histories = self.histories.get_many(by_id) if by_id else {}
         inputs = []
         for request in requests:
             item = request.model_dump(exclude_none=True)

@@ -29,6 +29,7 @@ from serving.backend.batch.serializer import JsonSerializer
 from serving.backend.batch.store import STALE_AFTER_SECONDS, Claim, JobStore, Requeue
 from serving.backend.costs import CostEntry, CostLedger, compute_cost
 from serving.backend.tasks import UNASSIGNED_CHANNEL, Task, TaskAnswerer
+from training.quality.review_store import Source
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class BatchQueue:
             return
         bodies = [body for _, body in claim.items]
         try:
-            answers = self.answerer.answer(claim.task, bodies, claim.channel)
+            answers = self.answerer.answer(claim.task, bodies, claim.channel, source=Source.BATCH)
         except InvalidInput:
             # One bad item fails a model call: answer one by one to find it.
             self._answer_one_by_one(claim)
@@ -181,7 +182,9 @@ class BatchQueue:
     def _answer_one_by_one(self, claim: Claim) -> None:
         for item_id, body in claim.items:
             try:
-                (answer,) = self.answerer.answer(claim.task, [body], claim.channel)
+                (answer,) = self.answerer.answer(
+                    claim.task, [body], claim.channel, source=Source.BATCH
+                )
             except InvalidInput as e:
                 self.store.dead_letter(claim.job_id, [(item_id, f"invalid input: {e}")])
                 continue
