@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
@@ -387,7 +387,15 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
             ERRORS.labels(self.name, "", "invalid_input").inc()
             raise
         answers = self.answer(requests, request_id)
+        self.answered(payload, requests, answers)
         return with_request_id(self.respond(payload, answers), request_id)
+
+    def answered(
+        self, payload: Any, requests: list[Request], answers: list[dict[str, Any]]
+    ) -> None:
+        """What a predictor does with a V1 or V2 call's answers besides returning them (the
+        quality gate queues reviews); other callers of `answer` (the task routes, batch jobs)
+        do their own."""
 
     def answer(
         self,
@@ -499,21 +507,25 @@ class Follower(Protocol):
 
 class VersionWatcher:
     """One thread that keeps every served model on the versions its aliases point at, and
-    serves a model's first champion once it has one."""
+    serves a model's first champion once it has one; the server's periodic loop, which also
+    runs its other chores (the review queue's expiry check) on each tick."""
 
     def __init__(
         self,
         settings: Settings,
         models: Sequence[Any],
         poll_seconds: float,
+        chores: Sequence[Callable[[], None]] = (),
     ):
         """`models`: the served predictors; those that are no `Follower` (the revenue bandit,
-        which keeps no version in the registry) are left alone."""
+        which keeps no version in the registry) are left alone. `chores`: called after the
+        models each tick; one that fails is logged and called again next tick."""
         if not poll_seconds > 0:
             raise UserError(f"poll_seconds must be positive, not {poll_seconds}")
         self.settings = settings
         self.models = [model for model in models if isinstance(model, Follower)]
         self.poll_seconds = poll_seconds
+        self.chores = tuple(chores)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="version-watcher", daemon=True)
 
@@ -531,6 +543,11 @@ class VersionWatcher:
                 model.refresh(client)
             except Exception as e:  # the registry unreachable: keep serving, try again
                 logger.warning("reading the aliases of %s failed: %s", model.name, e)
+        for chore in self.chores:
+            try:
+                chore()
+            except Exception as e:  # a database hiccup: the next tick tries again
+                logger.warning("periodic chore %r failed: %s", chore, e)
 
     def _run(self) -> None:
         client = registry.connect(self.settings)

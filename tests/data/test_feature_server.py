@@ -30,7 +30,7 @@ from entrypoints.demo import free_port
 from feature_repo.feature_services import niche_engagement_v1, trend_serving_v1
 from feature_repo.niche_schema import CHANNEL_HISTORY
 from tests.conftest import DATA_DIR, make_settings, run_cli
-from tests.data.test_features import feature_step
+from tests.helpers.features import feature_step
 from training.data import load_m4_hourly, load_youtube_trending
 
 M4_PATH = DATA_DIR / "m4-hourly" / "Hourly-train.csv"

@@ -39,6 +39,7 @@ from contentml.features import (
 from contentml.settings import Settings
 from feature_repo.niche_schema import CHANNEL_HISTORY
 from tests.conftest import DATA_DIR, make_settings, requires_postgres, requires_redis
+from tests.helpers.features import feature_step
 from training.data import SERIES_END, load_m4_hourly, load_youtube_trending
 from training.niche.data import engagement_frame, engagement_rows
 
@@ -51,15 +52,6 @@ HOUR = pd.Timedelta(hours=1)
 def _settings(root: Path, **env: str) -> Settings:
     # The offline data lives outside the home on purpose: sources must follow feast_data_dir.
     return make_settings(root / "home", CONTENTML_FEAST_DATA_DIR=str(root / "offline"), **env)
-
-
-def feature_step(settings: Settings, series: pd.DataFrame, videos: pd.DataFrame) -> FeatureStore:
-    store = feature_store(settings)
-    write_sources(settings, series, videos)
-    apply_definitions(store)
-    # End at the last observation, as the training pipeline does: the bound is inclusive.
-    materialize(store, series["event_timestamp"].max())
-    return store
 
 
 @pytest.fixture(scope="module")

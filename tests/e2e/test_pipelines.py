@@ -16,6 +16,7 @@ from contentml.settings import Settings
 from entrypoints import runner
 from entrypoints.runner import PipelineError
 from tests.conftest import DATA_DIR, make_settings
+from tests.helpers.llm import TINY
 from training.revenue import channel_settings
 
 
@@ -143,8 +144,6 @@ def test_script_pipeline_runs_locally(tmp_path: Path):
     """kfp.local takes the branch `node_pool` names (by default the CPU one; it ignores the
     pool's placement) and returns the summary through `dsl.OneOf`. Both branches run the same
     component: one run of the default covers the control flow in kfp.local."""
-    from tests.model.test_llm_training import TINY  # here: its module imports torch and DeepSpeed
-
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({**TINY, "max_steps": 4, "warmup_steps": 1}))
     settings = make_settings(tmp_path / "state")

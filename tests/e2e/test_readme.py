@@ -5,26 +5,13 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
 from entrypoints.cli import build_parser
+from tests.helpers.readme import README, ROOT, shell_lines
 
-ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
 DEPLOY_GUIDE = (ROOT / "docs" / "deploy.md").read_text()
-
-
-def shell_lines(text: str) -> list[str]:
-    return [
-        line.strip()
-        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-        for line in block.splitlines()
-        if line.strip()
-    ]
-
-
 SHELL_LINES = shell_lines(README)
 CONTENTML_COMMANDS = [line for line in SHELL_LINES if "bin/contentml " in line]
 DEPLOY_COMMANDS = [line for line in shell_lines(DEPLOY_GUIDE) if line.startswith("contentml ")]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_settings, run_cli
-from tests.e2e.test_readme import README, shell_lines
+from tests.helpers.readme import README, shell_lines
 
 NO_MODEL_COMMANDS = ("batch ", "costs ", "optimize ", "experiments list", "models list")
 """README commands (after `contentml`) that run without a trained model."""

@@ -13,31 +13,12 @@ import yaml
 
 from contentml import registry
 from tests.conftest import DATA_DIR, make_settings, run_cli
+from tests.helpers.llm import TINY
 from training.data import load_youtube_trending
 from training.llm import data
 from training.llm.config import ConfigError, FinetuneConfig, load_config
 from training.llm.tokenizer import train_tokenizer
 from training.llm.train import finetune
-
-TINY = {
-    "vocab_size": 600,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "seq_len": 128,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "modules_to_save": ["embed_tokens", "lm_head"],
-    "micro_batch_size": 4,
-    "learning_rate": 3e-3,
-    "warmup_steps": 5,
-    "max_steps": 40,
-    "eval_every": 20,
-    "max_examples": 400,
-    "validation_fraction": 0.1,
-}
 
 
 @pytest.fixture(scope="module")
