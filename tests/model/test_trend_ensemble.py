@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import DATA_DIR
 from training.data import DataError
 from training.trend import metrics
-from training.trend.backtest import holdout_scores, run_backtest
+from training.trend.backtest import holdout_report, run_backtest
 from training.trend.ensemble import EnsembleConfig, TrendEnsemble, load_ensemble, save_ensemble
 from training.trend.forecasters import (
     MEMBER_KINDS,
@@ -288,7 +288,9 @@ def test_backtest_writes_the_m4_format(m4_slice, tmp_path):
 
 
 def test_holdout_scores_every_model_against_naive2(m4_slice):
-    scores = holdout_scores(m4_slice, HORIZON, limit=3, config=EnsembleConfig(forecasters=SMALL))
+    report = holdout_report(m4_slice, HORIZON, limit=3, config=EnsembleConfig(forecasters=SMALL))
+    assert (report["series"], report["horizon"]) == (3, HORIZON)
+    scores = report["scores"]
     expected = {"ensemble", "seasonal_naive", "prophet_default", "naive2"}
     assert expected | {m.value for m in EnsembleConfig().members} == set(scores)
     assert scores["naive2"]["owa"] == pytest.approx(1.0)

@@ -86,15 +86,26 @@ def _scores(
     }
 
 
-def holdout_scores(
+def holdout_report(
     train_csv: Path,
     horizon: int,
     workers: int = 1,
     limit: int | None = None,
     config: EnsembleConfig | None = None,
-) -> dict[str, dict[str, float]]:
-    """`score_holdout` on the series of an M4 wide CSV (the first `limit` of them)."""
-    return score_holdout(read_m4_series(train_csv, limit), horizon, workers, config)
+) -> dict:
+    """`score_holdout` on the series of an M4 wide CSV (the first `limit` of them), as
+    `contentml trend evaluate` prints it: the number of series and horizon, then each model's
+    scores rounded to four decimals."""
+    series = read_m4_series(train_csv, limit)
+    scores = score_holdout(series, horizon, workers, config)
+    return {
+        "series": len(series),
+        "horizon": horizon,
+        "scores": {
+            name: {metric: round(value, 4) for metric, value in values.items()}
+            for name, values in scores.items()
+        },
+    }
 
 
 def score_holdout(

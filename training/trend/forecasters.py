@@ -26,6 +26,7 @@ from statsmodels.tools.sm_exceptions import ConvergenceWarning
 from statsmodels.tsa.holtwinters import ExponentialSmoothing
 from statsmodels.tsa.seasonal import MSTL
 
+from contentml.errors import UserError
 from training.trend.metrics import SEASONALITY
 from training.trend.model import MIN_HISTORY, ProphetConfig, fit_forecast
 
@@ -33,7 +34,7 @@ WEEK = 7 * SEASONALITY
 """Hourly interest also repeats weekly (weekday against weekend)."""
 
 
-class ForecastInputError(ValueError):
+class ForecastInputError(UserError):
     """A history, horizon or set of series that the forecasters cannot work with."""
 
 
