@@ -214,14 +214,14 @@ class ProviderUsage:
             return [float(at) for (at,) in connection.execute(query)]
 
     def median_latency(self, provider: str, since: float, until: float) -> tuple[float, int]:
-        """The median answer time of `provider`'s calls between `since` seconds ago and
+        """The median answer time of `provider`'s calls after `since` seconds ago up to
         `until` seconds ago (nan without calls), and how many calls it is over."""
         now = self.now()
         query = sa.select(events.c.latency_s).where(
             events.c.provider == provider,
             events.c.kind == CALL,
-            events.c.at >= now - since,
-            events.c.at < now - until,
+            events.c.at > now - since,
+            events.c.at <= now - until,
         )
         with self.engine.connect() as connection:
             latencies = [float(x) for (x,) in connection.execute(query)]
