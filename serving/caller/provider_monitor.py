@@ -311,38 +311,43 @@ class ProviderMonitor:
             "capacity": self.capacity(states).to_json(),
         }
 
-    def check(self, name: str) -> ProviderState:
-        """Provider `name` now, after sending each early warning it is past (once per period,
-        across replicas) and a change of the recommended rate to the event stream."""
-        state = self.state(name)
+    def check(self) -> list[ProviderState]:
+        """Every provider now, after sending each early warning one is past (once per period,
+        across replicas) and a change of the recommended rate to the event stream. Called
+        after each call, so a provider the chain skips (or whose keys all answered 429) is
+        warned about too."""
+        states = self.states()
         now = self.usage.now()
         day, hour = utc_day(now).isoformat(), int(now // HOUR_SECONDS)
-        hour_utc = datetime.datetime.fromtimestamp(now, datetime.UTC).hour
-        quota_used = state.quota_used
-        if (
-            quota_used is not None
-            and quota_used > QUOTA_WARNING_SHARE
-            and hour_utc < QUOTA_WARNING_BEFORE_HOUR_UTC
-            and self.usage.claim(f"warning.quota:{name}:{day}")
-        ):
-            events.publish(
-                events.EventKind.WARNING_QUOTA,
-                {
-                    "provider": name,
-                    "requests_today": state.requests_today,
-                    "daily_quota": state.daily_quota,
-                    "quota_used": quota_used,
-                    "threshold": QUOTA_WARNING_SHARE,
-                },
-            )
-        for warning, detail in self._provider_warnings(state):
-            if self.usage.claim(f"warning.provider:{warning}:{name}:{hour}"):
+        before_hour = (
+            datetime.datetime.fromtimestamp(now, datetime.UTC).hour < QUOTA_WARNING_BEFORE_HOUR_UTC
+        )
+        for state in states:
+            quota_used = state.quota_used
+            if (
+                quota_used is not None
+                and quota_used > QUOTA_WARNING_SHARE
+                and before_hour
+                and self.usage.claim(f"warning.quota:{state.name}:{day}")
+            ):
                 events.publish(
-                    events.EventKind.WARNING_PROVIDER,
-                    {"provider": name, "warning": warning, **detail},
+                    events.EventKind.WARNING_QUOTA,
+                    {
+                        "provider": state.name,
+                        "requests_today": state.requests_today,
+                        "daily_quota": state.daily_quota,
+                        "quota_used": quota_used,
+                        "threshold": QUOTA_WARNING_SHARE,
+                    },
                 )
-        self._announce_capacity()
-        return state
+            for warning, detail in self._provider_warnings(state):
+                if self.usage.claim(f"warning.provider:{warning}:{state.name}:{hour}"):
+                    events.publish(
+                        events.EventKind.WARNING_PROVIDER,
+                        {"provider": state.name, "warning": warning, **detail},
+                    )
+        self._announce(self.capacity(states))
+        return states
 
     def _provider_warnings(self, state: ProviderState) -> Iterator[tuple[str, dict]]:
         if state.rate_limit_errors_last_hour > RATE_LIMIT_WARNING_PER_HOUR:
@@ -377,8 +382,8 @@ class ProviderMonitor:
         if state.skipped_until is not None:
             yield "contingency", {"reason": state.skip_reason}
 
-    def _announce_capacity(self) -> Capacity:
-        capacity = self.capacity()
+    def _announce(self, capacity: Capacity) -> Capacity:
+        """`capacity`, sent to the event stream when its rate is not the last one sent."""
         if self.usage.swap(CAPACITY_NOTICE, repr(capacity.rate), default=repr(1.0)):
             events.publish(events.EventKind.CAPACITY_CHANGED, capacity.to_json())
         return capacity
@@ -386,7 +391,7 @@ class ProviderMonitor:
     def current_capacity(self) -> Capacity:
         """`GET /v1/capacity`: the recommended rate, announced on the event stream when it
         changed since any replica last said."""
-        return self._announce_capacity()
+        return self._announce(self.capacity())
 
 
 class ProviderCollector:

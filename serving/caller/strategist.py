@@ -448,7 +448,7 @@ class ContentStrategist:
             latency_s=answer.latency_s,
             quality_score=quality.score,
         )
-        self.monitor.check(provider.name)
+        self.monitor.check()
         script = Script(
             text=answer.text,
             provider=provider.name,

@@ -352,6 +352,7 @@ def test_past_its_failure_threshold_a_provider_cools_down(
         max_failures_per_hour=2,
         cooldown_seconds=60,
     )
+    events.configure(settings)
     strategist = build(settings, wall)
 
     for i in range(4):
@@ -365,6 +366,9 @@ def test_past_its_failure_threshold_a_provider_cools_down(
     state = strategist.monitor.state("hosted")
     assert state.skipped_until == pytest.approx(wall.now + 60, abs=1)
     assert "4 failures in the last hour (threshold 2)" in state.skip_reason
+    # The skipped provider is warned about (once this hour), though another one answered.
+    warnings = [e.data for e in published(settings) if e.kind.value == "warning.provider"]
+    assert [(w["provider"], w["warning"]) for w in warnings] == [("hosted", "contingency")]
 
 
 def test_rate_limit_slow_and_low_quality_warnings_reach_the_event_stream(
