@@ -94,17 +94,21 @@ class AliasChanged(_Data):
 class DriftAlert(_Data):
     """A drift check found the served inputs drifted from the reference."""
 
-    model: str
+    model: str | None = pydantic.Field(description="Null: the shared columns, no one model's.")
     drift_share: float = pydantic.Field(description="Share of the columns that drifted.")
     drifted_columns: list[str]
     threshold: float = pydantic.Field(description="Share of drifted columns that alerts.")
+    run_id: str = pydantic.Field(description="The MLflow run holding the drift report.")
 
 
 class PerformanceAlert(_Data):
     """A model's rolling performance against ground truth fell below its registration's."""
 
     model: str
-    drop: float = pydantic.Field(description="0.05 = 5 % worse than at registration.")
+    drop: float | None = pydantic.Field(
+        description="0.05 = 5 % worse than at registration; null: infinitely worse (the "
+        "registered metric was 0)."
+    )
     threshold: float
 
 
@@ -238,8 +242,10 @@ class Bus(Protocol):
 
     def send(self, event: Event) -> None: ...
 
-    def follow(self, deliver: Callable[[Event], None], stop: threading.Event) -> None:
-        """Call `deliver` with each event published from now on, until `stop` is set."""
+    def follow(
+        self, deliver: Callable[[Event], None], stop: threading.Event, ready: threading.Event
+    ) -> None:
+        """Call `deliver` with each event published once `ready` is set, until `stop` is."""
 
     def close(self) -> None: ...
 
@@ -295,8 +301,11 @@ class SqlBus:
                 events_table.delete().where(events_table.c.published_at < older_than)
             )
 
-    def follow(self, deliver: Callable[[Event], None], stop: threading.Event) -> None:
+    def follow(
+        self, deliver: Callable[[Event], None], stop: threading.Event, ready: threading.Event
+    ) -> None:
         seq = self.latest()
+        ready.set()
         pruned = 0.0
         while not stop.is_set():
             try:
@@ -327,22 +336,24 @@ class RedisBus:
     def send(self, event: Event) -> None:
         self.client.publish(REDIS_CHANNEL, event.model_dump_json())
 
-    def follow(self, deliver: Callable[[Event], None], stop: threading.Event) -> None:
+    def follow(
+        self, deliver: Callable[[Event], None], stop: threading.Event, ready: threading.Event
+    ) -> None:
         while not stop.is_set():
             try:
-                with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                with self.client.pubsub() as pubsub:
                     pubsub.subscribe(REDIS_CHANNEL)
                     while not stop.is_set():
                         message = pubsub.get_message(timeout=FOLLOW_POLL_SECONDS)
-                        if message is not None:
+                        if message is None:
+                            continue
+                        if message["type"] == "subscribe":  # Redis confirmed: we are on
+                            ready.set()
+                        elif message["type"] == "message":
                             deliver(Event.model_validate_json(message["data"]))
             except redis.RedisError as e:  # Redis restarted: subscribe again
                 logger.warning("the Redis event subscription failed; retrying: %s", e)
                 stop.wait(1.0)
-
-    def subscribed(self) -> int:
-        """Subscribers of the events channel across Redis (the replicas following it)."""
-        return int(dict(self.client.pubsub_numsub(REDIS_CHANNEL)).get(REDIS_CHANNEL.encode(), 0))
 
     def close(self) -> None:
         self.client.close()
@@ -355,29 +366,27 @@ def open_bus(settings: Settings) -> Bus:
     return RedisBus(settings.event_bus)
 
 
+_process_settings: Settings | None = None
 _process_bus: Bus | None = None
 _process_lock = threading.Lock()
 
 
-def configure(settings: Settings) -> Bus:
-    """Make `settings`' bus the one this process publishes to (servers, workers and the CLI
-    call it when they start; tests with their own state folder too)."""
-    global _process_bus
-    bus = open_bus(settings)
+def configure(settings: Settings) -> None:
+    """Make `settings`' bus the one this process publishes to, opened at the first publish
+    (servers and workers call it when they start; tests with their own state folder too). A
+    process that never calls it publishes to its environment's settings' bus."""
+    global _process_settings, _process_bus
     with _process_lock:
-        previous, _process_bus = _process_bus, bus
+        previous, _process_bus, _process_settings = _process_bus, None, settings
     if previous is not None:
         previous.close()
-    return bus
 
 
 def _bus() -> Bus:
     global _process_bus
     with _process_lock:
         if _process_bus is None:
-            # A process that never called `configure` (a library user, a KFP task): its
-            # environment's settings, read once.
-            _process_bus = open_bus(Settings.from_env())
+            _process_bus = open_bus(_process_settings or Settings.from_env())
         return _process_bus
 
 
@@ -448,11 +457,16 @@ class Subscription:
             event = None
         self.queue.put_nowait(event)
 
+    async def next(self, timeout: float | None = None) -> Event | None:
+        """The next event, None once the subscription ended; TimeoutError after `timeout`
+        seconds without one (the subscription goes on)."""
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._events()
 
     async def _events(self) -> AsyncIterator[Event]:
-        while (event := await self.queue.get()) is not None:
+        while (event := await self.next()) is not None:
             yield event
 
 
@@ -464,6 +478,8 @@ class EventHub:
         self._subscribers: set[Subscription] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.ready = threading.Event()
+        """Set once the hub follows the bus: events published from then on reach it."""
         self._thread = threading.Thread(target=self._run, name="event-hub", daemon=True)
 
     def start(self) -> EventHub:
@@ -471,15 +487,17 @@ class EventHub:
         return self
 
     def stop(self) -> None:
+        """Stop following the bus (and close it) and end every subscription."""
         self._stop.set()
         self._thread.join(timeout=5)
+        self.bus.close()
         with self._lock:
             subscribers, self._subscribers = self._subscribers, set()
         for subscription in subscribers:
             self._hand(subscription, None)
 
     def _run(self) -> None:
-        self.bus.follow(self._deliver, self._stop)
+        self.bus.follow(self._deliver, self._stop, self.ready)
 
     def _deliver(self, event: Event) -> None:
         with self._lock:

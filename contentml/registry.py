@@ -63,7 +63,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema
 
-from contentml import names
+from contentml import events, names
 from contentml.errors import UserError
 from contentml.settings import Settings
 
@@ -381,10 +381,24 @@ def _move_alias(
         model = _registered_model(client, name)
         newest_key = max(r.key for r in _records(model) if r.event.alias == alias.value)
         if newest_key != key or str(model.aliases.get(alias.value)) == version:
+            _announce(event)
             return event
     problem = conflict or "concurrent changes kept moving it"
     message = f"could not move {alias.value} of {name!r} ({problem}); try again"
     raise RegistryError(message) from conflict
+
+
+def _announce(event: AliasEvent) -> None:
+    """An `alias.changed` event, for the dashboards following `/v1/events`."""
+    data = {
+        "model": event.model,
+        "alias": event.alias,
+        "version": event.to_version,
+        "from_version": event.from_version,
+        "action": event.action,
+        "reason": event.reason,
+    }
+    events.publish(events.EventKind.ALIAS_CHANGED, data)
 
 
 def register_challenger(client: MlflowClient, name: str, version: str, reason: str) -> AliasEvent:

@@ -35,7 +35,7 @@ from evidently.core.report import Snapshot
 from evidently.legacy.calculations.stattests.registry import get_registered_stattest
 from evidently.presets import DataDriftPreset
 
-from contentml import registry
+from contentml import events, registry
 from contentml.errors import UserError
 from contentml.settings import Settings
 from feature_repo.niche_schema import FEATURES as NICHE_FEATURES
@@ -504,6 +504,15 @@ def run_drift_check(
         )
         mlflow.log_text(json.dumps(summary, indent=2), "drift/features.json")
         mlflow.log_artifact(str(report_path), "drift")
+    if result.drifted:
+        alert = {
+            "model": model,
+            "drift_share": result.drift_share,
+            "drifted_columns": [name for name, f in result.features.items() if f.drifted],
+            "threshold": config.drift_share,
+            "run_id": run.info.run_id,
+        }
+        events.publish(events.EventKind.ALERT_DRIFT, alert)
     return {
         "drift_share": result.drift_share,
         "drifted": result.drifted,

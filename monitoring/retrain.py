@@ -44,7 +44,7 @@ from urllib.parse import urlparse
 from mlflow.entities import Metric, Run, RunStatus
 from mlflow.tracking import MlflowClient
 
-from contentml import registry
+from contentml import events, registry
 from contentml.errors import UserError
 from contentml.settings import Settings
 from monitoring import performance
@@ -385,6 +385,10 @@ def check_window(
     if drop is not None:
         performance.publish_drop(settings, model, drop)  # for the accuracy alert
     decision = decide(drift_share, drop)
+    threshold = TriggerConfig().performance_drop
+    if drop is not None and drop > threshold:
+        alert = {"model": model, "drop": drop, "threshold": threshold}
+        events.publish(events.EventKind.ALERT_PERFORMANCE, alert)
     record = maybe_retrain(
         settings, model, window_id, drift_share, drop, launch=launch, drift_run_id=drift_run_id
     )

@@ -39,14 +39,17 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 import numpy as np
 import prometheus_client
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
 from starlette.responses import JSONResponse
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from contentml import names
 from contentml.errors import UserError
@@ -65,6 +68,9 @@ five levels at most (a V2 tensor's data one per dimension)."""
 MAX_BODY_BYTES = 64 * 2**20
 """Largest body read for the depth check (413 beyond): at least every route's own limit, the
 largest being a batch job's (`serving.backend.batch.routes.MAX_BATCH_BODY_BYTES`)."""
+
+WS_POLICY_VIOLATION = 1008
+"""WebSocket close code for a handshake refused for its token or names."""
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -179,6 +185,17 @@ FORBIDDEN = (
     "CONTENTML_ADMIN_TOKEN, not the callers' token"
 )
 
+TOKEN_COOKIE = "contentml_token"
+"""Cookie a browser may hold the token in (the console sets it, `SameSite=Strict`: no other
+site's page sends it along), for pages whose scripts cannot read it to set a header."""
+
+TOKEN_QUERY = "token"
+"""Query parameter that carries the token where a browser cannot set a header at all."""
+
+QUERY_TOKEN_PATHS = frozenset({"/v1/events", "/console"})
+"""Routes a browser opens without headers of its own (a WebSocket, an `EventSource`, a link):
+they take the token as `?token=` too. Nowhere else: a URL ends up in logs and histories."""
+
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
 
@@ -288,7 +305,7 @@ class Admission:
     def _token_refusal(self, method: str, path: str, scope: Scope) -> JSONResponse | None:
         if not (self.token or self.admin_token) or path in OPEN_PATHS:
             return None
-        credentials = _bearer(Headers(scope=scope))
+        credentials = _credentials(scope)
         is_admin = _matches(self.admin_token, credentials)
         if any(m == method and pattern.match(path) for m, pattern in ADMIN_ROUTES):
             if is_admin:
@@ -298,6 +315,21 @@ class Admission:
         elif is_admin or not self.token or _matches(self.token, credentials):
             return None
         return JSONResponse({"error": UNAUTHORIZED}, 401, {"WWW-Authenticate": "Bearer"})
+
+
+def _credentials(scope: Scope) -> bytes | None:
+    """The token a request carries: its `Bearer` header, else its `TOKEN_COOKIE`, else (on
+    `QUERY_TOKEN_PATHS` only) its `TOKEN_QUERY` parameter; None without any."""
+    headers = Headers(scope=scope)
+    if (bearer := _bearer(headers)) is not None:
+        return bearer
+    if cookie := cookie_parser(headers.get("cookie", "")).get(TOKEN_COOKIE):
+        return cookie.encode("latin-1", errors="replace")
+    if scope["path"] in QUERY_TOKEN_PATHS:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if values := query.get(TOKEN_QUERY):
+            return values[-1].encode("latin-1", errors="replace")
+    return None
 
 
 def _bearer(headers: Headers) -> bytes | None:
@@ -381,6 +413,9 @@ class AdmissionMiddleware:
         self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -413,6 +448,20 @@ class AdmissionMiddleware:
             admission.in_flight[pool] -= 1
             if not admission.in_flight[pool]:
                 del admission.in_flight[pool]
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket handshake is a GET: the same token and name checks. A refusal answers
+        the handshake with its HTTP status where the server can (ASGI's denial response),
+        else closes it (policy violation: uvicorn answers 403)."""
+        refusal = self.admission.refusal({**scope, "method": "GET"})
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        socket = WebSocket(scope, receive, send)
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await socket.send_denial_response(refusal)
+        else:
+            await socket.close(WS_POLICY_VIOLATION)
 
     async def _with_checked_body(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app, given the body once it is read and passed `_depth_problem`; a body too

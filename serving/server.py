@@ -37,6 +37,7 @@ from kserve.model_server import app
 from starlette.types import ASGIApp
 from timing_asgi import TimingMiddleware
 
+from contentml import events
 from contentml.errors import UserError
 from contentml.launch import CLI_MODULE
 from contentml.protocol import OPENAI_ROUTE_PREFIX
@@ -48,6 +49,7 @@ from serving.backend.batch.routes import batch_router
 from serving.backend.capacity import capacity_router
 from serving.backend.channels import channels_router
 from serving.backend.costs import CostLedger, register_cost_metrics
+from serving.backend.event_stream import events_router
 from serving.backend.review import ReviewExpiry, register_review_metrics, review_router
 from serving.backend.tasks import TASKS, Task, TaskAnswerer, tasks_router, validation_problem
 from serving.caller.provider_monitor import ProviderMonitor, register_provider_metrics
@@ -257,6 +259,9 @@ def serve(
     app.include_router(review_router(reviews))
     register_review_metrics(reviews, settings)
     app.include_router(channels_router(settings))  # CrisisManager: anomalies and quarantine
+    events.configure(settings)
+    hub = events.EventHub(events.open_bus(settings)).start()
+    app.include_router(events_router(hub))
     for model in models:
         if isinstance(model, RevenueModel):
             app.include_router(revenue_router(model))
@@ -289,6 +294,7 @@ def serve(
             # KServe's start() marks every model it is given ready: only those that are.
             server.start([m for m in exposed if m.ready])
     finally:
+        hub.stop()
         watcher.stop()
         reviews.close()
         answerer.close()
@@ -398,6 +404,8 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
     register_review_metrics(reviews, settings)
     monitor = ProviderMonitor.from_settings(settings)
     register_provider_metrics(monitor)
+    events.configure(settings)
+    hub = events.EventHub(events.open_bus(settings)).start()
     admission = Admission.from_settings(settings, fixed_routes=LIMITED_ROUTES)
     api = FastAPI(
         title="contentml backend API",
@@ -409,6 +417,7 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
     api.include_router(batch_router(queue))
     api.include_router(review_router(reviews))
     api.include_router(capacity_router(monitor))
+    api.include_router(events_router(hub))
     api.add_api_route("/v2/health/live", lambda: {"live": True}, methods=["GET"])
     api.add_api_route("/v2/health/ready", lambda: {"ready": True}, methods=["GET"])
     api.mount("/metrics", make_asgi_app())
@@ -422,6 +431,7 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
         )
     finally:
         reviews.close()
+        hub.stop()
         answerer.close()
         queue.close()
         monitor.close()
@@ -433,6 +443,7 @@ def work(settings: Settings, threads: int) -> None:
     registry like the server."""
     # Without a champion yet, trend items get fallback forecasts and quality items wait.
     models = load_models(settings, ["trend", "quality"], cache=CacheConfig("off"))
+    events.configure(settings)  # the batch progress it publishes reaches the servers
     ledger = CostLedger.from_settings(settings)
     answerer = TaskAnswerer(settings, models, ledger)
     queue = BatchQueue(settings, answerer=answerer, ledger=ledger)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from threadpoolctl import threadpool_limits
 
+from contentml import events
 from contentml.settings import Settings
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -91,6 +92,13 @@ def one_thread() -> Iterator[None]:
     jobs hold the two cores (boosting and torch spin while they wait for each other)."""
     with threadpool_limits(1):
         yield
+
+
+@pytest.fixture(autouse=True)
+def isolated_event_bus(tmp_path: Path) -> None:
+    """Events a test's own process publishes (a promotion, a quarantine) go to a store of the
+    test's, not to the checkout's `.contentml/`; the bus opens only if one is published."""
+    events.configure(make_settings(tmp_path / "events"))
 
 
 @pytest.fixture

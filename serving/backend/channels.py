@@ -30,6 +30,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from contentml import events
 from contentml.settings import Settings
 from monitoring.anomaly import Anomaly, AnomalyConfig, CrisisMonitor
 from monitoring.crisis import MAX_REASON, QuarantineStore, SqlMetricHistory
@@ -83,6 +84,12 @@ def _anomaly_json(anomaly: Anomaly) -> dict:
     }
 
 
+def _announce(status: dict) -> None:
+    """A `quarantine` event with a channel's state after a quarantine or a release."""
+    data = {key: status[key] for key in ("channel_id", "quarantined", "reason")}
+    events.publish(events.EventKind.QUARANTINE, data, channel=status["channel_id"])
+
+
 def channels_router(settings: Settings) -> APIRouter:
     """The routes, over the shared quarantine store and metric history."""
     store = QuarantineStore(settings.backend_store)
@@ -105,8 +112,12 @@ def channels_router(settings: Settings) -> APIRouter:
         values = point.model_dump(exclude_none=True, exclude={"event_timestamp"})
 
         def scored() -> dict:
-            anomalies = monitor.observe(channel_id, point.event_timestamp, values)
-            return {**status(channel_id), "anomalies": [_anomaly_json(a) for a in anomalies]}
+            anomalies = [
+                _anomaly_json(a) for a in monitor.observe(channel_id, point.event_timestamp, values)
+            ]
+            for anomaly in anomalies:
+                events.publish(events.EventKind.ANOMALY, anomaly, channel=channel_id)
+            return {**status(channel_id), "anomalies": anomalies}
 
         # The store is SQL: off the event loop, like every route's store work here.
         return JSONResponse(await run_in_threadpool(scored))
@@ -117,14 +128,18 @@ def channels_router(settings: Settings) -> APIRouter:
         except pydantic.ValidationError as e:
             return _bad_request(e)
         await run_in_threadpool(store.quarantine, channel_id, request.reason)
-        return JSONResponse(await run_in_threadpool(status, channel_id))
+        now = await run_in_threadpool(status, channel_id)
+        await run_in_threadpool(_announce, now)
+        return JSONResponse(now)
 
     def release(channel_id: str) -> JSONResponse:
         if not store.release(channel_id):
             return JSONResponse(
                 status_code=404, content={"error": f"channel {channel_id!r} is not quarantined"}
             )
-        return JSONResponse(status(channel_id))
+        now = status(channel_id)
+        _announce(now)
+        return JSONResponse(now)
 
     def get(channel_id: str) -> JSONResponse:
         return JSONResponse(status(channel_id))

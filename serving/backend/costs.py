@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
+from contentml import events
 from contentml.db import UPSERT, open_database, upsert
 from contentml.errors import UserError
 from contentml.settings import Settings
@@ -216,6 +217,12 @@ class CostLedger:
                 "cost per video above $%.2f for %d videos in a row (the alert's limit is %d)",
                 self.video_budget_usd, streak, self.streak_length,
             )  # fmt: skip
+            warning = {
+                "streak": streak,
+                "budget_usd": self.video_budget_usd,
+                "streak_length": self.streak_length,
+            }
+            events.publish(events.EventKind.WARNING_COST, warning)
 
     def summary(
         self,

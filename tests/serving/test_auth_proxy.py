@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,15 +16,16 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from contentml.errors import UserError
 from entrypoints.cli import build_parser
+from entrypoints.demo import free_port
 from serving.admission import UNAUTHORIZED
 from serving.auth_proxy import auth_proxy_app, predictor_url, run_auth_proxy
 from tests.conftest import make_settings
+from tests.helpers.live import served
 
 TOKEN = "proxy-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -35,30 +35,6 @@ SLOW_SECONDS = TIMEOUT_SECONDS + 2
 """How long the stand-in's slow route takes: past the proxy's timeout."""
 GATE_SECONDS = 10
 """How long the stand-in waits for the caller to have read the first event."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def served(app: Any) -> Iterator[str]:
-    """`app` under uvicorn on a free loopback port, in a thread, until the block ends."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 class Predictor:
@@ -238,7 +214,7 @@ def test_the_health_routes_need_no_token_and_stay_here(proxy, stand_in, path):
 
 def test_a_predictor_that_is_not_there_is_a_bad_gateway(tmp_path):
     settings = make_settings(tmp_path, CONTENTML_API_TOKEN=TOKEN)
-    nowhere = f"127.0.0.1:{_free_port()}"
+    nowhere = f"127.0.0.1:{free_port()}"
     with served(auth_proxy_app(settings, nowhere)) as proxy:
         answer = httpx.post(f"{proxy}/openai/v1/chat/completions", json={}, headers=AUTH)
     assert answer.status_code == 502
@@ -259,7 +235,7 @@ def test_it_refuses_to_start_without_a_token(tmp_path):
     settings = make_settings(tmp_path)
     assert settings.api_token == ""
     with pytest.raises(UserError, match="without CONTENTML_API_TOKEN"):
-        run_auth_proxy(settings, "script-predictor.contentml", _free_port())
+        run_auth_proxy(settings, "script-predictor.contentml", free_port())
 
 
 @pytest.mark.parametrize(
@@ -298,7 +274,7 @@ def test_the_command_serves_the_check_and_refuses_to_start_without_a_token(
     predictor, stand_in, tmp_path
 ):
     _, url = predictor
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "entrypoints.cli", "auth-proxy"]
     command += ["--model_name", "script", "--predictor_host", url.removeprefix("http://")]
     command += ["--http_port", str(port)]

@@ -15,6 +15,7 @@ from huey import PriorityRedisHuey, SqliteHuey
 from huey.api import Huey
 from kserve.errors import InvalidInput
 
+from contentml import events
 from contentml.errors import UserError
 from contentml.settings import Settings
 from serving.backend.batch.models import (
@@ -125,6 +126,7 @@ class BatchQueue:
         except Exception:
             self.store.delete(job_id)  # a job nobody will run must not be reported queued
             raise
+        self.publish_progress(job_id)
         return JobAccepted(job_id=job_id, status=JobStatus.QUEUED, total=len(parsed))
 
     def enqueue(self, queued: Iterable[Requeue]) -> None:
@@ -164,6 +166,18 @@ class BatchQueue:
         finally:
             self._book(claim, time.perf_counter() - started)
         self.store.set_chunk(job_id, chunk, ChunkState.DONE)
+        self.publish_progress(job_id)
+
+    def publish_progress(self, job_id: str) -> None:
+        """A `batch.progress` event with the job's counts now (none for a job deleted)."""
+        try:
+            report = self.store.report(job_id)
+        except UserError:
+            return
+        progress = report.model_dump(
+            mode="json", include={"job_id", "task", "status", "total", "succeeded", "failed"}
+        )
+        events.publish(events.EventKind.BATCH_PROGRESS, progress, channel=report.channel)
 
     def _answer(self, claim: Claim) -> None:
         if not claim.items:
