@@ -2,8 +2,10 @@
 background thread: a request reads memory, and what it reads is never staler than the refresh
 interval (`Settings.serving_poll_seconds`).
 
-- `HeldLookups`: values by key (the trend model's online histories by series id, read from
-  Feast), read through on a key's first use, re-read together at each refresh.
+- `HeldLookups`: values by key (the trend model's online histories by series id from Feast,
+  the bandits' experiments and arm totals from the revenue store), read through on a key's
+  first use, written through by this process's own writes, re-read together at each refresh
+  (which is how another replica's writes arrive).
 - `Refresher`: one daemon thread per holder that calls its `refresh` every interval; a failed
   refresh (the store unreachable) is logged and counted, and what is held keeps answering.
 """
@@ -57,6 +59,11 @@ class HeldLookups(Generic[Key, Value]):
         self.batch = batch
         self._held: OrderedDict[Key, Value] = OrderedDict()
         self._lock = threading.Lock()  # requests on several threads, refreshes on another
+        # A refresh that read a key before a write through this process must not put the
+        # older value back: each write is numbered, and a refresh skips keys written since
+        # it started reading.
+        self._writes = 0
+        self._written_at: dict[Key, int] = {}
 
     def __len__(self) -> int:
         return len(self._held)
@@ -76,15 +83,27 @@ class HeldLookups(Generic[Key, Value]):
             found.update(read)
         return found
 
+    def update(self, key: Key, change: Callable[[Value], Value]) -> None:
+        """Write through: hold `change(value)` for `key` after a write this process has just
+        made to the store (a key not held is read first)."""
+        found = self.get_many([key])[key]
+        with self._lock:
+            self._writes += 1
+            self._written_at[key] = self._writes
+            self._held[key] = change(self._held.get(key, found))
+            self._held.move_to_end(key)
+
     def refresh(self) -> None:
         """Read every held key again; keys evicted meanwhile are not brought back."""
         with self._lock:
             keys = list(self._held)
+            started = self._writes
+            self._written_at.clear()
         for start in range(0, len(keys), self.batch):
             fresh = self.read(keys[start : start + self.batch])
             with self._lock:
                 for key, value in fresh.items():
-                    if key in self._held:
+                    if key in self._held and self._written_at.get(key, 0) <= started:
                         self._held[key] = value
 
     def _hold(self, values: dict[Key, Value]) -> None:

@@ -10,10 +10,12 @@ thumbnail or hook variant), and `/v1/experiments/{name}/rewards` takes back what
     GET  /v1/experiments                  every experiment
 
 Every choice and reward goes to the shared store (`Settings.revenue_store`) before the answer,
-so replicas agree and a restart loses nothing. A bad instance or reward is refused (400) before
-anything of its request is stored; an experiment name in a path that `contentml.names` refuses
-(`..`, a slash, a percent-escape, over-long) is refused by `serving.admission` before any
-route runs.
+so replicas agree and a restart loses nothing. A choice reads its experiment and posterior from
+memory (`serving/model_server/refresh.py`): written through by this server's impressions and
+rewards, read again from the store every `Settings.serving_poll_seconds` for other replicas'.
+A bad instance or reward is refused (400) before anything of its request is stored; an
+experiment name in a path that `contentml.names` refuses (`..`, a slash, a percent-escape,
+over-long) is refused by `serving.admission` before any route runs.
 """
 
 from __future__ import annotations
@@ -30,11 +32,21 @@ from starlette.concurrency import run_in_threadpool
 
 from contentml import names
 from contentml.settings import Settings
+from serving.model_server.refresh import HeldLookups, Refresher
 from serving.model_server.versions import OffLoopModel
 from training.revenue.experiment import Metric, Policy
 from training.revenue.policies import choose
 from training.revenue.report import experiment_report, report_html
-from training.revenue.store import Experiment, ExperimentError, RewardStore, UnknownExperiment
+from training.revenue.store import (
+    Experiment,
+    ExperimentError,
+    RewardStore,
+    Standing,
+    UnknownExperiment,
+    check_arms,
+    check_name,
+    matching,
+)
 
 MAX_INSTANCES = 100
 MAX_REWARDS = 10_000
@@ -72,12 +84,39 @@ class RevenueModel(OffLoopModel):
         super().__init__(name)
         self.settings = settings
         self.store: RewardStore | None = None
+        self.refresher: Refresher | None = None
 
     def load(self) -> bool:
         self.store = RewardStore(self.settings.revenue_store)
+        self.standings: HeldLookups[str, Standing | None] = HeldLookups(self.store.standings)
+        self._stop_refresher()  # a load after an unload: the previous refresher ends
+        self.refresher = Refresher(
+            f"{self.name}-standings", self.standings.refresh, self.settings.serving_poll_seconds
+        ).start()
         self.rng = np.random.default_rng()
         self.ready = True
         return self.ready
+
+    def stop(self) -> None:
+        self._stop_refresher()
+        super().stop()
+
+    def _stop_refresher(self) -> None:
+        if self.refresher is not None:
+            self.refresher.stop()
+            self.refresher = None
+
+    def standing(self, experiment: str) -> Standing | None:
+        """The experiment and its arms' totals as this server holds them (None: unknown)."""
+        return self.standings.get_many([experiment])[experiment]
+
+    def add_rewards(self, experiment: str, outcomes: list[tuple[Any, Any]]) -> int:
+        """Store rewards (all or none, `RewardStore.add_rewards`), then hold the experiment's
+        new totals: a choice here sees them at once."""
+        stored = self.store.add_rewards(experiment, outcomes)
+        fresh = self.store.standings([experiment])[experiment]
+        self.standings.update(experiment, lambda _: fresh)
+        return stored
 
     def parse(self, payload: Any) -> list[ArmRequest]:
         instances = payload.get("instances") if isinstance(payload, dict) else None
@@ -101,9 +140,11 @@ class RevenueModel(OffLoopModel):
             except names.NameRefused as e:
                 raise InvalidInput(f"instance {index}: {e}") from e
             try:
-                found = self.store.check_request(
-                    instance["experiment"], instance["arms"], metric, policy
-                )
+                # What `RewardStore.check_request` checks, against the experiment held here.
+                check_name("experiment", instance["experiment"])
+                arms = check_arms(instance["arms"])
+                held = self.standing(instance["experiment"])
+                found = None if held is None else matching(held.experiment, arms, metric, policy)
             except ExperimentError as e:
                 raise InvalidInput(f"instance {index}: {e}") from e
             name = instance["experiment"]
@@ -133,15 +174,22 @@ class RevenueModel(OffLoopModel):
         """The arm chosen for each checked request, each impression stored."""
         predictions = []
         for request in requests:
-            try:
-                experiment = request.found or self.store.ensure(
-                    request.experiment, request.arms, request.metric, request.policy
-                )
-            except ExperimentError as e:  # another replica created it otherwise meanwhile
-                raise InvalidInput(str(e)) from e
-            stats = self.store.stats_of(experiment)
-            choice = choose(stats, experiment.kind, experiment.policy, self.rng)
+            standing = self.standing(request.experiment) if request.found else None
+            if standing is None:  # new when checked (or evicted since): created here
+                try:
+                    self.store.ensure(
+                        request.experiment, request.arms, request.metric, request.policy
+                    )
+                except ExperimentError as e:  # another replica created it otherwise meanwhile
+                    raise InvalidInput(str(e)) from e
+                standing = self.store.standings([request.experiment])[request.experiment]
+                self.standings.update(request.experiment, lambda _, s=standing: s)
+            experiment = standing.experiment
+            choice = choose(list(standing.stats), experiment.kind, experiment.policy, self.rng)
             self.store.record_impression(request.experiment, choice.arm)
+            self.standings.update(
+                request.experiment, lambda held, arm=choice.arm: held.with_impression(arm)
+            )
             predictions.append({"arm": choice.arm, "probabilities": choice.probabilities})
         return predictions
 
@@ -172,7 +220,7 @@ def revenue_router(model: RevenueModel) -> APIRouter:
         try:
             outcomes = _outcomes(json.loads(body))
             # The store is SQL: off the event loop, like the other routes' (plain `def`s).
-            stored = await run_in_threadpool(model.store.add_rewards, experiment, outcomes)
+            stored = await run_in_threadpool(model.add_rewards, experiment, outcomes)
         except UnknownExperiment as e:
             return _error(404, str(e))
         except ExperimentError as e:

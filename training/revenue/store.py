@@ -15,7 +15,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import sqlalchemy as sa
@@ -106,6 +106,21 @@ class Experiment:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Standing:
+    """An experiment and each arm's totals (in its arm order), read together."""
+
+    experiment: Experiment
+    stats: tuple[ArmStats, ...]
+
+    def with_impression(self, arm: str) -> Standing:
+        """The standing after one more impression of `arm`."""
+        stats = tuple(
+            replace(s, impressions=s.impressions + 1) if s.arm == arm else s for s in self.stats
+        )
+        return Standing(self.experiment, stats)
+
+
 def check_name(what: str, name: object) -> str:
     if not (isinstance(name, str) and len(name) <= MAX_NAME and _NAME.fullmatch(name)):
         raise ExperimentError(
@@ -146,6 +161,22 @@ def check_reward(experiment: Experiment, arm: object, reward: object) -> tuple[s
             f"{experiment.metric.value} rewards are rates in [0, 1] (a click is 1), not {reward!r}"
         )
     return str(arm), float(reward)
+
+
+def matching(
+    found: Experiment, arms: Sequence[str], metric: Metric | None, policy: Policy | None
+) -> Experiment:
+    """`found` when a request for `arms` (checked), `metric` and `policy` (None: any) matches
+    it; else an error naming what does not."""
+    if set(found.arms) != set(arms):
+        raise ExperimentError(
+            f"experiment {found.name!r} has arms {list(found.arms)}, not {list(arms)}; "
+            f"start a new experiment for other variants"
+        )
+    for asked, kept in ((metric, found.metric), (policy, found.policy)):
+        if asked is not None and asked != kept:
+            raise ExperimentError(f"experiment {found.name!r} uses {kept.value}, not {asked.value}")
+    return found
 
 
 def _now() -> datetime.datetime:
@@ -202,15 +233,7 @@ class RewardStore:
             found = self.experiment(name)
         except UnknownExperiment:
             return None
-        if set(found.arms) != set(arms):
-            raise ExperimentError(
-                f"experiment {name!r} has arms {list(found.arms)}, not {list(arms)}; "
-                f"start a new experiment for other variants"
-            )
-        for asked, kept in ((metric, found.metric), (policy, found.policy)):
-            if asked is not None and asked != kept:
-                raise ExperimentError(f"experiment {name!r} uses {kept.value}, not {asked.value}")
-        return found
+        return matching(found, arms, metric, policy)
 
     def _create(self, name: str, arms: Sequence[str], metric: Metric, policy: Policy):
         try:
@@ -253,6 +276,33 @@ class RewardStore:
             for row in rows
         }
         return [by_arm[arm] for arm in experiment.arms]
+
+    def standings(self, names: Sequence[str]) -> dict[str, Standing | None]:
+        """Each named experiment with `stats_of` it (None for an unknown name), in two queries
+        however many names: what a server holds in memory and refreshes."""
+        if not names:
+            return {}
+        with self.engine.connect() as connection:
+            found = [
+                Experiment.from_row(row)
+                for row in connection.execute(
+                    sa.select(experiments).where(experiments.c.name.in_(names))
+                )
+            ]
+            totals = connection.execute(
+                sa.select(arm_totals).where(arm_totals.c.experiment.in_([e.name for e in found]))
+            ).all()
+        by_key = {
+            (row.experiment, row.arm): ArmStats(
+                row.arm, row.impressions, row.rewards, row.reward_sum, row.reward_square_sum
+            )
+            for row in totals
+        }
+        answer: dict[str, Standing | None] = dict.fromkeys(names)
+        for experiment in found:
+            stats = tuple(by_key[(experiment.name, arm)] for arm in experiment.arms)
+            answer[experiment.name] = Standing(experiment, stats)
+        return answer
 
     def record_impression(self, name: str, arm: str) -> None:
         with self.engine.begin() as connection:
