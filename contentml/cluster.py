@@ -33,6 +33,10 @@ ADMIN_TOKEN_SECRET = "contentml-admin-token"
 """`CONTENTML_ADMIN_TOKEN`, the bearer token of the admin routes: a Secret of its own, so that
 the services calling the model routes can be given the API token and never this one."""
 
+PROVIDER_KEYS_SECRET = "contentml-provider-keys"
+"""The hosted script providers' API keys (`OPENAI_API_KEYS`: one per line or a YAML/JSON
+list), an optional key: without it the cluster's script chain is our endpoint alone."""
+
 SECRET_VARIABLES: tuple[str, ...] = (
     "CONTENTML_FEAST_REGISTRY",  # postgresql://user:password@...
     "CONTENTML_FEAST_REDIS_URL",  # host:port,password=...
@@ -47,6 +51,7 @@ SECRET_VARIABLES: tuple[str, ...] = (
     "HF_TOKEN",  # gated base models on the Hugging Face hub
     "CONTENTML_API_TOKEN",  # bearer token of the model endpoints
     "CONTENTML_ADMIN_TOKEN",  # bearer token of the admin routes
+    "OPENAI_API_KEYS",  # the hosted script provider's keys
 )
 """Variables that hold a credential: each comes from a Secret, never from the ConfigMap."""
 
@@ -103,11 +108,17 @@ WORKLOAD_CREDENTIALS: dict[Workload, dict[str, str]] = {
     },
     # The predictor reads the hub token, its transformer (the token check) the API token.
     Workload.SCRIPT: {"HF_TOKEN": READER_SECRET, "CONTENTML_API_TOKEN": API_TOKEN_SECRET},
-    Workload.API: {**dict.fromkeys(_BACKEND, BACKEND_SECRET), **TOKEN_VARIABLES},
+    # The API and the workers run the script chain: its hosted provider's keys.
+    Workload.API: {
+        **dict.fromkeys(_BACKEND, BACKEND_SECRET),
+        **TOKEN_VARIABLES,
+        "OPENAI_API_KEYS": PROVIDER_KEYS_SECRET,
+    },
     Workload.BATCH_WORKER: {
         **dict.fromkeys((*_MLFLOW, *_BUCKET, *_FEAST), READER_SECRET),
         **dict.fromkeys(_BACKEND, BACKEND_SECRET),
         "CONTENTML_API_TOKEN": API_TOKEN_SECRET,
+        "OPENAI_API_KEYS": PROVIDER_KEYS_SECRET,
     },
     Workload.FEATURE_SERVER: dict.fromkeys(_FEAST, READER_SECRET),
     Workload.SCHEDULER: {},

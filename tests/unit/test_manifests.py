@@ -146,6 +146,7 @@ def test_pods_reference_objects_that_exist_or_secrets_made_outside(overlay):
         cluster.BACKEND_SECRET,
         cluster.API_TOKEN_SECRET,
         cluster.ADMIN_TOKEN_SECRET,
+        cluster.PROVIDER_KEYS_SECRET,
         "mlflow-server",
     }
     for document in documents:
@@ -1235,7 +1236,12 @@ def test_the_clusters_script_chain_calls_the_script_endpoint_with_the_token(over
         line.split("=", 1) for line in settings_env.read_text().splitlines() if "=" in line
     )
     in_image = values["CONTENTML_SCRIPT_PROVIDERS"].removeprefix("/app/")
-    (ours,) = providers_config.load_config(manifests.MANIFESTS_DIR.parent / in_image).providers
+    hosted, ours = providers_config.load_config(manifests.MANIFESTS_DIR.parent / in_image).providers
+    # The hosted API first, its keys from the optional Secret; our model the fallback.
+    assert hosted.api_key_env == "OPENAI_API_KEYS"
+    assert cluster.WORKLOAD_CREDENTIALS[cluster.Workload.API]["OPENAI_API_KEYS"] == (
+        cluster.PROVIDER_KEYS_SECRET
+    )
     (script,) = find(documents, "InferenceService", "script")
     namespace = script["metadata"].get("namespace", "contentml")
     assert "transformer" in script["spec"]
