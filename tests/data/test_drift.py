@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from contentml import registry
+from contentml import events, registry
 from feature_repo.niche_schema import FEATURES, KEYS, TARGETS
 from monitoring.drift import (
     TEXT_STATS,
@@ -26,6 +26,7 @@ from monitoring.drift import (
     run_drift_check,
 )
 from tests.conftest import DATA_DIR, make_settings, run_cli
+from tests.helpers.events import published
 from training.data import load_youtube_trending
 from training.niche.data import engagement_frame
 
@@ -276,10 +277,17 @@ def test_run_drift_check_logs_a_monitoring_run(engagement, settings, tmp_path):
     reference.to_parquet(tmp_path / "reference.parquet")
     shifted(reference, current).to_csv(tmp_path / "current.csv", index=False)
 
+    events.configure(settings)
     answer = run_drift_check(
         settings, tmp_path / "reference.parquet", tmp_path / "current.csv", model="niche-global"
     )
     assert json.loads(json.dumps(answer)) == answer  # what the CLI prints
+    (alert,) = [e.data for e in published(settings) if e.kind == "alert.drift"]
+    drifted = [name for name, column in answer["features"].items() if column["drifted"]]
+    assert alert == {
+        "model": "niche-global", "drift_share": answer["drift_share"], "drifted_columns": drifted,
+        "threshold": 0.1, "run_id": answer["run_id"],
+    }  # fmt: skip
     assert answer["drifted"] and answer["drift_share"] == pytest.approx(0.2)
     assert list(answer["features"]) == list(FEATURES)
     assert set(answer["features"]["title_chars"]) == {"method", "score", "threshold", "drifted"}

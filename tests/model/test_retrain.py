@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from contentml import launch, registry
+from contentml import events, launch, registry
 from contentml.settings import Settings
 from entrypoints import runner
 from feature_repo.niche_schema import FEATURES
@@ -34,6 +34,7 @@ from monitoring.retrain import (
     trigger_records,
 )
 from tests.conftest import DATA_DIR, make_settings
+from tests.helpers.events import published
 from training.data import load_youtube_trending
 from training.niche.data import engagement_frame
 
@@ -335,6 +336,7 @@ def register_champion(settings: Settings, model: str, metric: str, value: float)
 def test_a_metric_worse_than_the_champions_by_more_than_5_percent_launches(settings, windows):
     """The window's RMSE against the niche champion's validation RMSE at registration."""
     register_champion(settings, "niche-music", "validation_rmse", 1.0)
+    events.configure(settings)
     launch = FakeLaunch()
     current = windows / "current.parquet"
     calm = check_window(settings, "niche-music", "w1", current, 0.0, 1.03125, launch=launch)
@@ -343,6 +345,8 @@ def test_a_metric_worse_than_the_champions_by_more_than_5_percent_launches(setti
     assert worse["reasons"] == ["performance drop 6.2% > 5%"] and len(launch.calls) == 1
     better = check_window(settings, "niche-music", "w3", current, 0.0, 0.5, launch=launch)
     assert better["performance_drop"] == -0.5 and len(launch.calls) == 1
+    alerts = [e.data for e in published(settings) if e.kind == "alert.performance"]
+    assert alerts == [{"model": "niche-music", "drop": 0.0625, "threshold": 0.05}]  # w2 only
     with pytest.raises(TriggerError, match="'niche-comedy' has no champion"):
         check_window(settings, "niche-comedy", "w1", current, 0.0, 1.0, launch=launch)
 

@@ -20,7 +20,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from contentml import events
-from contentml.events import EventFilter, EventHub, EventKind, SqlBus, make_event, message_schema
+from contentml.events import EventFilter, EventHub, EventKind, make_event, message_schema
 from contentml.settings import Settings
 from serving.admission import TOKEN_COOKIE, Admission, AdmissionMiddleware
 from serving.backend.batch.queue import BatchQueue
@@ -29,6 +29,7 @@ from serving.backend.channels import channels_router
 from serving.backend.costs import CostEntry, CostLedger
 from serving.backend.event_stream import events_router
 from tests.conftest import make_settings, requires_redis
+from tests.helpers.events import published
 from tests.helpers.live import served
 
 SAMPLES = {
@@ -68,15 +69,6 @@ def bus_settings(settings: Settings) -> Settings:
     """`settings`, whose bus this process publishes to."""
     events.configure(settings)
     return settings
-
-
-def published(settings: Settings) -> list[events.Event]:
-    """Every event in the settings' SQL store, oldest first."""
-    bus = SqlBus(settings.backend_store)
-    try:
-        return [event for _, event in bus.after(0)]
-    finally:
-        bus.close()
 
 
 @contextlib.contextmanager
