@@ -14,8 +14,9 @@ def ingest_toxicity(data_path: str, frame: Output[Dataset]):
     from contentml.settings import Settings
     from training.quality import steps
 
-    path = Path(data_path) if data_path else Settings.from_env().data_dir / "toxicity/train.csv"
-    frame.metadata.update(steps.ingest_toxicity(path, Path(frame.path)))
+    settings = Settings.from_env()
+    path = Path(data_path) if data_path else settings.data_dir / "toxicity/train.csv"
+    frame.metadata.update(steps.ingest_toxicity(path, Path(frame.path), settings))
 
 
 @dsl.component(base_image=PLATFORM_IMAGE)

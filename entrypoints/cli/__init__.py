@@ -25,6 +25,7 @@ from entrypoints.cli import (
     providers,
     quality,
     registry,
+    review,
     serve,
     trend,
 )
@@ -42,6 +43,7 @@ GROUPS = (
     registry,
     trend,
     quality,
+    review,
     niche,
     optimize,
     llm,

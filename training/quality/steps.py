@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -14,15 +15,44 @@ from contentml.settings import Settings
 from training import data
 from training.quality import train
 from training.quality.config import QualityConfig
+from training.quality.review_store import ReviewStore
 from training.register import register
 
 
-def ingest_toxicity(data_path: Path, frame_out: Path) -> dict[str, int]:
-    """Read a labelled toxicity CSV into a clean table, with the split of every row."""
-    frame = data.load_toxicity(data_path)
+def ingest_toxicity(data_path: Path, frame_out: Path, settings: Settings) -> dict[str, int]:
+    """Read a labelled toxicity CSV into a clean table, add the people's decisions of the
+    review queue as training rows (`reviewed_rows`), and count the rows of each split
+    (`review_rows`: the decisions; logged with the run)."""
+    reviewed = reviewed_rows(settings)
+    frame = pd.concat([data.load_toxicity(data_path), reviewed], ignore_index=True)
     frame.to_parquet(frame_out, index=False)
     sizes = {s.value: len(part) for s, part in train.split(frame).items()}
-    return {"rows": len(frame), **sizes}
+    return {"rows": len(frame), "review_rows": len(reviewed), **sizes}
+
+
+def reviewed_rows(settings: Settings) -> pd.DataFrame:
+    """The review queue's decided items (`training/quality/review_store.py`) as labelled rows
+    (`id`, `text`, `label`), each id one the split puts in training: a person's decision
+    teaches the next version, it never enters the evaluation slice every version is gated
+    on."""
+    store = ReviewStore.from_settings(settings)
+    try:
+        rows = store.labelled_rows()
+    finally:
+        store.close()
+    return pd.DataFrame(
+        {
+            "id": [_training_id(item_id) for item_id in rows["item_id"]],
+            "text": rows["text"],
+            "label": rows["label"],
+        }
+    )
+
+
+def _training_id(item_id: str) -> str:
+    """`review-<item>-<n>`, the first n whose hash the split sends to training."""
+    spellings = (f"review-{item_id}-{n}" for n in itertools.count())
+    return next(row_id for row_id in spellings if train.split_of(row_id) is train.Split.TRAIN)
 
 
 def train_quality(frame_in: Path, model_dir: Path, config: QualityConfig) -> dict:
@@ -71,11 +101,12 @@ def run_quality_training(
     with tempfile.TemporaryDirectory() as scratch:
         frame = Path(scratch) / "toxicity.parquet"
         model_dir = Path(scratch) / "model"
-        rows = ingest_toxicity(data_path, frame)
+        rows = ingest_toxicity(data_path, frame, settings)
         params = train_quality(frame, model_dir, config)
         metrics = evaluate_quality(str(model_dir), frame)
+        # The data's counts (`review_rows` among them) with the recipe, as the pipeline does.
         version = register(
-            settings, model_name, model_dir, params, metrics, run_name, family="quality"
+            settings, model_name, model_dir, {**rows, **params}, metrics, run_name, "quality"
         )
         gate = promotion_gate(settings, model_name, version, frame, metrics, margin)
     return {
