@@ -140,29 +140,44 @@ class CostWarning(_Data):
 
 
 class QuotaWarning(_OpenData):
-    """A provider's usage against its daily quota."""
+    """A provider passed its share of the daily quota before the warning's hour
+    (`serving/caller/provider_monitor.py`)."""
 
     provider: str
+    requests_today: int
+    daily_quota: int
+    quota_used: float = pydantic.Field(description="requests_today / daily_quota.")
+    threshold: float
 
 
 class ProviderWarning(_OpenData):
-    """A provider's early warning: rate-limit errors, latency, quality, contingency."""
+    """A provider's early warning (`serving/caller/provider_monitor.py`)."""
 
     provider: str
-    warning: str
+    warning: str = pydantic.Field(description="rate_limit_errors, slow or low_quality.")
+    value: float
+    threshold: float
 
 
 class ReviewItemData(_OpenData):
-    """A review queue item was created, decided or expired (escalated)."""
+    """A review queue item was created, decided or expired (escalated); its text is fetched
+    by id (`GET /v1/review/items`)."""
 
-    item_id: int | str
+    item_id: str
+    status: str
+    source: str
+    video_id: str | None
+    model_version: str | None
+    score: float | None
+    label: str | None = pydantic.Field(description="The training label a decision gave.")
 
 
 class CapacityChanged(_OpenData):
-    """The recommended generation rate changed."""
+    """The recommended generation rate changed (`GET /v1/capacity`)."""
 
     rate: float
     reason: str
+    providers_skipped: list[str]
 
 
 DATA_MODELS: dict[EventKind, type[pydantic.BaseModel]] = {

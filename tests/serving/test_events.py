@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -20,7 +21,14 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from contentml import events
-from contentml.events import EventFilter, EventHub, EventKind, make_event, message_schema
+from contentml.events import (
+    DATA_MODELS,
+    EventFilter,
+    EventHub,
+    EventKind,
+    make_event,
+    message_schema,
+)
 from contentml.settings import Settings
 from serving.admission import TOKEN_COOKIE, Admission, AdmissionMiddleware
 from serving.backend.batch.queue import BatchQueue
@@ -31,6 +39,7 @@ from serving.backend.event_stream import events_router
 from tests.conftest import make_settings, requires_redis
 from tests.helpers.events import published
 from tests.helpers.live import served
+from tests.helpers.readme import README
 
 SAMPLES = {
     EventKind.BATCH_PROGRESS: {
@@ -52,12 +61,28 @@ SAMPLES = {
     },
     EventKind.QUARANTINE: {"channel_id": "c", "quarantined": True, "reason": "strikes"},
     EventKind.WARNING_COST: {"streak": 10, "budget_usd": 1.0, "streak_length": 10},
-    EventKind.WARNING_QUOTA: {"provider": "openai", "share": 0.85},
-    EventKind.WARNING_PROVIDER: {"provider": "openai", "warning": "rate_limited"},
-    EventKind.REVIEW_CREATED: {"item_id": 1, "text": "borderline"},
-    EventKind.REVIEW_DECIDED: {"item_id": 1, "decision": "approve"},
-    EventKind.REVIEW_EXPIRED: {"item_id": 1},
-    EventKind.CAPACITY_CHANGED: {"rate": 0.5, "reason": "openai over 95 % of its quota"},
+    EventKind.WARNING_QUOTA: {
+        "provider": "openai", "requests_today": 850, "daily_quota": 1000, "quota_used": 0.85,
+        "threshold": 0.8,
+    },
+    EventKind.WARNING_PROVIDER: {
+        "provider": "openai", "warning": "slow", "value": 2.5, "normal": 1.0, "threshold": 2.0,
+    },
+    EventKind.REVIEW_CREATED: {
+        "item_id": "r1", "status": "pending", "source": "task", "video_id": "v1",
+        "model_version": "3", "score": 0.62, "label": None,
+    },
+    EventKind.REVIEW_DECIDED: {
+        "item_id": "r1", "status": "approved", "source": "task", "video_id": None,
+        "model_version": "3", "score": 0.62, "label": "none",
+    },
+    EventKind.REVIEW_EXPIRED: {
+        "item_id": "r1", "status": "expired", "source": "batch", "video_id": None,
+        "model_version": None, "score": None, "label": None,
+    },
+    EventKind.CAPACITY_CHANGED: {
+        "rate": 0.5, "reason": "contingency, openai: quota", "providers_skipped": ["openai"],
+    },
 }  # fmt: skip
 
 TOKEN = "callers-token"
@@ -108,6 +133,15 @@ def test_every_kind_has_a_message_schema_its_events_fit():
         wrong = {**message, "kind": next(k for k in EventKind if k != kind).value}
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(wrong, message_schema(kind))
+
+
+def test_the_readme_lists_each_kinds_data_fields_as_its_schema_has_them():
+    rows = {
+        match[1]: re.findall(r"`(\w+)`", match[2])
+        for match in re.finditer(r"^\| `([a-z.]+)` \| (.*?) \|", README, flags=re.M)
+        if match[1] in set(EventKind)
+    }
+    assert rows == {kind.value: list(DATA_MODELS[kind].model_fields) for kind in EventKind}
 
 
 @pytest.mark.parametrize(
