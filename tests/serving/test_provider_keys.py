@@ -32,8 +32,8 @@ from serving.backend.capacity import CAPACITY_ROUTE, capacity_router
 from serving.caller import provider_usage
 from serving.caller.provider_keys import parse_keys
 from serving.caller.provider_monitor import ProviderMonitor, register_provider_metrics
-from serving.caller.providers_config import ProviderConfigError
-from serving.caller.strategist import ContentStrategist
+from serving.caller.providers_config import ProviderConfig, ProviderConfigError
+from serving.caller.strategist import ContentStrategist, retry_after
 from tests.conftest import make_settings
 
 # 2026-03-02 10:00 UTC: before the quota warning's 18:00.
@@ -478,3 +478,70 @@ def test_old_events_are_pruned(tmp_path: Path) -> None:
         kinds = connection.execute(sa.select(provider_usage.events.c.kind)).scalars().all()
     assert kinds == ["call"]
     usage.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after": "17"}, 17.0),
+        ({"retry-after-ms": "2500", "retry-after": "9"}, 2.5),
+        ({"retry-after": "0"}, 1.0),  # at least a second: a key is never retried at once
+        ({"retry-after": "999999"}, 86400.0),  # at most a day
+        ({"retry-after": "soon"}, 60.0),
+        ({"retry-after": "nan"}, 60.0),
+        ({}, 60.0),
+    ],
+)
+def test_retry_after_is_read_and_bounded(headers: dict[str, str], seconds: float) -> None:
+    assert retry_after(headers, 60.0) == seconds
+
+
+def test_retry_after_as_an_http_date() -> None:
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=120)
+    header = later.strftime("%a, %d %b %Y %H:%M:%S GMT")
+    assert 110 < retry_after({"retry-after": header}, 60.0) <= 120
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"api_key_env": "A", "api_keys_file": "/k"}, "set api_key_env or api_keys_file, not both"),
+        ({"daily_quota_per_key": 0}, "daily_quota_per_key must be at least 1"),
+        ({"max_failures_per_hour": 0}, "max_failures_per_hour must be at least 1"),
+        ({"cooldown_seconds": 0}, "cooldown_seconds must be positive"),
+        ({"key_cooldown_seconds": -1}, "key_cooldown_seconds must be positive"),
+        ({"normal_latency_seconds": float("inf")}, "normal_latency_seconds must be positive"),
+    ],
+)
+def test_bad_provider_operations_fields_are_named(fields: dict, message: str) -> None:
+    with pytest.raises(ProviderConfigError, match=message):
+        ProviderConfig(name="hosted", model="m", base_url="https://api.test/v1", **fields)
+
+
+def test_status_with_an_unreadable_keys_file_exits_2(
+    tmp_path: Path, provider: FakeProvider, monkeypatch, capsys
+) -> None:
+    settings = chain(tmp_path, provider, f"sqlite:///{tmp_path / 'b.db'}", new_keys(1))
+    keys_file = tmp_path / "hosted-keys.yaml"
+    keys_file.write_text("- [not, a, key]\n")
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+
+    assert main(["providers", "status", "--json"]) == 2
+    assert "hosted-keys.yaml: key 0 must be printable ASCII" in capsys.readouterr().err
+
+
+def test_concurrent_calls_spread_over_the_keys(tmp_path: Path, provider: FakeProvider, build):
+    keys = new_keys(4)
+    strategist = build(chain(tmp_path, provider, f"sqlite:///{tmp_path / 'b.db'}", keys))
+    threads = [
+        threading.Thread(target=strategist.generate_script, args=(f"t{i}", "Calm."))
+        for i in range(16)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    answered = [provider.answered(k) for k in keys]
+    assert sum(answered) == 16 and max(answered) - min(answered) <= 2, answered
