@@ -12,13 +12,14 @@ from prometheus_client import REGISTRY
 import serving.model_server.versions  # noqa: F401  (registers the serving metrics)
 from monitoring.performance import PERFORMANCE_DROP
 from serving.backend.costs import COST_METRICS
+from serving.backend.review import ITEMS_METRIC
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "monitoring"
 SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
 
 
 def exported() -> set[str]:
-    names = {PERFORMANCE_DROP}  # pushed by the monitoring pipeline, not scraped
+    names = {PERFORMANCE_DROP, ITEMS_METRIC}  # pushed; registered by the server with its store
     names.update(
         COST_METRICS
     )  # registered by the server with its ledger (tests/serving/test_costs.py)
@@ -41,6 +42,7 @@ def test_alert_rules_use_exported_metrics():
         "ContentmlLatencyUp20Percent",
         "ContentmlAccuracyDown5Percent",
         "ContentmlCostPerVideoOverBudget",
+        "ContentmlReviewOverdue",
     } <= set(alerts)
     assert "> 0.05" in alerts["ContentmlAccuracyDown5Percent"]["expr"]
     assert "> 0.01" in alerts["ContentmlErrorRateHigh"]["expr"]
