@@ -313,9 +313,9 @@ class ProviderMonitor:
 
     def check(self) -> list[ProviderState]:
         """Every provider now, after sending each early warning one is past (once per period,
-        across replicas) and a change of the recommended rate to the event stream. Called
-        after each call, so a provider the chain skips (or whose keys all answered 429) is
-        warned about too."""
+        across replicas) and a change of the recommended rate (the contingency, with the
+        providers skipped and why) to the event stream. Called after each call, so a provider
+        the chain skips, or whose keys all answered 429, is warned about too."""
         states = self.states()
         now = self.usage.now()
         day, hour = utc_day(now).isoformat(), int(now // HOUR_SECONDS)
@@ -379,8 +379,6 @@ class ProviderMonitor:
                     "threshold": LOW_QUALITY_SHARE,
                 },
             )
-        if state.skipped_until is not None:
-            yield "contingency", {"reason": state.skip_reason}
 
     def _announce(self, capacity: Capacity) -> Capacity:
         """`capacity`, sent to the event stream when its rate is not the last one sent."""

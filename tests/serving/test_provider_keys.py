@@ -366,9 +366,10 @@ def test_past_its_failure_threshold_a_provider_cools_down(
     state = strategist.monitor.state("hosted")
     assert state.skipped_until == pytest.approx(wall.now + 60, abs=1)
     assert "4 failures in the last hour (threshold 2)" in state.skip_reason
-    # The skipped provider is warned about (once this hour), though another one answered.
-    warnings = [e.data for e in published(settings) if e.kind.value == "warning.provider"]
-    assert [(w["provider"], w["warning"]) for w in warnings] == [("hosted", "contingency")]
+    # The skipped provider's contingency reaches the event stream, though another answered.
+    (changed,) = [e.data for e in published(settings) if e.kind.value == "capacity.changed"]
+    assert (changed["rate"], changed["providers_skipped"]) == (0.5, ["hosted"])
+    assert "3 failures in the last hour (threshold 2)" in changed["reason"]
 
 
 def test_rate_limit_slow_and_low_quality_warnings_reach_the_event_stream(
