@@ -1,5 +1,6 @@
 """The README's commands that need no trained model, run as written in a fresh home: the batch
-jobs and costs, the channel-settings optimization, the experiments and models listings. The
+jobs and costs, the channel-settings optimization, the experiments and models listings, the
+script providers' status. The
 training commands run at small budgets through the pipelines they call (test_e2e.py,
 test_pipelines.py, the demo), and each serving call in test_e2e.py's server."""
 
@@ -14,7 +15,14 @@ import pytest
 from tests.conftest import make_settings, run_cli
 from tests.helpers.readme import README, shell_lines
 
-NO_MODEL_COMMANDS = ("batch ", "costs ", "optimize ", "experiments list", "models list")
+NO_MODEL_COMMANDS = (
+    "batch ",
+    "costs ",
+    "optimize ",
+    "experiments list",
+    "models list",
+    "providers status",
+)
 """README commands (after `contentml`) that run without a trained model."""
 
 
@@ -44,7 +52,7 @@ def home(tmp_path: Path) -> Path:
 
 def test_the_readme_lists_the_commands_run_here():
     started = {" ".join(argv).split(" ")[0] for argv in readme_commands()}
-    assert started == {"batch", "costs", "optimize", "experiments", "models"}
+    assert started == {"batch", "costs", "optimize", "experiments", "models", "providers"}
 
 
 @pytest.mark.slow  # a dozen `contentml` processes
@@ -70,3 +78,5 @@ def test_the_readme_commands_without_a_model_run_as_written(home: Path, monkeypa
     best = json.loads(answers["optimize best --study"])
     assert best["value"] == 4.7 and best["params"] == suggested["params"]
     assert json.loads(answers["models list --json"]) == []
+    (ours,) = json.loads(answers["providers status --json"])["providers"]
+    assert (ours["name"], ours["keys"], ours["requests_today"]) == ("contentml", 1, 0)
