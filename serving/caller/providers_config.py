@@ -15,6 +15,9 @@ import yaml
 from contentml.errors import UserError
 from contentml.recipes import check_field_types
 
+MAX_PROVIDER_NAME = 100
+"""Longest provider name: it keys the shared usage store's rows and warnings."""
+
 
 class ProviderConfigError(UserError):
     """The providers file or one of its providers has a value the chain cannot use."""
@@ -91,6 +94,11 @@ class ProviderConfig:
             value = getattr(self, name)
             if value is not None and not value.strip():
                 raise ProviderConfigError(f"{name} must not be empty")
+        # The shared usage store keys rows (and its warnings) by the name.
+        if len(self.name) > MAX_PROVIDER_NAME or not self.name.isprintable():
+            raise ProviderConfigError(
+                f"name must be printable and at most {MAX_PROVIDER_NAME} characters"
+            )
         if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
             raise ProviderConfigError(
                 f"base_url must start with http:// or https://, not {self.base_url!r}"

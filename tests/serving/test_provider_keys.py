@@ -512,11 +512,15 @@ def test_retry_after_as_an_http_date() -> None:
         ({"cooldown_seconds": 0}, "cooldown_seconds must be positive"),
         ({"key_cooldown_seconds": -1}, "key_cooldown_seconds must be positive"),
         ({"normal_latency_seconds": float("inf")}, "normal_latency_seconds must be positive"),
+        ({"name": "h" * 101}, "name must be printable and at most 100 characters"),
+        ({"name": "h\nforged log line"}, "name must be printable"),
     ],
 )
 def test_bad_provider_operations_fields_are_named(fields: dict, message: str) -> None:
     with pytest.raises(ProviderConfigError, match=message):
-        ProviderConfig(name="hosted", model="m", base_url="https://api.test/v1", **fields)
+        ProviderConfig(
+            **{"name": "hosted", "model": "m", "base_url": "https://api.test/v1", **fields}
+        )
 
 
 def test_status_with_an_unreadable_keys_file_exits_2(
