@@ -98,12 +98,15 @@ WORKLOAD_CREDENTIALS: dict[Workload, dict[str, str]] = {
             *_FEAST,
             "CONTENTML_OPTUNA_STORAGE",
             "CONTENTML_REVENUE_STORE",
+            "CONTENTML_BACKEND_STORE",  # the quality pipeline reads the review decisions
             "HF_TOKEN",
         ),
         CREDENTIALS_SECRET,
     ),
     Workload.PREDICTOR: {
         **dict.fromkeys((*_MLFLOW, *_BUCKET, *_FEAST, "CONTENTML_REVENUE_STORE"), READER_SECRET),
+        # The shared store: the review queue, quarantines, the event table.
+        "CONTENTML_BACKEND_STORE": BACKEND_SECRET,
         **TOKEN_VARIABLES,
     },
     # The predictor reads the hub token, its transformer (the token check) the API token.
