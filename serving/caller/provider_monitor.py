@@ -330,6 +330,10 @@ class ProviderMonitor:
                 and before_hour
                 and self.usage.claim(f"warning.quota:{state.name}:{day}")
             ):
+                logger.warning(
+                    "script provider %s: %.0f%% of today's quota used before %02d:00 UTC",
+                    state.name, 100 * quota_used, QUOTA_WARNING_BEFORE_HOUR_UTC,
+                )  # fmt: skip
                 events.publish(
                     events.EventKind.WARNING_QUOTA,
                     {
@@ -342,6 +346,7 @@ class ProviderMonitor:
                 )
             for warning, detail in self._provider_warnings(state):
                 if self.usage.claim(f"warning.provider:{warning}:{state.name}:{hour}"):
+                    logger.warning("script provider %s: %s %s", state.name, warning, detail)
                     events.publish(
                         events.EventKind.WARNING_PROVIDER,
                         {"provider": state.name, "warning": warning, **detail},
@@ -383,6 +388,7 @@ class ProviderMonitor:
     def _announce(self, capacity: Capacity) -> Capacity:
         """`capacity`, sent to the event stream when its rate is not the last one sent."""
         if self.usage.swap(CAPACITY_NOTICE, repr(capacity.rate), default=repr(1.0)):
+            logger.warning("generation rate now %g: %s", capacity.rate, capacity.reason)
             events.publish(events.EventKind.CAPACITY_CHANGED, capacity.to_json())
         return capacity
 
