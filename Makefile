@@ -9,7 +9,7 @@ IMAGE ?= ghcr.io/contentml/platform:$(VERSION)
 TRAINING_IMAGE ?= ghcr.io/contentml/training:$(VERSION)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast compile serve bench loadtest fuzz lint constraints manifests images
+.PHONY: install browser demo test test-fast compile serve bench loadtest fuzz lint constraints manifests images
 
 install: $(INSTALLED)
 
@@ -23,12 +23,18 @@ $(INSTALLED): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
+# The console's browser tests (tests/serving/test_console.py) drive Debian's Chromium: installed
+# here when missing, where apt-get is at hand and we are root; elsewhere they skip saying why.
+browser:
+	@command -v chromedriver >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] \
+		|| { apt-get update -q && apt-get install -y -q chromium chromium-driver; }
+
 demo: install
 	$(VENV)/bin/contentml demo
 
 # Two workers, a test module each (its fixtures load once): much of the suite waits on servers
 # and child processes starting, so the 2 cores are busier (18 -> 14 minutes).
-test: install
+test: install browser
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 

@@ -48,6 +48,7 @@ from serving.backend.batch.queue import BatchQueue, Heartbeat
 from serving.backend.batch.routes import batch_router
 from serving.backend.capacity import capacity_router
 from serving.backend.channels import channels_router
+from serving.backend.console import console_router
 from serving.backend.costs import CostLedger, register_cost_metrics
 from serving.backend.event_stream import events_router
 from serving.backend.review import ReviewExpiry, register_review_metrics, review_router
@@ -258,6 +259,7 @@ def serve(
     reviews = ReviewStore.from_settings(settings)  # the human review queue, shared
     app.include_router(review_router(reviews))
     register_review_metrics(reviews, settings)
+    app.include_router(console_router(settings, reviews))  # /console, for people
     app.include_router(channels_router(settings))  # CrisisManager: anomalies and quarantine
     events.configure(settings)
     hub = events.EventHub(events.open_bus(settings)).start()
