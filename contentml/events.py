@@ -506,6 +506,11 @@ class EventHub:
         self._stop.set()
         self._thread.join(timeout=5)
         self.bus.close()
+        self.end_subscriptions()
+
+    def end_subscriptions(self) -> None:
+        """End every subscription now (a server about to stop: its clients reconnect to
+        another replica instead of holding its shutdown up)."""
         with self._lock:
             subscribers, self._subscribers = self._subscribers, set()
         for subscription in subscribers:

@@ -35,7 +35,7 @@ import ipaddress
 import logging
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -512,10 +512,13 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def drain_on_sigterm(admission: Admission, seconds: float) -> Lifespan[Any]:
+def drain_on_sigterm(
+    admission: Admission, seconds: float, on_stop: Callable[[], None] = lambda: None
+) -> Lifespan[Any]:
     """The lifespan of an app uvicorn serves that turns SIGTERM into a drain: `admission` turns
-    not ready at once, every request is still served for `seconds`, then uvicorn's own handler
-    runs (it closes the listener, waits for the requests in flight up to its
+    not ready at once, every request is still served for `seconds`, then `on_stop` runs (it
+    ends the streams that would otherwise hold the server up: `/v1/events`' subscriptions) and
+    uvicorn's own handler (it closes the listener, waits for the requests in flight up to its
     `timeout_graceful_shutdown`, and returns from `serve`). SIGINT (Ctrl+C) still stops at once."""
 
     @asynccontextmanager
@@ -535,7 +538,11 @@ def drain_on_sigterm(admission: Admission, seconds: float) -> Lifespan[Any]:
                 return
             admission.draining = True
             logger.info("SIGTERM: not ready; serving %g s more, then finishing", seconds)
-            loop.call_later(seconds, stop, signal.SIGTERM, None)
+            loop.call_later(seconds, finish)
+
+        def finish() -> None:
+            on_stop()
+            stop(signal.SIGTERM, None)
 
         # A signal handler runs between any two bytecodes of the loop: it only schedules.
         signal.signal(signal.SIGTERM, lambda signum, frame: loop.call_soon_threadsafe(drain))

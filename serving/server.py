@@ -249,7 +249,9 @@ def serve(
     finish_app(app, admission, server.registered_models)
     app.max_body_size = MAX_MODEL_BODY_BYTES  # KServe's routes have none; ours set their own
     # KServe creates the app: an included router's lifespan is how one is added to it.
-    drain = drain_on_sigterm(admission, settings.shutdown_drain_seconds)
+    events.configure(settings)
+    hub = events.EventHub(events.open_bus(settings)).start()
+    drain = drain_on_sigterm(admission, settings.shutdown_drain_seconds, hub.end_subscriptions)
     app.include_router(APIRouter(lifespan=drain))
     router = openai_router(models)
     if router is not None:
@@ -261,8 +263,6 @@ def serve(
     register_review_metrics(reviews, settings)
     app.include_router(console_router(settings, reviews))  # /console, for people
     app.include_router(channels_router(settings))  # CrisisManager: anomalies and quarantine
-    events.configure(settings)
-    hub = events.EventHub(events.open_bus(settings)).start()
     app.include_router(events_router(hub))
     for model in models:
         if isinstance(model, RevenueModel):
@@ -411,7 +411,9 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
     admission = Admission.from_settings(settings, fixed_routes=LIMITED_ROUTES)
     api = FastAPI(
         title="contentml backend API",
-        lifespan=drain_on_sigterm(admission, settings.shutdown_drain_seconds),
+        lifespan=drain_on_sigterm(
+            admission, settings.shutdown_drain_seconds, hub.end_subscriptions
+        ),
     )
     api.add_middleware(AdmissionMiddleware, admission=admission)
     api.add_exception_handler(RequestValidationError, validation_problem)

@@ -8,8 +8,10 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -17,7 +19,7 @@ import httpx
 import jsonschema
 import pytest
 from fastapi import FastAPI
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from contentml import events
@@ -30,13 +32,14 @@ from contentml.events import (
     message_schema,
 )
 from contentml.settings import Settings
+from entrypoints.demo import free_port
 from serving.admission import TOKEN_COOKIE, Admission, AdmissionMiddleware
 from serving.backend.batch.queue import BatchQueue
 from serving.backend.batch.routes import batch_router
 from serving.backend.channels import channels_router
 from serving.backend.costs import CostEntry, CostLedger
 from serving.backend.event_stream import events_router
-from tests.conftest import make_settings, requires_redis
+from tests.conftest import make_settings, requires_redis, wait_until
 from tests.helpers.events import published
 from tests.helpers.live import served
 from tests.helpers.readme import README
@@ -367,3 +370,43 @@ def test_a_websocket_client_sees_a_batch_jobs_progress_and_a_promotion_as_they_h
     for message in [*progress, moved]:
         jsonschema.validate(message, message_schema(EventKind(message["kind"])))
     queue.close()
+
+
+@pytest.mark.slow
+def test_on_sigterm_the_event_streams_end_after_the_drain_and_the_server_stops(settings):
+    """Open streams would hold a stopping server up for its whole grace period (30 s): they
+    end when the drain does (WebSocket close 1001), and the clients reconnect elsewhere."""
+    stopping = make_settings(settings.home, CONTENTML_SHUTDOWN_DRAIN_SECONDS="0.5")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.cli", "serve", "--port", str(port), "--workers", "0"],
+        env={**os.environ, **stopping.to_env()},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: _ready(url), 120, "the server is ready", every=0.5)
+        with (
+            connect(ws_url(url)) as socket,
+            httpx.stream("GET", url + "/v1/events", timeout=WAIT_SECONDS) as stream,
+        ):
+            lines = stream.iter_lines()
+            assert next(lines) == ": connected"
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosedOK) as closed:
+                socket.recv(timeout=WAIT_SECONDS)
+            assert closed.value.rcvd.code == 1001
+            assert [line for line in lines if line] == []  # the stream ended, no error
+            assert process.wait(timeout=WAIT_SECONDS) == 0
+            assert time.monotonic() - started < 10  # not the 30 s grace
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/v2/health/ready", timeout=1.0).status_code == 200
+    except httpx.TransportError:
+        return False
