@@ -1,8 +1,8 @@
 """The operator console in a real headless browser (Debian's Chromium through chromedriver,
 driven by Selenium) against a real `contentml serve`: the models with their aliases and
 history, the review queue with a decision made through the page, the experiments with P(best)
-and the stop rule, a trend forecast drawn for a chosen series, and the page following
-`/v1/events` (a promotion made elsewhere shows without a reload)."""
+and the stop rule, a trend forecast drawn with its interval for a chosen series, and the page
+following `/v1/events` (a promotion made elsewhere shows without a reload)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Iterator
 
 import httpx
+import mlflow
+import numpy as np
 import pytest
 
 from contentml import events, registry
@@ -19,6 +21,9 @@ from tests.conftest import DATA_DIR, make_settings
 from tests.helpers.registry import register_versions
 from training.quality.review_store import NewItem, ReviewStore, Source, Status
 from training.revenue.store import RewardStore
+from training.trend.ensemble import EnsembleConfig
+from training.trend.forecasters import Member
+from training.trend.train import log_saved_model, train
 
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = shutil.which("chromium")
@@ -34,12 +39,13 @@ pytestmark = [
 ADMIN = "console-admin-token"
 CALLERS = "console-callers-token"
 WAIT_SECONDS = 30
+QUICK_TREND = EnsembleConfig(members=(Member.SEASONAL_NAIVE_DAY, Member.SEASONAL_NAIVE_WEEK))
 
 
 @pytest.fixture(scope="module")
 def state(tmp_path_factory) -> Settings:
-    """A registry with a model promoted twice, two open review items, an experiment with
-    rewards: what the page shows."""
+    """A registry with a model promoted twice and a trend champion, two open review items, an
+    experiment with rewards: what the page shows."""
     settings = make_settings(
         tmp_path_factory.mktemp("console") / "state",
         CONTENTML_API_TOKEN=CALLERS,
@@ -50,6 +56,15 @@ def state(tmp_path_factory) -> Settings:
     first, second = register_versions(settings, "console-toy", 2)
     registry.promote(client, "console-toy", first, reason="first")
     registry.promote(client, "console-toy", second, reason="second is better")
+    # A real trend champion, quick to train (two seasonal-naive members): its forecasts have
+    # the interval the page shades.
+    hours = np.arange(24 * 28)
+    histories = {f"S{i}": 100 + 20 * np.sin(2 * np.pi * hours / 24) * (i + 1) for i in range(3)}
+    model_dir = tmp_path_factory.mktemp("trend-model") / "model"
+    train(histories, QUICK_TREND, model_dir, workers=1)
+    with mlflow.start_run(experiment_id=registry.experiment_id(client, settings)):
+        trend_version = str(log_saved_model(model_dir, "trend").registered_model_version)
+    registry.promote(client, "trend", trend_version, reason="console test")
     reviews = ReviewStore.from_settings(settings)
     for text, video in (("borderline words one", "vid-1"), ("borderline words two", "vid-2")):
         new = NewItem(
@@ -123,7 +138,7 @@ def test_the_console_shows_models_review_items_and_experiments(server, browser, 
 
     browser.get(f"{server}/console?token={ADMIN}")
     models = text_of(browser, "#models")
-    assert "console-toy" in models and "champion: v2" in models
+    assert "console-toy" in models and "trend" in models
     assert "promote champion v1 → v2" in models and "second is better" in models
     review = text_of(browser, "#review")
     assert "borderline words one" in review and "borderline words two" in review
@@ -181,7 +196,9 @@ def test_a_promotion_elsewhere_updates_the_page_without_a_reload(server, browser
     browser.execute_script("window.notReloaded = true")
     events.configure(state)  # this process's promotion reaches the server through the store
     registry.rollback(registry.connect(state), "console-toy", reason="rolled back in a test")
-    wait_for(browser, lambda d: "champion: v1" in text_of(d, "#models"), "the models re-render")
+    toy = 'tr[data-model="console-toy"] .alias[data-alias="champion"]'
+    assert text_of(browser, toy) == "champion: v2"
+    wait_for(browser, lambda d: text_of(d, toy) == "champion: v1", "the models re-render")
     assert "alias.changed" in text_of(browser, "#events")
     assert browser.execute_script("return window.notReloaded") is True
 
@@ -200,6 +217,9 @@ def test_a_trend_forecast_is_drawn_for_a_chosen_series(server, browser):
     history = browser.find_element(By.ID, "history-line").get_attribute("points").split()
     forecast = browser.find_element(By.ID, "forecast-line").get_attribute("points").split()
     assert len(history) == 14 * 24 and len(forecast) == 48 + 1  # joined at the last point
-    # No trend champion here: the seasonal-naive fallback, which has no interval to shade.
-    assert "fallback" in text_of(browser, "#trend-note")
-    assert browser.find_element(By.ID, "interval-band").get_attribute("points") == ""
+    assert text_of(browser, "#trend-note").endswith("model 1, 80 % interval shaded")
+    band = browser.find_element(By.ID, "interval-band").get_attribute("points").split()
+    assert len(band) == 2 * 48  # the upper bounds forward, the lower ones back
+    top = [float(point.split(",")[1]) for point in band[:48]]
+    bottom = [float(point.split(",")[1]) for point in band[48:]][::-1]
+    assert all(t <= b for t, b in zip(top, bottom, strict=True))  # SVG's y grows downwards
