@@ -2,9 +2,10 @@
 same run, on the same fine-tuned model and the same tweets (the fixed evaluation slice).
 
 1. In-process: one text at a time (p50/p99) and batches of 64 (texts per second), ours
-   (`QualityClassifier.probabilities`: length-sorted windows, calibrated) beside
-   `pipeline("text-classification")`; and dynamic int8 quantisation of the Linear layers,
-   with its weighted F1 beside the float model's, to see whether it would pay.
+   (`QualityClassifier.probabilities`: every fold encoder over length-sorted windows, the
+   lexical models, the stacker) beside `pipeline("text-classification")` on one fold
+   encoder; and dynamic int8 quantisation of the Linear layers, with its weighted F1 beside
+   the float model's, to see whether it would pay.
 2. Served: one text per call through the KServe model server over HTTP (the content
    pipeline's view), and a 64-text call.
 
@@ -34,6 +35,7 @@ from entrypoints.demo import free_port, model_server
 from training.data import load_toxicity
 from training.quality import steps, train
 from training.quality.config import QualityConfig
+from training.quality.ensemble import Members
 from training.quality.pyfunc import QualityClassifier
 
 SINGLE_CALLS = 200
@@ -52,7 +54,7 @@ def throughput(score_batch: Callable[[list[str]], object], texts: list[str]) -> 
     return {"texts_per_second": round(BATCH * BATCHES / seconds, 1), "batch": BATCH}
 
 
-QUICK_MODEL = QualityConfig(epochs=1, max_train_rows=2_000)
+QUICK_MODEL = QualityConfig(epochs=1, max_train_rows=2_000, folds=2)
 """Trained when there is no champion yet: latency does not depend on how well it learned."""
 
 
@@ -70,10 +72,12 @@ def champion(settings: Settings, data: Path) -> tuple[QualityClassifier, str]:
 def in_process(model: QualityClassifier, texts: list[str], labels: np.ndarray) -> dict:
     from transformers import pipeline
 
+    # One fold encoder: ours runs every fold's encoder and the lexical models.
+    encoder, tokenizer = model.members.encoders[0]
     hf = pipeline(
         "text-classification",
-        model=model.model,
-        tokenizer=model.tokenizer,
+        model=encoder,
+        tokenizer=tokenizer,
         device="cpu",
         top_k=None,
         truncation=True,
@@ -96,10 +100,14 @@ def in_process(model: QualityClassifier, texts: list[str], labels: np.ndarray) -
 
 
 def int8_quantisation(model: QualityClassifier, texts: list[str], labels: np.ndarray) -> dict:
-    """Dynamic int8 Linear layers in the encoder: speed and weighted F1 against float."""
+    """Dynamic int8 Linear layers in the encoders: speed and weighted F1 against float."""
     quantised = copy.copy(model)
-    quantised.model = torch.ao.quantization.quantize_dynamic(
-        model.model, {torch.nn.Linear}, dtype=torch.qint8
+    quantised.members = Members(
+        [
+            (torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8), t)
+            for m, t in model.members.encoders
+        ],
+        model.members.lexical,
     )
     report = {}
     for name, candidate in (("float", model), ("int8", quantised)):

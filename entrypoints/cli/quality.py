@@ -40,23 +40,29 @@ def cmd_quality_train(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _version(settings: Settings, args: argparse.Namespace) -> str:
+    """`--version`, checked to exist, else the champion's."""
+    from contentml import registry
+
+    client = registry.connect(settings)
+    if args.version is not None:
+        return registry.model_version(client, args.model, str(args.version)).version
+    version = registry.alias_version(client, args.model, registry.Alias.CHAMPION)
+    if version is None:
+        raise registry.RegistryError(
+            f"model {args.model!r} has no champion: run `contentml quality train` first"
+        )
+    return version
+
+
 def cmd_quality_predict(settings: Settings, args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from contentml import registry
     from training.data import load_texts
     from training.quality.train import predict_frame
 
     texts = load_texts(Path(args.input))
-    client = registry.connect(settings)
-    if args.version is None:
-        version = registry.alias_version(client, args.model, registry.Alias.CHAMPION)
-        if version is None:
-            raise registry.RegistryError(
-                f"model {args.model!r} has no champion: run `contentml quality train` first"
-            )
-    else:
-        version = registry.model_version(client, args.model, str(args.version)).version
+    version = _version(settings, args)
     started = time.monotonic()
     predictions = predict_frame(f"models:/{args.model}/{version}", texts["text"])
     pd.concat([texts.iloc[:, [0]], predictions], axis=1).to_csv(args.output, index=False)
@@ -66,6 +72,25 @@ def cmd_quality_predict(settings: Settings, args: argparse.Namespace) -> int:
             "rows": len(texts),
             "model": args.model,
             "version": version,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+    )
+    return 0
+
+
+def cmd_quality_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    from training.data import load_toxicity
+    from training.quality.train import evaluate_views
+
+    frame = load_toxicity(Path(args.data))
+    version = _version(settings, args)
+    started = time.monotonic()
+    views = evaluate_views(f"models:/{args.model}/{version}", frame)
+    print_json(
+        {
+            "model": args.model,
+            "version": version,
+            "views": views,
             "seconds": round(time.monotonic() - started, 1),
         }
     )
@@ -104,3 +129,16 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--version", type=positive_int, default=None, help="model version (default: champion)"
     )
     quality_predict.set_defaults(handler=cmd_quality_predict)
+    quality_evaluate = quality_commands.add_parser(
+        "evaluate",
+        help="the model and its ablations (encoder, lexical, fixed blend; threshold and argmax) "
+        "on the fixed evaluation slice",
+    )
+    quality_evaluate.add_argument("--data", required=True, help="labelled CSV: id, class, tweet")
+    quality_evaluate.add_argument(
+        "--model", type=model_name, default="quality", help="registered model name"
+    )
+    quality_evaluate.add_argument(
+        "--version", type=positive_int, default=None, help="model version (default: champion)"
+    )
+    quality_evaluate.set_defaults(handler=cmd_quality_evaluate)

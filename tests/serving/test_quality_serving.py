@@ -124,7 +124,7 @@ def test_train_ends_with_the_summary_line(trained: dict):
     assert trained["gate"]["promoted"] is True
     assert trained["gate"]["metric"] == "weighted_f1"
     assert trained["rows"]["rows"] == 1_200
-    assert sum(trained["rows"][s] for s in ("train", "validation", "evaluation")) == 1_200
+    assert trained["rows"]["train"] + trained["rows"]["evaluation"] == 1_200
     metrics = trained["metrics"]
     assert 0.0 <= metrics["weighted_f1"] <= 1.0
     assert 0.0 <= metrics["hate_speech_recall"] <= 1.0
@@ -177,6 +177,20 @@ def test_predict_reads_a_text_column_and_a_chosen_version(
     assert [r[0] for r in rows[1:]] == ["007", "010", "3"]
 
 
+def test_evaluate_prints_the_model_and_its_ablations_on_the_evaluation_slice(
+    trained: dict, home: Path, files: dict[str, Path], monkeypatch, capsys
+):
+    use_home(monkeypatch, home)
+    assert main(["quality", "evaluate", "--data", str(files["small"])]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["model"], report["version"]) == ("quality", "1")
+    assert list(report["views"]) == ["stacked", "encoder", "lexical", "blend"]
+    stacked = report["views"]["stacked"]["thresholded"]
+    # The same slice and the same served model as the gate's score.
+    assert stacked["weighted_f1"] == pytest.approx(trained["metrics"]["weighted_f1"])
+    assert stacked["rows"] == trained["rows"]["evaluation"]
+
+
 # --- CLI errors -----------------------------------------------------------------------------
 
 
@@ -203,6 +217,8 @@ def cli_home(tmp_path: Path, monkeypatch) -> Path:
          "unknown recipe fields ['epoch']"),
         (["quality", "train", "--data", "{tmp}/notext.csv", "--config", "{tmp}/nope.yaml"],
          "cannot read the recipe"),
+        (["quality", "evaluate", "--data", "{tmp}/notext.csv"], "needs a column named one of"),
+        (["quality", "evaluate", "--data", "{tmp}/nope.csv"], "nope.csv: file not found"),
     ],
 )  # fmt: skip
 def test_cli_errors_exit_2_with_one_line(argv, problem, cli_home: Path, tmp_path: Path, capsys):

@@ -1,9 +1,12 @@
-"""Make the classifier's probabilities mean what they say, and choose the hate-speech threshold.
+"""Turn the members' out-of-fold log-probabilities into probabilities that mean what they say,
+and choose the hate-speech threshold.
 
-Temperature scaling (Guo et al. 2017) divides the logits by one number fitted on the
-validation split: it fixes over-confidence without changing which class ranks first. The
-class decision is then cost-sensitive: hate speech is called at a lower probability than the
-argmax would, because a missed hate tweet costs more than a human review.
+The stacker is a multinomial logistic regression over the members' log-probabilities (Wolpert
+1992, fitted on out-of-fold predictions): it learns how far to trust each member per class and
+is calibrated by construction, like the temperature scaling it generalises (Guo et al. 2017).
+The class decision is then cost-sensitive: hate speech is called at a lower probability than
+the argmax would, because a missed hate tweet costs more than a human review. Every choice
+here sees only out-of-fold predictions of the training split.
 """
 
 from __future__ import annotations
@@ -15,43 +18,68 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score, recall_score
+from sklearn.model_selection import PredefinedSplit, cross_val_predict
 
 from training.data import TOXICITY_CLASSES
 
 HATE = TOXICITY_CLASSES.index("hate_speech")
 
-THRESHOLD_GRID = np.round(np.arange(0.05, 0.5001, 0.005), 3)
-"""Hate thresholds tried: finer steps would fit the validation split's noise, not the task."""
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.8001, 0.005), 3)
+"""Hate thresholds tried: finer steps would fit the out-of-fold noise, not the task."""
+
+STACKER_C = 1.0
+"""Inverse L2 strength of the stacker: a few weights on thousands of rows need little."""
 
 
 @dataclass(frozen=True)
 class Calibration:
-    temperature: float
-    """Logits are divided by this before the softmax."""
+    """A linear map from member log-probabilities to class scores, softmax, and the hate
+    threshold."""
+
+    weights: tuple[tuple[float, ...], ...]
+    """[classes, features]: class scores are `features @ weights.T + bias`."""
+
+    bias: tuple[float, ...]
+    """Per-class offset of the scores."""
 
     hate_threshold: float
     """A text is hate speech when its calibrated hate probability reaches this; otherwise the
     likelier of offensive and neither."""
 
-    lexical_weight: float = 0.0
-    """Share of the lexical model in the scores calibrated (see `lexical.blend`)."""
-
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        return softmax(logits / self.temperature, axis=1)
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        scores = features @ np.asarray(self.weights).T + np.asarray(self.bias)
+        return softmax(scores, axis=1)
 
     def classes(self, probabilities: np.ndarray) -> np.ndarray:
-        others = probabilities.copy()
-        others[:, HATE] = -1.0
-        return np.where(probabilities[:, HATE] >= self.hate_threshold, HATE, others.argmax(axis=1))
+        return hate_then_argmax(probabilities, self.hate_threshold)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Calibration:
+        return cls(
+            weights=tuple(tuple(float(w) for w in row) for row in values["weights"]),
+            bias=tuple(float(b) for b in values["bias"]),
+            hate_threshold=float(values["hate_threshold"]),
+        )
 
     def save(self, path: Path) -> Path:
-        path.write_text(json.dumps(asdict(self), indent=2))
+        path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
-        return cls(**json.loads(Path(path).read_text()))
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def hate_then_argmax(probabilities: np.ndarray, hate_threshold: float) -> np.ndarray:
+    """Hate speech where its probability reaches the threshold, else the likelier other."""
+    others = probabilities.copy()
+    others[:, HATE] = -1.0
+    return np.where(probabilities[:, HATE] >= hate_threshold, HATE, others.argmax(axis=1))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -70,7 +98,7 @@ def fit_hate_threshold(
     target; if none does, the one with the highest recall (then the best F1)."""
     best: tuple[bool, float, float, float] | None = None
     for threshold in THRESHOLD_GRID:
-        predicted = Calibration(1.0, float(threshold)).classes(probabilities)
+        predicted = hate_then_argmax(probabilities, float(threshold))
         recall = recall_score(labels == HATE, predicted == HATE, zero_division=0.0)
         f1 = f1_score(labels, predicted, average="weighted")
         reaches = recall >= recall_target
@@ -80,13 +108,48 @@ def fit_hate_threshold(
     return best[3]
 
 
-def calibrate(
-    logits: np.ndarray, labels: np.ndarray, recall_target: float, lexical_weight: float = 0.0
+def fit_stacker(
+    features: np.ndarray,
+    labels: np.ndarray,
+    folds: np.ndarray,
+    recall_target: float,
+    columns: slice = slice(None),
 ) -> Calibration:
-    temperature = fit_temperature(logits, labels)
-    probabilities = softmax(logits / temperature, axis=1)
-    threshold = fit_hate_threshold(probabilities, labels, recall_target)
-    return Calibration(temperature, threshold, lexical_weight)
+    """Stack the out-of-fold `features` (only `columns` of them; the others get weight 0) with
+    a multinomial logistic regression. The hate threshold is chosen on the stacker's own
+    out-of-fold probabilities over the same `folds`, so it is not fitted to rows the stacker
+    was fitted on."""
+    used = features[:, columns]
+    stacker = LogisticRegression(C=STACKER_C, max_iter=1000)
+    held_out = cross_val_predict(
+        stacker, used, labels, cv=PredefinedSplit(folds), method="predict_proba"
+    )
+    stacker.fit(used, labels)
+    weights = np.zeros((len(TOXICITY_CLASSES), features.shape[1]))
+    weights[:, columns] = stacker.coef_
+    return Calibration(
+        weights=tuple(map(tuple, weights.tolist())),
+        bias=tuple(stacker.intercept_.tolist()),
+        hate_threshold=fit_hate_threshold(held_out, labels, recall_target),
+    )
+
+
+def fixed_blend(
+    features: np.ndarray, labels: np.ndarray, lexical_weight: float, recall_target: float
+) -> Calibration:
+    """The earlier recipe, kept as an ablation: encoder and lexical log-probabilities (the
+    first and second half of `features`) blended `1 - lexical_weight` / `lexical_weight`,
+    temperature-scaled, with a hate threshold, all fitted on the same out-of-fold rows."""
+    classes = len(TOXICITY_CLASSES)
+    blend = np.hstack([(1 - lexical_weight) * np.eye(classes), lexical_weight * np.eye(classes)])
+    temperature = fit_temperature(features @ blend.T, labels)
+    weights = blend / temperature
+    probabilities = softmax(features @ weights.T, axis=1)
+    return Calibration(
+        weights=tuple(map(tuple, weights.tolist())),
+        bias=(0.0,) * classes,
+        hate_threshold=fit_hate_threshold(probabilities, labels, recall_target),
+    )
 
 
 def expected_calibration_error(

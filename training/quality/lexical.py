@@ -1,7 +1,7 @@
 """A lexical classifier beside the encoder: TF-IDF word and character n-grams into a logistic
 regression, the model family of Davidson et al. Slurs and their spellings are lexical, and
-MiniLM's word pieces blur them; blending the two separates hate speech from merely offensive
-language better than either alone (measured in the README)."""
+MiniLM's word pieces blur them; stacking the two separates hate speech from merely offensive
+language better than either alone (`contentml quality evaluate` measures it)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import joblib
 import numpy as np
-from scipy.special import logsumexp
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline, make_union
@@ -40,26 +39,15 @@ def _lexical_text(text: str) -> str:
     return normalize(text).lower()
 
 
-def blend(
-    encoder_logits: np.ndarray, model: Pipeline, texts: list[str], weight: float
-) -> np.ndarray:
-    """Scores for calibration: the encoder's and the lexical model's log-probabilities,
-    weighted `1 - weight` and `weight`."""
-    if weight == 0:
-        return encoder_logits
-    encoder = encoder_logits - logsumexp(encoder_logits, axis=1, keepdims=True)
-    return (1 - weight) * encoder + weight * log_probabilities(model, texts)
-
-
 def log_probabilities(model: Pipeline, texts: list[str]) -> np.ndarray:
-    # Floor at e^-20: a zero probability would make the blend -inf.
+    # Floor at e^-20: a zero probability would make the stacker's features -inf.
     return np.log(np.clip(model.predict_proba(texts), 2e-9, None))
 
 
-def save_lexical(model: Pipeline, path: Path) -> Path:
-    joblib.dump(model, path)
+def save_lexical(models: list[Pipeline], path: Path) -> Path:
+    joblib.dump(models, path)
     return path
 
 
-def load_lexical(path: Path) -> Pipeline:
+def load_lexical(path: Path) -> list[Pipeline]:
     return joblib.load(path)

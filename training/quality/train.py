@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import tempfile
 from enum import StrEnum
 from pathlib import Path
@@ -15,8 +16,8 @@ import pandas as pd
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from training.data import TOXICITY_CLASSES
-from training.quality import classifier, lexical
-from training.quality.calibration import Calibration, calibrate, expected_calibration_error
+from training.quality import ensemble
+from training.quality.calibration import expected_calibration_error, fit_stacker, fixed_blend
 from training.quality.config import QualityConfig
 from training.quality.policy import DEFAULT_POLICY
 
@@ -31,22 +32,44 @@ SERVING_REQUIREMENTS = (
 CLASSIFIER_ARTIFACT = "classifier"
 LEXICAL_ARTIFACT = "lexical"
 CALIBRATION_ARTIFACT = "calibration"
+ABLATIONS_ARTIFACT = "ablations"
 POLICY_ARTIFACT = "policy"
 GATE_METRIC = "weighted_f1"
 """The quality gate compares weighted F1 on the fixed evaluation slice: higher wins."""
 
+EVALUATION_BUCKETS = 2
+"""Buckets (of 10) in the evaluation slice: a fifth of the rows. Buckets 0 and 1, so the rows
+of the earlier 10 % slice (bucket 0) stay in it and no version's training rows move in."""
+
 
 class Split(StrEnum):
-    TRAIN = "train"
-    VALIDATION = "validation"  # early stopping, temperature and the hate threshold
+    TRAIN = "train"  # cross-fitted: every choice is made on out-of-fold predictions
     EVALUATION = "evaluation"  # the fixed slice the promotion gate scores every version on
+
+
+class View(StrEnum):
+    """The ways of turning the members' features into classes that `evaluate_views` scores:
+    the served stacker and, as ablations, the parts it is made of."""
+
+    STACKED = "stacked"  # served: stacker over encoder and lexical
+    ENCODER = "encoder"  # the encoder's log-probabilities alone, recalibrated
+    LEXICAL = "lexical"  # the lexical model's alone, recalibrated
+    BLEND = "blend"  # the fixed blend (`blend_weight`) with a temperature: the earlier recipe
+
+
+def _bucket(row_id: str, start: int) -> int:
+    return int(hashlib.sha256(row_id.encode("utf-8")).hexdigest()[start : start + 8], 16)
 
 
 def split_of(row_id: str) -> Split:
     """A row's split from a hash of its id: stable when rows are added or reordered, so the
     evaluation slice never leaks into training and every version is gated on the same rows."""
-    bucket = int(hashlib.sha256(row_id.encode("utf-8")).hexdigest()[:8], 16) % 10
-    return Split.EVALUATION if bucket == 0 else Split.VALIDATION if bucket == 1 else Split.TRAIN
+    return Split.EVALUATION if _bucket(row_id, 0) % 10 < EVALUATION_BUCKETS else Split.TRAIN
+
+
+def fold_of(row_id: str, folds: int) -> int:
+    """A training row's cross-fitting fold, from other digits of the same hash."""
+    return _bucket(row_id, 8) % folds
 
 
 def split(frame: pd.DataFrame) -> dict[Split, pd.DataFrame]:
@@ -55,51 +78,52 @@ def split(frame: pd.DataFrame) -> dict[Split, pd.DataFrame]:
 
 
 def train(frame: pd.DataFrame, config: QualityConfig, model_dir: Path) -> dict[str, float]:
-    """Fine-tune on the training split, calibrate on the validation split, and save an MLflow
-    pyfunc in `model_dir`. Returns the per-epoch history and validation scores to log."""
-    parts = split(frame)
-    training = parts[Split.TRAIN]
+    """Cross-fit the members on the training split, stack and calibrate them on their
+    out-of-fold predictions, and save an MLflow pyfunc in `model_dir`. Returns the per-fold
+    epoch history and out-of-fold scores to log."""
+    training = split(frame)[Split.TRAIN]
     if config.max_train_rows is not None and len(training) > config.max_train_rows:
         # Stratified so a small smoke run still sees every class.
         training = training.groupby("label", group_keys=False).sample(
             frac=config.max_train_rows / len(training), random_state=config.seed
         )
-    validation = parts[Split.VALIDATION]
-    model, tokenizer, epochs = classifier.fit(training, validation, config)
-    word_model = lexical.fit_lexical(
-        training["text"].tolist(), training["label"].to_numpy(), config.lexical_c
-    )
-    texts = validation["text"].tolist()
-    logits = lexical.blend(
-        classifier.predict_logits(model, tokenizer, texts), word_model, texts, config.lexical_weight
-    )
-    labels = validation["label"].to_numpy()
-    calibration = calibrate(logits, labels, config.hate_recall_target, config.lexical_weight)
+    training = training.reset_index(drop=True)
+    folds = training["id"].map(lambda row_id: fold_of(row_id, config.folds)).to_numpy()
+    members, features, histories = ensemble.cross_fit(training, folds, config)
+    labels = training["label"].to_numpy()
+    target = config.hate_recall_target
+    calibrations = {
+        View.STACKED: fit_stacker(features, labels, folds, target),
+        View.ENCODER: fit_stacker(features, labels, folds, target, ensemble.ENCODER_COLUMNS),
+        View.LEXICAL: fit_stacker(features, labels, folds, target, ensemble.LEXICAL_COLUMNS),
+        View.BLEND: fixed_blend(features, labels, config.blend_weight, target),
+    }
+    served = calibrations.pop(View.STACKED)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
+        encoders, words = members.save(scratch / CLASSIFIER_ARTIFACT, scratch / "lexical.joblib")
+        ablations = scratch / "ablations.json"
+        ablations.write_text(json.dumps({v.value: c.to_dict() for v, c in calibrations.items()}))
         artifacts = {
-            CLASSIFIER_ARTIFACT: classifier.save_fitted(
-                model, tokenizer, scratch / CLASSIFIER_ARTIFACT
-            ),
-            LEXICAL_ARTIFACT: lexical.save_lexical(word_model, scratch / "lexical.joblib"),
-            CALIBRATION_ARTIFACT: calibration.save(scratch / "calibration.json"),
+            CLASSIFIER_ARTIFACT: encoders,
+            LEXICAL_ARTIFACT: words,
+            CALIBRATION_ARTIFACT: served.save(scratch / "calibration.json"),
+            ABLATIONS_ARTIFACT: ablations,
             POLICY_ARTIFACT: DEFAULT_POLICY,
         }
         example = pd.DataFrame({"text": ["what a great video", "subscribe for more"]})
         mlflow.pyfunc.save_model(str(model_dir), **pyfunc_arguments(artifacts, example))
-    probabilities = calibration.probabilities(logits)
+    probabilities = served.probabilities(features)
+    out_of_fold = scores(labels, served.classes(probabilities), probabilities)
     summary = {
         "train_rows": float(len(training)),
-        "validation_rows": float(len(validation)),
-        "temperature": calibration.temperature,
-        "hate_threshold": calibration.hate_threshold,
-        "validation_ece_raw": expected_calibration_error(
-            Calibration(1.0, 0.5).probabilities(logits), labels
-        ),
-        "validation_ece": expected_calibration_error(probabilities, labels),
+        "folds": float(config.folds),
+        "hate_threshold": served.hate_threshold,
+        **{f"out_of_fold_{name}": value for name, value in out_of_fold.items()},
     }
-    for epoch, metrics in enumerate(epochs):
-        summary |= {f"epoch_{epoch}_{name}": value for name, value in metrics.items()}
+    for fold, epochs in enumerate(histories):
+        for epoch, metrics in enumerate(epochs):
+            summary |= {f"fold_{fold}_epoch_{epoch}_{k}": v for k, v in metrics.items()}
     return summary
 
 
@@ -123,6 +147,7 @@ def log_saved_model(model_dir: Path, registered_name: str) -> mlflow.models.mode
         CLASSIFIER_ARTIFACT: artifacts / CLASSIFIER_ARTIFACT,
         LEXICAL_ARTIFACT: artifacts / "lexical.joblib",
         CALIBRATION_ARTIFACT: artifacts / "calibration.json",
+        ABLATIONS_ARTIFACT: artifacts / "ablations.json",
         POLICY_ARTIFACT: artifacts / DEFAULT_POLICY.name,
     }
     missing = [str(p) for p in paths.values() if not p.exists()]
@@ -145,12 +170,14 @@ def predict_frame(model_uri: str, texts: pd.Series) -> pd.DataFrame:
 def scores(
     labels: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray
 ) -> dict[str, float]:
-    """Weighted F1 (the gate's metric), per-class precision/recall/F1, and calibration error."""
+    """Weighted F1 (the gate's metric), macro F1, per-class precision/recall/F1, and
+    calibration error."""
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=range(len(TOXICITY_CLASSES)), zero_division=0.0
     )
     result = {
         GATE_METRIC: float(f1_score(labels, predicted, average="weighted")),
+        "macro_f1": float(f1_score(labels, predicted, average="macro")),
         "accuracy": float((labels == predicted).mean()),
         "ece": expected_calibration_error(probabilities, labels),
         "rows": float(len(labels)),
@@ -164,11 +191,37 @@ def scores(
     return result
 
 
-def evaluate(model_uri: str, frame: pd.DataFrame) -> dict[str, float]:
-    """Score a saved or registered model on the fixed evaluation slice of `frame`."""
+def evaluation_slice(frame: pd.DataFrame) -> pd.DataFrame:
     evaluation = split(frame)[Split.EVALUATION]
     if evaluation.empty:
         raise ValueError("the data has no rows in the evaluation slice")
+    return evaluation
+
+
+def evaluate(model_uri: str, frame: pd.DataFrame) -> dict[str, float]:
+    """Score a saved or registered model on the fixed evaluation slice of `frame`."""
+    evaluation = evaluation_slice(frame)
     predicted = predict_frame(model_uri, evaluation["text"])
     probabilities = predicted[[f"prob_{name}" for name in TOXICITY_CLASSES]].to_numpy()
     return scores(evaluation["label"].to_numpy(), predicted["class"].to_numpy(), probabilities)
+
+
+def evaluate_views(model_uri: str, frame: pd.DataFrame) -> dict[str, dict[str, dict]]:
+    """The served model and its ablations (each `View`), each with its out-of-fold hate
+    threshold and with the plain argmax, scored on the fixed evaluation slice in one pass of
+    the members."""
+    evaluation = evaluation_slice(frame)
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    features = model.members.features(evaluation["text"].astype(str).tolist())
+    labels = evaluation["label"].to_numpy()
+    calibrations = {View.STACKED.value: model.calibration, **model.ablations}
+    report = {}
+    for view in View:
+        calibration = calibrations[view.value]
+        probabilities = calibration.probabilities(features)
+        report[view.value] = {
+            "hate_threshold": calibration.hate_threshold,
+            "thresholded": scores(labels, calibration.classes(probabilities), probabilities),
+            "argmax": scores(labels, probabilities.argmax(axis=1), probabilities),
+        }
+    return report
