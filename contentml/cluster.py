@@ -26,7 +26,8 @@ READER_SECRET = "contentml-reader-credentials"
 that read the artifacts (and write only the prediction log's prefix), the Feast stores, the
 RevenueOptimizer's own reward store, a read-only Hugging Face token."""
 BACKEND_SECRET = "contentml-backend-credentials"
-"""The backend's batch jobs: their PostgreSQL store and Redis queue (the API and its workers)."""
+"""The backend's batch jobs: their PostgreSQL store and Redis queue (the API and its workers),
+and the Redis the servers' events go through (`CONTENTML_EVENT_BUS`)."""
 API_TOKEN_SECRET = "contentml-api-token"
 """`CONTENTML_API_TOKEN`, the bearer token of the model and backend routes."""
 ADMIN_TOKEN_SECRET = "contentml-admin-token"
@@ -44,6 +45,7 @@ SECRET_VARIABLES: tuple[str, ...] = (
     "CONTENTML_REVENUE_STORE",  # postgresql://user:password@...
     "CONTENTML_BACKEND_STORE",  # postgresql://user:password@...
     "CONTENTML_BATCH_QUEUE",  # redis://:password@host:port/db
+    "CONTENTML_EVENT_BUS",  # redis://:password@host:port/db
     "MLFLOW_TRACKING_USERNAME",  # MLflow's basic auth, read by the MLflow client itself
     "MLFLOW_TRACKING_PASSWORD",
     "AWS_ACCESS_KEY_ID",  # the artifact bucket, read by boto3
@@ -88,7 +90,7 @@ class Workload(StrEnum):
 _MLFLOW = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 _BUCKET = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 _FEAST = ("CONTENTML_FEAST_REGISTRY", "CONTENTML_FEAST_REDIS_URL")
-_BACKEND = ("CONTENTML_BACKEND_STORE", "CONTENTML_BATCH_QUEUE")
+_BACKEND = ("CONTENTML_BACKEND_STORE", "CONTENTML_BATCH_QUEUE", "CONTENTML_EVENT_BUS")
 
 WORKLOAD_CREDENTIALS: dict[Workload, dict[str, str]] = {
     Workload.TRAINING: dict.fromkeys(
@@ -105,8 +107,10 @@ WORKLOAD_CREDENTIALS: dict[Workload, dict[str, str]] = {
     ),
     Workload.PREDICTOR: {
         **dict.fromkeys((*_MLFLOW, *_BUCKET, *_FEAST, "CONTENTML_REVENUE_STORE"), READER_SECRET),
-        # The shared store: the review queue, quarantines, the event table.
+        # The shared store: the review queue, quarantines, the event table; and the replicas'
+        # event bus (Redis pub/sub).
         "CONTENTML_BACKEND_STORE": BACKEND_SECRET,
+        "CONTENTML_EVENT_BUS": BACKEND_SECRET,
         **TOKEN_VARIABLES,
     },
     # The predictor reads the hub token, its transformer (the token check) the API token.

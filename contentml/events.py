@@ -13,8 +13,10 @@ every server process, which streams it to its clients (`GET /v1/events`).
   process tails, so a CLI `promote` or a batch worker reaches the server; `redis://host:port/db`
   (the cluster) publishes on a Redis pub/sub channel every replica subscribes to, so a client
   on any replica sees every event.
-- `EventHub`: in a server process, one thread follows the bus and hands each event to the
-  subscribers (WebSocket and SSE clients) whose filter takes it.
+- `EventHub`: in a server process, a thread per bus followed (the SQL store's always, Redis
+  too where configured: a process without the Redis setting, such as a KFP task, still
+  reaches the clients) hands each event to the subscribers (WebSocket and SSE clients) whose
+  filter takes it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, Protocol
@@ -381,6 +383,16 @@ def open_bus(settings: Settings) -> Bus:
     return RedisBus(settings.event_bus)
 
 
+def followed_buses(settings: Settings) -> list[Bus]:
+    """What a server follows: the SQL store's events always (a process without the Redis
+    setting, a KFP task, publishes there), and Redis pub/sub where `settings.event_bus` names
+    it. Each event travels one of them, never both."""
+    buses: list[Bus] = [SqlBus(settings.backend_store)]
+    if settings.event_bus != "sql":
+        buses.append(RedisBus(settings.event_bus))
+    return buses
+
+
 _process_settings: Settings | None = None
 _process_bus: Bus | None = None
 _process_lock = threading.Lock()
@@ -486,26 +498,41 @@ class Subscription:
 
 
 class EventHub:
-    """A server process's one follower of the bus, fanning each event out to its subscribers."""
+    """A server process's follower of the buses (`followed_buses`), fanning each event out to
+    its subscribers."""
 
-    def __init__(self, bus: Bus):
-        self.bus = bus
+    def __init__(self, buses: Sequence[Bus]):
+        self.buses = list(buses)
         self._subscribers: set[Subscription] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.ready = threading.Event()
-        """Set once the hub follows the bus: events published from then on reach it."""
-        self._thread = threading.Thread(target=self._run, name="event-hub", daemon=True)
+        self._ready = [threading.Event() for _ in self.buses]
+        self._threads = [
+            threading.Thread(
+                target=bus.follow, args=(self._deliver, self._stop, ready), daemon=True,
+                name=f"event-hub-{type(bus).__name__}",
+            )
+            for bus, ready in zip(self.buses, self._ready, strict=True)
+        ]  # fmt: skip
 
     def start(self) -> EventHub:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
+    def wait_ready(self, timeout: float) -> bool:
+        """Whether the hub follows every bus within `timeout` seconds: events published from
+        then on reach it."""
+        deadline = time.monotonic() + timeout
+        return all(ready.wait(max(0.0, deadline - time.monotonic())) for ready in self._ready)
+
     def stop(self) -> None:
-        """Stop following the bus (and close it) and end every subscription."""
+        """Stop following the buses (and close them) and end every subscription."""
         self._stop.set()
-        self._thread.join(timeout=5)
-        self.bus.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for bus in self.buses:
+            bus.close()
         self.end_subscriptions()
 
     def end_subscriptions(self) -> None:
@@ -515,9 +542,6 @@ class EventHub:
             subscribers, self._subscribers = self._subscribers, set()
         for subscription in subscribers:
             self._hand(subscription, None)
-
-    def _run(self) -> None:
-        self.bus.follow(self._deliver, self._stop, self.ready)
 
     def _deliver(self, event: Event) -> None:
         with self._lock:

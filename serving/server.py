@@ -250,7 +250,7 @@ def serve(
     app.max_body_size = MAX_MODEL_BODY_BYTES  # KServe's routes have none; ours set their own
     # KServe creates the app: an included router's lifespan is how one is added to it.
     events.configure(settings)
-    hub = events.EventHub(events.open_bus(settings)).start()
+    hub = events.EventHub(events.followed_buses(settings)).start()
     drain = drain_on_sigterm(admission, settings.shutdown_drain_seconds, hub.end_subscriptions)
     app.include_router(APIRouter(lifespan=drain))
     router = openai_router(models)
@@ -407,7 +407,7 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
     monitor = ProviderMonitor.from_settings(settings)
     register_provider_metrics(monitor)
     events.configure(settings)
-    hub = events.EventHub(events.open_bus(settings)).start()
+    hub = events.EventHub(events.followed_buses(settings)).start()
     admission = Admission.from_settings(settings, fixed_routes=LIMITED_ROUTES)
     api = FastAPI(
         title="contentml backend API",

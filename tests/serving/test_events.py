@@ -103,8 +103,8 @@ def bus_settings(settings: Settings) -> Settings:
 def events_app(settings: Settings, token: str = "", *routers) -> Iterator[tuple[str, EventHub]]:
     """An app with `/v1/events` over a hub on the settings' bus (and `routers`), behind the
     admission middleware, served on a loopback port."""
-    hub = EventHub(events.open_bus(settings)).start()
-    assert hub.ready.wait(10), "the hub did not start following the bus"
+    hub = EventHub(events.followed_buses(settings)).start()
+    assert hub.wait_ready(10), "the hub did not start following the buses"
     app = FastAPI()
     app.add_middleware(AdmissionMiddleware, admission=Admission(8, token))
     app.include_router(events_router(hub))
@@ -262,8 +262,8 @@ def test_server_sent_events_are_the_fallback_with_a_cookie_token(bus_settings):
 @requires_redis
 def test_with_redis_an_event_published_on_one_replica_reaches_a_client_on_another(tmp_path):
     """Two replicas (apps with their own hub, as two pods): a quarantine through replica A's
-    route reaches a WebSocket client of replica B through Redis pub/sub; B's hub follows Redis
-    only, and the two replicas have separate SQL stores."""
+    route reaches a WebSocket client of replica B through Redis pub/sub (the two replicas have
+    separate SQL stores here), and so does an event a process without Redis wrote to B's."""
     redis_bus = {"CONTENTML_EVENT_BUS": "redis://127.0.0.1:6379/0"}
     a = make_settings(tmp_path / "a", **redis_bus)
     b = make_settings(tmp_path / "b", **redis_bus)
@@ -277,9 +277,20 @@ def test_with_redis_an_event_published_on_one_replica_reaches_a_client_on_anothe
         answer = httpx.post(f"{url_a}/v1/channels/{channel}/quarantine", json={"reason": "spam"})
         assert answer.status_code == 200
         message = receive(client)
+        assert published(a) == [] and published(b) == []  # through Redis, not a SQL store
+        # A process without the Redis setting (a KFP task) publishes to the SQL store, which
+        # the replicas follow too.
+        data = {"channel_id": channel, "quarantined": False, "reason": None}
+        script = (
+            f"from contentml.events import publish\npublish('quarantine', {data!r}, {channel!r})"
+        )
+        sql_only = make_settings(tmp_path / "b")
+        env = {**os.environ, **sql_only.to_env()}
+        subprocess.run([sys.executable, "-c", script], env=env, check=True)
+        released = receive(client)
     assert message["kind"] == "quarantine"
     assert message["data"] == {"channel_id": channel, "quarantined": True, "reason": "spam"}
-    assert published(a) == [] and published(b) == []  # through Redis, not a SQL store
+    assert released["data"] == data and [e.data for e in published(b)] == [data]
 
 
 # --- the publishers --------------------------------------------------------------------------
