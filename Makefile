@@ -67,6 +67,7 @@ bench: install
 	$(PY) -m benchmarks.revenue
 	$(PY) -m benchmarks.optimization
 	$(PY) -m benchmarks.batch
+	$(PY) -m benchmarks.serving_floor
 
 # Load and soak tests with locust against a real `contentml serve` (tests/load/; not part of
 # `make test`): steady state, promote/rollback cycles, 2x saturation and a soak of SOAK_MINUTES;

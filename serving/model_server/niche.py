@@ -21,6 +21,7 @@ from contentml.names import GLOBAL_NICHE, NICHE_MODEL_PREFIX
 from contentml.settings import Settings
 from feature_repo.niche_schema import FEATURES
 from serving.model_server.payloads import instances_from_v1, parse_instances
+from serving.model_server.refresh import HeldLookups, Refresher
 from serving.model_server.versions import (
     CachedPredictor,
     OffLoopModel,
@@ -70,20 +71,41 @@ def niche_model_names(settings: Settings) -> list[str]:
     return sorted(m.name for m in found)
 
 
-def _features(store: FeatureStore, videos: list[TrendingVideo]) -> pd.DataFrame:
-    """`FEATURES` of the videos: their own from the request, their channels' from Feast."""
-    first = pd.DataFrame([video.model_dump() for video in videos])
-    first["event_timestamp"] = pd.to_datetime(first["trending_date"]).dt.tz_localize("UTC")
+ChannelKey = tuple[str, str]
+"""(channel_id, country): whose history Feast's online store keeps."""
+
+
+def read_channel_histories(
+    store: FeatureStore, keys: list[ChannelKey]
+) -> dict[ChannelKey, dict[str, float]]:
+    """`CHANNEL_HISTORY` of each channel from the online store (a new one's for a channel it
+    does not know)."""
+    frame = pd.DataFrame(keys, columns=["channel_id", "country"])
     try:
-        history = features.online_channel_history(store, first)
+        history = features.online_channel_history(store, frame)
     except Exception as e:
         raise InferenceError(f"reading the channel history from Feast failed: {e}") from e
+    return dict(zip(keys, history.to_dict("records"), strict=True))
+
+
+def _features(
+    histories: HeldLookups[ChannelKey, dict[str, float]], videos: list[TrendingVideo]
+) -> pd.DataFrame:
+    """`FEATURES` of the videos: their own from the request, their channels' from Feast (as
+    held in memory)."""
+    first = pd.DataFrame([video.model_dump() for video in videos])
+    first["event_timestamp"] = pd.to_datetime(first["trending_date"]).dt.tz_localize("UTC")
+    keys = [(video.channel_id, video.country) for video in videos]
+    held = histories.get_many(keys)
+    history = pd.DataFrame([held[key] for key in keys], index=first.index)
     return pd.concat([video_features(first), history], axis=1)[list(FEATURES)]
 
 
-def _feature_rows(store: FeatureStore, videos: list[TrendingVideo]) -> list[dict[str, float]]:
+def _feature_rows(
+    histories: HeldLookups[ChannelKey, dict[str, float]], videos: list[TrendingVideo]
+) -> list[dict[str, float]]:
     """The model input of each video, JSON-ready: what the prediction cache is keyed by."""
-    return _features(store, videos).astype(float).to_dict("records")
+    return _features(histories, videos).astype(float).to_dict("records")
 
 
 @dataclass(frozen=True)
@@ -98,9 +120,31 @@ class NicheModel(CachedPredictor[NicheVersion, TrendingVideo]):
 
     train_command = NICHE_TRAIN_COMMAND
 
+    def __init__(self, name: str, settings: Settings, options: ServingOptions | None = None):
+        super().__init__(name, settings, options)
+        self.refresher: Refresher | None = None
+
     def load(self) -> bool:
         self.store = features.feature_store(self.settings)
+        # A channel's history is read from memory: read through on its first video, read
+        # again every poll interval, so new materialized data is answered within it.
+        self.histories: HeldLookups[ChannelKey, dict[str, float]] = HeldLookups(
+            lambda keys: read_channel_histories(self.store, keys)
+        )
+        self._stop_refresher()  # a load after an unload: the previous refresher ends
+        self.refresher = Refresher(
+            f"{self.name}-channels", self.histories.refresh, self.settings.serving_poll_seconds
+        ).start()
         return super().load()
+
+    def stop(self) -> None:
+        self._stop_refresher()
+        super().stop()
+
+    def _stop_refresher(self) -> None:
+        if self.refresher is not None:
+            self.refresher.stop()
+            self.refresher = None
 
     def load_version(self, version: str) -> NicheVersion:
         return NicheVersion(
@@ -111,7 +155,7 @@ class NicheModel(CachedPredictor[NicheVersion, TrendingVideo]):
         return parse_instances(instances_from_v1(payload), TrendingVideo, MAX_INSTANCES)
 
     def model_inputs(self, requests: list[TrendingVideo]) -> list[dict[str, Any]]:
-        return _feature_rows(self.store, requests)
+        return _feature_rows(self.histories, requests)
 
     def infer(self, state: NicheVersion, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows = pd.DataFrame.from_records(inputs, columns=list(FEATURES)).to_numpy(dtype=float)

@@ -150,7 +150,7 @@ class ScriptModel(VersionedModel[ScriptVersion]):
     ) -> dict | AsyncIterator[str]:
         """`caller_seconds`: how long the caller waits for the answer (`TIMEOUT_HEADER`);
         None: unknown, the configured limit holds."""
-        state = self.pick(request.model_dump_json())
+        state = self.pick(request.model_dump_json)
         with self.observe(state.version):
             prompt_ids = state.generator.tokenizer(request.prompt)["input_ids"]
             return await self._create(
@@ -166,7 +166,7 @@ class ScriptModel(VersionedModel[ScriptVersion]):
         self, request: ChatCompletionRequest, caller_seconds: float | None = None
     ) -> dict | AsyncIterator[str]:
         """`caller_seconds`: as for `create_completion`."""
-        state = self.pick(request.model_dump_json())
+        state = self.pick(request.model_dump_json)
         with self.observe(state.version):
             # Role markers or EOS typed inside a message stay text: only the template's are
             # tokens.

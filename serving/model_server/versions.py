@@ -311,12 +311,13 @@ class VersionedModel(OffLoopModel, Generic[S]):
 
     # --- answering ---------------------------------------------------------------------
 
-    def pick(self, key: str) -> S:
-        """The version that answers the request whose stable key is `key`."""
+    def pick(self, key: Callable[[], str]) -> S:
+        """The version that answers the request whose stable key is `key()`, computed only
+        when a challenger splits the traffic (a long history's key costs a JSON dump)."""
         serving = self.serving
         if serving.challenger is None:
             return serving.champion
-        if split_bucket(key) < self.options.canary_percent:
+        if split_bucket(key()) < self.options.canary_percent:
             return serving.challenger
         return serving.champion
 
@@ -407,7 +408,7 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
         them, logged under `request_id` (None: a new one); `indices` are the requests'
         positions in the call when they are part of it (see `log`)."""
         started = time.perf_counter()
-        state = self.pick(request_key(requests))
+        state = self.pick(lambda: request_key(requests))
         inputs = self.model_inputs(list(requests))
         answers = self.answer_inputs(state, inputs)
         self.log(

@@ -16,7 +16,8 @@ from contentml.names import niche_slug
 from entrypoints.cli import main
 from entrypoints.demo import free_port, model_server
 from feature_repo.niche_schema import FEATURES
-from serving.model_server.niche import TrendingVideo, _features
+from serving.model_server.niche import TrendingVideo, _features, read_channel_histories
+from serving.model_server.refresh import HeldLookups
 from tests.conftest import DATA_DIR, make_settings
 from training.data import load_youtube_trending
 from training.niche.automl import TOPIC_CLUSTERS, UnknownNiche, niches_table, run_automl
@@ -136,6 +137,12 @@ def a_real_video(category: str = "Music") -> dict:
     }
 
 
+def held_histories(settings) -> HeldLookups:
+    """Channel histories as the niche predictor holds them, read from the settings' Feast."""
+    store = features.feature_store(settings)
+    return HeldLookups(lambda keys: read_channel_histories(store, keys))
+
+
 def request_of(video: dict) -> dict:
     return {k: v for k, v in video.items() if k != "expected_features"}
 
@@ -143,8 +150,7 @@ def request_of(video: dict) -> dict:
 def test_served_features_are_the_features_training_saw(summary: dict, settings):
     video = a_real_video()
     assert video["expected_features"]["channel_prior_videos"] > 0  # Feast has a history
-    store = features.feature_store(settings)
-    served = _features(store, [TrendingVideo.model_validate(request_of(video))])
+    served = _features(held_histories(settings), [TrendingVideo.model_validate(request_of(video))])
     assert served.iloc[0].to_dict() == pytest.approx(video["expected_features"])
 
 
@@ -164,9 +170,8 @@ def test_a_channel_feast_does_not_know_is_served_as_new(server: str, settings):
     winner of a 15-second search may be a model that ignores the channel's history.)"""
     video = request_of(a_real_video())
     unknown_channel = {**video, "channel_id": "ch_000000000000"}
-    store = features.feature_store(settings)
     requests = [TrendingVideo.model_validate(v) for v in (video, unknown_channel)]
-    known, new = _features(store, requests).to_dict("records")
+    known, new = _features(held_histories(settings), requests).to_dict("records")
     assert known["channel_is_new"] == 0
     assert new == {**known, **features.NEW_CHANNEL_HISTORY}
     response = httpx.post(
