@@ -61,6 +61,8 @@ def test_every_field_is_documented_and_has_an_environment_variable():
         ({"CONTENTML_SERVING_POLL_SECONDS": "0"}, "serving_poll_seconds must be positive"),
         ({"CONTENTML_PINNED_VERSIONS": "trend"}, "takes MODEL=VERSION"),
         ({"CONTENTML_PINNED_VERSIONS": "trend=v2"}, "takes MODEL=VERSION"),
+        # The message names the scheme only: the URL may carry a password.
+        ({"CONTENTML_EVENT_BUS": "kafka://u:secret@k:9092"}, r"sql or redis://.*not a kafka: URL$"),
     ],
 )
 def test_bad_values_are_refused(tmp_path: Path, environ, problem):
