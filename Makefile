@@ -65,6 +65,8 @@ bench: install
 	$(PY) -m benchmarks.trend
 	$(PY) -m benchmarks.quality
 	$(PY) -m benchmarks.revenue
+	$(PY) -m benchmarks.revenue_served
+	$(PY) -m benchmarks.prediction_log
 	$(PY) -m benchmarks.optimization
 	$(PY) -m benchmarks.batch
 	$(PY) -m benchmarks.serving_floor
