@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_settings, run_cli
+from tests.helpers.batch import trend_items
 from tests.helpers.readme import README, shell_lines
 
 NO_MODEL_COMMANDS = (
@@ -35,12 +36,6 @@ def readme_commands() -> list[list[str]]:
             if " ".join(argv).startswith(NO_MODEL_COMMANDS):
                 commands.append(argv)
     return commands
-
-
-def trend_items(count: int) -> list[dict]:
-    return [
-        {"id": f"item-{i}", "history": [float(h % 24) for h in range(72)]} for i in range(count)
-    ]
 
 
 @pytest.fixture

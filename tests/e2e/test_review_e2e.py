@@ -16,7 +16,7 @@ import yaml
 
 from entrypoints.demo import free_port, model_server
 from tests.conftest import make_settings, run_cli
-from tests.model.test_quality import TINY_RECIPE, sample_toxicity
+from tests.helpers.quality import TINY_RECIPE, sample_toxicity
 from training.quality import steps, train
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,6 @@ decision table, and the behaviour of a tiny fine-tuned MiniLM (code, data and mo
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,14 @@ import yaml
 from scipy.special import log_softmax, softmax
 
 from contentml import registry
-from tests.conftest import DATA_DIR, make_settings
+from tests.conftest import make_settings
+from tests.helpers.quality import (
+    CLEAN,
+    TINY_RECIPE,
+    TOXICITY_CSV,
+    sample_toxicity,
+    write_csv,
+)
 from training.data import TOXICITY_CLASSES, DataError, load_texts, load_toxicity
 from training.quality import classifier
 from training.quality.calibration import (
@@ -46,36 +52,7 @@ from training.quality.train import (
     train,
 )
 
-TOXICITY_CSV = DATA_DIR / "toxicity" / "train.csv"
-
-TINY_RECIPE = {
-    "max_train_rows": 300,
-    "epochs": 1,
-    "max_length": 32,
-    "batch_size": 16,
-    "learning_rate": 3e-4,
-    "folds": 2,
-}
-"""Trains in ~25 s on two cores (two fold encoders on ~150 rows each). The higher learning
-rate and smaller batches give the ~10 optimiser steps of one epoch on 150 rows enough signal
-for the directional tests."""
-
-CLEAN = (
-    "We planted tomatoes in the garden this morning and watched the sunset over the hills "
-    "with our friends, then cooked a big pot of soup for everyone. "
-)
-"""An everyday sentence a content gate must let through; repeated for long texts."""
-
 NEITHER = TOXICITY_CLASSES.index("neither")
-
-
-def sample_toxicity(rows_per_class: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The real toxicity file split into a class-balanced sample and the rows not in it, both
-    as raw text with the file's own (blank) id header, ready for `to_csv(index=False)`."""
-    raw = pd.read_csv(TOXICITY_CSV, dtype=str, keep_default_na=False)
-    raw = raw.rename(columns={raw.columns[0]: ""})
-    sample = raw.groupby("class", group_keys=False).sample(n=rows_per_class, random_state=seed)
-    return sample, raw.drop(index=sample.index)
 
 
 def most_offensive_tweets(count: int) -> list[str]:
@@ -83,12 +60,6 @@ def most_offensive_tweets(count: int) -> list[str]:
     raw = pd.read_csv(TOXICITY_CSV, dtype=str, keep_default_na=False)
     votes = raw["hate_speech"].astype(int) + raw["offensive_language"].astype(int)
     return raw.assign(votes=votes).nlargest(count, "votes")["tweet"].tolist()
-
-
-def write_csv(path: Path, rows: list[list[str]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as file:
-        csv.writer(file).writerows(rows)
-    return path
 
 
 # --- data -----------------------------------------------------------------------------------

@@ -5,16 +5,12 @@ tests/e2e/test_e2e.py, where a trend champion makes chunks take real time."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import logging
-import math
 import os
 import pickle
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,20 +32,10 @@ from serving.backend.batch.schema import ChunkState
 from serving.backend.batch.store import STALE_AFTER_SECONDS, JobStore
 from serving.backend.tasks import Task, TrendBody
 from tests.conftest import make_settings, requires_postgres, requires_redis
+from tests.helpers.batch import trend_items, worker
 
 REDIS_QUEUE = "redis://127.0.0.1:6379/7"
 """A Redis database of its own: the tests flush it."""
-
-
-def trend_items(count: int, prefix: str = "item") -> list[dict]:
-    return [
-        {
-            "id": f"{prefix}-{i}",
-            "history": [10 + 5 * math.sin(h * 2 * math.pi / 24) + i % 5 for h in range(72)],
-            "horizon": 24,
-        }
-        for i in range(count)
-    ]
 
 
 @pytest.fixture
@@ -251,21 +237,6 @@ def test_a_pickled_message_on_the_queue_is_refused_not_unpickled(settings, tmp_p
 
 
 # --- real workers --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def worker(settings: Settings, threads: int = 2) -> Iterator[subprocess.Popen]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "entrypoints.cli", "batch", "worker", "--threads", str(threads)],
-        env={**os.environ, **settings.to_env()},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def wait_until_finished(store: JobStore, job_id: str, timeout: float = 120.0):

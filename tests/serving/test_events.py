@@ -334,8 +334,8 @@ def test_a_websocket_client_sees_a_batch_jobs_progress_and_a_promotion_as_they_h
     """A real server route, a real `contentml batch worker` and a real `contentml registry
     promote`, each its own process: the client sees the job queued, then its chunks answered,
     then the promotion, each before the next step starts."""
+    from tests.helpers.batch import trend_items, worker
     from tests.helpers.registry import register
-    from tests.serving.test_batch import trend_items, worker
 
     events.configure(settings)
     queue = BatchQueue(settings)

@@ -19,7 +19,7 @@ from entrypoints.cli import main
 from entrypoints.demo import free_port, model_server
 from serving.model_server.quality import MAX_TEXT_CHARS
 from tests.conftest import make_settings, run_cli
-from tests.model.test_quality import CLEAN, TINY_RECIPE, sample_toxicity, write_csv
+from tests.helpers.quality import CLEAN, TINY_RECIPE, sample_toxicity, write_csv
 from training.data import TOXICITY_CLASSES
 from training.quality.pyfunc import PROBABILITY_COLUMNS
 
