@@ -17,39 +17,67 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from feast import Entity, FeatureService, FeatureStore, FeatureView, FileSource, RepoConfig
-from feast.data_source import DataSource
+import typeguard
 
 from contentml.errors import DataError
 from contentml.settings import Settings
-from feature_repo import data_sources, entities, feature_services
-from feature_repo import features as feature_views
-from feature_repo.data_sources import (
-    channel_history_source,
-    channel_stats_source,
-    niche_stats_source,
-    topic_interest_source,
-    topic_recent_source,
-    video_stats_source,
-)
-from feature_repo.feature_services import niche_engagement_v1, trend_serving_v1, trend_training_v1
-from feature_repo.features import channel_history_fv
-from feature_repo.niche_schema import (
-    CHANNEL_HISTORY,
-    FEATURES,
-    HISTORY_KEYS,
-    KEYS,
-    NEW_CHANNEL_DAYS,
-    NO_HISTORY_LOG_GAIN,
-    TARGETS,
-)
+
+
+@contextlib.contextmanager
+def _without_typeguard() -> Iterator[None]:
+    """Feast wraps its definition classes in typeguard's `@typechecked`, which re-parses and
+    recompiles their source on every import: about half of what `import feast` costs, paid
+    by every server, batch worker and pipeline task. typeguard calls these checks a development
+    aid (they are off under `python -O`); our definitions are checked by Feast's own
+    validation at `apply` and by the tests. Only Feast's import runs without them."""
+    checked = typeguard.typechecked
+
+    def unchecked(target: Any = None, **_: Any) -> Any:
+        return target if target is not None else unchecked
+
+    typeguard.typechecked = unchecked
+    try:
+        yield
+    finally:
+        typeguard.typechecked = checked
+
+
+with _without_typeguard():
+    from feast import Entity, FeatureService, FeatureStore, FeatureView, FileSource, RepoConfig
+    from feast.data_source import DataSource
+
+    from feature_repo import data_sources, entities, feature_services
+    from feature_repo import features as feature_views
+    from feature_repo.data_sources import (
+        channel_history_source,
+        channel_stats_source,
+        niche_stats_source,
+        topic_interest_source,
+        topic_recent_source,
+        video_stats_source,
+    )
+    from feature_repo.feature_services import (
+        niche_engagement_v1,
+        trend_serving_v1,
+        trend_training_v1,
+    )
+    from feature_repo.features import channel_history_fv
+    from feature_repo.niche_schema import (
+        CHANNEL_HISTORY,
+        FEATURES,
+        HISTORY_KEYS,
+        KEYS,
+        NEW_CHANNEL_DAYS,
+        NO_HISTORY_LOG_GAIN,
+        TARGETS,
+    )
 
 RECENT_HOURS = 168
 """Length of the history the model server gets per series: one week of hourly values."""

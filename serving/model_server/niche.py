@@ -12,7 +12,6 @@ from typing import Any
 
 import pandas as pd
 import pydantic
-from feast import FeatureStore
 from kserve.errors import InferenceError
 from mlflow.tracking import MlflowClient
 
@@ -76,7 +75,7 @@ ChannelKey = tuple[str, str]
 
 
 def read_channel_histories(
-    store: FeatureStore, keys: list[ChannelKey]
+    store: features.FeatureStore, keys: list[ChannelKey]
 ) -> dict[ChannelKey, dict[str, float]]:
     """`CHANNEL_HISTORY` of each channel from the online store (a new one's for a channel it
     does not know)."""

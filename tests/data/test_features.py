@@ -6,6 +6,8 @@ exercising the real file offline store, SQLite online store and (when it runs) R
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -375,3 +377,17 @@ def test_online_history_from_redis(
 
     store.teardown()
     assert _redis_keys(settings.feast_project) == []
+
+
+def test_feast_imports_without_typeguards_recompilation_and_leaves_it_as_it_was() -> None:
+    """A fresh process: Feast's definition classes are plain (not re-compiled by typeguard at
+    import), and typeguard's decorator is its own again afterwards."""
+    probe = (
+        "import typeguard, contentml.features, feast.feature_view as fv; "
+        "print(typeguard.typechecked is typeguard._decorators.typechecked, "
+        "'TypeCheckMemo' in fv.FeatureView.__init__.__code__.co_names)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == ["True", "False"]
