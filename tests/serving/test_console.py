@@ -109,9 +109,13 @@ def browser() -> Iterator:
 
 
 def wait_for(driver, condition, what: str):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_SECONDS).until(lambda d: condition(d), message=what)
+    # The page re-renders a table on every event: an element found just before a re-render
+    # is stale when read, which means "not yet", as a missing one does.
+    wait = WebDriverWait(driver, WAIT_SECONDS, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(lambda d: condition(d), message=what)
 
 
 def wait_live(driver) -> None:
@@ -194,10 +198,10 @@ def test_a_promotion_elsewhere_updates_the_page_without_a_reload(server, browser
     browser.get(f"{server}/console?token={ADMIN}")
     wait_live(browser)
     browser.execute_script("window.notReloaded = true")
-    events.configure(state)  # this process's promotion reaches the server through the store
-    registry.rollback(registry.connect(state), "console-toy", reason="rolled back in a test")
     toy = 'tr[data-model="console-toy"] .alias[data-alias="champion"]'
     assert text_of(browser, toy) == "champion: v2"
+    events.configure(state)  # this process's promotion reaches the server through the store
+    registry.rollback(registry.connect(state), "console-toy", reason="rolled back in a test")
     wait_for(browser, lambda d: text_of(d, toy) == "champion: v1", "the models re-render")
     assert "alias.changed" in text_of(browser, "#events")
     assert browser.execute_script("return window.notReloaded") is True
