@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
 
-import numpy as np
-
+from benchmarks.timing import summary
 from serving.model_server.prediction_log import PredictionLog
 
 CALLS = 20_000
@@ -38,12 +36,7 @@ def record_latency(calls: int) -> dict:
                 timings.append((time.perf_counter() - started) * 1e6)
                 dropped += not stored
                 time.sleep(INTERVAL_S)
-    return {
-        "calls": calls,
-        "p50_us": round(statistics.median(timings), 2),
-        "p99_us": round(float(np.percentile(timings, 99)), 2),
-        "dropped": dropped,
-    }
+    return {**summary(timings, unit="us"), "dropped": dropped}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import numpy as np
 import psutil
 
 from benchmarks.revenue import LAST, distinct_arms
+from benchmarks.timing import summary
 from contentml.settings import Settings
 from entrypoints.demo import free_port, model_server
 from training.revenue.simulator import category_rates
@@ -93,7 +93,6 @@ def run_experiment(settings: Settings, name: str, rates: dict[str, float], count
     best = rates[best_arm]
     regret = sum(best - rates[arm] for arm in shown)
     even = len(shown) * (best - sum(rates.values()) / len(rates))
-    timings = first_ms + second_ms
     return {
         "rates": rates,
         "impressions": len(shown),
@@ -103,11 +102,10 @@ def run_experiment(settings: Settings, name: str, rates: dict[str, float], count
         "restart_kept_every_count": before == after and sum(n for n, _ in after.values()) == half,
         "impressions_stored": sum(a["impressions"] for a in final["arms"]),
         "probability_best": round(
-            max(a["probability_best"] for a in final["arms"] if a["arm"] == best_arm), 3
+            next(a["probability_best"] for a in final["arms"] if a["arm"] == best_arm), 3
         ),
         "recommendation": final["recommendation"],
-        "choice_p50_ms": round(statistics.median(timings), 2),
-        "choice_p99_ms": round(float(np.percentile(timings, 99)), 2),
+        "choice": summary(first_ms + second_ms),
     }
 
 

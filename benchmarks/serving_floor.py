@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from kserve import Model
 
+from benchmarks.timing import summary
 from contentml import features, registry
 from contentml.names import GLOBAL_NICHE, niche_model_name
 from contentml.settings import Settings
@@ -140,15 +140,7 @@ def timed_calls(
                 raise RuntimeError(f"POST {path} answered {response.status_code}: {response.text}")
             if i >= 0:
                 timings.append(elapsed * 1000)
-    return figures(timings)
-
-
-def figures(timings: list[float]) -> dict[str, float]:
-    return {
-        "p50_ms": round(statistics.median(timings), 3),
-        "p99_ms": round(float(np.percentile(timings, 99)), 3),
-        "calls": len(timings),
-    }
+    return summary(timings, digits=3)
 
 
 def same(body: Any) -> Callable[[int], Any]:
@@ -227,7 +219,7 @@ def lookup_figures(settings: Settings, calls: int) -> dict[str, float]:
             )
         if i >= 0:
             timings.append(elapsed * 1000)
-    return figures(timings)
+    return summary(timings, digits=3)
 
 
 def redis_lookup_figures(settings: Settings, redis_url: str, calls: int) -> dict[str, float]:

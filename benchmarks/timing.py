@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -16,8 +16,13 @@ def percentiles(call: Callable[[], object], count: int) -> dict[str, float]:
         started = time.perf_counter()
         call()
         timings.append((time.perf_counter() - started) * 1000)
+    return summary(timings)
+
+
+def summary(timings: Sequence[float], unit: str = "ms", digits: int = 2) -> dict[str, float]:
+    """p50 and p99 of `timings` (measured in `unit`) and how many there are."""
     return {
-        "p50_ms": round(statistics.median(timings), 2),
-        "p99_ms": round(float(np.percentile(timings, 99)), 2),
-        "calls": count,
+        f"p50_{unit}": round(statistics.median(timings), digits),
+        f"p99_{unit}": round(float(np.percentile(timings, 99)), digits),
+        "calls": len(timings),
     }
