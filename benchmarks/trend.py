@@ -44,8 +44,9 @@ def backtest_seconds(train_csv: Path, workers: int) -> dict[str, float]:
     ensemble = time.monotonic() - started
     prophet = ForecasterConfig(prophet=default_prophet_config(max(len(y) for y in series.values())))
     started = time.monotonic()
-    with LocalRunner(workers) as runner:
-        runner.start([Member.PROPHET], prophet, [[y] for y in series.values()], HORIZON)()
+    histories = [[y] for y in series.values()]
+    with LocalRunner(workers, len(histories)) as runner:
+        runner.start([Member.PROPHET], prophet, histories, HORIZON)()
     plain_prophet = time.monotonic() - started
     return {
         "series": len(series),

@@ -14,7 +14,14 @@ from tests.conftest import DATA_DIR
 from training.data import DataError
 from training.trend import metrics
 from training.trend.backtest import holdout_report, run_backtest
-from training.trend.ensemble import EnsembleConfig, TrendEnsemble, load_ensemble, save_ensemble
+from training.trend.ensemble import (
+    SERIES_PER_WORKER,
+    EnsembleConfig,
+    LocalRunner,
+    TrendEnsemble,
+    load_ensemble,
+    save_ensemble,
+)
 from training.trend.forecasters import (
     MEMBER_KINDS,
     WEEK,
@@ -261,6 +268,20 @@ def test_forecaster_configs_reject_bad_values():
         BoostingConfig(input_length=24)
     with pytest.raises(ValueError, match="epochs"):
         MlpConfig(epochs=0)
+
+
+def test_workers_start_only_for_enough_series_and_forecast_as_this_process_does():
+    assert LocalRunner(4, SERIES_PER_WORKER - 1).workers == 1
+    assert LocalRunner(4, 3 * SERIES_PER_WORKER).workers == 3
+    rng = np.random.default_rng(0)
+    histories = [[rng.gamma(2.0, 10.0, 2 * WEEK)] for _ in range(2 * SERIES_PER_WORKER)]
+    members = [Member.SEASONAL_NAIVE_DAY, Member.SEASONAL_NAIVE_WEEK]
+    with LocalRunner(1, len(histories)) as here:
+        expected = here.start(members, SMALL, histories, HORIZON)()
+    with LocalRunner(2, len(histories)) as spawned:
+        assert spawned.pool is not None
+        forecasts = spawned.start(members, SMALL, histories, HORIZON)()
+    np.testing.assert_array_equal(forecasts, expected)
 
 
 # --- backtest on a slice of the real M4 file --------------------------------------------------

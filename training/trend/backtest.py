@@ -132,7 +132,7 @@ def score_holdout(
 
     started = time.monotonic()
     prophet = ForecasterConfig(prophet=default_prophet_config(max(len(h) for h in histories)))
-    with LocalRunner(workers) as runner:
+    with LocalRunner(workers, len(histories)) as runner:
         prophet_forecasts = runner.start(
             [Member.PROPHET], prophet, [[h] for h in histories], horizon
         )()[:, 0, 0]

@@ -155,17 +155,25 @@ def _forecast_locally(
     return forecasts
 
 
+SERIES_PER_WORKER = 8
+"""Fewest series worth a spawned worker. One spends about 3 s importing the forecasters, while
+this process fits the default local members of a series in about 0.5 s: a small run is done
+here before workers would have started."""
+
+
 class LocalRunner:
-    """Fits local members per series, in `workers` processes (or this one when workers = 1).
+    """Fits local members per series, in worker processes, or in this one when there is one
+    worker or too few series to pay for starting more (`SERIES_PER_WORKER`).
 
     Processes are spawned, not forked: the parent may already run OpenMP threads (boosting,
     torch), and a forked child of such a process can deadlock in OpenMP.
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, series: int) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
-        self.workers = workers
+        self.workers = min(workers, max(1, series // SERIES_PER_WORKER))
+        """The processes used: no more than give each `SERIES_PER_WORKER` series."""
         self.pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> LocalRunner:
@@ -316,7 +324,8 @@ class TrendEnsemble:
         local = [m for m in config.members if not MEMBER_KINDS[m].is_global]
         forecasts = np.empty((len(config.members), origins + 1, len(cuts), horizon))
         # While worker processes hold the cores, boosting's OpenMP threads would only thrash.
-        with LocalRunner(workers) as runner, threadpool_limits(1 if workers > 1 else None):
+        runner = LocalRunner(workers, len(cuts))
+        with runner, threadpool_limits(1 if runner.workers > 1 else None):
             collect = runner.start(local, config.forecasters, cuts, horizon)
             for index, member in enumerate(config.members):
                 if member in local:
