@@ -2,18 +2,25 @@
 Imports sit inside the functions because KFP ships each function's source alone."""
 
 from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
 
 from components.training import PLATFORM_IMAGE
 
 
 @dsl.component(base_image=PLATFORM_IMAGE)
-def global_study(budget_minutes: float, niches: str) -> list:
-    """Returns one work item per niche: {niche, study_seconds, global_version}."""
-    from contentml.settings import Settings
-    from training.niche.automl import search_global
+def global_study(budget_minutes: float, niches: str, split: Output[Dataset]) -> list:
+    """Returns one work item per niche: {niche, study_seconds, global_version}; `split` holds
+    the rows every study searches on."""
+    from pathlib import Path
 
+    from contentml.settings import Settings
+    from training.niche.automl import prepare_split, save_split, search_global
+
+    settings = Settings.from_env()
+    prepared = prepare_split(settings)
+    save_split(prepared, Path(split.path))
     names = [n.strip() for n in niches.split(",") if n.strip()] or None
-    result = search_global(Settings.from_env(), budget_minutes, names)
+    result = search_global(settings, prepared, budget_minutes, names)
     return [
         {
             "niche": name,
@@ -25,8 +32,13 @@ def global_study(budget_minutes: float, niches: str) -> list:
 
 
 @dsl.component(base_image=PLATFORM_IMAGE)
-def niche_study(niche: str, study_seconds: float, global_version: str) -> dict:
-    from contentml.settings import Settings
-    from training.niche.automl import search_niche
+def niche_study(
+    niche: str, study_seconds: float, global_version: str, split: Input[Dataset]
+) -> dict:
+    from pathlib import Path
 
-    return search_niche(Settings.from_env(), niche, study_seconds, global_version)
+    from contentml.settings import Settings
+    from training.niche.automl import load_split, search_niche
+
+    split_rows = load_split(Path(split.path))
+    return search_niche(Settings.from_env(), split_rows, niche, study_seconds, global_version)

@@ -25,9 +25,12 @@ def niche_automl(budget_minutes: float = 10.0, niches: str = "") -> list:
     Returns every niche's result: best family, validation and global RMSE, version, gate.
     """
     work = global_study(budget_minutes=budget_minutes, niches=niches)
-    with dsl.ParallelFor(items=work.output, parallelism=PARALLELISM) as item:
+    with dsl.ParallelFor(items=work.outputs["Output"], parallelism=PARALLELISM) as item:
         found = niche_study(
-            niche=item.niche, study_seconds=item.study_seconds, global_version=item.global_version
+            niche=item.niche,
+            study_seconds=item.study_seconds,
+            global_version=item.global_version,
+            split=work.outputs["split"],
         )
     on_cluster(work, found)
     return dsl.Collected(found.output)

@@ -20,7 +20,15 @@ from serving.model_server.niche import TrendingVideo, _features, read_channel_hi
 from serving.model_server.refresh import HeldLookups
 from tests.conftest import DATA_DIR, make_settings
 from training.data import load_youtube_trending
-from training.niche.automl import TOPIC_CLUSTERS, UnknownNiche, niches_table, run_automl
+from training.niche.automl import (
+    TOPIC_CLUSTERS,
+    Split,
+    UnknownNiche,
+    load_split,
+    niches_table,
+    run_automl,
+    save_split,
+)
 from training.niche.data import engagement_frame
 
 pytestmark = pytest.mark.slow
@@ -212,3 +220,15 @@ def test_malformed_niche_requests_get_400_naming_the_field(server: str, change, 
     response = httpx.post(f"{server}/v1/models/niche:predict", json={"instances": [instance]})
     assert response.status_code == 400
     assert problem in response.text
+
+
+def test_a_saved_split_reads_back_as_it_was(tmp_path):
+    """What the global pipeline task hands every niche task."""
+    when = pd.to_datetime(["2017-11-14", "2017-11-20"], utc=True)
+    split = Split(
+        train=pd.DataFrame({"title": ["a", "b"], "event_timestamp": when, "views": [1.0, 2.5]}),
+        validation=pd.DataFrame({"title": ["c"], "event_timestamp": when[1:], "views": [0.5]}),
+    )
+    save_split(split, tmp_path / "split")
+    for saved, read in zip(split, load_split(tmp_path / "split"), strict=True):
+        pd.testing.assert_frame_equal(read, saved)

@@ -8,13 +8,13 @@ Both are listed in the niches table; categories are searched by default, a topic
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import NamedTuple
 
 import joblib
 import mlflow
@@ -105,35 +105,50 @@ class NicheResult:
     promoted: bool
 
 
-@functools.lru_cache(maxsize=1)
-def _videos(data_dir: Path) -> pd.DataFrame:
-    # Read once per process: `run_automl` runs the global stage and every niche stage here,
-    # while a pipeline task runs one stage. The frames are only filtered, never changed.
-    return data.load_youtube_trending(data_dir)
+class Split(NamedTuple):
+    """The engagement rows both stages search on, split in time."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
 
 
-@functools.lru_cache(maxsize=1)
-def _split(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The engagement rows with their channel history from Feast, split in time, each row
-    with its title's topic."""
-    rows = engagement_rows(_videos(settings.data_dir))
-    frame = features.engagement_training_frame(features.feature_store(settings), rows)
+def prepare_split(settings: Settings) -> Split:
+    """Publish the channel history to Feast; return the engagement rows with their channel
+    history from Feast, split in time, each row with its title's topic."""
+    videos = data.load_youtube_trending(settings.data_dir)
+    features.publish_engagement_features(settings, videos)
+    frame = features.engagement_training_frame(
+        features.feature_store(settings), engagement_rows(videos)
+    )
     train, validation = time_split(frame, VALIDATION_FRACTION)
     # Topics are found on the training days only, then every row gets its nearest topic.
     topics = fit_title_clusters(train["title"].tolist(), TOPIC_CLUSTERS)
     for part in (train, validation):
         part[NicheKind.TOPIC.value] = assign_clusters(topics, part["title"].tolist())
-    return train, validation
+    return Split(train, validation)
+
+
+def save_split(split: Split, folder: Path) -> None:
+    """Write `split` for the niche stages, which then need neither Feast nor the encoder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, frame in split._asdict().items():
+        frame.to_parquet(folder / f"{part}.parquet")
+
+
+def load_split(folder: Path) -> Split:
+    return Split(*(pd.read_parquet(folder / f"{part}.parquet") for part in Split._fields))
 
 
 def search_global(
-    settings: Settings, budget_minutes: float, niches: list[str] | None = None, seed: int = 0
+    settings: Settings,
+    split: Split,
+    budget_minutes: float,
+    niches: list[str] | None = None,
+    seed: int = 0,
 ) -> dict:
-    """The first stage: publish the channel history to Feast, choose the niches, give each
-    study its share of the budget, search and register the global model. The niche stages
-    can then run in parallel."""
-    features.publish_engagement_features(settings, _videos(settings.data_dir))
-    train, validation = _split(settings)
+    """The first stage: choose the niches, give each study its share of the budget, search
+    and register the global model. The niche stages can then run in parallel."""
+    train, validation = split
     table = niches_table(train, validation)
     chosen = _choose(table, niches)
     study_seconds = budget_minutes * 60 * SEARCH_SHARE / (len(chosen) + 1)
@@ -157,11 +172,16 @@ def search_global(
 
 
 def search_niche(
-    settings: Settings, niche: str, study_seconds: float, global_version: str, seed: int = 0
+    settings: Settings,
+    split: Split,
+    niche: str,
+    study_seconds: float,
+    global_version: str,
+    seed: int = 0,
 ) -> dict:
     """One niche's stage: its study starts from the global study's best trials; the winner
     is registered, gated, and compared with global model `global_version` on the niche."""
-    train, validation = _split(settings)
+    train, validation = split
     kind = _kind_of(niche, niches_table(train, validation))
     niche_train = train[train[kind] == niche]
     niche_validation = validation[validation[kind] == niche]
@@ -196,9 +216,12 @@ def run_automl(
 ) -> dict:
     """Both stages in this process (`contentml niche automl`), within `budget_minutes`."""
     started = time.monotonic()
-    first = search_global(settings, budget_minutes, niches, seed)
+    split = prepare_split(settings)
+    first = search_global(settings, split, budget_minutes, niches, seed)
     results = [
-        search_niche(settings, name, first["study_seconds"], first["global"]["version"], seed)
+        search_niche(
+            settings, split, name, first["study_seconds"], first["global"]["version"], seed
+        )
         for name in first["niches"]
     ]
     beats = [r for r in results if r["validation_rmse"] < r["global_rmse"]]
