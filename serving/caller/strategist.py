@@ -257,8 +257,8 @@ class ContentStrategist:
         self._on_close = tuple(on_close)
         self._reviews = reviews
         self.monitor = monitor
-        # Requests in flight per (provider, key) in this process: concurrent calls spread
-        # over the keys before the shared counts show the first ones.
+        # Requests per (provider, key) this process sent and has not yet recorded in the
+        # usage store: concurrent calls spread over the keys before the store counts them.
         self._in_flight: Counter[tuple[str, int]] = Counter()
         self._turn: Counter[str] = Counter()
         self._keys_lock = threading.Lock()
@@ -430,24 +430,27 @@ class ContentStrategist:
         else:
             raise AllProvidersFailed(failures)
 
-        if not answer.prompt_tokens and not answer.completion_tokens:
-            # No usage in the answer: estimate, so cost and rate limits still see the call.
-            answer = dataclasses.replace(
-                answer,
-                prompt_tokens=prompt_estimate,
-                completion_tokens=_estimate_tokens(answer.text),
+        try:
+            if not answer.prompt_tokens and not answer.completion_tokens:
+                # No usage in the answer: estimate, so cost and rate limits still see the call.
+                answer = dataclasses.replace(
+                    answer,
+                    prompt_tokens=prompt_estimate,
+                    completion_tokens=_estimate_tokens(answer.text),
+                )
+            cost = self._account(provider, answer)
+            quality = _judge(self._quality, answer.text)
+            self._queue_review(answer.text, quality, channel, video_id)
+            self.monitor.usage.record_call(
+                provider.name,
+                answer.key_index,
+                prompt_tokens=answer.prompt_tokens,
+                completion_tokens=answer.completion_tokens,
+                latency_s=answer.latency_s,
+                quality_score=quality.score,
             )
-        cost = self._account(provider, answer)
-        quality = _judge(self._quality, answer.text)
-        self._queue_review(answer.text, quality, channel, video_id)
-        self.monitor.usage.record_call(
-            provider.name,
-            answer.key_index,
-            prompt_tokens=answer.prompt_tokens,
-            completion_tokens=answer.completion_tokens,
-            latency_s=answer.latency_s,
-            quality_score=quality.score,
-        )
+        finally:
+            self._release_key(provider.name, answer.key_index)
         self.monitor.check()
         script = Script(
             text=answer.text,
@@ -527,11 +530,12 @@ class ContentStrategist:
         try:
             while True:
                 key = self._take_key(provider, state, tried)
+                answer = None
                 try:
                     answer = self._ask_key(provider, key, request, seconds)
                 finally:
-                    with self._keys_lock:
-                        self._in_flight[provider.name, key] -= 1
+                    if answer is None:  # an answer's key is released once its call is recorded
+                        self._release_key(provider.name, key)
                 if answer is not None:
                     used = answer.prompt_tokens + answer.completion_tokens or tokens
                     return answer
@@ -545,11 +549,11 @@ class ContentStrategist:
 
     def _take_key(self, provider: ScriptProvider, state: ProviderState, tried: set[int]) -> int:
         """The available key (not tried in this call) that sent the fewest requests today,
-        counting this process's requests in flight; ties go round in turn."""
-        requests = {k.index: k.requests_today for k in state.keys if k.available}
-        candidates = [i for i in requests if i not in tried]
+        counting this process's requests not yet recorded; ties go round in turn."""
+        available = [k.index for k in state.keys if k.available]
+        candidates = [i for i in available if i not in tried]
         if not candidates:
-            limited = len(provider.clients) - len(requests)
+            limited = len(provider.clients) - len(available)
             raise KeysExhausted(
                 f"no key left to try: {limited} of {len(provider.clients)} keys rate-limited or "
                 f"out of today's quota"
@@ -557,14 +561,21 @@ class ContentStrategist:
             )
         name, count = provider.name, len(provider.clients)
         with self._keys_lock:
+            # Read under the lock: a call recorded since `state` was read is counted once,
+            # in the store, as its key is released only after the record.
+            requests = self.monitor.usage.requests_today(name)
             turn = self._turn[name]
             key = min(
                 candidates,
-                key=lambda i: (requests[i] + self._in_flight[name, i], (i - turn) % count),
+                key=lambda i: (requests.get(i, 0) + self._in_flight[name, i], (i - turn) % count),
             )
             self._turn[name] = key + 1
             self._in_flight[name, key] += 1
         return key
+
+    def _release_key(self, provider: str, key: int) -> None:
+        with self._keys_lock:
+            self._in_flight[provider, key] -= 1
 
     def _ask_key(
         self, provider: ScriptProvider, key: int, request: dict[str, Any], timeout: float
