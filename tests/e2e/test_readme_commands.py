@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_settings, run_cli
+from tests.conftest import make_settings
 from tests.helpers.batch import trend_items
 from tests.helpers.readme import README, shell_lines
+from tests.helpers.registry import cli
 
 NO_MODEL_COMMANDS = (
     "batch ",
@@ -50,18 +51,19 @@ def test_the_readme_lists_the_commands_run_here():
     assert started == {"batch", "costs", "optimize", "experiments", "models", "providers"}
 
 
-@pytest.mark.slow  # a dozen `contentml` processes
-def test_the_readme_commands_without_a_model_run_as_written(home: Path, monkeypatch):
+def test_the_readme_commands_without_a_model_run_as_written(home: Path, monkeypatch, capsys):
+    # In this process: a dozen `contentml` processes would spend a minute importing.
     monkeypatch.chdir(home)  # the README's relative files (items.json) are here
+    settings = make_settings(home / "state")
     answers = {}
     job_id = None
     for argv in readme_commands():
         argv = [job_id if word == "JOB_ID" else word for word in argv]
-        done = run_cli(home / "state", *argv)
-        assert done.returncode == 0, (argv, done.stderr[-2000:])
-        answers[" ".join(argv[:3])] = done.stdout
+        exit_status, out, err = cli(settings, monkeypatch, capsys, *argv)
+        assert exit_status == 0, (argv, err[-2000:])
+        answers[" ".join(argv[:3])] = out
         if argv[:2] == ["batch", "submit"]:
-            job_id = json.loads(done.stdout)["job_id"]
+            job_id = json.loads(out)["job_id"]
     assert job_id and len(job_id) == 32
     status = json.loads(answers[f"batch status {job_id}"])
     assert status["job_id"] == job_id and status["total"] == 3 and status["priority"] == "urgent"

@@ -53,10 +53,14 @@ def shared_backend(request, tmp_path: Path, tracking_uri: str) -> Settings:
 
 
 def cli(settings, monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
-    """`contentml ARGV` in this process against `settings`: status, stdout, stderr."""
+    """`contentml ARGV` in this process against `settings`: status, stdout, stderr. The status
+    is the process's exit status, argparse's own refusals (exit 2) included."""
     for key, value in settings.to_env().items():
         monkeypatch.setenv(key, value)
-    status = main(list(argv))
+    try:
+        status = main(list(argv))
+    except SystemExit as e:
+        status = e.code
     out, err = capsys.readouterr()
     return status, out, err
 

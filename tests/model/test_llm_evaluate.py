@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from contentml.errors import UserError
 from tests.conftest import DATA_DIR, make_settings, run_cli
+from tests.helpers.registry import cli
 from training.llm import data
 from training.llm.config import FinetuneConfig
 from training.llm.evaluate import (
@@ -209,10 +210,13 @@ def test_a_folder_without_a_model_is_refused(tmp_path: Path, base_folder: Path):
         (["--version", "3"], "has no version '3'"),
     ],
 )
-def test_bad_arguments_exit_2_naming_the_problem(tmp_path: Path, argv: list[str], problem: str):
-    result = run_cli(tmp_path / "state", "llm", "evaluate", *argv)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert problem in result.stderr
+def test_bad_arguments_exit_2_naming_the_problem(
+    tmp_path: Path, argv: list[str], problem: str, monkeypatch, capsys
+):
+    settings = make_settings(tmp_path / "state")
+    status, _, err = cli(settings, monkeypatch, capsys, "llm", "evaluate", *argv)
+    assert status == 2, err[-2000:]
+    assert problem in err
 
 
 def test_a_folder_is_evaluated_with_the_recipe_given(tmp_path: Path, base_folder: Path):

@@ -14,6 +14,7 @@ import yaml
 from contentml import registry
 from tests.conftest import DATA_DIR, make_settings, run_cli
 from tests.helpers.llm import TINY
+from tests.helpers.registry import cli
 from training.data import load_youtube_trending
 from training.llm import data
 from training.llm.config import ConfigError, FinetuneConfig, load_config
@@ -144,12 +145,13 @@ def test_zero3_trains_the_same_code_path_and_is_gated(first_run: dict, settings)
     assert registry.alias_version(client, "script", registry.Alias.CHALLENGER) == "2"
 
 
-def test_the_cli_refuses_a_bad_recipe_with_exit_2(tmp_path: Path):
+def test_the_cli_refuses_a_bad_recipe_with_exit_2(tmp_path: Path, monkeypatch, capsys):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("zero_stage: 1\n")
-    result = run_cli(tmp_path / "state", "llm", "finetune", "--config", str(recipe))
-    assert result.returncode == 2
-    assert "zero_stage must be 2 or 3" in result.stderr
+    settings = make_settings(tmp_path / "state")
+    status, _, err = cli(settings, monkeypatch, capsys, "llm", "finetune", "--config", str(recipe))
+    assert status == 2
+    assert "zero_stage must be 2 or 3" in err
 
 
 @pytest.mark.slow

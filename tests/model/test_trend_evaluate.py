@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import DATA_DIR, run_cli
+from tests.conftest import DATA_DIR, make_settings, run_cli
+from tests.helpers.registry import cli
 from training.trend import metrics
 from training.trend.ensemble import EnsembleConfig
 
@@ -53,16 +54,17 @@ def test_evaluate_prints_every_models_holdout_scores(m4_slice, tmp_path, monkeyp
     assert scores["seasonal_naive_day"] == scores["seasonal_naive"]
 
 
-def test_evaluate_names_a_bad_file(tmp_path):
+def test_evaluate_names_a_bad_file(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("V1,V2\nH1,abc\n")
-    done = run_cli(tmp_path, "trend", "evaluate", "--train", str(bad))
-    assert done.returncode == 2
-    assert "non-numeric value 'abc'" in done.stderr
+    settings = make_settings(tmp_path)
+    status, _, err = cli(settings, monkeypatch, capsys, "trend", "evaluate", "--train", str(bad))
+    assert status == 2
+    assert "non-numeric value 'abc'" in err
     short = tmp_path / "short.csv"
     # 150 hours: the loader takes it, but after the holdout too little is left to validate on.
     header = ",".join(["V1", *(f"V{i}" for i in range(2, 152))])
     short.write_text(header + "\nH1," + ",".join(["1"] * 150) + "\n")
-    done = run_cli(tmp_path, "trend", "evaluate", "--train", str(short))
-    assert done.returncode == 2
-    assert "series 'H1' has 102 values, fewer than the 144 needed" in done.stderr
+    status, _, err = cli(settings, monkeypatch, capsys, "trend", "evaluate", "--train", str(short))
+    assert status == 2
+    assert "series 'H1' has 102 values, fewer than the 144 needed" in err

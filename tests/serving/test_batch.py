@@ -33,6 +33,7 @@ from serving.backend.batch.store import STALE_AFTER_SECONDS, JobStore
 from serving.backend.tasks import Task, TrendBody
 from tests.conftest import make_settings, requires_postgres, requires_redis
 from tests.helpers.batch import trend_items, worker
+from tests.helpers.registry import cli
 
 REDIS_QUEUE = "redis://127.0.0.1:6379/7"
 """A Redis database of its own: the tests flush it."""
@@ -314,8 +315,6 @@ def test_the_cli_submits_follows_and_retries_dead_letters(tmp_path):
         ("costs", "--since", "yesterday"),
     ],
 )
-def test_bad_batch_arguments_exit_2_with_a_message(tmp_path, argv):
-    from tests.conftest import run_cli
-
-    result = run_cli(tmp_path / "state", *argv)
-    assert result.returncode == 2 and "contentml: error:" in result.stderr
+def test_bad_batch_arguments_exit_2_with_a_message(tmp_path, argv, monkeypatch, capsys):
+    status, _, err = cli(make_settings(tmp_path / "state"), monkeypatch, capsys, *argv)
+    assert status == 2 and "contentml: error:" in err

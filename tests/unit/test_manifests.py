@@ -22,7 +22,8 @@ from entrypoints.manifests import ManifestError, Rule
 from serving import auth_proxy
 from serving.backend.tasks import TASKS, Task
 from serving.caller import providers_config
-from tests.conftest import SCHEMAS_DIR, make_settings, run_cli
+from tests.conftest import SCHEMAS_DIR, make_settings
+from tests.helpers.registry import cli
 from training.llm.config import load_config
 from training.llm.trainjob import RUNTIME, trainjob_manifest
 
@@ -1193,19 +1194,24 @@ def test_a_secret_with_values_and_an_unknown_kind_are_refused():
     assert "no schema for" in manifests.schema_problems(rule, SCHEMAS_DIR)[0]
 
 
-def test_make_manifests_reports_each_overlay(tmp_path):
-    done = run_cli(tmp_path, "manifests", "check", "--schemas", str(SCHEMAS_DIR))
-    assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
+def test_make_manifests_reports_each_overlay(tmp_path, monkeypatch, capsys):
+    settings = make_settings(tmp_path)
+    status, out, err = cli(
+        settings, monkeypatch, capsys, "manifests", "check", "--schemas", str(SCHEMAS_DIR)
+    )
+    assert status == 0, out + err
+    lines = out.splitlines()
     assert [line.split(":")[0] for line in lines] == list(manifests.OVERLAYS)
     assert all(re.fullmatch(r"\w+: \d+ objects valid \(.*InferenceService 5.*\)", x) for x in lines)
 
 
-def test_a_release_check_requires_every_image_pinned_by_digest(tmp_path):
+def test_a_release_check_requires_every_image_pinned_by_digest(tmp_path, monkeypatch, capsys):
     args = ("--overlay", "dev", "--schemas", str(SCHEMAS_DIR), "--require-digests")
-    done = run_cli(tmp_path, "manifests", "check", *args)
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert "image ghcr.io/contentml/platform:0.1.0 is not pinned by digest" in done.stdout
+    status, out, err = cli(
+        make_settings(tmp_path), monkeypatch, capsys, "manifests", "check", *args
+    )
+    assert status == 1, out + err
+    assert "image ghcr.io/contentml/platform:0.1.0 is not pinned by digest" in out
 
 
 @pytest.mark.parametrize(
@@ -1215,9 +1221,9 @@ def test_a_release_check_requires_every_image_pinned_by_digest(tmp_path):
         (["--schemas", "/nonexistent"], "no kserve/ and kubeflow-trainer/ CRD folders"),
     ],
 )
-def test_bad_requests_exit_2(tmp_path, args, message):
-    done = run_cli(tmp_path, "manifests", "check", *args)
-    assert done.returncode == 2 and message in done.stderr
+def test_bad_requests_exit_2(tmp_path, args, message, monkeypatch, capsys):
+    status, _, err = cli(make_settings(tmp_path), monkeypatch, capsys, "manifests", "check", *args)
+    assert status == 2 and message in err
 
 
 def test_without_kubectl_the_error_says_so(monkeypatch):

@@ -18,7 +18,8 @@ from entrypoints.runner import (
     schedule,
     typed_arguments,
 )
-from tests.conftest import run_cli
+from tests.conftest import make_settings
+from tests.helpers.registry import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEDULES = ROOT / "manifests" / "base" / "pipelines" / "schedules.yaml"
@@ -233,19 +234,21 @@ def test_good_entry_loads(tmp_path: Path) -> None:
 # --- the CLI ------------------------------------------------------------------------------
 
 
-def test_cli_refuses_a_bad_file(tmp_path: Path) -> None:
+def test_cli_refuses_a_bad_file(tmp_path: Path, monkeypatch, capsys) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD_ENTRY.replace("pipeline: training", "pipeline: nope"))
-    result = run_cli(tmp_path / "state", "pipeline", "schedule", str(bad))
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1, result.stderr
-    assert "unknown pipeline 'nope'" in result.stderr
+    settings = make_settings(tmp_path / "state")
+    status, _, err = cli(settings, monkeypatch, capsys, "pipeline", "schedule", str(bad))
+    assert status == 2, err
+    assert err.count("\n") == 1, err
+    assert "unknown pipeline 'nope'" in err
 
 
-def test_cli_needs_kfp_host(tmp_path: Path) -> None:
-    # run_cli's settings have KFP_HOST empty, whatever this shell has.
-    result = run_cli(tmp_path / "state", "pipeline", "schedule", str(SCHEDULES))
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1, result.stderr
-    assert "KFP_HOST" in result.stderr
-    assert result.stdout == ""
+def test_cli_needs_kfp_host(tmp_path: Path, monkeypatch, capsys) -> None:
+    # make_settings has KFP_HOST empty, whatever this shell has.
+    settings = make_settings(tmp_path / "state")
+    status, out, err = cli(settings, monkeypatch, capsys, "pipeline", "schedule", str(SCHEDULES))
+    assert status == 2, err
+    assert err.count("\n") == 1, err
+    assert "KFP_HOST" in err
+    assert out == ""
