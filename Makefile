@@ -32,16 +32,16 @@ browser:
 demo: install
 	$(VENV)/bin/contentml demo
 
-# Two workers, a test module each (its fixtures load once): much of the suite waits on servers
-# and child processes starting, so the 2 cores are busier (18 -> 14 minutes).
+# Three workers on 2 cores, a test module each (its fixtures load once): much of the suite
+# waits on servers and child processes starting. With two workers the cores were 83 % busy.
 test: install browser
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
+	$(PY) -m pytest -q -n 3 --dist loadfile --durations=20
 
 # The inner loop: the tests not marked slow (tests/unit, data, model, serving, e2e by kind).
 test-fast: install
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n 3 --dist loadfile -m "not slow"
 
 compile: install
 	$(VENV)/bin/contentml pipeline compile
