@@ -251,4 +251,6 @@ def test_cli_needs_kfp_host(tmp_path: Path, monkeypatch, capsys) -> None:
     assert status == 2, err
     assert err.count("\n") == 1, err
     assert "KFP_HOST" in err
-    assert out == ""
+    # Stripped: in a shared test process, an earlier kfp.local run's log thread may still
+    # write its indentation.
+    assert out.strip() == ""
