@@ -251,6 +251,6 @@ def test_cli_needs_kfp_host(tmp_path: Path, monkeypatch, capsys) -> None:
     assert status == 2, err
     assert err.count("\n") == 1, err
     assert "KFP_HOST" in err
-    # Stripped: in a shared test process, an earlier kfp.local run's log thread may still
-    # write its indentation.
+    # Stripped: kfp.local indents task logs by replacing `builtins.print` with one that writes
+    # the indent to stdout, and a local run earlier in this test process can leave it so.
     assert out.strip() == ""
