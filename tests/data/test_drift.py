@@ -335,6 +335,7 @@ def test_quality_compares_text_statistics(settings, tmp_path):
     assert other["drifted"]
 
 
+@pytest.mark.slow
 def test_the_cli_prints_the_contract_and_exits_0_either_way(engagement, tmp_path):
     reference, current = halves(engagement[list(FEATURES)], 1_000, seed=3)
     reference.to_csv(tmp_path / "reference.csv", index=False)

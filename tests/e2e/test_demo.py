@@ -52,6 +52,7 @@ def test_the_progress_bar_counts_finished_tasks_and_shows_the_latest_epoch(tmp_p
     run.close()
 
 
+@pytest.mark.slow
 def test_a_failed_pipeline_stops_the_demo_naming_its_log(settings):
     broken = demo.DemoStage("trend", "training", {"no_such_parameter": 1}, "trend")
     with pytest.raises(demo.DemoFailed, match=r"the training pipeline failed \(exit 2\)") as e:

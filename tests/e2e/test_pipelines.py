@@ -198,6 +198,7 @@ def test_optimization_pipeline_tells_and_publishes_locally(tmp_path: Path):
     assert channel_settings.best(settings, "main")["value"] == 4.0
 
 
+@pytest.mark.slow
 def test_start_local_runs_the_pipeline_in_the_background_with_a_log(tmp_path: Path):
     settings = make_settings(tmp_path / "state")
     with pytest.raises(PipelineError, match="unknown pipeline 'nope'"):

@@ -149,11 +149,13 @@ def trained(state: Path, recipe: FinetuneConfig) -> dict:
     return finetune(make_settings(state / "home"), recipe)
 
 
+@pytest.mark.slow
 def test_a_saved_folder_trains_through_the_recipe_and_registers(trained: dict):
     assert trained["version"] == "1" and trained["promoted"]
     assert trained["train_loss_last"] < trained["train_loss_first"]
 
 
+@pytest.mark.slow
 def test_training_lowers_bits_per_byte_on_the_same_held_out_videos(
     trained: dict, state: Path, recipe: FinetuneConfig, base_folder: Path
 ):
@@ -219,6 +221,7 @@ def test_bad_arguments_exit_2_naming_the_problem(
     assert problem in err
 
 
+@pytest.mark.slow
 def test_a_folder_is_evaluated_with_the_recipe_given(tmp_path: Path, base_folder: Path):
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump({**RECIPE, "base_model": str(base_folder)}))

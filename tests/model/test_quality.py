@@ -473,6 +473,7 @@ def fitted(trained) -> tuple:
 LONG_CLEAN = CLEAN * 100  # 3,000 words
 
 
+@pytest.mark.slow
 def test_training_cross_fits_on_the_training_split_and_calibrates(trained):
     model_dir, summary = trained
     assert summary["train_rows"] == pytest.approx(TINY_RECIPE["max_train_rows"], abs=3)
@@ -484,6 +485,7 @@ def test_training_cross_fits_on_the_training_split_and_calibrates(trained):
     assert folds == ["fold_0", "fold_1"]
 
 
+@pytest.mark.slow
 def test_saved_model_predicts_class_and_probabilities_per_text(trained):
     model_dir, _ = trained
     texts = pd.Series(["what a great video", "", "you are an idiot", LONG_CLEAN])
@@ -498,6 +500,7 @@ def test_saved_model_predicts_class_and_probabilities_per_text(trained):
     assert (predicted["class"].to_numpy() == calibration.classes(probabilities)).all()
 
 
+@pytest.mark.slow
 def test_a_text_scores_the_same_alone_and_in_any_batch(fitted):
     model, tokenizer = fitted
     texts = ["you are an idiot", CLEAN * 10, "", "what a great video", "Nice!!! &amp; thanks"]
@@ -509,6 +512,7 @@ def test_a_text_scores_the_same_alone_and_in_any_batch(fitted):
     np.testing.assert_allclose(backwards, alone, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_an_offensive_passage_lowers_a_long_clean_text_score(trained):
     model_dir, _ = trained
     passage = " ".join(most_offensive_tweets(5))
@@ -518,6 +522,7 @@ def test_an_offensive_passage_lowers_a_long_clean_text_score(trained):
     assert neither[2] < neither[0] - 0.3
 
 
+@pytest.mark.slow
 def test_a_long_text_answers_with_its_most_toxic_window(fitted):
     model, tokenizer = fitted
     text = CLEAN * 100 + " ".join(most_offensive_tweets(5)) + " " + CLEAN * 100
@@ -541,6 +546,7 @@ def test_a_long_text_answers_with_its_most_toxic_window(fitted):
     assert log_softmax(answer)[NEITHER] < first
 
 
+@pytest.mark.slow
 def test_clean_sentences_score_higher_than_offensive_tweets(trained):
     model_dir, _ = trained
     clean = [CLEAN, "Thanks for watching, see you next week!", "How to fix a leaky faucet"]
@@ -549,6 +555,7 @@ def test_clean_sentences_score_higher_than_offensive_tweets(trained):
     assert neither.iloc[: len(clean)].min() > neither.iloc[len(clean) :].max()
 
 
+@pytest.mark.slow
 def test_evaluate_scores_the_fixed_evaluation_slice(trained, frame: pd.DataFrame):
     model_dir, _ = trained
     metrics = evaluate(str(model_dir), frame)
@@ -558,6 +565,7 @@ def test_evaluate_scores_the_fixed_evaluation_slice(trained, frame: pd.DataFrame
     assert metrics[GATE_METRIC] > 0.45
 
 
+@pytest.mark.slow
 def test_evaluate_views_scores_the_model_and_its_ablations(trained, frame: pd.DataFrame):
     model_dir, _ = trained
     views = evaluate_views(str(model_dir), frame)
@@ -583,6 +591,7 @@ def tracking(tmp_path: Path) -> Iterator[str]:
     yield registry.experiment_id(registry.connect(settings), settings)
 
 
+@pytest.mark.slow
 def test_log_saved_model_registers_what_was_saved(trained, tracking, tmp_path: Path):
     import shutil
 

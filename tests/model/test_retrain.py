@@ -214,6 +214,7 @@ def _process_monitor(home: str, calls: str, start, results) -> None:
     results.put(record.to_dict())
 
 
+@pytest.mark.slow
 def test_concurrent_processes_launch_once_and_the_record_survives_a_restart(tmp_path):
     """Two monitor processes at once; then this process (a restart) reads the record."""
     context = multiprocessing.get_context("spawn")

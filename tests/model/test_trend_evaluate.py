@@ -28,6 +28,7 @@ def m4_slice(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_evaluate_prints_every_models_holdout_scores(m4_slice, tmp_path, monkeypatch):
     # Three series gain nothing from threads; on a busy machine OpenMP threads only spin.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

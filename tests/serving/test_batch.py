@@ -269,12 +269,14 @@ def run_jobs(settings: Settings) -> None:
     queue.close()
 
 
+@pytest.mark.slow
 def test_a_worker_answers_jobs_on_the_embedded_queue(settings: Settings):
     run_jobs(settings)
 
 
 @requires_redis
 @requires_postgres
+@pytest.mark.slow
 def test_a_worker_answers_jobs_on_redis_and_postgresql(tmp_path, postgres_url: str):
     redis.Redis.from_url(REDIS_QUEUE).flushdb()
     settings = make_settings(
@@ -283,6 +285,7 @@ def test_a_worker_answers_jobs_on_redis_and_postgresql(tmp_path, postgres_url: s
     run_jobs(settings)
 
 
+@pytest.mark.slow
 def test_the_cli_submits_follows_and_retries_dead_letters(tmp_path):
     from tests.conftest import run_cli
 

@@ -53,6 +53,7 @@ def home(tmp_path_factory):
     return tmp_path_factory.mktemp("revenue") / "state"
 
 
+@pytest.mark.slow
 def test_the_bandit_finds_the_best_arm_and_survives_a_restart(home):
     settings = make_settings(home)
     rng = np.random.default_rng(7)

@@ -376,6 +376,7 @@ def test_niche_deploys_the_global_models_versions(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_the_cli_renders_a_canary_then_promotes(fresh_trend, validator, tmp_path):
     settings, (v1, v2) = fresh_trend
     manifest = tmp_path / "isvc.yaml"
