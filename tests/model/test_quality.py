@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from scipy.special import log_softmax, softmax
+from sklearn.metrics import f1_score, recall_score
 
 from contentml import registry
 from tests.conftest import make_settings
@@ -32,6 +33,7 @@ from training.quality.calibration import (
     fit_stacker,
     fit_temperature,
     fixed_blend,
+    hate_recall_and_weighted_f1,
     hate_then_argmax,
 )
 from training.quality.config import ConfigError, QualityConfig, load_config
@@ -347,6 +349,18 @@ def hate_probabilities() -> tuple[np.ndarray, np.ndarray]:
 def hate_recall(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> float:
     predicted = hate_then_argmax(probabilities, threshold)
     return float((predicted[labels == HATE] == HATE).mean())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_threshold_searchs_metrics_are_sklearns(seed: int):
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(3, size=300, p=[0.06, 0.77, 0.17])
+    predicted = np.where(rng.random(300) < 0.7, labels, rng.choice(3, size=300))
+    if seed == 0:
+        predicted[predicted == HATE] = 1  # a class never predicted: its F1 is 0
+    recall, f1 = hate_recall_and_weighted_f1(labels, predicted)
+    assert recall == pytest.approx(recall_score(labels == HATE, predicted == HATE))
+    assert f1 == pytest.approx(f1_score(labels, predicted, average="weighted", zero_division=0))
 
 
 @pytest.mark.parametrize("target", [0.5, 0.8, 0.95])

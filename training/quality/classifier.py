@@ -28,8 +28,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from training.data import TOXICITY_CLASSES
 from training.quality.config import PACKAGED_MINILM, QualityConfig
 
-INFERENCE_BATCH = 256
-"""Windows per forward pass at inference: a served batch of up to this many is one pass."""
+INFERENCE_BATCH = 64
+"""Windows per forward pass at inference. Windows are sorted by length first, so smaller
+passes pad less: on 2,000 tweets, passes of 64 took three quarters of the time of 256."""
 
 
 def normalize(text: str) -> str:
