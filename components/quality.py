@@ -25,6 +25,7 @@ def train_quality(
     epochs: int,
     learning_rate: float,
     max_train_rows: int,
+    folds: int,
     model: Output[Model],
 ):
     from pathlib import Path
@@ -33,7 +34,10 @@ def train_quality(
     from training.quality.config import QualityConfig
 
     config = QualityConfig(
-        epochs=epochs, learning_rate=learning_rate, max_train_rows=max_train_rows or None
+        epochs=epochs,
+        learning_rate=learning_rate,
+        max_train_rows=max_train_rows or None,
+        folds=folds,
     )
     model.metadata.update(steps.train_quality(Path(frame.path), Path(model.path), config))
 

@@ -22,6 +22,7 @@ def quality_training(
     epochs: int = DEFAULTS.epochs,
     learning_rate: float = DEFAULTS.learning_rate,
     max_train_rows: int = 0,
+    folds: int = DEFAULTS.folds,
     promotion_margin: float = 0.0,
 ) -> dict:
     """Parameters are the launch form in the KFP UI.
@@ -31,6 +32,7 @@ def quality_training(
     epochs: passes over the training split; the best epoch on validation is kept.
     learning_rate: peak AdamW learning rate.
     max_train_rows: train on at most this many rows (0: all), for quick runs.
+    folds: cross-fitting folds (at least 2), one encoder each; time grows with folds - 1.
     promotion_margin: weighted F1 the challenger must gain over the champion.
     """
     data = ingest_toxicity(data_path=data_path)
@@ -39,6 +41,7 @@ def quality_training(
         epochs=epochs,
         learning_rate=learning_rate,
         max_train_rows=max_train_rows,
+        folds=folds,
     )
     scored = evaluate_quality(model=fitted.outputs["model"], frame=data.outputs["frame"])
     version = register(

@@ -72,6 +72,7 @@ def test_kfp_loads_the_compiled_quality_pipeline():
         "epochs",
         "learning_rate",
         "max_train_rows",
+        "folds",
         "promotion_margin",
     }
 
@@ -86,13 +87,19 @@ def test_quality_pipeline_runs_locally_and_registers_a_champion(tmp_path: Path):
     gate = runner.run_local(
         settings,
         "quality-training",
-        {"data_path": str(sample), "epochs": 1, "max_train_rows": 200, "learning_rate": 3e-4},
+        {
+            "data_path": str(sample),
+            "epochs": 1,
+            "max_train_rows": 200,
+            "learning_rate": 3e-4,
+            "folds": 2,
+        },
     )
     assert gate["promoted"] is True and gate["metric"] == "weighted_f1"
     client = registry.connect(settings)
     assert registry.alias_version(client, "quality", registry.Alias.CHAMPION) == "1"
     run = client.get_run(client.get_model_version("quality", "1").run_id)
-    assert run.data.params["epochs"] == "1"
+    assert run.data.params["epochs"] == "1" and run.data.params["folds"] == "2"
     assert "weighted_f1" in run.data.metrics and "hate_threshold" in run.data.params
 
 
