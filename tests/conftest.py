@@ -14,6 +14,12 @@ from pathlib import Path
 import pytest
 from threadpoolctl import threadpool_limits
 
+# Three test workers share two cores, and each starts servers, pipelines and trainings of its
+# own: one OpenMP thread per process, or the threads spin at barriers waiting for each other
+# (a LoRA fixture took 75 s in the suite and 5 s alone; the suite 968 s, then 774 s). Set
+# before torch or sklearn loads its OpenMP runtime, which reads it once; children inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from contentml import events
 from contentml.settings import Settings
 

@@ -668,11 +668,13 @@ def test_a_hung_last_provider_is_cut_to_the_deadline(build, hung_server) -> None
     """Its own timeout is CONTENTML_SCRIPT_TIMEOUT_SECONDS + 5 s = 35 s."""
     strategist = build([OUR_PROVIDER], None, serving_url=hung_server.url)
 
+    # 4 s, not less: under a loaded test run, the call can take a second to reach the
+    # provider, and one left with under a second is skipped rather than called.
     started = time.monotonic()
-    with pytest.raises(AllProvidersFailed, match=r"contentml: no answer within 1\.[45]\d s"):
-        strategist.generate_script("volcanoes", "Upbeat.", deadline=started + 1.5)
+    with pytest.raises(AllProvidersFailed, match=r"contentml: no answer within [1-4]\.\d\d s"):
+        strategist.generate_script("volcanoes", "Upbeat.", deadline=started + 4.0)
 
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 4.5
     assert len(hung_server.paths) == 1
 
 
