@@ -2,7 +2,8 @@
 through kfp.local at a demo budget (each registers its model in MLflow and gates it), then one
 `contentml serve` is called once per family and per task route, a batch job of 150 items is run
 to `done` by a worker, and one JSON line sums it up. A second run reuses the champions it finds;
-`--retrain` trains new versions, which become champion only through their gates.
+`--retrain` trains new versions (of every family, or of those it names), which become champion
+only through their gates.
 
 Progress goes to stderr (tqdm bars: pipeline steps, with each step's latest epoch or trial);
 stdout carries only the summary line.
@@ -459,19 +460,22 @@ def _first_day_outcomes(settings: Settings) -> Path:
 def run_demo(
     settings: Settings,
     max_series: int = 12,
-    retrain: bool = False,
+    retrain: Sequence[str] = (),
     families: Sequence[str] = FAMILIES,
 ) -> dict:
-    """The demo for `families` (all by default); returns the summary line's content."""
+    """The demo for `families` (all by default); those in `retrain` train new versions even
+    where champions exist. Returns the summary line's content."""
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown or not families:
         raise UserError(f"demo: families must be some of {', '.join(FAMILIES)}, not {unknown}")
+    if outside := sorted(set(retrain) - set(families)):
+        raise UserError(f"demo: --retrain names {outside}, not among the demo's {list(families)}")
     started, seconds = time.monotonic(), {}
     _say(f"state folder: {settings.home}")
     client = registry.connect(settings)
     stages = demo_stages(settings, max_series, _first_day_outcomes(settings))
     stages = [s for s in stages if s.family in families]
-    to_train = [s for s in stages if retrain or not _trained(settings, client, s)]
+    to_train = [s for s in stages if s.family in retrain or not _trained(settings, client, s)]
     if reused := [s.family for s in stages if s not in to_train]:
         _say(f"reusing the champions of {', '.join(reused)} (`--retrain` trains new versions)")
     with _timed(seconds, "pipelines"):

@@ -14,10 +14,19 @@ from entrypoints.cli.base import (
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from entrypoints.demo import run_demo
 
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    summary = run_demo(settings, args.max_series, args.retrain, families)
+    families = comma_list(args.families)
+    retrain = families if args.retrain == ALL_FAMILIES else comma_list(args.retrain or "")
+    summary = run_demo(settings, args.max_series, retrain, families)
     print_json(summary)
     return 0
+
+
+ALL_FAMILIES = "all"
+"""`--retrain` given alone: every family of the demo."""
+
+
+def comma_list(text: str) -> list[str]:
+    return [f.strip() for f in text.split(",") if f.strip()]
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -29,7 +38,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--max-series", type=positive_int, default=12, help="trend series to train on"
     )
     demo.add_argument(
-        "--retrain", action="store_true", help="train new versions even where champions exist"
+        "--retrain",
+        nargs="?",
+        const=ALL_FAMILIES,
+        metavar="FAMILIES",
+        help="train new versions even where champions exist: of every family, or of the "
+        "comma-separated ones given (the others reuse their champions)",
     )
     demo.add_argument(
         "--families",

@@ -13,6 +13,7 @@ from contentml.errors import UserError
 from entrypoints import demo
 from entrypoints.runner import typed_arguments
 from serving.model_server.niche import TrendingVideo
+from tests.helpers.registry import cli
 
 
 def test_every_family_has_a_stage_whose_arguments_its_pipeline_takes(settings, tmp_path):
@@ -28,6 +29,38 @@ def test_unknown_families_are_refused_before_anything_runs(settings, families):
     with pytest.raises(UserError, match="trend, quality, niche, script, revenue"):
         demo.run_demo(settings, families=families)
     assert not (settings.home / "demo").exists()
+
+
+def test_retraining_a_family_outside_the_demo_is_refused_before_anything_runs(settings):
+    with pytest.raises(UserError, match=r"--retrain names \['quality'\]"):
+        demo.run_demo(settings, families=["trend"], retrain=["quality"])
+    assert not (settings.home / "demo").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "retrained"),
+    [
+        ([], []),
+        (["--retrain"], ["trend", "revenue"]),
+        (["--retrain", "revenue"], ["revenue"]),
+        (["--retrain", " trend, "], ["trend"]),
+    ],
+)
+def test_retrain_names_families_to_train_again_and_alone_means_all(
+    settings, monkeypatch, capsys, argv, retrained
+):
+    called = {}
+
+    def fake_run_demo(settings, max_series, retrain, families):
+        called.update(retrain=retrain, families=families)
+        return {}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    status, _, err = cli(
+        settings, monkeypatch, capsys, "demo", "--families", "trend,revenue", *argv
+    )
+    assert status == 0, err
+    assert called == {"retrain": retrained, "families": ["trend", "revenue"]}
 
 
 def test_the_progress_bar_counts_finished_tasks_and_shows_the_latest_epoch(tmp_path):
