@@ -8,8 +8,9 @@ spreads its calls over the same counts and skips the same rate-limited keys:
 - `provider_events`: one row per answered call (its answer time and the quality score of the
   script), per 429 (`rate_limit`) and per failed provider attempt (`failure`), kept
   `RETENTION_SECONDS` for the last hour's counts, the medians and the quality share.
-- `provider_notices`: which early warning was already sent for which period, and the last
-  capacity announced, so that one replica sends each once.
+- `provider_warning_claims`: which early warning was already sent for which period (a day or
+  an hour), so that one replica sends each once; kept `RETENTION_SECONDS`, past any period.
+- `provider_notices`: the last capacity announced, so that one replica announces a change.
 
 Times are UNIX seconds (a float column: the same comparisons on both databases); a key is its
 index in the provider's key list, never its text.
@@ -32,7 +33,8 @@ WallClock = Callable[[], float]
 """UNIX seconds now (tests pass a fake one to cross a day or an hour)."""
 
 RETENTION_SECONDS = 8 * 24 * 3600.0
-"""Events older than this are deleted: the learned normal answer time looks back 7 days."""
+"""Events and warning claims older than this are deleted: the learned normal answer time looks
+back 7 days, and a claim's period (a day at most) is long over."""
 
 PRUNE_EVERY_SECONDS = 3600.0
 """How often one process deletes expired events."""
@@ -73,6 +75,13 @@ events = sa.Table(
     sa.Column("latency_s", sa.Float),  # calls: the provider's answer time
     sa.Column("quality_score", sa.Float),  # calls: the script's score, null when unscored
     sa.Index("provider_events_kind_at", "kind", "provider", "at"),
+)
+
+warning_claims = sa.Table(
+    "provider_warning_claims",
+    metadata,
+    sa.Column("name", sa.String(2 * MAX_NAME), primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),
 )
 
 notices = sa.Table(
@@ -180,6 +189,9 @@ class ProviderUsage:
             self._pruned_at = at
         with self.engine.begin() as connection:
             connection.execute(events.delete().where(events.c.at < at - RETENTION_SECONDS))
+            connection.execute(
+                warning_claims.delete().where(warning_claims.c.at < at - RETENTION_SECONDS)
+            )
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -243,7 +255,7 @@ class ProviderUsage:
     def claim(self, name: str) -> bool:
         """True for the first caller, on any replica, to claim `name` (a warning and its
         period): that one sends it."""
-        insert = upsert(self.engine, notices).values(name=name, value="sent")
+        insert = upsert(self.engine, warning_claims).values(name=name, at=self.now())
         with self.engine.begin() as connection:
             result = connection.execute(insert.on_conflict_do_nothing())
             return result.rowcount == 1

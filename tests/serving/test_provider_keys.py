@@ -467,17 +467,23 @@ def test_capacity_route_takes_the_token(tmp_path: Path) -> None:
     monitor.close()
 
 
-def test_old_events_are_pruned(tmp_path: Path) -> None:
+def test_old_events_and_warning_claims_are_pruned(tmp_path: Path) -> None:
     wall = WallClock(MORNING)
     usage = provider_usage.ProviderUsage(f"sqlite:///{tmp_path / 'b.db'}", now=wall)
     usage.record_failure("hosted")
+    assert usage.claim("warning.quota:hosted:day-1") and not usage.claim(
+        "warning.quota:hosted:day-1"
+    )
     wall.now += provider_usage.RETENTION_SECONDS + 1
+    assert usage.claim("warning.quota:hosted:day-9")
     usage.record_call(
         "hosted", 0, prompt_tokens=1, completion_tokens=1, latency_s=0.1, quality_score=None
     )
     with usage.engine.connect() as connection:
         kinds = connection.execute(sa.select(provider_usage.events.c.kind)).scalars().all()
-    assert kinds == ["call"]
+        claims = connection.execute(sa.select(provider_usage.warning_claims.c.name)).scalars()
+        assert kinds == ["call"]
+        assert claims.all() == ["warning.quota:hosted:day-9"]
     usage.close()
 
 
