@@ -52,6 +52,7 @@ from training.quality.train import (
     split,
     split_of,
     train,
+    training_rows,
 )
 
 NEITHER = TOXICITY_CLASSES.index("neither")
@@ -171,6 +172,24 @@ def test_folds_share_the_training_split_evenly_and_independently_of_the_slice(
     # Each fold keeps the class balance: the hash knows nothing of the labels.
     hate = training.groupby(folds)["label"].apply(lambda labels: (labels == HATE).mean())
     assert hate.to_numpy() == pytest.approx([(training["label"] == HATE).mean()] * 3, abs=0.01)
+
+
+@pytest.mark.parametrize("max_train_rows", [300, 2])
+def test_a_capped_training_split_keeps_every_reviewed_row(
+    toxicity: pd.DataFrame, max_train_rows: int
+):
+    reviewed = [i for i in (f"review-item{n}-0" for n in range(40)) if split_of(i) == Split.TRAIN]
+    decisions = pd.DataFrame({"id": reviewed[:5], "text": "a decision", "label": HATE})
+    frame = pd.concat([toxicity, decisions], ignore_index=True)
+    rows = training_rows(frame, QualityConfig(max_train_rows=max_train_rows))
+    assert set(decisions["id"]) <= set(rows["id"])
+    # Over the cap, the decisions alone; under it, a sample that keeps every class beside them.
+    assert len(rows) == pytest.approx(max(max_train_rows, 5), abs=3)
+    assert set(rows["label"]) == ({0, 1, 2} if max_train_rows > 5 else {HATE})
+    assert (
+        training_rows(frame, QualityConfig())["id"].tolist()
+        == split(frame)[Split.TRAIN]["id"].tolist()
+    )
 
 
 def test_split_does_not_move_rows_when_rows_are_added_or_reordered(toxicity: pd.DataFrame):

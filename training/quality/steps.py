@@ -51,7 +51,7 @@ def reviewed_rows(settings: Settings) -> pd.DataFrame:
 
 def _training_id(item_id: str) -> str:
     """`review-<item>-<n>`, the first n whose hash the split sends to training."""
-    spellings = (f"review-{item_id}-{n}" for n in itertools.count())
+    spellings = (f"{train.REVIEW_ID_PREFIX}{item_id}-{n}" for n in itertools.count())
     return next(row_id for row_id in spellings if train.split_of(row_id) is train.Split.TRAIN)
 
 

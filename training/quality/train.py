@@ -77,17 +77,31 @@ def split(frame: pd.DataFrame) -> dict[Split, pd.DataFrame]:
     return {s: frame[which == s].reset_index(drop=True) for s in Split}
 
 
+REVIEW_ID_PREFIX = "review-"
+"""Ids of the rows that are people's decisions from the review queue (`steps.reviewed_rows`)."""
+
+
+def training_rows(frame: pd.DataFrame, config: QualityConfig) -> pd.DataFrame:
+    """The training split, or at most `max_train_rows` of it: every reviewed row (a person's
+    decision is scarce and is what the next version should learn), then a sample of the rest,
+    stratified so a small smoke run still sees every class."""
+    training = split(frame)[Split.TRAIN]
+    if config.max_train_rows is None or len(training) <= config.max_train_rows:
+        return training
+    reviewed = training["id"].str.startswith(REVIEW_ID_PREFIX)
+    rest = training[~reviewed]
+    room = max(config.max_train_rows - int(reviewed.sum()), 0)
+    sampled = rest.groupby("label", group_keys=False).sample(
+        frac=room / max(len(rest), 1), random_state=config.seed
+    )
+    return pd.concat([training[reviewed], sampled]).reset_index(drop=True)
+
+
 def train(frame: pd.DataFrame, config: QualityConfig, model_dir: Path) -> dict[str, float]:
     """Cross-fit the members on the training split, stack and calibrate them on their
     out-of-fold predictions, and save an MLflow pyfunc in `model_dir`. Returns the per-fold
     epoch history and out-of-fold scores to log."""
-    training = split(frame)[Split.TRAIN]
-    if config.max_train_rows is not None and len(training) > config.max_train_rows:
-        # Stratified so a small smoke run still sees every class.
-        training = training.groupby("label", group_keys=False).sample(
-            frac=config.max_train_rows / len(training), random_state=config.seed
-        )
-    training = training.reset_index(drop=True)
+    training = training_rows(frame, config)
     folds = training["id"].map(lambda row_id: fold_of(row_id, config.folds)).to_numpy()
     members, features, histories = ensemble.cross_fit(training, folds, config)
     labels = training["label"].to_numpy()
