@@ -18,6 +18,7 @@ from serving.backend.costs import CostEntry, CostLedger, register_cost_metrics
 from serving.caller import provider_monitor as pm
 from serving.caller.provider_usage import ProviderUsage
 from serving.caller.providers_config import ProviderConfig, StrategistConfig
+from tests.unit.test_monitoring_manifests import PROVIDER_METRICS, dashboard_metrics
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "monitoring"
 NOON = datetime.datetime(2026, 3, 2, 12, tzinfo=datetime.UTC).timestamp()
@@ -114,3 +115,10 @@ def test_the_collector_declares_every_metric_it_exports(scraped: set[str]) -> No
 def test_an_expression_that_is_not_promql_is_refused() -> None:
     with pytest.raises(ValueError):
         metric_names("max(contentml_provider_skipped) >")
+
+
+def test_the_dashboards_provider_panels_read_exported_metrics(scraped: set[str]) -> None:
+    provider = {n for n in dashboard_metrics() if n.startswith(PROVIDER_METRICS)}
+    assert {pm.QUOTA_METRIC, pm.RATE_LIMIT_METRIC, pm.P50_METRIC, pm.NORMAL_METRIC} <= provider
+    assert {pm.LOW_QUALITY_METRIC, pm.RATE_METRIC} <= provider
+    assert provider <= scraped, provider - scraped
