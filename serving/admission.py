@@ -189,6 +189,14 @@ TOKEN_COOKIE = "contentml_token"
 """Cookie a browser may hold the token in (the console sets it, `SameSite=Strict`: no other
 site's page sends it along), for pages whose scripts cannot read it to set a header."""
 
+COOKIE_WRITE_HEADER = "x-contentml-console"
+"""Header a request that changes something must carry for its `TOKEN_COOKIE` to count (any
+value): a page of another site cannot set it without a CORS preflight, which these servers
+never grant, so a forged form or script cannot use the operator's cookie even where a browser
+ignores `SameSite` (OWASP's custom-request-header defence against CSRF)."""
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 TOKEN_QUERY = "token"
 """Query parameter that carries the token where a browser cannot set a header at all."""
 
@@ -318,12 +326,14 @@ class Admission:
 
 
 def _credentials(scope: Scope) -> bytes | None:
-    """The token a request carries: its `Bearer` header, else its `TOKEN_COOKIE`, else (on
-    `QUERY_TOKEN_PATHS` only) its `TOKEN_QUERY` parameter; None without any."""
+    """The token a request carries: its `Bearer` header, else its `TOKEN_COOKIE` (on a request
+    that changes something, only beside `COOKIE_WRITE_HEADER`), else (on `QUERY_TOKEN_PATHS`
+    only) its `TOKEN_QUERY` parameter; None without any."""
     headers = Headers(scope=scope)
     if (bearer := _bearer(headers)) is not None:
         return bearer
-    if cookie := cookie_parser(headers.get("cookie", "")).get(TOKEN_COOKIE):
+    cookie = cookie_parser(headers.get("cookie", "")).get(TOKEN_COOKIE)
+    if cookie and (scope.get("method", "GET") in SAFE_METHODS or COOKIE_WRITE_HEADER in headers):
         return cookie.encode("latin-1", errors="replace")
     if scope["path"] in QUERY_TOKEN_PATHS:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))

@@ -15,7 +15,8 @@ section when an event concerns it (`GET /console/sections/{name}`, the same temp
 
 A browser cannot send a bearer header on a link: `/console?token=...` answers with the token in
 the cookie `serving.admission.TOKEN_COOKIE` (HttpOnly, SameSite=Strict) and a redirect to
-`/console`, so the token leaves the address bar and every later call of the page carries it.
+`/console`, so the token leaves the address bar and every later call of the page carries it;
+its POSTs add `serving.admission.COOKIE_WRITE_HEADER`, without which the cookie opens no write.
 The admin token opens the review decisions too; the callers' token shows the page, whose
 decisions then answer 403.
 """

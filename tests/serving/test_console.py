@@ -227,3 +227,15 @@ def test_a_trend_forecast_is_drawn_for_a_chosen_series(server, browser):
     top = [float(point.split(",")[1]) for point in band[:48]]
     bottom = [float(point.split(",")[1]) for point in band[48:]][::-1]
     assert all(t <= b for t, b in zip(top, bottom, strict=True))  # SVG's y grows downwards
+
+
+def test_the_cookie_changes_nothing_without_the_pages_header(server):
+    """A forged cross-site form sends the cookie (where a browser ignores SameSite) but cannot
+    add a header of its own: the cookie alone reads, and opens no write."""
+    cookies = {"contentml_token": ADMIN}
+    decide = f"{server}/v1/review/items/any/decision"
+    with httpx.Client(cookies=cookies) as browser_like:
+        assert browser_like.get(f"{server}/v1/review/items").status_code == 200
+        assert browser_like.post(decide, json={}).status_code == 401
+        answered = browser_like.post(decide, json={}, headers={"X-Contentml-Console": "1"})
+    assert answered.status_code == 422, answered.text  # admitted: only the body is wrong
