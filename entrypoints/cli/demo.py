@@ -6,6 +6,7 @@ import argparse
 
 from contentml.settings import Settings
 from entrypoints.cli.base import (
+    comma_list,
     positive_int,
     print_json,
 )
@@ -23,10 +24,6 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 ALL_FAMILIES = "all"
 """`--retrain` given alone: every family of the demo."""
-
-
-def comma_list(text: str) -> list[str]:
-    return [f.strip() for f in text.split(",") if f.strip()]
 
 
 def register(commands: argparse._SubParsersAction) -> None:

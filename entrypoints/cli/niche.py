@@ -7,6 +7,7 @@ import argparse
 from contentml.settings import Settings
 from entrypoints.cli.base import (
     OneLineParser,
+    comma_list,
     minutes,
     print_json,
 )
@@ -23,7 +24,7 @@ def cmd_niche_automl(settings: Settings, args: argparse.Namespace) -> int:
     from training.niche.automl import run_automl
 
     _quiet_optuna()
-    niches = [n.strip() for n in args.niches.split(",") if n.strip()] if args.niches else None
+    niches = comma_list(args.niches) if args.niches else None
     print_json(run_automl(settings, args.budget_minutes, niches))
     return 0
 
