@@ -33,7 +33,7 @@ from contentml import registry
 from contentml.settings import Settings
 from entrypoints.demo import free_port, model_server
 from training.data import load_toxicity
-from training.quality import steps, train
+from training.quality import split, steps
 from training.quality.config import QualityConfig
 from training.quality.ensemble import Members
 from training.quality.pyfunc import QualityClassifier
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(THREADS)
     settings = Settings.from_env()
     data = settings.data_dir / "toxicity" / "train.csv"
-    evaluation = train.split(load_toxicity(data))[train.Split.EVALUATION]
+    evaluation = split.split(load_toxicity(data))[split.Split.EVALUATION]
     texts = evaluation["text"].tolist()
     model, version = champion(settings, data)
     report: dict = {"benchmark": "quality", "threads": THREADS, "texts": len(texts)}

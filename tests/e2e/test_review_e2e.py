@@ -17,7 +17,7 @@ import yaml
 from entrypoints.demo import free_port, model_server
 from tests.conftest import make_settings, run_cli
 from tests.helpers.quality import TINY_RECIPE, sample_toxicity
-from training.quality import steps, train
+from training.quality import split, steps
 
 pytestmark = pytest.mark.slow
 
@@ -83,4 +83,4 @@ def test_a_reviewed_text_becomes_a_training_row_of_the_next_run(tmp_path: Path):
     rows = pd.read_parquet(frame)
     (row,) = rows[rows["id"].str.startswith("review-")].itertuples()
     text = items[item_id]["text"]
-    assert (row.text, row.label, train.split_of(row.id)) == (text, 2, train.Split.TRAIN)
+    assert (row.text, row.label, split.split_of(row.id)) == (text, 2, split.Split.TRAIN)

@@ -40,17 +40,14 @@ from training.quality.config import ConfigError, QualityConfig, load_config
 from training.quality.gate import Decision, GateThresholds, decide
 from training.quality.policy import Check, Finding, Severity
 from training.quality.pyfunc import PROBABILITY_COLUMNS
+from training.quality.split import Split, fold_of, split, split_of
+from training.quality.steps import GATE_METRIC
 from training.quality.train import (
-    GATE_METRIC,
-    Split,
     View,
     evaluate,
     evaluate_views,
-    fold_of,
     log_saved_model,
     predict_frame,
-    split,
-    split_of,
     train,
     training_rows,
 )

@@ -11,7 +11,7 @@ import pytest
 
 from contentml import events
 from tests.conftest import make_settings
-from training.quality import steps, train
+from training.quality import split, steps
 from training.quality.review_store import ReviewStore, Source
 
 REVIEW = {
@@ -50,9 +50,9 @@ def test_decisions_become_training_rows_and_only_training_rows(settings, labelle
     assert sorted(reviewed["text"]) == sorted(item.text for item in decided)
     expected = {item.text: 2 if item.label == "neither" else 1 for item in decided}
     assert dict(zip(reviewed["text"], reviewed["label"], strict=True)) == expected
-    parts = train.split(frame)
-    assert set(reviewed["id"]) <= set(parts[train.Split.TRAIN]["id"])
-    assert not parts[train.Split.EVALUATION]["id"].str.startswith("review-").any()
+    parts = split.split(frame)
+    assert set(reviewed["id"]) <= set(parts[split.Split.TRAIN]["id"])
+    assert not parts[split.Split.EVALUATION]["id"].str.startswith("review-").any()
     # The evaluation slice is the CSV's alone, the same with or without decisions.
     empty = make_settings(tmp_path / "empty")
     plain = steps.ingest_toxicity(labelled_csv, tmp_path / "plain.parquet", empty)

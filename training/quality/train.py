@@ -3,7 +3,6 @@ components and the tests call."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import tempfile
@@ -20,6 +19,7 @@ from training.quality import ensemble
 from training.quality.calibration import expected_calibration_error, fit_stacker, fixed_blend
 from training.quality.config import QualityConfig
 from training.quality.policy import DEFAULT_POLICY
+from training.quality.split import REVIEW_ID_PREFIX, Split, fold_of, split
 
 SCORER_CODE = Path(__file__).with_name("scorer_code.py")
 
@@ -34,17 +34,6 @@ LEXICAL_ARTIFACT = "lexical"
 CALIBRATION_ARTIFACT = "calibration"
 ABLATIONS_ARTIFACT = "ablations"
 POLICY_ARTIFACT = "policy"
-GATE_METRIC = "weighted_f1"
-"""The quality gate compares weighted F1 on the fixed evaluation slice: higher wins."""
-
-EVALUATION_BUCKETS = 2
-"""Buckets (of 10) in the evaluation slice: a fifth of the rows. Buckets 0 and 1, so the rows
-of the earlier 10 % slice (bucket 0) stay in it and no version's training rows move in."""
-
-
-class Split(StrEnum):
-    TRAIN = "train"  # cross-fitted: every choice is made on out-of-fold predictions
-    EVALUATION = "evaluation"  # the fixed slice the promotion gate scores every version on
 
 
 class View(StrEnum):
@@ -55,30 +44,6 @@ class View(StrEnum):
     ENCODER = "encoder"  # the encoder's log-probabilities alone, recalibrated
     LEXICAL = "lexical"  # the lexical model's alone, recalibrated
     BLEND = "blend"  # the fixed blend (`blend_weight`) with a temperature: the earlier recipe
-
-
-def _bucket(row_id: str, start: int) -> int:
-    return int(hashlib.sha256(row_id.encode("utf-8")).hexdigest()[start : start + 8], 16)
-
-
-def split_of(row_id: str) -> Split:
-    """A row's split from a hash of its id: stable when rows are added or reordered, so the
-    evaluation slice never leaks into training and every version is gated on the same rows."""
-    return Split.EVALUATION if _bucket(row_id, 0) % 10 < EVALUATION_BUCKETS else Split.TRAIN
-
-
-def fold_of(row_id: str, folds: int) -> int:
-    """A training row's cross-fitting fold, from other digits of the same hash."""
-    return _bucket(row_id, 8) % folds
-
-
-def split(frame: pd.DataFrame) -> dict[Split, pd.DataFrame]:
-    which = frame["id"].map(split_of)
-    return {s: frame[which == s].reset_index(drop=True) for s in Split}
-
-
-REVIEW_ID_PREFIX = "review-"
-"""Ids of the rows that are people's decisions from the review queue (`steps.reviewed_rows`)."""
 
 
 def training_rows(frame: pd.DataFrame, config: QualityConfig) -> pd.DataFrame:
@@ -190,7 +155,7 @@ def scores(
         labels, predicted, labels=range(len(TOXICITY_CLASSES)), zero_division=0.0
     )
     result = {
-        GATE_METRIC: float(f1_score(labels, predicted, average="weighted")),
+        "weighted_f1": float(f1_score(labels, predicted, average="weighted")),
         "macro_f1": float(f1_score(labels, predicted, average="macro")),
         "accuracy": float((labels == predicted).mean()),
         "ece": expected_calibration_error(probabilities, labels),
