@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import re
@@ -118,12 +119,18 @@ def run_local(settings: Settings, name: str, arguments: dict[str, Any]) -> dict:
         # on this machine's CPUs whatever the cluster's requests (pipelines/platform.py).
         warnings.filterwarnings("ignore", message=".*non-Python base image")
         warnings.filterwarnings("ignore", message=".*no effect in the current local runner")
+        printing = builtins.print
         try:
             # kfp.local prints task logs on stdout; stdout is kept for the run's result.
             with contextlib.redirect_stdout(sys.stderr):
                 task = pipeline(name)(**arguments)
         except RuntimeError as e:
             raise PipelineFailed(str(e)) from e
+        finally:
+            # kfp.local indents a task's logs by swapping `builtins.print` for the task; two
+            # ParallelFor tasks at once restore each other's swap, and every later print of
+            # this process stayed indented (a CLI's JSON in a test after the niche pipeline).
+            builtins.print = printing
     return task.output
 
 
