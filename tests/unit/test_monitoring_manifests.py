@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+import promql_parser
 import yaml
 from prometheus_client import REGISTRY
 
@@ -29,8 +29,16 @@ def exported() -> set[str]:
     return names
 
 
-def metric_names(text: str) -> set[str]:
-    return set(re.findall(r"\bcontentml_[a-z0-9_]+", text))
+def metric_names(expr: str) -> set[str]:
+    """The metrics `expr` selects, from its syntax tree (ValueError if it is not PromQL)."""
+    names: set[str] = set()
+
+    def visit(node) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name:
+            names.add(node.name)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return names
 
 
 def test_alert_rules_use_exported_metrics():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-import promql_parser
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
@@ -18,7 +17,7 @@ from serving.backend.costs import CostEntry, CostLedger, register_cost_metrics
 from serving.caller import provider_monitor as pm
 from serving.caller.provider_usage import ProviderUsage
 from serving.caller.providers_config import ProviderConfig, StrategistConfig
-from tests.unit.test_monitoring_manifests import PROVIDER_METRICS, dashboard_metrics
+from tests.unit.test_monitoring_manifests import PROVIDER_METRICS, dashboard_metrics, metric_names
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "monitoring"
 NOON = datetime.datetime(2026, 3, 2, 12, tzinfo=datetime.UTC).timestamp()
@@ -40,18 +39,6 @@ def rules(name: str) -> dict[str, dict]:
     document = yaml.safe_load((MANIFESTS / name).read_text())
     assert document["kind"] == "PrometheusRule"
     return {rule["alert"]: rule for group in document["spec"]["groups"] for rule in group["rules"]}
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metrics `expr` selects, from its syntax tree (ValueError if it is not PromQL)."""
-    names: set[str] = set()
-
-    def visit(node) -> None:
-        if isinstance(node, promql_parser.VectorSelector) and node.name:
-            names.add(node.name)
-
-    promql_parser.walk(promql_parser.parse(expr), visit)
-    return names
 
 
 @pytest.fixture
