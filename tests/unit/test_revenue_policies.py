@@ -4,8 +4,6 @@ only for a clear winner, and the HTML page shows every arm."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -168,16 +166,6 @@ def test_expected_loss_is_zero_for_a_sure_winner_and_the_gap_for_a_sure_loser():
     loss = expected_loss(stats, RewardKind.RATE, np.random.default_rng(0))
     assert loss["good"] == pytest.approx(0.0, abs=1e-6)
     assert loss["bad"] == pytest.approx(0.04, rel=0.02)
-
-
-def test_choose_is_fast():
-    stats = stats_of({f"arm{i}": (2_000, 60.0 + i) for i in range(10)})
-    rng = np.random.default_rng(0)
-    choose(stats, RewardKind.RATE, Policy.THOMPSON, rng)
-    started = time.perf_counter()
-    for _ in range(100):
-        choose(stats, RewardKind.RATE, Policy.THOMPSON, rng)
-    assert (time.perf_counter() - started) / 100 < 0.005  # ~1 ms; slack for a loaded CI machine
 
 
 def test_bad_stats_are_refused():
