@@ -11,6 +11,8 @@ spreads its calls over the same counts and skips the same rate-limited keys:
 - `provider_warning_claims`: which early warning was already sent for which period (a day or
   an hour), so that one replica sends each once; kept `RETENTION_SECONDS`, past any period.
 - `provider_notices`: the last capacity announced, so that one replica announces a change.
+  Versions before `provider_warning_claims` kept the claims here too (value `sent`): opening
+  the store moves them over (`_move_legacy_claims`), so they are pruned and not sent again.
 
 Times are UNIX seconds (a float column: the same comparisons on both databases); a key is its
 index in the provider's key list, never its text.
@@ -40,6 +42,9 @@ PRUNE_EVERY_SECONDS = 3600.0
 """How often one process deletes expired events."""
 
 MAX_NAME = 200
+
+LEGACY_CLAIM_VALUE = "sent"
+"""What a claim's row held in `provider_notices` (the capacity notice holds a number)."""
 
 RATE_LIMIT, FAILURE, CALL = "rate_limit", "failure", "call"
 
@@ -104,6 +109,7 @@ class ProviderUsage:
         self.now = now
         self._pruned_at = float("-inf")
         self._prune_lock = threading.Lock()
+        self._move_legacy_claims()
 
     @classmethod
     def from_settings(cls, settings: Settings, *, now: WallClock = time.time) -> ProviderUsage:
@@ -181,6 +187,20 @@ class ProviderUsage:
             connection.execute(
                 events.insert().values(provider=provider, kind=FAILURE, at=self.now())
             )
+
+    def _move_legacy_claims(self) -> None:
+        """Claims an older version kept in `provider_notices` become claims made now: kept
+        `RETENTION_SECONDS` like new ones, and still not sent twice in their period. A no-op
+        once moved; two replicas starting together move each row once (on conflict, nothing)."""
+        legacy = notices.c.value == LEGACY_CLAIM_VALUE
+        moved = sa.select(notices.c.name, sa.literal(self.now(), sa.Float)).where(legacy)
+        with self.engine.begin() as connection:
+            connection.execute(
+                upsert(self.engine, warning_claims)
+                .from_select(["name", "at"], moved)
+                .on_conflict_do_nothing()
+            )
+            connection.execute(notices.delete().where(legacy))
 
     def _prune(self, at: float) -> None:
         with self._prune_lock:

@@ -487,6 +487,44 @@ def test_old_events_and_warning_claims_are_pruned(tmp_path: Path) -> None:
     usage.close()
 
 
+def test_claims_an_older_version_kept_in_notices_are_moved_and_kept(store: str) -> None:
+    """Before `provider_warning_claims`, claims were `provider_notices` rows holding `sent`:
+    opening the store moves them, so a warning sent before the upgrade is not sent again in
+    its period, the rows are pruned like new claims, and the capacity notice stays."""
+    engine = sa.create_engine(store.replace("postgresql://", "postgresql+psycopg://"))
+    provider_usage.notices.create(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            provider_usage.notices.insert(),
+            [
+                {"name": "warning.quota:hosted:2026-03-02", "value": "sent"},
+                {"name": "warning.provider:slow:hosted:493234", "value": "sent"},
+                {"name": "capacity.rate", "value": "0.5"},
+            ],
+        )
+    engine.dispose()
+    wall = WallClock(MORNING)
+
+    usage = provider_usage.ProviderUsage(store, now=wall)
+    provider_usage.ProviderUsage(store, now=wall).close()  # a second replica: moves nothing
+
+    assert not usage.claim("warning.quota:hosted:2026-03-02")
+    assert not usage.claim("warning.provider:slow:hosted:493234")
+    assert not usage.swap("capacity.rate", "0.5", default="1.0")
+    with usage.engine.connect() as connection:
+        notices = connection.execute(sa.select(provider_usage.notices.c.name)).scalars().all()
+        claims = connection.execute(sa.select(provider_usage.warning_claims.c.at)).scalars()
+        assert notices == ["capacity.rate"]
+        assert claims.all() == [MORNING, MORNING]
+    wall.now += provider_usage.RETENTION_SECONDS + 1
+    usage.record_call(
+        "hosted", 0, prompt_tokens=1, completion_tokens=1, latency_s=0.1, quality_score=None
+    )
+    with usage.engine.connect() as connection:
+        assert connection.execute(sa.select(provider_usage.warning_claims)).all() == []
+    usage.close()
+
+
 @pytest.mark.parametrize(
     ("headers", "seconds"),
     [
