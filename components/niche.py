@@ -13,13 +13,14 @@ def global_study(budget_minutes: float, niches: str, split: Output[Dataset]) -> 
     the rows every study searches on."""
     from pathlib import Path
 
+    from contentml.names import comma_list
     from contentml.settings import Settings
     from training.niche.automl import prepare_split, save_split, search_global
 
     settings = Settings.from_env()
     prepared = prepare_split(settings)
     save_split(prepared, Path(split.path))
-    names = [n.strip() for n in niches.split(",") if n.strip()] or None
+    names = comma_list(niches) or None
     result = search_global(settings, prepared, budget_minutes, names)
     return [
         {

@@ -164,3 +164,9 @@ def niche_slug(niche: str) -> str:
 def niche_model_name(niche: str) -> str:
     """The registered model of a niche (a name or its slug): `niche-<slug>`."""
     return f"{NICHE_MODEL_PREFIX}{niche_slug(niche)}"
+
+
+def comma_list(text: str) -> list[str]:
+    """The non-empty comma-separated parts of `text`, stripped: how a CLI flag or a pipeline
+    parameter names several things (niches, families, ensemble members)."""
+    return [part.strip() for part in text.split(",") if part.strip()]

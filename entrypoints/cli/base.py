@@ -67,11 +67,6 @@ def model_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def comma_list(text: str) -> list[str]:
-    """The non-empty comma-separated parts of `text`, stripped."""
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def model_names(text: str) -> list[str]:
     return [model_name(part.strip()) for part in text.split(",")]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from contentml.names import comma_list
 from contentml.settings import Settings
 from entrypoints.cli.base import (
-    comma_list,
     positive_int,
     print_json,
 )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from contentml.names import comma_list
 from contentml.settings import Settings
 from entrypoints.cli.base import (
     OneLineParser,
-    comma_list,
     minutes,
     print_json,
 )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from contentml import registry
+from contentml.names import comma_list
 from contentml.settings import Settings
 from training import data
 
@@ -72,7 +73,7 @@ def ensemble_config(horizon: int, members: str, validation_origins: int) -> Ense
     from training.trend.ensemble import EnsembleConfig
     from training.trend.forecasters import Member
 
-    names = [name.strip() for name in members.split(",") if name.strip()]
+    names = comma_list(members)
     known = [m.value for m in Member]
     unknown = sorted(set(names) - set(known))
     if unknown:
