@@ -40,7 +40,7 @@ from kserve import Model
 
 from benchmarks.timing import summary
 from contentml import features, registry
-from contentml.names import GLOBAL_NICHE, niche_model_name
+from contentml.names import GLOBAL_NICHE, comma_list, niche_model_name
 from contentml.settings import Settings
 from entrypoints.demo import free_port, model_server, trending_video
 from feature_repo.features import topic_recent_fv
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.echo:  # a child: one of the floors
         ECHOES[args.echo](args.port)
         return 0
-    routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    routes = comma_list(args.routes)
     unknown = sorted(set(routes) - set(ROUTE_FAMILIES))
     if args.calls < 1 or unknown or not routes:
         parser.error(

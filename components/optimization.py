@@ -32,10 +32,11 @@ def publish_settings(studies: str, outcome_studies: list, next_settings: Output[
     outcomes named), as the JSON artifact the content pipeline applies and as the output."""
     from pathlib import Path
 
+    from contentml.names import comma_list
     from contentml.settings import Settings
     from training.revenue.channel_settings import publish_next
 
-    names = [name.strip() for name in studies.split(",") if name.strip()] or outcome_studies
+    names = comma_list(studies) or outcome_studies
     published = publish_next(Settings.from_env(), names, Path(next_settings.path))
     next_settings.metadata["studies"] = len(published)
     return published

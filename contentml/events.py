@@ -38,6 +38,7 @@ import redis
 import sqlalchemy as sa
 
 from contentml.db import open_database
+from contentml.names import comma_list
 from contentml.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -442,14 +443,14 @@ class EventFilter:
     def parse(cls, kinds: Iterable[str] = (), channels: Iterable[str] = ()) -> EventFilter:
         """From query values (each may be comma-separated); ValueError naming a kind prefix
         that matches no kind."""
-        kind_list = tuple(k.strip() for item in kinds for k in item.split(",") if k.strip())
+        kind_list = tuple(kind for item in kinds for kind in comma_list(item))
         for prefix in kind_list:
             if not any(_kind_matches(kind.value, prefix) for kind in EventKind):
                 raise ValueError(
                     f"kind {prefix!r} matches no event kind; known: "
                     f"{', '.join(k.value for k in EventKind)}"
                 )
-        channel_list = tuple(c.strip() for item in channels for c in item.split(",") if c.strip())
+        channel_list = tuple(channel for item in channels for channel in comma_list(item))
         return cls(kind_list, channel_list)
 
     def takes(self, event: Event) -> bool:

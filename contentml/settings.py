@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contentml.errors import UserError
+from contentml.names import comma_list
 
 
 class SettingsError(UserError):
@@ -288,7 +289,7 @@ class Settings:
     def pinned(self) -> dict[str, str]:
         """`pinned_versions` as {registered model: version}."""
         pins = {}
-        for item in filter(None, (part.strip() for part in self.pinned_versions.split(","))):
+        for item in comma_list(self.pinned_versions):
             name, _, version = item.partition("=")
             if not name or not version.isdigit():
                 raise SettingsError(
