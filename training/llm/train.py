@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import deepspeed.ops
 import mlflow
 import pytorch_lightning as pl
 import torch
@@ -37,6 +38,8 @@ GATE_METRIC = "bits_per_byte"
 """Validation loss per UTF-8 byte of the responses: lower is better, and unlike loss per
 token it compares models with different tokenizers."""
 
+SHM_COMM_OP = "deepspeed_shm_comm"
+
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeed strategy without its CUDA-only guard: DeepSpeed's own CPU
@@ -50,6 +53,10 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         # The parent validates CUDA device indices, which CPU devices do not have.
         reset_seed()
         self.set_world_ranks()
+        # On the CPU accelerator DeepSpeed's comm JIT-compiles its shared-memory op (30 s of
+        # g++ on 2 cores, per fresh machine) for `inference_all_reduce` alone; training
+        # reduces through gloo, so the op is marked unavailable and never built.
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
         self._init_deepspeed_distributed()
 
     @property
