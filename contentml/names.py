@@ -13,8 +13,19 @@ rules cannot be named through the platform.
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 
 from contentml.errors import UserError
+
+
+class Alias(StrEnum):
+    """The roadmap's three versions per model: the registry's aliases, named here so that code
+    which only names them (the CLI's parser) need not import MLflow."""
+
+    CHAMPION = "champion"  # stable: what serving loads
+    CHALLENGER = "challenger"  # candidate: newest trained, waiting for the gate
+    EXPERIMENTAL = "experimental"
+
 
 MAX_NAME_LENGTH = 128
 """Registered model and experiment names; MLflow's columns take 256, Kubernetes labels 63."""

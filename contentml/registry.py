@@ -52,7 +52,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
@@ -65,6 +64,7 @@ from mlflow.types import Schema
 
 from contentml import events, names
 from contentml.errors import UserError
+from contentml.names import Alias
 from contentml.settings import Settings
 
 EVENT_TAG_PREFIX = "contentml.alias_event."
@@ -79,14 +79,6 @@ UNLOCKED_SETTLE_SECONDS = 60.0
 GATE_METRIC_TAG = "contentml.gate.metric"
 GATE_SCORE_TAG = "contentml.gate.score"
 """Version tags: the metric its promotion gate compared, and the version's score on it."""
-
-
-class Alias(StrEnum):
-    """The roadmap's three versions per model."""
-
-    CHAMPION = "champion"  # stable: what serving loads
-    CHALLENGER = "challenger"  # candidate: newest trained, waiting for the gate
-    EXPERIMENTAL = "experimental"
 
 
 class RegistryError(UserError):

@@ -14,7 +14,6 @@ from entrypoints.cli.base import (
 
 
 def cmd_features_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from contentml.features import serve_features
     from serving.admission import is_loopback
 
     if not is_loopback(args.host) and not args.insecure:
@@ -24,6 +23,8 @@ def cmd_features_serve(settings: Settings, args: argparse.Namespace) -> int:
             "token. Keep --host 127.0.0.1, or pass --insecure where a network policy admits "
             "only the platform's pods"
         )
+    from contentml.features import serve_features  # after the check: Feast takes seconds
+
     serve_features(settings, args.host, args.port, args.workers)
     return 0
 

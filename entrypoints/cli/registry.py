@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import asdict
 
+from contentml.names import Alias
 from contentml.settings import Settings
 from entrypoints.cli.base import (
     OneLineParser,
@@ -51,7 +52,7 @@ def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
         registry.connect(settings),
         args.model,
         args.version,
-        registry.Alias(args.to),
+        Alias(args.to),
         reason=args.reason or "manual promotion",
         force=args.force,
     )
@@ -93,7 +94,6 @@ def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     """The `models`, `status`, `promote`, `rollback`, `history` commands."""
-    from contentml.registry import Alias
 
     models = commands.add_parser("models", help="registered models")
     models_commands = models.add_subparsers(

@@ -17,9 +17,11 @@ from entrypoints.cli.base import (
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from serving.admission import bind_host
+
+    # Refused before the server's imports (seconds: torch, MLflow), so a refusal is instant.
+    host = bind_host(settings, args.host, args.insecure)
     from serving.server import parse_canary, serve
 
-    host = bind_host(settings, args.host, args.insecure)
     if "CONTENTML_SERVING_URL" not in os.environ:
         # The script route's self-hosted provider is this server, on the port it listens on.
         settings = replace(settings, serving_url=f"http://{_local_address(host)}:{args.port}")
@@ -43,9 +45,11 @@ def _local_address(host: str) -> str:
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     from serving.admission import bind_host
+
+    host = bind_host(settings, args.host, args.insecure)
     from serving.server import serve_api
 
-    serve_api(settings, bind_host(settings, args.host, args.insecure), args.port)
+    serve_api(settings, host, args.port)
     return 0
 
 
