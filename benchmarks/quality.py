@@ -4,9 +4,8 @@ same run, on the same fine-tuned model and the same tweets (the fixed evaluation
 1. In-process: one text at a time (p50/p99) and batches of 64 (texts per second), ours
    (`QualityClassifier.probabilities`: every fold encoder over length-sorted windows, the
    lexical models, the stacker) beside `pipeline("text-classification")` on one fold
-   encoder; and dynamic int8 quantisation of the encoders' Linear layers, through torch.ao
-   and through torchao, each with its weighted F1 beside the float model's, to see whether
-   it would pay.
+   encoder; and dynamic int8 quantisation of the Linear layers, with its weighted F1 beside
+   the float model's, to see whether it would pay.
 2. Served: one text per call through the KServe model server over HTTP (the content
    pipeline's view), and a 64-text call.
 
@@ -100,37 +99,18 @@ def in_process(model: QualityClassifier, texts: list[str], labels: np.ndarray) -
     return report
 
 
-def torch_ao_int8(encoder: torch.nn.Module) -> torch.nn.Module:
-    """torch's own dynamic int8 Linear layers (`torch.ao.quantization`, deprecated now)."""
-    return torch.ao.quantization.quantize_dynamic(encoder, {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def torchao_int8(encoder: torch.nn.Module) -> torch.nn.Module:
-    """The same through torchao, its maintained successor: int8 weights and dynamically
-    quantised int8 activations, run eagerly as the server runs its encoders."""
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
-    quantised = copy.deepcopy(encoder)  # quantize_ works in place
-    quantize_(quantised, Int8DynamicActivationInt8WeightConfig())
-    return quantised
-
-
-INT8_PATHS = {"int8": torch_ao_int8, "torchao_int8": torchao_int8}
-"""Report key prefix -> how the encoders are quantised (`int8`: torch.ao, as first measured)."""
-
-
 def int8_quantisation(model: QualityClassifier, texts: list[str], labels: np.ndarray) -> dict:
-    """Dynamic int8 Linear layers in the encoders, each path of `INT8_PATHS`: speed and
-    weighted F1 against float."""
-    candidates = {"float": model}
-    for name, quantise in INT8_PATHS.items():
-        quantised = copy.copy(model)
-        quantised.members = Members(
-            [(quantise(m), t) for m, t in model.members.encoders], model.members.lexical
-        )
-        candidates[name] = quantised
+    """Dynamic int8 Linear layers in the encoders: speed and weighted F1 against float."""
+    quantised = copy.copy(model)
+    quantised.members = Members(
+        [
+            (torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8), t)
+            for m, t in model.members.encoders
+        ],
+        model.members.lexical,
+    )
     report = {}
-    for name, candidate in candidates.items():
+    for name, candidate in (("float", model), ("int8", quantised)):
         probabilities = candidate.probabilities(texts)
         predicted = candidate.calibration.classes(probabilities)
         report[f"{name}_weighted_f1"] = round(
@@ -139,10 +119,9 @@ def int8_quantisation(model: QualityClassifier, texts: list[str], labels: np.nda
         report[f"{name}_texts_per_second"] = throughput(candidate.probabilities, texts)[
             "texts_per_second"
         ]
-    for name in INT8_PATHS:
-        report[f"{name}_over_float_throughput"] = round(
-            report[f"{name}_texts_per_second"] / report["float_texts_per_second"], 3
-        )
+    report["int8_over_float_throughput"] = round(
+        report["int8_texts_per_second"] / report["float_texts_per_second"], 3
+    )
     return report
 
 
