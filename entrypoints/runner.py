@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import importlib
 import os
 import re
 import sys
@@ -21,22 +22,19 @@ from contentml import cluster, launch
 from contentml.launch import COMPILED_DIR, PipelineError
 from contentml.settings import Settings
 from monitoring.retrain import MONITORING_EXPERIMENT, TriggerError, check_name
-from pipelines.monitoring import monitoring
-from pipelines.niche import niche_automl
-from pipelines.optimization import optimization
-from pipelines.quality import quality_training
-from pipelines.script import script_finetune
-from pipelines.training import training
 
-PIPELINES: dict[str, Callable] = {
-    "training": training,
-    "quality-training": quality_training,
-    "niche-automl": niche_automl,
-    "script-finetune": script_finetune,
-    "monitoring": monitoring,
-    "optimization": optimization,
+PIPELINES: dict[str, str] = {
+    "training": "pipelines.training:training",
+    "quality-training": "pipelines.quality:quality_training",
+    "niche-automl": "pipelines.niche:niche_automl",
+    "script-finetune": "pipelines.script:script_finetune",
+    "monitoring": "pipelines.monitoring:monitoring",
+    "optimization": "pipelines.optimization:optimization",
 }
-"""Pipeline name (as in the KFP UI) -> pipeline function."""
+"""Pipeline name (as in the KFP UI) -> `module:function` of the pipeline function. Imported
+when asked for: KFP builds a pipeline's graph when its module is imported, which costs
+seconds in a process that has loaded much (its tasks' `inspect.stack()`), so a run builds
+only the pipeline it runs."""
 
 
 class PipelineFailed(RuntimeError):
@@ -44,19 +42,21 @@ class PipelineFailed(RuntimeError):
 
 
 def pipeline(name: str) -> Callable:
+    """The pipeline function called `name` in the KFP UI."""
     try:
-        return PIPELINES[name]
+        module, function = PIPELINES[name].split(":")
     except KeyError:
         raise PipelineError(f"unknown pipeline {name!r}; known: {', '.join(PIPELINES)}") from None
+    return getattr(importlib.import_module(module), function)
 
 
 def compile_all(output_dir: Path = COMPILED_DIR) -> list[Path]:
     """Write one YAML per pipeline; the KFP UI's "Upload pipeline" takes these files."""
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, function in PIPELINES.items():
+    for name in PIPELINES:
         path = output_dir / f"{name}.yaml"
-        compiler.Compiler().compile(function, str(path))
+        compiler.Compiler().compile(pipeline(name), str(path))
         written.append(path)
     return written
 

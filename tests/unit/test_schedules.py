@@ -15,6 +15,7 @@ from entrypoints.runner import (
     PipelineError,
     RecurringRun,
     load_schedules,
+    pipeline,
     schedule,
     typed_arguments,
 )
@@ -60,8 +61,8 @@ def compiled(tmp_path_factory) -> dict[str, str]:
     `pipelines/compiled/*.yaml` equal these, so this module does not fail on a stale commit."""
     folder = tmp_path_factory.mktemp("compiled")
     packages = {}
-    for name, function in PIPELINES.items():
-        compiler.Compiler().compile(function, str(folder / f"{name}.yaml"))
+    for name in PIPELINES:
+        compiler.Compiler().compile(pipeline(name), str(folder / f"{name}.yaml"))
         packages[name] = (folder / f"{name}.yaml").read_text()
     return packages
 
@@ -75,7 +76,7 @@ def test_checked_in_schedules_load_and_are_typed() -> None:
     for run in runs:
         assert run.pipeline in PIPELINES
         assert len(run.cron.split()) == 6
-        inputs = PIPELINES[run.pipeline].component_spec.inputs or {}
+        inputs = pipeline(run.pipeline).component_spec.inputs or {}
         assert set(run.params) <= set(inputs), run.name
         assert run.params == typed_arguments(run.pipeline, run.params), run.name
     by_name = {run.name: run for run in runs}
@@ -86,7 +87,7 @@ def test_checked_in_schedules_load_and_are_typed() -> None:
 def test_checked_in_schedules_give_every_required_input() -> None:
     # A missing input without a default passes no type check but fails every run in KFP.
     for run in load_schedules(SCHEDULES):
-        inputs = PIPELINES[run.pipeline].component_spec.inputs or {}
+        inputs = pipeline(run.pipeline).component_spec.inputs or {}
         required = {name for name, spec in inputs.items() if not spec.optional}
         assert required <= set(run.params), f"{run.name} lacks {required - set(run.params)}"
 
