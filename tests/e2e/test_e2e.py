@@ -83,7 +83,8 @@ def test_an_unknown_family_is_a_usage_error(home: Path):
 
 @pytest.fixture(scope="module")
 def server(first_demo: dict, home: Path) -> Iterator[str]:
-    with model_server(make_settings(home), free_port()) as url:
+    # No batch worker of its own: the batch test starts (and kills) the workers it needs.
+    with model_server(make_settings(home), free_port(), "--workers", "0") as url:
         yield url
 
 

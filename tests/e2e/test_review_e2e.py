@@ -48,7 +48,7 @@ def test_a_reviewed_text_becomes_a_training_row_of_the_next_run(tmp_path: Path):
     first = train_once(home, data, recipe)
     assert first["rows"]["review_rows"] == 0
 
-    with model_server(make_settings(home), free_port()) as url:
+    with model_server(make_settings(home), free_port(), "--workers", "0") as url:
         answers = [
             httpx.post(
                 f"{url}/score/quality",

@@ -116,7 +116,7 @@ def test_slug():
 
 @pytest.fixture(scope="module")
 def server(summary: dict, settings) -> Iterator[str]:
-    with model_server(settings, free_port()) as url:
+    with model_server(settings, free_port(), "--workers", "0") as url:
         yield url
 
 

@@ -93,7 +93,7 @@ def test_a_server_on_an_empty_home_serves_quality_once_training_beside_it_makes_
     home: Path, request
 ):
     settings = make_settings(home, CONTENTML_SERVING_POLL_SECONDS=str(POLL_SECONDS))
-    with model_server(settings, free_port()) as url:
+    with model_server(settings, free_port(), "--workers", "0") as url:
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
         assert "post" in httpx.get(f"{url}/openapi.json").json()["paths"]["/score/quality"]
         for method, path, body in NOT_READY_ROUTES:
@@ -278,7 +278,7 @@ def test_predict_with_a_version_that_does_not_exist_exits_2(
 @pytest.fixture(scope="module")
 def server(trained: dict, home: Path) -> Iterator[str]:
     # The home has a quality champion and no trend model: the server must skip trend.
-    with model_server(make_settings(home), free_port()) as url:
+    with model_server(make_settings(home), free_port(), "--workers", "0") as url:
         yield url
 
 

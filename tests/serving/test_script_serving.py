@@ -120,7 +120,7 @@ def server(settings, champion) -> Iterator[str]:
     strategist behind `/generate/script` calls this very server's OpenAI routes."""
     port = free_port()
     ours = dataclasses.replace(settings, serving_url=f"http://127.0.0.1:{port}")
-    with model_server(ours, port) as url:
+    with model_server(ours, port, "--workers", "0") as url:
         yield url
 
 
