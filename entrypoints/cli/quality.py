@@ -59,10 +59,13 @@ def cmd_quality_predict(settings: Settings, args: argparse.Namespace) -> int:
     import pandas as pd
 
     from training.data import load_texts
-    from training.quality.train import predict_frame
 
     texts = load_texts(Path(args.input))
     version = _version(settings, args)
+    # The model code (torch, transformers) only once there is a version to run: a missing
+    # file or champion is reported in a second, not after ten.
+    from training.quality.train import predict_frame
+
     started = time.monotonic()
     predictions = predict_frame(f"models:/{args.model}/{version}", texts["text"])
     pd.concat([texts.iloc[:, [0]], predictions], axis=1).to_csv(args.output, index=False)
@@ -80,10 +83,11 @@ def cmd_quality_predict(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_quality_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     from training.data import load_toxicity
-    from training.quality.train import evaluate_views
 
     frame = load_toxicity(Path(args.data))
     version = _version(settings, args)
+    from training.quality.train import evaluate_views
+
     started = time.monotonic()
     views = evaluate_views(f"models:/{args.model}/{version}", frame)
     print_json(
