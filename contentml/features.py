@@ -49,7 +49,23 @@ def _without_typeguard() -> Iterator[None]:
         typeguard.typechecked = checked
 
 
-with _without_typeguard():
+@contextlib.contextmanager
+def _without_torch() -> Iterator[None]:
+    """Feast imports torch when it is imported, for tensor outputs (`to_tensor`) we never ask
+    for: 2 s of CPU in every process that reads features (servers, batch workers, pipeline
+    tasks), most of which need no torch. While Feast imports, `import torch` fails, so Feast
+    records torch as unavailable; a process that has already imported torch keeps it."""
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail
+    try:
+        yield
+    finally:
+        del sys.modules["torch"]
+
+
+with _without_typeguard(), _without_torch():
     from feast import Entity, FeatureService, FeatureStore, FeatureView, FileSource, RepoConfig
     from feast.data_source import DataSource
 

@@ -379,15 +379,17 @@ def test_online_history_from_redis(
     assert _redis_keys(settings.feast_project) == []
 
 
-def test_feast_imports_without_typeguards_recompilation_and_leaves_it_as_it_was() -> None:
+def test_feast_imports_without_typeguards_recompilation_or_torch() -> None:
     """A fresh process: Feast's definition classes are plain (not re-compiled by typeguard at
-    import), and typeguard's decorator is its own again afterwards."""
+    import), typeguard's decorator is its own again afterwards, torch is not imported, and
+    importing it later works."""
     probe = (
-        "import typeguard, contentml.features, feast.feature_view as fv; "
+        "import sys, typeguard, contentml.features, feast.feature_view as fv; "
         "print(typeguard.typechecked is typeguard._decorators.typechecked, "
-        "'TypeCheckMemo' in fv.FeatureView.__init__.__code__.co_names)"
+        "'TypeCheckMemo' in fv.FeatureView.__init__.__code__.co_names, 'torch' in sys.modules); "
+        "import torch; print(int(torch.ones(2).sum()))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
-    assert done.stdout.split() == ["True", "False"]
+    assert done.stdout.split() == ["True", "False", "False", "2"]
