@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 import pydantic
 
-from training.llm.package import Generation
+from training.llm.generation import Generation
 
 MAX_STOP_SEQUENCES = 4
 """OpenAI's limit on `stop` sequences per request."""

@@ -26,10 +26,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kserve.errors import InferenceError, InvalidInput
-from transformers import TextStreamer
 
 from contentml.protocol import OPENAI_ROUTE_PREFIX
 from serving.model_server.openai_schema import (
@@ -45,13 +44,12 @@ from serving.model_server.openai_schema import (
     usage_body,
 )
 from serving.model_server.versions import VersionedModel, load_pyfunc
-from training.llm.package import (
-    FinishReason,
-    PromptTooLong,
-    Sampling,
-    ScriptGenerator,
-    cut_at_stop,
-)
+from training.llm.generation import FinishReason, PromptTooLong, Sampling, cut_at_stop
+
+if TYPE_CHECKING:
+    # The generator is what the pyfunc loads; importing its module here would load torch in
+    # every server, also those that serve no script model.
+    from training.llm.package import ScriptGenerator
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for `/completions` when the request sets no `max_tokens`."""
@@ -72,19 +70,6 @@ def time_limit(configured_seconds: float, caller_seconds: float | None) -> float
 
 
 # --- streaming -----------------------------------------------------------------------------
-
-
-class _QueueStreamer(TextStreamer):
-    """Hands each finished piece of text from the generation thread to the event loop."""
-
-    def __init__(self, tokenizer, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.loop = loop
-        self.queue = queue
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
 
 
 class StopFilter:
@@ -236,7 +221,10 @@ class ScriptModel(VersionedModel[ScriptVersion]):
         if include_usage:
             chunk["usage"] = None
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        streamer = _QueueStreamer(generator.tokenizer, asyncio.get_running_loop(), pieces)
+        loop = asyncio.get_running_loop()
+        streamer = generator.text_streamer(
+            lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
+        )
         cancel = threading.Event()
         task = asyncio.ensure_future(
             asyncio.to_thread(generator.generate, prompt_ids, sampling, streamer, cancel)

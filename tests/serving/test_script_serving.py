@@ -27,7 +27,8 @@ from serving.model_server.openai_schema import CompletionRequest
 from serving.model_server.script import ANSWER_MARGIN_SECONDS, ScriptModel, StopFilter, time_limit
 from tests.conftest import DATA_DIR, make_settings, run_cli
 from training.data import load_youtube_trending
-from training.llm.package import FinishReason, Sampling, cut_at_stop, log_script_model
+from training.llm.generation import FinishReason, Sampling, cut_at_stop
+from training.llm.package import log_script_model
 from training.llm.tokenizer import train_tokenizer
 from training.quality.gate import Decision
 

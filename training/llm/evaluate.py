@@ -24,7 +24,8 @@ from contentml.errors import UserError
 from contentml.settings import Settings
 from training.llm import data
 from training.llm.config import FinetuneConfig, load_config
-from training.llm.package import MODEL_ARTIFACT, Sampling, ScriptGenerator
+from training.llm.generation import Sampling
+from training.llm.package import MODEL_ARTIFACT, ScriptGenerator
 from training.llm.train import MODEL_NAME, RECIPE_ARTIFACT, bits_per_byte
 
 _PERSONA = {

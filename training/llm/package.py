@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import threading
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -22,8 +21,18 @@ from transformers import (
     MaxTimeCriteria,
     StoppingCriteria,
     StoppingCriteriaList,
+    TextStreamer,
 )
 from transformers.generation.streamers import BaseStreamer
+
+from training.llm.generation import (
+    MIN_SAMPLING_TEMPERATURE,
+    FinishReason,
+    Generation,
+    PromptTooLong,
+    Sampling,
+    cut_at_stop,
+)
 
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 """The models-from-code entry point MLflow stores instead of a pickle."""
@@ -38,74 +47,6 @@ PREDICT_PARAMS = ParamSchema(
     [ParamSpec("max_tokens", "long", 64), ParamSpec("temperature", "double", 0.0)]
 )
 """`predict` params and their defaults: 64 new tokens, greedy."""
-
-
-class FinishReason(StrEnum):
-    """Why a generation ended, in OpenAI's words."""
-
-    STOP = "stop"  # EOS or a stop sequence
-    LENGTH = "length"  # max tokens, the model's context or the wall-clock limit
-
-
-class PromptTooLong(ValueError):
-    """The prompt leaves no room in the model's context for a single new token."""
-
-
-MIN_SAMPLING_TEMPERATURE = 1e-6
-"""Temperatures below this decode greedily, as sampling at them would but for near-ties: at a
-tiny one the logits divided by it overflow float32 (or it rounds to 0 there) and sampling
-fails."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    """Most tokens to generate (fewer when the model's context ends first)."""
-
-    temperature: float = 0.0
-    """0 is greedy decoding (and below `MIN_SAMPLING_TEMPERATURE`); above, sampling at this
-    temperature."""
-
-    top_p: float = 1.0
-    """Nucleus sampling mass (only when sampling)."""
-
-    seed: int | None = None
-    """Seeds torch's generator before sampling, for a reproducible answer."""
-
-    stop: tuple[str, ...] = ()
-    """Texts that end the generation; the returned text stops before the first one."""
-
-    max_seconds: float | None = None
-    """Wall-clock limit from the call, waiting for the generation before it included; reaching
-    it ends with `FinishReason.LENGTH` (after at least one token)."""
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, not {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must not be negative, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.max_seconds is not None and self.max_seconds <= 0:
-            raise ValueError(f"max_seconds must be positive, not {self.max_seconds}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop sequences must not be empty")
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    """The continuation, special tokens removed, cut before the first stop sequence."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: FinishReason
-
-
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    """`text` up to the earliest stop sequence, and whether one occurs."""
-    positions = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return (text[: min(positions)], True) if positions else (text, False)
 
 
 class _StopOrCancel(StoppingCriteria):
@@ -128,6 +69,18 @@ class _StopOrCancel(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
+class _CallbackStreamer(TextStreamer):
+    """Hands each finished piece of new text to `on_text` (the prompt is skipped)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+
+
 class ScriptGenerator(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         folder = context.artifacts[MODEL_ARTIFACT]
@@ -138,6 +91,11 @@ class ScriptGenerator(PythonModel):
         # One generation at a time: torch already uses every core for one, and seeding is
         # global, so a seeded request is only reproducible when nothing samples beside it.
         self._lock = threading.Lock()
+
+    def text_streamer(self, on_text: Callable[[str], None]) -> BaseStreamer:
+        """A streamer for `generate` that calls `on_text` (on the generating thread) with each
+        finished piece of the new text."""
+        return _CallbackStreamer(self.tokenizer, on_text)
 
     @property
     def context_length(self) -> int | None:
