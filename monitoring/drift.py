@@ -39,6 +39,7 @@ from contentml import events, registry
 from contentml.errors import UserError
 from contentml.settings import Settings
 from feature_repo.niche_schema import FEATURES as NICHE_FEATURES
+from monitoring.rules import DRIFTED_FEATURE_SHARE
 from training.data import TEXT_COLUMNS
 
 
@@ -95,7 +96,7 @@ def _applies(method: str, kind: ColumnKind) -> bool:
 
 @dataclass(frozen=True)
 class DriftConfig:
-    drift_share: float = 0.1
+    drift_share: float = DRIFTED_FEATURE_SHARE
     """The window has drifted when the share of drifted columns is MORE than this (the
     roadmap's retraining rule: more than 10 % of the features)."""
 

@@ -48,7 +48,7 @@ from contentml import events, registry
 from contentml.errors import UserError
 from contentml.settings import Settings
 from monitoring import performance
-from monitoring.drift import DriftConfig
+from monitoring.rules import DRIFTED_FEATURE_SHARE, PERFORMANCE_DROP
 
 MONITORING_EXPERIMENT = "contentml-monitoring"
 """The MLflow experiment holding the trigger records."""
@@ -138,10 +138,10 @@ def retraining(model: str) -> tuple[str, dict[str, Any]]:
 
 @dataclass(frozen=True)
 class TriggerConfig:
-    drift_share: float = DriftConfig.drift_share
+    drift_share: float = DRIFTED_FEATURE_SHARE
     """Retrain when the share of drifted features is MORE than this (the drift check's rule)."""
 
-    performance_drop: float = 0.05
+    performance_drop: float = PERFORMANCE_DROP
     """Retrain when the model's metric is worse than at registration by MORE than this
     (relative: 0.05 is 5 % worse)."""
 
