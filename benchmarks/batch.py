@@ -28,8 +28,9 @@ import numpy as np
 from contentml import registry
 from contentml.settings import Settings
 from entrypoints import runner
-from entrypoints.demo import HORIZON, batch_workers, free_port, model_server, trend_items
+from entrypoints.demo import HORIZON, free_port, model_server, trend_items
 from serving.backend.tasks import TASKS, Task
+from serving.server import batch_workers
 
 URGENT_EVERY_SECONDS = 0.25
 """How often an urgent single request is sent while the batch runs."""

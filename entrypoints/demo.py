@@ -242,28 +242,6 @@ def model_server(
             process.kill()
 
 
-@contextlib.contextmanager
-def batch_workers(settings: Settings, count: int = 1) -> Iterator[list[subprocess.Popen]]:
-    """`count` `contentml batch worker` processes, stopped (SIGTERM: each finishes its chunk)
-    on the way out."""
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-m", "entrypoints.cli", "batch", "worker"],
-            env={**os.environ, **settings.to_env()},
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(count)
-    ]
-    try:
-        yield children
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            child.wait(timeout=90)
-
-
 def trend_items(settings: Settings, count: int) -> list[dict]:
     """`count` batch items: distinct two-week windows of the M4 hourly series (so no answer
     comes from a cache), each with an `id`."""
@@ -417,10 +395,8 @@ def run_batch(settings: Settings, url: str) -> dict:
         if response.status_code != 202:
             raise DemoFailed(f"POST /batch/trend answered {response.status_code}: {response.text}")
         job_id = response.json()["job_id"]
-        with (
-            batch_workers(settings),
-            tqdm(total=len(items), desc="batch    trend", unit=" items", file=sys.stderr) as bar,
-        ):
+        # Answered by the server's own batch worker (`contentml serve --workers`).
+        with tqdm(total=len(items), desc="batch    trend", unit=" items", file=sys.stderr) as bar:
             deadline = time.monotonic() + BATCH_TIMEOUT_SECONDS
             while True:
                 report = http.get(f"/batch/jobs/{job_id}").json()

@@ -360,8 +360,9 @@ def finish_app(app: FastAPI, admission: Admission, repository: ServedModels) -> 
 
 
 @contextmanager
-def batch_workers(settings: Settings, count: int) -> Iterator[None]:
-    """`count` `contentml batch worker` child processes while the block runs."""
+def batch_workers(settings: Settings, count: int) -> Iterator[list[subprocess.Popen]]:
+    """`count` `contentml batch worker` child processes while the block runs (yielded, for
+    callers that watch or kill them: tests, the batch benchmark)."""
     command = [sys.executable, "-m", CLI_MODULE, "batch", "worker"]
     children = [
         subprocess.Popen(
@@ -372,7 +373,7 @@ def batch_workers(settings: Settings, count: int) -> Iterator[None]:
         for _ in range(count)
     ]
     try:
-        yield
+        yield children
     finally:
         for child in children:
             child.terminate()  # SIGTERM: the worker finishes its chunk, then exits

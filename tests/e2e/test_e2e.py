@@ -13,11 +13,12 @@ import httpx
 import pytest
 
 from contentml import registry
-from entrypoints.demo import batch_workers, free_port, model_server, trend_items
+from entrypoints.demo import free_port, model_server, trend_items
 from serving.backend.batch.models import JobStatus
 from serving.backend.batch.store import JobStore
 from serving.backend.tasks import MAX_BODY_BYTES, TASKS, Task
 from serving.caller.client import ClientError, ContentMLClient
+from serving.server import batch_workers
 from tests.conftest import DATA_DIR, make_settings, run_cli
 from training.data import load_m4_hourly
 
@@ -314,7 +315,7 @@ def test_a_batch_survives_a_killed_worker_and_urgent_calls_keep_their_sla(server
     store = JobStore(settings.backend_store)
     items = trend_items(settings, 1_001)
     probe, items = items[0], items[1:]
-    with batch_workers(settings) as (doomed,):
+    with batch_workers(settings, 1) as (doomed,):
         deadline = time.monotonic() + 120
         while not any(f"-{doomed.pid}-" in w for w in store.live_workers()):
             assert time.monotonic() < deadline, "the worker never started"
@@ -328,7 +329,7 @@ def test_a_batch_survives_a_killed_worker_and_urgent_calls_keep_their_sla(server
         doomed.kill()
         doomed.wait()
     urgent = []
-    with batch_workers(settings):
+    with batch_workers(settings, 1):
         while store.report(job_id).status not in (JobStatus.DONE, JobStatus.FAILED):
             started = time.perf_counter()
             body = {"history": probe["history"], "horizon": 48}
