@@ -1,12 +1,10 @@
 """Components of the script model's pipeline. Imports sit inside the functions because KFP
 ships each function's source alone."""
 
-from kfp import dsl
-
-from components.training import PLATFORM_IMAGE
+from components import platform_component
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def finetune_script(config: str, max_steps: int = 0) -> dict:
     """Runs the recipe at `config` (relative to the image's working directory) in this task, or
     submits it as a TrainJob and waits, as the recipe's `launcher` says; `max_steps` above 0

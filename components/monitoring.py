@@ -3,13 +3,12 @@ sit inside the functions because KFP ships each function's source alone."""
 
 from typing import NamedTuple
 
-from kfp import dsl
 from kfp.dsl import Metrics, Output
 
-from components.training import PLATFORM_IMAGE
+from components import platform_component
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def drift_check(
     model: str, reference_path: str, current_path: str, metrics: Output[Metrics]
 ) -> NamedTuple("Drift", drift_share=float, drifted=bool, run_id=str, report=str):
@@ -27,7 +26,7 @@ def drift_check(
     return drift(result["drift_share"], result["drifted"], result["run_id"], result["report"])
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def retrain_trigger(
     model: str,
     window_id: str,

@@ -1,13 +1,12 @@
 """Components of the niche AutoML pipeline: the global stage, then one task per niche.
 Imports sit inside the functions because KFP ships each function's source alone."""
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from components.training import PLATFORM_IMAGE
+from components import platform_component
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def global_study(budget_minutes: float, niches: str, split: Output[Dataset]) -> list:
     """Returns one work item per niche: {niche, study_seconds, global_version}; `split` holds
     the rows every study searches on."""
@@ -32,7 +31,7 @@ def global_study(budget_minutes: float, niches: str, split: Output[Dataset]) -> 
     ]
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def niche_study(
     niche: str, study_seconds: float, global_version: str, split: Input[Dataset]
 ) -> dict:

@@ -3,13 +3,12 @@ settings. Imports sit inside the functions because KFP ships each function's sou
 
 from typing import NamedTuple
 
-from kfp import dsl
 from kfp.dsl import Artifact, Output
 
-from components.training import PLATFORM_IMAGE
+from components import platform_component
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def tell_outcomes(
     outcomes_path: str,
 ) -> NamedTuple("Told", told=int, already_finished=int, studies=list):
@@ -26,7 +25,7 @@ def tell_outcomes(
     return told(result["told"], result["already_finished"], result["studies"])
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def publish_settings(studies: str, outcome_studies: list, next_settings: Output[Artifact]) -> dict:
     """The next settings of each study in `studies` (comma-separated; empty: those the day's
     outcomes named), as the JSON artifact the content pipeline applies and as the output."""

@@ -1,13 +1,12 @@
 """Components of the quality pipeline, one per stage, each calling one `training.quality.steps`
 function. Imports sit inside the functions because KFP ships each function's source alone."""
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.training import PLATFORM_IMAGE
+from components import platform_component
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def ingest_toxicity(data_path: str, frame: Output[Dataset]):
     from pathlib import Path
 
@@ -19,7 +18,7 @@ def ingest_toxicity(data_path: str, frame: Output[Dataset]):
     frame.metadata.update(steps.ingest_toxicity(path, Path(frame.path), settings))
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def train_quality(
     frame: Input[Dataset],
     epochs: int,
@@ -42,7 +41,7 @@ def train_quality(
     model.metadata.update(steps.train_quality(Path(frame.path), Path(model.path), config))
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def evaluate_quality(model: Input[Model], frame: Input[Dataset], metrics: Output[Metrics]) -> dict:
     from pathlib import Path
 
@@ -54,7 +53,7 @@ def evaluate_quality(model: Input[Model], frame: Input[Dataset], metrics: Output
     return scores
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def quality_gate(
     model_name: str, version: str, frame: Input[Dataset], scores: dict, margin: float
 ) -> dict:

@@ -2,16 +2,12 @@
 `training.trend.steps` (`register`: `training.register`). Imports sit inside the functions
 because KFP ships each function's source alone."""
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from contentml.settings import Settings
-
-# Resolved when the pipeline is compiled: the cluster runs every stage in the platform image.
-PLATFORM_IMAGE = Settings.from_env().platform_image
+from components import platform_component
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def ingest(max_series: int, series: Output[Dataset], videos: Output[Dataset]):
     from pathlib import Path
 
@@ -22,7 +18,7 @@ def ingest(max_series: int, series: Output[Dataset], videos: Output[Dataset]):
     series.metadata.update(counts)
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def build_features(
     series: Input[Dataset],
     videos: Input[Dataset],
@@ -44,7 +40,7 @@ def build_features(
     training_frame.metadata.update(counts)
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def train(
     training_frame: Input[Dataset],
     horizon: int,
@@ -62,7 +58,7 @@ def train(
     model.metadata.update(params)
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def evaluate(
     model: Input[Model], training_frame: Input[Dataset], workers: int, metrics: Output[Metrics]
 ) -> dict:
@@ -76,7 +72,7 @@ def evaluate(
     return scores
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def register(
     model_name: str,
     model: Input[Model],
@@ -96,7 +92,7 @@ def register(
     )
 
 
-@dsl.component(base_image=PLATFORM_IMAGE)
+@platform_component
 def promotion_gate(
     model_name: str,
     version: str,
