@@ -1,8 +1,9 @@
 """`make bench`: every served route against the floor of the stack it runs on, in one run.
 
 Three servers, each a child process on loopback: a bare FastAPI echo (uvicorn, one route), a
-bare KServe echo model (KServe's own ModelServer and app), and `contentml serve` on a home
-with the demo's champions (`contentml demo`, run first where a family has none). Each route
+bare KServe echo model (KServe's own ModelServer and app), and `contentml serve --workers 0`
+(no batch worker loading beside the routes timed) on a home with the demo's champions
+(`contentml demo`, run first where a family has none). Each route
 takes `--calls` sequential calls over one keep-alive connection after a warm-up; the figures
 are p50 and p99 in ms and each route's p99 over the bare FastAPI echo's p99 (`over_floor`).
 
@@ -300,7 +301,7 @@ def run(settings: Settings, calls: int, redis_url: str, routes: list[str]) -> di
     serving = Settings.from_env(
         {**settings.to_env(), "CONTENTML_SERVING_URL": f"http://127.0.0.1:{port}"}
     )
-    with model_server(serving, port) as url:
+    with model_server(serving, port, "--workers", "0") as url:
         for name, (path, bodies) in route_calls(settings).items():
             if name not in routes:
                 continue
