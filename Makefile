@@ -38,14 +38,20 @@ demo: install
 
 # Three workers on 2 cores, a test module each (its fixtures load once): much of the suite
 # waits on servers and child processes starting. With two workers the cores were 83 % busy.
+# Modules go out in tests/conftest.py's order, the slow ones first (--no-loadscope-reorder:
+# xdist would send the modules with the most tests first, and the long end-to-end ones last).
+# The project's own bytecode is compiled first: where PYTHONDONTWRITEBYTECODE is set (CI), each
+# of the suite's ~150 Python processes would compile the modules it imports anew (0.4 s each).
 test: install browser
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n 3 --dist loadfile --durations=20
+	$(PY) -m compileall -q -x '/\.' .
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=20
 
 # The inner loop: the tests not marked slow (tests/unit, data, model, serving, e2e by kind).
 test-fast: install
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n 3 --dist loadfile -m "not slow"
+	$(PY) -m compileall -q -x '/\.' .
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 compile: install
 	$(VENV)/bin/contentml pipeline compile
