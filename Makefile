@@ -9,7 +9,7 @@ IMAGE ?= ghcr.io/contentml/platform:$(VERSION)
 TRAINING_IMAGE ?= ghcr.io/contentml/training:$(VERSION)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install browser demo test test-fast compile serve bench loadtest fuzz lint constraints manifests images
+.PHONY: install browser demo test test-fast bytecode compile serve bench loadtest fuzz lint constraints manifests images
 
 install: $(INSTALLED)
 
@@ -40,18 +40,20 @@ demo: install
 # waits on servers and child processes starting. With two workers the cores were 83 % busy.
 # Modules go out in tests/conftest.py's order, the slow ones first (--no-loadscope-reorder:
 # xdist would send the modules with the most tests first, and the long end-to-end ones last).
-# The project's own bytecode is compiled first: where PYTHONDONTWRITEBYTECODE is set (CI), each
-# of the suite's ~150 Python processes would compile the modules it imports anew (0.4 s each).
-test: install browser
+test: install browser bytecode
 	$(VENV)/bin/lint-imports
-	$(PY) -m compileall -q -x '/\.' .
 	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=20
 
 # The inner loop: the tests not marked slow (tests/unit, data, model, serving, e2e by kind).
-test-fast: install
+test-fast: install bytecode
 	$(VENV)/bin/lint-imports
-	$(PY) -m compileall -q -x '/\.' .
 	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not slow"
+
+# The project's own bytecode, compiled once before a test run: where PYTHONDONTWRITEBYTECODE is
+# set (CI), each of the suite's ~150 Python processes would compile the modules it imports
+# anew (0.4 s each). Hidden folders (.venv, .git, .contentml) are left alone.
+bytecode: install
+	$(PY) -m compileall -q -x '/\.' .
 
 compile: install
 	$(VENV)/bin/contentml pipeline compile
