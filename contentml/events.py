@@ -468,6 +468,9 @@ SUBSCRIBER_BACKLOG = 1000
 """Events a subscriber may have waiting; a client that falls further behind is dropped (it
 reconnects) rather than holding the server's memory."""
 
+STREAMS_CLOSE_SECONDS = 2.0
+"""How long a stopping server waits for its ended streams' clients to leave."""
+
 
 class Subscription:
     """One client's events, in order, as an async iterator; ends when the hub stops or the
@@ -478,6 +481,8 @@ class Subscription:
         self.loop = loop
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.overflowed = False
+        self.left = asyncio.Event()
+        """Set once the client is gone (`EventHub.unsubscribe`)."""
 
     def _offer(self, event: Event | None) -> None:  # on the subscriber's loop
         if event is not None and self.queue.qsize() >= SUBSCRIBER_BACKLOG:
@@ -536,13 +541,26 @@ class EventHub:
             bus.close()
         self.end_subscriptions()
 
-    def end_subscriptions(self) -> None:
+    def end_subscriptions(self) -> list[Subscription]:
         """End every subscription now (a server about to stop: its clients reconnect to
-        another replica instead of holding its shutdown up)."""
+        another replica instead of holding its shutdown up). Returns the ended ones."""
         with self._lock:
             subscribers, self._subscribers = self._subscribers, set()
         for subscription in subscribers:
             self._hand(subscription, None)
+        return list(subscribers)
+
+    async def close_streams(self, timeout: float = STREAMS_CLOSE_SECONDS) -> None:
+        """End every subscription and wait, up to `timeout` seconds, until their clients are
+        gone: a server that stopped first would cut the streams itself (WebSocket close
+        1012, "restart") instead of saying it is going away (1001)."""
+        ended = self.end_subscriptions()
+        if ended:
+            waits = asyncio.gather(*(subscription.left.wait() for subscription in ended))
+            try:
+                await asyncio.wait_for(waits, timeout)
+            except TimeoutError:
+                logger.warning("%d event streams still open after %g s", len(ended), timeout)
 
     def _deliver(self, event: Event) -> None:
         with self._lock:
@@ -566,8 +584,10 @@ class EventHub:
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
+        """The client left; called on the subscription's loop."""
         with self._lock:
             self._subscribers.discard(subscription)
+        subscription.left.set()
 
     @property
     def subscribers(self) -> int:

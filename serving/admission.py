@@ -35,7 +35,7 @@ import ipaddress
 import logging
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -523,13 +523,14 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 def drain_on_sigterm(
-    admission: Admission, seconds: float, on_stop: Callable[[], None] = lambda: None
+    admission: Admission, seconds: float, on_stop: Callable[[], Awaitable[None]] | None = None
 ) -> Lifespan[Any]:
     """The lifespan of an app uvicorn serves that turns SIGTERM into a drain: `admission` turns
-    not ready at once, every request is still served for `seconds`, then `on_stop` runs (it
-    ends the streams that would otherwise hold the server up: `/v1/events`' subscriptions) and
-    uvicorn's own handler (it closes the listener, waits for the requests in flight up to its
-    `timeout_graceful_shutdown`, and returns from `serve`). SIGINT (Ctrl+C) still stops at once."""
+    not ready at once, every request is still served for `seconds`, then `on_stop` runs to its
+    end (it ends the streams that would otherwise hold the server up: `/v1/events`'
+    subscriptions) and then uvicorn's own handler (it closes the listener, waits for the
+    requests in flight up to its `timeout_graceful_shutdown`, and returns from `serve`).
+    SIGINT (Ctrl+C) still stops at once."""
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -542,16 +543,20 @@ def drain_on_sigterm(
                 "serve the app with uvicorn, from the main thread"
             )
         loop = asyncio.get_running_loop()
+        finishing: list[asyncio.Task] = []  # a reference, so the task is not collected
 
         def drain() -> None:
             if admission.draining:
                 return
             admission.draining = True
             logger.info("SIGTERM: not ready; serving %g s more, then finishing", seconds)
-            loop.call_later(seconds, finish)
+            loop.call_later(seconds, lambda: finishing.append(loop.create_task(finish())))
 
-        def finish() -> None:
-            on_stop()
+        async def finish() -> None:
+            # uvicorn's handler only after `on_stop` is done: uvicorn would otherwise close the
+            # streams itself, as a restart (1012), before they say they are going away.
+            if on_stop is not None:
+                await on_stop()
             stop(signal.SIGTERM, None)
 
         # A signal handler runs between any two bytecodes of the loop: it only schedules.

@@ -251,7 +251,7 @@ def serve(
     # KServe creates the app: an included router's lifespan is how one is added to it.
     events.configure(settings)
     hub = events.EventHub(events.followed_buses(settings)).start()
-    drain = drain_on_sigterm(admission, settings.shutdown_drain_seconds, hub.end_subscriptions)
+    drain = drain_on_sigterm(admission, settings.shutdown_drain_seconds, hub.close_streams)
     app.include_router(APIRouter(lifespan=drain))
     router = openai_router(models)
     if router is not None:
@@ -412,9 +412,7 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
     admission = Admission.from_settings(settings, fixed_routes=LIMITED_ROUTES)
     api = FastAPI(
         title="contentml backend API",
-        lifespan=drain_on_sigterm(
-            admission, settings.shutdown_drain_seconds, hub.end_subscriptions
-        ),
+        lifespan=drain_on_sigterm(admission, settings.shutdown_drain_seconds, hub.close_streams),
     )
     api.add_middleware(AdmissionMiddleware, admission=admission)
     api.add_exception_handler(RequestValidationError, validation_problem)

@@ -4,6 +4,7 @@ seeing a batch job's progress and a promotion as they happen."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -381,6 +382,35 @@ def test_a_websocket_client_sees_a_batch_jobs_progress_and_a_promotion_as_they_h
     for message in [*progress, moved]:
         jsonschema.validate(message, message_schema(EventKind(message["kind"])))
     queue.close()
+
+
+def test_closing_the_streams_waits_for_their_clients_to_leave_then_gives_up():
+    """A stopping server lets its streams say goodbye before uvicorn cuts them, but a client
+    that never leaves holds it up only `timeout` seconds."""
+    hub = EventHub([])
+
+    async def scenario() -> tuple[list[str], float]:
+        order: list[str] = []
+
+        async def client(subscription: events.Subscription) -> None:
+            async for _ in subscription:
+                pass
+            await asyncio.sleep(0.2)  # the close handshake
+            order.append("client left")
+            hub.unsubscribe(subscription)
+
+        leaving = asyncio.create_task(client(hub.subscribe(EventFilter.parse((), ()))))
+        await hub.close_streams(timeout=5)
+        order.append("closed")
+        await leaving
+        hub.subscribe(EventFilter.parse((), ()))  # never iterated, never unsubscribed
+        started = time.monotonic()
+        await hub.close_streams(timeout=0.3)
+        return order, time.monotonic() - started
+
+    order, stuck = asyncio.run(scenario())
+    assert order == ["client left", "closed"]
+    assert 0.3 <= stuck < 2
 
 
 @pytest.mark.slow

@@ -365,6 +365,7 @@ def changes_since(events: list[AliasEvent], before: list[AliasEvent]) -> list[tu
     return [(e.action, e.from_version, e.to_version) for e in events[len(before) :]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["promote", "rollback", "rollback --from"])
 def test_a_change_killed_at_any_write_is_consistent_and_a_rerun_finishes_it(
     backend_settings, model_name, command
@@ -409,6 +410,7 @@ def test_a_change_killed_at_any_write_is_consistent_and_a_rerun_finishes_it(
     assert not [k for k, v in tags.items() if registry.PENDING in json.loads(v)]
 
 
+@pytest.mark.slow
 def test_a_registration_killed_at_any_write_leaves_ready_versions_and_a_rerun_finishes_it(
     backend_settings, model_name
 ):
