@@ -560,7 +560,8 @@ class EventHub:
             try:
                 await asyncio.wait_for(waits, timeout)
             except TimeoutError:
-                logger.warning("%d event streams still open after %g s", len(ended), timeout)
+                still_open = sum(not subscription.left.is_set() for subscription in ended)
+                logger.warning("%d event streams still open after %g s", still_open, timeout)
 
     def _deliver(self, event: Event) -> None:
         with self._lock:
