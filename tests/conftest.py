@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -67,9 +69,33 @@ def wait_until(condition, seconds: float, what: str, every: float = 0.05) -> Non
 
 
 def make_settings(home: Path, **overrides: str) -> Settings:
-    """Embedded settings rooted in `home`, with environment-style overrides."""
+    """Embedded settings rooted in `home`, with environment-style overrides. A new home's
+    MLflow registry starts as a copy of an empty one (`empty_registry`)."""
     environ = {"CONTENTML_HOME": str(home), "CONTENTML_DATA_DIR": str(DATA_DIR), **overrides}
-    return Settings.from_env(environ)
+    settings = Settings.from_env(environ)
+    registry_file = home / "mlflow.db"
+    if settings.mlflow_tracking_uri == f"sqlite:///{registry_file}" and not registry_file.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(empty_registry(), registry_file)
+    return settings
+
+
+_EMPTY_REGISTRY: list[Path] = []
+
+
+def empty_registry() -> Path:
+    """An embedded MLflow registry with its tables made and nothing in them, made once per test
+    process: MLflow makes a new registry's tables by running its migrations, about a second of
+    CPU in each of the suite's ~70 new homes. `tests/unit/test_registry.py` covers the first
+    connection to a home without one."""
+    if not _EMPTY_REGISTRY:
+        from contentml import registry
+
+        home = Path(tempfile.mkdtemp(prefix="contentml-empty-registry-"))
+        settings = Settings.from_env({"CONTENTML_HOME": str(home)})
+        registry.connect(settings).search_experiments()
+        _EMPTY_REGISTRY.append(home / "mlflow.db")
+    return _EMPTY_REGISTRY[0]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

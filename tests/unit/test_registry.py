@@ -67,6 +67,19 @@ def model_name(request) -> str:
     return "toy-" + re.sub(r"\W+", "-", request.node.name).strip("-")
 
 
+def test_a_home_without_a_registry_gets_one_at_first_use(tmp_path: Path):
+    """Not through `make_settings`, whose homes start from a copy of an empty registry."""
+    home = tmp_path / "new"
+    settings = Settings.from_env({"CONTENTML_HOME": str(home)})
+    client = registry.connect(settings)
+    experiment = client.get_experiment(registry.experiment_id(client, settings))
+    assert (home / "mlflow.db").is_file()
+    assert experiment.artifact_location == settings.mlflow_artifact_root
+    version = register(settings, "toy-first")
+    registry.promote(client, "toy-first", version, reason="first")
+    assert registry.alias_version(client, "toy-first", Alias.CHAMPION) == version
+
+
 def test_promote_rollback_and_history(backend_settings, model_name):
     name = model_name
     v1, v2, v3 = register_versions(backend_settings, name, 3)
