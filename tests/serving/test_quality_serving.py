@@ -1,5 +1,7 @@
 """The content gate end to end, as a user runs it: `contentml quality train` and `predict` in a
-subprocess, the CLI's one-line errors, and `contentml serve` scoring texts over real HTTP."""
+subprocess, the CLI's one-line errors, `contentml serve` scoring texts over real HTTP, and the
+review queue: a text the server sends to review, approved with `contentml review approve`,
+becomes a training row of the next `contentml quality train`."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import mlflow
 import pandas as pd
 import pytest
 import yaml
@@ -21,6 +24,7 @@ from serving.model_server.quality import MAX_TEXT_CHARS
 from tests.conftest import make_settings, run_cli
 from tests.helpers.quality import CLEAN, TINY_RECIPE, sample_toxicity, write_csv
 from training.data import TOXICITY_CLASSES
+from training.quality import split, steps
 from training.quality.pyfunc import PROBABILITY_COLUMNS
 
 pytestmark = pytest.mark.slow
@@ -503,3 +507,62 @@ def test_openapi_describes_the_quality_route(server: str):
     body = {"history": [float(h % 24) for h in range(72)], "horizon": 24}
     forecast = httpx.post(f"{server}/predict/trend", json=body, timeout=10).json()
     assert (forecast["fallback"], forecast["model_version"]) == (True, "seasonal-naive")
+
+
+# --- the review queue feeds the next training (last: it trains version 2 in `home`) --------
+
+REVIEW_CANDIDATES = [
+    "you people are something else",
+    "that ref was trash lol",
+    "what a dumb idea",
+    "I hate mondays so much",
+    "this song is sick, kill it with fire",
+    "honestly the worst take I have heard all week",
+]
+"""Texts a tiny model is unsure about: at least one of them is sent to review."""
+
+
+def test_a_reviewed_text_becomes_a_training_row_of_the_next_run(
+    server: str, trained: dict, home: Path, files: dict[str, Path], tmp_path: Path
+):
+    assert trained["rows"]["review_rows"] == 0
+    answers = [
+        httpx.post(
+            f"{server}/score/quality",
+            json={"text": text, "channel": "e2e", "video_id": f"vid-{i}"},
+            timeout=30,
+        ).json()
+        for i, text in enumerate(REVIEW_CANDIDATES)
+    ]
+    reviewed = [a for a in answers if a["decision"] == "review"]
+    assert reviewed, answers
+    item_id = reviewed[0]["review_item"]
+
+    listed = run_cli(home, "review", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    items = {i["item_id"]: i for i in json.loads(listed.stdout)["items"]}
+    # The module's other tests may have sent texts to review too.
+    assert {a["review_item"] for a in reviewed} <= set(items)
+    assert (items[item_id]["channel"], items[item_id]["model_version"]) == ("e2e", "1")
+    approved = run_cli(home, "review", "approve", item_id)
+    assert approved.returncode == 0 and "labelled neither" in approved.stdout
+
+    retrained = run_cli(
+        home, "quality", "train", "--data", str(files["small"]), "--config", str(files["tiny"])
+    )
+    assert retrained.returncode == 0, retrained.stderr[-3000:]
+    second = json.loads(retrained.stdout.strip().splitlines()[-1])
+    assert second["rows"]["review_rows"] == 1
+    assert second["rows"]["train"] == trained["rows"]["train"] + 1
+    assert second["rows"]["evaluation"] == trained["rows"]["evaluation"]
+    settings = make_settings(home)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[settings.mlflow_experiment])
+    assert sorted(runs["params.review_rows"]) == ["0", "1"]
+
+    frame = tmp_path / "frame.parquet"
+    steps.ingest_toxicity(files["small"], frame, settings)
+    rows = pd.read_parquet(frame)
+    (row,) = rows[rows["id"].str.startswith("review-")].itertuples()
+    text = items[item_id]["text"]
+    assert (row.text, row.label, split.split_of(row.id)) == (text, 2, split.Split.TRAIN)
