@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from contentml import events, registry
+from entrypoints.cli import main
 from feature_repo.niche_schema import FEATURES, KEYS, TARGETS
 from monitoring.drift import (
     TEXT_STATS,
@@ -336,23 +337,30 @@ def test_quality_compares_text_statistics(settings, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_cli_prints_the_contract_and_exits_0_either_way(engagement, tmp_path):
+def test_the_cli_prints_the_contract_and_exits_0_either_way(
+    engagement, tmp_path, monkeypatch, capsys
+):
+    """A drifted window in a child process, as a user runs it; the window that does not drift
+    and a missing file through `main()` in this process, whose drift code is loaded."""
     reference, current = halves(engagement[list(FEATURES)], 1_000, seed=3)
-    reference.to_csv(tmp_path / "reference.csv", index=False)
+    reference_csv = tmp_path / "reference.csv"
+    reference.to_csv(reference_csv, index=False)
     current.to_parquet(tmp_path / "current.parquet")
     shifted(reference, current).to_parquet(tmp_path / "shifted.parquet")
-    results = {}
-    for name in ("current", "shifted"):
-        run = run_cli(
-            tmp_path / "state", "drift", "check", "--model", "niche-music",
-            "--reference", str(tmp_path / "reference.csv"),
-            "--current", str(tmp_path / f"{name}.parquet"), "--json",
-        )  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        results[name] = json.loads(run.stdout)
-        assert set(results[name]) == {"drift_share", "drifted", "features", "report"}
-        assert Path(results[name]["report"]).is_file()
-    assert not results["current"]["drifted"]
-    assert results["shifted"]["drifted"] and results["shifted"]["drift_share"] >= 0.2
-    bad = run_cli(tmp_path / "state", "drift", "check", "--reference", "nope.csv", "--current", "x")
-    assert bad.returncode == 2 and "nope.csv" in bad.stderr
+    home = tmp_path / "state"
+    check = ["drift", "check", "--model", "niche-music", "--reference", str(reference_csv)]
+    run = run_cli(home, *check, "--current", str(tmp_path / "shifted.parquet"), "--json")
+    assert run.returncode == 0, run.stderr
+    shifted_result = json.loads(run.stdout)
+
+    for name, value in make_settings(home).to_env().items():
+        monkeypatch.setenv(name, value)
+    assert main([*check, "--current", str(tmp_path / "current.parquet"), "--json"]) == 0
+    current_result = json.loads(capsys.readouterr().out)
+    for result in (shifted_result, current_result):
+        assert set(result) == {"drift_share", "drifted", "features", "report"}
+        assert Path(result["report"]).is_file()
+    assert not current_result["drifted"]
+    assert shifted_result["drifted"] and shifted_result["drift_share"] >= 0.2
+    assert main(["drift", "check", "--reference", "nope.csv", "--current", "x"]) == 2
+    assert "nope.csv" in capsys.readouterr().err

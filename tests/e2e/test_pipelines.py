@@ -83,7 +83,7 @@ def test_quality_pipeline_runs_locally_and_registers_a_champion(tmp_path: Path):
     """The same stages as `contentml quality train`, as KFP tasks in kfp.local."""
     sample = tmp_path / "sample.csv"
     raw = pd.read_csv(DATA_DIR / "toxicity" / "train.csv", dtype=str, keep_default_na=False)
-    raw.groupby("class", group_keys=False).sample(n=400, random_state=0).to_csv(sample, index=False)
+    raw.groupby("class", group_keys=False).sample(n=150, random_state=0).to_csv(sample, index=False)
     settings = make_settings(tmp_path / "state")
     gate = runner.run_local(
         settings,
