@@ -16,15 +16,18 @@ import email.utils
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
-from typing import Any, ClassVar, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import httpx
-import openai
 
 from contentml.protocol import OPENAI_ROUTE_PREFIX, TASK_ROUTES, Task
+
+if TYPE_CHECKING:
+    import openai
 
 __all__ = [
     "BadResponse",
@@ -132,9 +135,8 @@ _TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     httpx.NetworkError,
     # The server closed the connection without answering (a restarting pod).
     httpx.RemoteProtocolError,
-    # The openai client's connection errors and timeouts (`APITimeoutError` subclasses it).
-    openai.APIConnectionError,
 )
+"""The script route adds the openai client's connection errors and timeouts."""
 
 
 class ContentMLClient:
@@ -186,14 +188,9 @@ class ContentMLClient:
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._http = httpx.Client(base_url=self.base_url, headers=headers)
-        # The openai client's own retries would also retry 408/409/429 and restart the timeout
-        # on each attempt, so it makes one attempt per call and `_call` drives the retries.
-        self._openai = openai.OpenAI(
-            base_url=f"{self.base_url}{OPENAI_ROUTE_PREFIX}/v1",
-            api_key=api_key or PLACEHOLDER_API_KEY,
-            max_retries=0,
-            timeout=self.deadlines[Task.SCRIPT],
-        )
+        self._api_key = api_key
+        self._openai: openai.OpenAI | None = None
+        self._openai_lock = threading.Lock()
 
     def __enter__(self) -> Self:
         return self
@@ -209,7 +206,8 @@ class ContentMLClient:
     def close(self) -> None:
         """Close the connection pools; the client cannot be used afterwards."""
         self._http.close()
-        self._openai.close()
+        if self._openai is not None:
+            self._openai.close()
 
     def predict_trend(
         self,
@@ -238,6 +236,24 @@ class ContentMLClient:
         """Score `text` (a `kind` of content, e.g. "script"); returns the prediction dict."""
         return self._predict(Task.QUALITY, "quality", {"text": text, "kind": kind})
 
+    def _script_client(self) -> openai.OpenAI:
+        """The openai client of the script route, made on the first script call: the openai
+        SDK takes most of a second to import, which every server and batch worker importing
+        this module would otherwise pay at start."""
+        import openai
+
+        with self._openai_lock:
+            if self._openai is None:
+                # Its own retries would also retry 408/409/429 and restart the timeout on
+                # each attempt, so it makes one attempt per call and `_call` drives the retries.
+                self._openai = openai.OpenAI(
+                    base_url=f"{self.base_url}{OPENAI_ROUTE_PREFIX}/v1",
+                    api_key=self._api_key or PLACEHOLDER_API_KEY,
+                    max_retries=0,
+                    timeout=self.deadlines[Task.SCRIPT],
+                )
+            return self._openai
+
     def generate_script(
         self,
         topic: str,
@@ -260,9 +276,13 @@ class ContentMLClient:
             "max_tokens": max_tokens,
         }
 
+        import openai  # for its errors; `_script_client` loads it
+
+        client = self._script_client()
+
         def attempt(timeout: float) -> str:
             try:
-                completion = self._openai.chat.completions.create(**request, timeout=timeout)
+                completion = client.chat.completions.create(**request, timeout=timeout)
             except openai.APIStatusError as e:
                 raise _status_error(
                     Task.SCRIPT, e.status_code, _message(e.body, e.message), e.response.headers
@@ -271,7 +291,8 @@ class ContentMLClient:
                 raise BadResponse(Task.SCRIPT, str(e), str(e.body or "")) from e
             return _script_text(completion)
 
-        return self._call(Task.SCRIPT, attempt)
+        # The openai client's connection errors and timeouts (`APITimeoutError` subclasses it).
+        return self._call(Task.SCRIPT, attempt, (*_TRANSIENT_ERRORS, openai.APIConnectionError))
 
     def _predict(self, task: Task, model: str, instance: dict[str, Any]) -> dict[str, Any]:
         path = f"/v1/models/{model}:predict"
@@ -296,10 +317,16 @@ class ContentMLClient:
 
         return self._call(task, attempt)
 
-    def _call(self, task: Task, attempt: Callable[[float], T]) -> T:
-        """Run `attempt(timeout)` until it succeeds, fails for good, or `task`'s deadline or
-        the retries run out. Each attempt's timeout is the time left; a retry waits at least
-        what a `RetryLater` asked for, and is not made when that wait ends past the deadline."""
+    def _call(
+        self,
+        task: Task,
+        attempt: Callable[[float], T],
+        transient: tuple[type[Exception], ...] = _TRANSIENT_ERRORS,
+    ) -> T:
+        """Run `attempt(timeout)` until it succeeds, fails for good (an error not in
+        `transient`), or `task`'s deadline or the retries run out. Each attempt's timeout is
+        the time left; a retry waits at least what a `RetryLater` asked for, and is not made
+        when that wait ends past the deadline."""
         deadline = self.deadlines[task]
         start = time.monotonic()
         end = start + deadline
@@ -320,7 +347,7 @@ class ContentMLClient:
             attempts += 1
             try:
                 return attempt(remaining)
-            except _TRANSIENT_ERRORS as e:
+            except transient as e:
                 last_error = e
                 log.warning("%s attempt %d failed: %r", task, attempts, e)
         elapsed = time.monotonic() - start

@@ -58,11 +58,10 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import cachetools
 import httpx
-import openai
 
 from contentml.protocol import OPENAI_ROUTE_PREFIX, TIMEOUT_HEADER, Task
 from contentml.settings import Settings
@@ -87,6 +86,9 @@ from serving.caller.providers_config import ProviderConfig, ProviderConfigError,
 from serving.caller.rate_limit import Clock, SlidingWindowLimit
 from training.quality.gate import Decision
 from training.quality.review_store import NewItem, ReviewStore, Source, check_name
+
+if TYPE_CHECKING:
+    import openai
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +285,10 @@ class ContentStrategist:
             http_client: Shared by the providers' openai clients (tests pass a fake transport).
             wall_clock: UNIX seconds of the shared usage (days, `Retry-After`, the last hour).
         """
+        # Imported here: the SDK takes most of a second to import, which the server and its
+        # batch workers would pay at start, before any script is asked for.
+        import openai
+
         config = load_config(settings.script_providers)
         environ = os.environ if environ is None else environ
         # Our own endpoint (no base_url) gets its token; no other provider ever sees it.
@@ -582,6 +588,8 @@ class ContentStrategist:
     ) -> _Answer | None:
         """The answer of `provider` with key `key`; None when the key answered 429 (recorded:
         every replica skips it until its `Retry-After`)."""
+        import openai  # loaded by `from_settings`, which made the clients
+
         client = provider.clients[key]
         keys = [c.api_key for c in provider.clients]
         started = time.perf_counter()
