@@ -21,7 +21,7 @@ import yaml
 from entrypoints.cli import main
 from entrypoints.demo import free_port, model_server
 from serving.model_server.quality import MAX_TEXT_CHARS
-from tests.conftest import make_settings, run_cli
+from tests.conftest import make_settings, run_cli, wait_until
 from tests.helpers.quality import CLEAN, TINY_RECIPE, sample_toxicity, write_csv
 from training.data import TOXICITY_CLASSES
 from training.quality import split, steps
@@ -93,32 +93,45 @@ NOT_READY_ROUTES = [
 ]
 
 
-def test_a_server_on_an_empty_home_serves_quality_once_training_beside_it_makes_a_champion(
-    home: Path, request
-):
+@pytest.fixture(scope="module")
+def home_server(home: Path) -> Iterator[str]:
+    """`contentml serve` on the module's home from before its first training, polling the
+    registry every POLL_SECONDS: the first test watches it take up the first champion, and the
+    serving tests use it afterwards (`server`)."""
     settings = make_settings(home, CONTENTML_SERVING_POLL_SECONDS=str(POLL_SECONDS))
     with model_server(settings, free_port(), "--workers", "0") as url:
-        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
-        assert "post" in httpx.get(f"{url}/openapi.json").json()["paths"]["/score/quality"]
-        for method, path, body in NOT_READY_ROUTES:
-            response = httpx.request(method, f"{url}{path}", json=body)
-            assert response.status_code == 503, (path, response.text)
-            problem = response.json().get("error") or response.json().get("detail")
-            assert "no champion yet" in problem and "contentml quality train" in problem, path
-        # Asked to load it, the server says what stands in the way: a conflict, not a 5xx.
-        load = httpx.post(f"{url}/v2/repository/models/quality/load")
-        assert load.status_code == 409 and "no champion yet" in load.json()["error"], load.text
+        yield url
 
-        request.getfixturevalue("trained")  # `contentml quality train`: gated to champion
-        # The poll starts the load within POLL_SECONDS; loading the encoders then takes seconds
-        # more on a busy machine (6 s was missed by 0.1 s in a loaded fresh-clone run).
-        deadline = time.monotonic() + POLL_SECONDS + 60
-        while httpx.get(f"{url}/v2/models/quality/ready").status_code != 200:
-            assert time.monotonic() < deadline, "the new champion was not served in time"
-            time.sleep(0.1)
-        scored = httpx.post(f"{url}/score/quality", json={"text": CLEAN})
-        assert scored.status_code == 200, scored.text
-        assert scored.json()["model_version"] == "1"
+
+def wait_until_quality_is_served(url: str) -> None:
+    # The poll starts the load within POLL_SECONDS; loading the encoders then takes seconds
+    # more on a busy machine (6 s was missed by 0.1 s in a loaded fresh-clone run).
+    def served() -> bool:
+        return httpx.get(f"{url}/v2/models/quality/ready").status_code == 200
+
+    wait_until(served, POLL_SECONDS + 60, "the new champion was not served", every=0.1)
+
+
+def test_a_server_on_an_empty_home_serves_quality_once_training_beside_it_makes_a_champion(
+    home_server: str, request
+):
+    url = home_server
+    assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+    assert "post" in httpx.get(f"{url}/openapi.json").json()["paths"]["/score/quality"]
+    for method, path, body in NOT_READY_ROUTES:
+        response = httpx.request(method, f"{url}{path}", json=body)
+        assert response.status_code == 503, (path, response.text)
+        problem = response.json().get("error") or response.json().get("detail")
+        assert "no champion yet" in problem and "contentml quality train" in problem, path
+    # Asked to load it, the server says what stands in the way: a conflict, not a 5xx.
+    load = httpx.post(f"{url}/v2/repository/models/quality/load")
+    assert load.status_code == 409 and "no champion yet" in load.json()["error"], load.text
+
+    request.getfixturevalue("trained")  # `contentml quality train`: gated to champion
+    wait_until_quality_is_served(url)
+    scored = httpx.post(f"{url}/score/quality", json={"text": CLEAN})
+    assert scored.status_code == 200, scored.text
+    assert scored.json()["model_version"] == "1"
 
 
 # --- training and batch prediction ---------------------------------------------------------
@@ -280,10 +293,11 @@ def test_predict_with_a_version_that_does_not_exist_exits_2(
 
 
 @pytest.fixture(scope="module")
-def server(trained: dict, home: Path) -> Iterator[str]:
-    # The home has a quality champion and no trend model: the server must skip trend.
-    with model_server(make_settings(home), free_port(), "--workers", "0") as url:
-        yield url
+def server(home_server: str, trained: dict) -> str:
+    """The module's server once it serves the trained champion. The home has no trend model:
+    the server must skip trend."""
+    wait_until_quality_is_served(home_server)
+    return home_server
 
 
 def predict(server: str, instances) -> httpx.Response:
