@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import shutil
 import socket
@@ -80,22 +82,20 @@ def make_settings(home: Path, **overrides: str) -> Settings:
     return settings
 
 
-_EMPTY_REGISTRY: list[Path] = []
-
-
+@functools.cache
 def empty_registry() -> Path:
     """An embedded MLflow registry with its tables made and nothing in them, made once per test
     process: MLflow makes a new registry's tables by running its migrations, about a second of
     CPU in each of the suite's ~70 new homes. `tests/unit/test_registry.py` covers the first
     connection to a home without one."""
-    if not _EMPTY_REGISTRY:
-        from contentml import registry
+    from mlflow.tracking import MlflowClient
 
-        home = Path(tempfile.mkdtemp(prefix="contentml-empty-registry-"))
-        settings = Settings.from_env({"CONTENTML_HOME": str(home)})
-        registry.connect(settings).search_experiments()
-        _EMPTY_REGISTRY.append(home / "mlflow.db")
-    return _EMPTY_REGISTRY[0]
+    folder = Path(tempfile.mkdtemp(prefix="contentml-empty-registry-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    # A client of its own: `registry.connect` would point this process's MLflow at it.
+    MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models()
+    return folder / "mlflow.db"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
