@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 
 from contentml import events, registry
-from entrypoints.cli import main
 from feature_repo.niche_schema import FEATURES, KEYS, TARGETS
 from monitoring.drift import (
     TEXT_STATS,
@@ -28,6 +27,7 @@ from monitoring.drift import (
 )
 from tests.conftest import DATA_DIR, make_settings, run_cli
 from tests.helpers.events import published
+from tests.helpers.registry import cli
 from training.data import load_youtube_trending
 from training.niche.data import engagement_frame
 
@@ -343,9 +343,9 @@ def test_the_cli_prints_the_contract_and_exits_0_either_way(
     """A drifted window in a child process, as a user runs it; the window that does not drift
     and a missing file through `main()` in this process, whose drift code is loaded."""
     reference, current = halves(engagement[list(FEATURES)], 1_000, seed=3)
-    reference_csv = tmp_path / "reference.csv"
+    reference_csv, current_file = tmp_path / "reference.csv", tmp_path / "current.parquet"
     reference.to_csv(reference_csv, index=False)
-    current.to_parquet(tmp_path / "current.parquet")
+    current.to_parquet(current_file)
     shifted(reference, current).to_parquet(tmp_path / "shifted.parquet")
     home = tmp_path / "state"
     check = ["drift", "check", "--model", "niche-music", "--reference", str(reference_csv)]
@@ -353,14 +353,18 @@ def test_the_cli_prints_the_contract_and_exits_0_either_way(
     assert run.returncode == 0, run.stderr
     shifted_result = json.loads(run.stdout)
 
-    for name, value in make_settings(home).to_env().items():
-        monkeypatch.setenv(name, value)
-    assert main([*check, "--current", str(tmp_path / "current.parquet"), "--json"]) == 0
-    current_result = json.loads(capsys.readouterr().out)
+    settings = make_settings(home)
+    status, out, _ = cli(
+        settings, monkeypatch, capsys, *check, "--current", str(current_file), "--json"
+    )
+    assert status == 0
+    current_result = json.loads(out)
     for result in (shifted_result, current_result):
         assert set(result) == {"drift_share", "drifted", "features", "report"}
         assert Path(result["report"]).is_file()
     assert not current_result["drifted"]
     assert shifted_result["drifted"] and shifted_result["drift_share"] >= 0.2
-    assert main(["drift", "check", "--reference", "nope.csv", "--current", "x"]) == 2
-    assert "nope.csv" in capsys.readouterr().err
+    status, _, err = cli(
+        settings, monkeypatch, capsys, "drift", "check", "--reference", "nope.csv", "--current", "x"
+    )
+    assert status == 2 and "nope.csv" in err

@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from contentml import registry
-from entrypoints.cli import main
 from entrypoints.demo import free_port, model_server, trend_items
 from serving.backend.batch.models import JobStatus
 from serving.backend.batch.store import JobStore
@@ -21,6 +20,7 @@ from serving.backend.tasks import MAX_BODY_BYTES, TASKS, Task
 from serving.caller.client import ClientError, ContentMLClient
 from serving.server import batch_workers
 from tests.conftest import DATA_DIR, make_settings, run_cli
+from tests.helpers.registry import cli
 from training.data import load_m4_hourly
 
 pytestmark = pytest.mark.slow
@@ -79,11 +79,10 @@ def test_a_second_demo_reuses_the_trend_champion_and_reruns_the_family_it_retrai
 
 def test_an_unknown_family_is_a_usage_error(home: Path, monkeypatch, capsys):
     # In this process, which has the demo's code loaded: a child would spend seconds on it.
-    for name, value in make_settings(home).to_env().items():
-        monkeypatch.setenv(name, value)
-    assert main(["demo", "--families", "trend,weather"]) == 2
-    error = capsys.readouterr().err
-    assert "weather" in error and "trend, quality, niche, script, revenue" in error
+    settings = make_settings(home)
+    status, _, err = cli(settings, monkeypatch, capsys, "demo", "--families", "trend,weather")
+    assert status == 2
+    assert "weather" in err and "trend, quality, niche, script, revenue" in err
 
 
 @pytest.fixture(scope="module")
