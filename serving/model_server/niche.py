@@ -13,7 +13,6 @@ from typing import Any
 import pandas as pd
 import pydantic
 from kserve.errors import InferenceError
-from mlflow.tracking import MlflowClient
 
 from contentml import features, names, registry
 from contentml.names import GLOBAL_NICHE, NICHE_MODEL_PREFIX
@@ -61,13 +60,6 @@ class TrendingVideo(pydantic.BaseModel):
     comment_total: Count
     trending_date: datetime.date = pydantic.Field(strict=False, ge=FIRST_DATE, le=LAST_DATE)
     """ISO date (`2018-06-14`) of the first day on the list."""
-
-
-def niche_model_names(settings: Settings) -> list[str]:
-    """Registered niche models (the global one included)."""
-    client: MlflowClient = registry.connect(settings)
-    found = client.search_registered_models(filter_string=f"name LIKE '{NICHE_MODEL_PREFIX}%'")
-    return sorted(m.name for m in found)
 
 
 ChannelKey = tuple[str, str]
@@ -186,12 +178,17 @@ class NicheRouter(OffLoopModel):
             logger.warning("not serving %s yet: %s", self.name, self.not_ready_reason())
         return self.ready
 
-    def refresh(self, client: registry.RegistryClient) -> bool:
-        """Follow every niche model's aliases, and take on niche models registered since."""
+    def refresh(
+        self, client: registry.RegistryClient, aliases: registry.Aliases | None = None
+    ) -> bool:
+        """Follow every niche model's aliases (`aliases`: the watcher's read of this poll;
+        None: read them), and take on niche models registered since."""
+        if aliases is None:
+            aliases = registry.read_aliases(client)
         changed = False
         for model in self.niches.values():
-            changed |= model.refresh(client)
-        for model_name in niche_model_names(self.settings):
+            changed |= model.refresh(client, aliases)
+        for model_name in aliases.models(NICHE_MODEL_PREFIX):
             niche = model_name.removeprefix(NICHE_MODEL_PREFIX)
             if niche in self.niches:
                 continue

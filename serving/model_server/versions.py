@@ -4,13 +4,13 @@ and a prediction cache. One code path for every predictor; each adds only `load_
 
 - **Hot swap.** A predictor's loaded state for one registered version is an immutable object
   (`Loaded`: the version and whatever the predictor needs to answer). `VersionWatcher` (one
-  thread per server) polls the aliases every `settings.serving_poll_seconds`; when one moved,
-  the predictor loads the new version fully on that thread, then replaces one reference. A
-  request reads the reference once, so it is answered wholly by the version it started with,
-  and no request waits for or fails on a load. A model in `settings.pinned_versions` serves
-  that version only (KServe's predictors: KServe moves the traffic). A version that fails to
-  load is logged and counted (`contentml_model_load_failures_total{model,version}`) and the
-  current one keeps serving;
+  thread per server) reads every model's aliases in one registry search every
+  `settings.serving_poll_seconds`; when one moved, the predictor loads the new version fully
+  on that thread, then replaces one reference. A request reads the reference once, so it is
+  answered wholly by the version it started with, and no request waits for or fails on a
+  load. A model in `settings.pinned_versions` serves that version only (KServe's predictors:
+  KServe moves the traffic). A version that fails to load is logged and counted
+  (`contentml_model_load_failures_total{model,version}`) and the current one keeps serving;
   it is tried again once the alias has pointed elsewhere. The replaced champion stays in
   memory, so a rollback to it is a swap without a load.
 - **A/B.** With `canary_percent` > 0 the `challenger` version answers that share of requests.
@@ -231,10 +231,15 @@ class VersionedModel(OffLoopModel, Generic[S]):
 
     # --- following the registry --------------------------------------------------------
 
-    def refresh(self, client: registry.RegistryClient) -> bool:
-        """Serve the versions the aliases point at now; True when that changed anything."""
+    def refresh(
+        self, client: registry.RegistryClient, aliases: registry.Aliases | None = None
+    ) -> bool:
+        """Serve the versions the aliases point at now (`aliases`, the watcher's read of this
+        poll; None: read them); True when that changed anything."""
+        if aliases is None:
+            aliases = registry.read_aliases(client)
         if self._serving is None:  # waiting for a first champion
-            champion = self._follow(client, Alias.CHAMPION, None)
+            champion = self._follow(client, aliases, Alias.CHAMPION, None)
             if champion is None:
                 return False
             self._start(client, champion)
@@ -243,10 +248,10 @@ class VersionedModel(OffLoopModel, Generic[S]):
         if self.pinned_version is not None:
             return False  # KServe routes between pinned predictors, not this server
         serving = self.serving
-        champion = self._follow(client, Alias.CHAMPION, serving.champion)
+        champion = self._follow(client, aliases, Alias.CHAMPION, serving.champion)
         challenger = None
         if self.options.canary_percent:
-            challenger = self._follow(client, Alias.CHALLENGER, serving.challenger)
+            challenger = self._follow(client, aliases, Alias.CHALLENGER, serving.challenger)
         if champion is serving.champion and challenger is serving.challenger:
             return False
         if champion is not serving.champion:
@@ -261,8 +266,14 @@ class VersionedModel(OffLoopModel, Generic[S]):
         )
         return True
 
-    def _follow(self, client: registry.RegistryClient, alias: Alias, current: S | None) -> S | None:
-        version = registry.alias_version(client, self.name, alias)
+    def _follow(
+        self,
+        client: registry.RegistryClient,
+        aliases: registry.Aliases,
+        alias: Alias,
+        current: S | None,
+    ) -> S | None:
+        version = aliases.version(self.name, alias)
         if version is None:
             # An unset champion keeps the last one serving; an unset challenger ends the split.
             return current if alias is Alias.CHAMPION else None
@@ -503,7 +514,9 @@ class Follower(Protocol):
 
     name: str
 
-    def refresh(self, client: registry.RegistryClient) -> bool: ...
+    def refresh(
+        self, client: registry.RegistryClient, aliases: registry.Aliases | None = None
+    ) -> bool: ...
 
 
 class VersionWatcher:
@@ -539,11 +552,17 @@ class VersionWatcher:
         self._thread.join(timeout=30)
 
     def poll_once(self, client: registry.RegistryClient) -> None:
-        for model in self.models:
+        if self.models:
             try:
-                model.refresh(client)
+                aliases = registry.read_aliases(client)
             except Exception as e:  # the registry unreachable: keep serving, try again
-                logger.warning("reading the aliases of %s failed: %s", model.name, e)
+                logger.warning("reading the registry's aliases failed: %s", e)
+            else:
+                for model in self.models:
+                    try:
+                        model.refresh(client, aliases)
+                    except Exception as e:  # a niche's store unreachable: the others follow
+                        logger.warning("following the aliases of %s failed: %s", model.name, e)
         for chore in self.chores:
             try:
                 chore()

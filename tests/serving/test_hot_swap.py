@@ -34,7 +34,7 @@ from serving.backend.costs import CostLedger
 from serving.backend.tasks import TaskAnswerer, TrendBody
 from serving.model_server.cache import CacheConfig, LruCache, make_cache
 from serving.model_server.trend import TrendModel
-from serving.model_server.versions import ServingOptions, split_bucket
+from serving.model_server.versions import ServingOptions, VersionWatcher, split_bucket
 from serving.server import parse_canary
 from tests.conftest import make_settings, requires_redis, wait_until
 from training.trend.ensemble import EnsembleConfig
@@ -173,6 +173,32 @@ def test_a_swap_serves_the_new_version_and_a_rollback_finds_its_answers_cached(
     assert sample("contentml_cache_lookups_total", model=NAME, version="1", result="hit") == (
         hits + 2
     )
+
+
+def test_the_watcher_reads_the_registry_once_per_poll_for_every_model(
+    versions, settings, client, monkeypatch
+):
+    champion_is(client, "1")
+    models = [loaded(settings), loaded(settings, canary_percent=CANARY_PERCENT)]
+    registry.promote(client, NAME, "2", reason="test")
+    calls = {"search_registered_models": 0, "get_model_version_by_alias": 0}
+
+    def counting(method: str):
+        read = getattr(client, method)
+
+        def counted(*args, **kwargs):
+            calls[method] += 1
+            return read(*args, **kwargs)
+
+        return counted
+
+    for method in calls:
+        monkeypatch.setattr(client, method, counting(method))
+
+    VersionWatcher(settings, models, POLL_SECONDS).poll_once(client)
+
+    assert calls == {"search_registered_models": 1, "get_model_version_by_alias": 0}
+    assert [m.version for m in models] == ["2", "2"]
 
 
 def test_a_late_trend_task_falls_back_to_the_champions_cached_forecast(versions, settings, client):

@@ -80,6 +80,26 @@ def test_a_home_without_a_registry_gets_one_at_first_use(tmp_path: Path):
     assert registry.alias_version(client, "toy-first", Alias.CHAMPION) == version
 
 
+def test_read_aliases_reads_every_model_page_by_page(backend_settings, model_name, monkeypatch):
+    """The model server's one read per poll: every model's aliases, across pages."""
+    monkeypatch.setattr(registry, "SEARCH_PAGE", 2)
+    client = registry.connect(backend_settings)
+    names = [f"{model_name}-{i}" for i in range(3)]
+    for name in names:
+        register(backend_settings, name)
+    registry.promote(client, names[0], "1", reason="first")
+    registry.register_challenger(client, names[1], "1", reason="a challenger only")
+
+    aliases = registry.read_aliases(client)
+
+    assert aliases.models(model_name) == names
+    assert aliases.version(names[0], Alias.CHAMPION) == "1"
+    assert aliases.version(names[1], Alias.CHAMPION) is None
+    assert aliases.version(names[1], Alias.CHALLENGER) == "1"
+    assert aliases.versions[names[2]] == {}
+    assert aliases.version(f"{model_name}-unregistered", Alias.CHAMPION) is None
+
+
 def test_promote_rollback_and_history(backend_settings, model_name):
     name = model_name
     v1, v2, v3 = register_versions(backend_settings, name, 3)
