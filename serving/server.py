@@ -189,16 +189,21 @@ class ServedModels(ModelRepository):
 
 class BoundModelServer(ModelServer):
     """KServe's ModelServer listening on `host`; KServe's own always listens on every
-    interface. gRPC is off: the token check (`serving/admission.py`) guards HTTP only."""
+    interface. gRPC is off: the token check (`serving/admission.py`) guards HTTP only. Without
+    `access_log` (`Settings.access_log`) uvicorn writes no line per request."""
 
-    def __init__(self, host: str, **options: Any) -> None:
+    def __init__(self, host: str, access_log: bool = False, **options: Any) -> None:
         super().__init__(**options, enable_grpc=False)
         self.host = host
+        self.access_log = access_log
 
     def setup_event_loop(self) -> None:
         # `start` builds its uvicorn config, then calls this before serving: the one moment
-        # the host it hard-codes can be changed.
-        self._rest_server.config.host = self.host
+        # the host it hard-codes, and the access log it leaves on, can be changed.
+        config = self._rest_server.config
+        config.host = self.host
+        config.access_log = self.access_log
+        config.configure_logging()  # KServe's log_config is None: this applies access_log only
         super().setup_event_loop()
 
 
@@ -227,6 +232,7 @@ def serve(
     # own SIGTERM handler: it unloads the models after the last request.
     server = BoundModelServer(
         host,
+        settings.access_log,
         http_port=port,
         registered_models=ServedModels(),
         workers=1,
@@ -431,6 +437,7 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
             host=host,
             port=port,
             timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+            access_log=settings.access_log,
         )
     finally:
         reviews.close()

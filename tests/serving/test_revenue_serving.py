@@ -54,20 +54,25 @@ def home(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_bandit_finds_the_best_arm_and_survives_a_restart(home):
+def test_the_bandit_finds_the_best_arm_and_survives_a_restart(home, tmp_path):
     settings = make_settings(home)
     rng = np.random.default_rng(7)
     port = free_port()
-    with model_server(settings, port, "--models", "revenue") as url:
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    with model_server(settings, port, "--models", "revenue", log=logs[0]) as url:
         first = impressions(url, "thumbs", 1_000, rng)
     # Killed and started again mid-experiment: the store holds every choice and reward.
     before = report(home, "thumbs")
     assert sum(a["impressions"] for a in before["arms"]) == 1_000
     assert sum(a["rewards"] for a in before["arms"]) == 1_000
-    with model_server(settings, port, "--models", "revenue") as url:
+    # Restarted with its access log on (off by default): a line per request.
+    logged = make_settings(home, CONTENTML_ACCESS_LOG="true")
+    with model_server(logged, port, "--models", "revenue", log=logs[1]) as url:
         assert report(home, "thumbs")["arms"] == before["arms"]
         second = impressions(url, "thumbs", 1_000, rng)
         page = httpx.get(f"{url}/v1/experiments/thumbs/report.html", timeout=30.0)
+    access_lines = [log.read_text().count("POST /v1/models/revenue%3Apredict") for log in logs]
+    assert access_lines == [0, 1_000]
     shown = first + second
     last = shown[-500:]
     assert last.count("bold") / len(last) >= 0.8

@@ -37,7 +37,10 @@ def test_cluster_values_come_from_the_environment(tmp_path: Path):
 
 
 def test_to_env_round_trips(tmp_path: Path):
-    settings = Settings.from_env({"CONTENTML_HOME": str(tmp_path), "KFP_HOST": "http://kfp"})
+    settings = Settings.from_env(
+        {"CONTENTML_HOME": str(tmp_path), "KFP_HOST": "http://kfp", "CONTENTML_ACCESS_LOG": "Yes"}
+    )
+    assert settings.access_log is True
     assert Settings.from_env(settings.to_env()) == settings
 
 
@@ -59,6 +62,7 @@ def test_every_field_is_documented_and_has_an_environment_variable():
         ({"CONTENTML_SCRIPT_MAX_TOKENS": "0"}, "script_max_tokens must be positive, not 0"),
         ({"CONTENTML_SCRIPT_TIMEOUT_SECONDS": "1m"}, "TIMEOUT_SECONDS must be a float, not '1m'"),
         ({"CONTENTML_SERVING_POLL_SECONDS": "0"}, "serving_poll_seconds must be positive"),
+        ({"CONTENTML_ACCESS_LOG": "sometimes"}, "CONTENTML_ACCESS_LOG must be true or false"),
         ({"CONTENTML_PINNED_VERSIONS": "trend"}, "takes MODEL=VERSION"),
         ({"CONTENTML_PINNED_VERSIONS": "trend=v2"}, "takes MODEL=VERSION"),
         # The message names the scheme only: the URL may carry a password.
