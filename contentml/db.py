@@ -13,6 +13,11 @@ def _sqlite_pragmas(connection, _record) -> None:
     # Several processes (server, workers) share the file: wait for a writer instead of failing.
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    # SQLite's advice for WAL: a commit is not synced to disk, the checkpoint is. A commit
+    # survives the process's crash or restart; only a power loss may drop the last ones. It
+    # took 0.5 of a bandit choice's 0.7 ms impression write (the cluster's stores are
+    # PostgreSQL).
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
 
