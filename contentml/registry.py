@@ -178,17 +178,29 @@ class Aliases:
         return sorted(name for name in self.versions if name.startswith(prefix))
 
 
-def read_aliases(client: MlflowClient) -> Aliases:
-    """Every registered model's aliases, page by page."""
-    versions: dict[str, dict[str, str]] = {}
+def registered_models(client: MlflowClient) -> list[RegisteredModel]:
+    """Every registered model, by name, page by page: one search answers at most a page
+    (MLflow's default page is 100 models, fewer than a model per niche makes)."""
+    found: list[RegisteredModel] = []
     token = None
     while True:
-        page = client.search_registered_models(max_results=SEARCH_PAGE, page_token=token)
-        for model in page:
-            versions[model.name] = {alias: str(v) for alias, v in model.aliases.items()}
+        page = client.search_registered_models(
+            max_results=SEARCH_PAGE, order_by=["name ASC"], page_token=token
+        )
+        found.extend(page)
         token = page.token
         if not token:
-            return Aliases(versions)
+            return found
+
+
+def read_aliases(client: MlflowClient) -> Aliases:
+    """Every registered model's aliases."""
+    return Aliases(
+        {
+            model.name: {alias: str(v) for alias, v in model.aliases.items()}
+            for model in registered_models(client)
+        }
+    )
 
 
 _LOGGED_MODEL_URI = re.compile(r"models:/(m-[0-9a-f]+)")
@@ -608,7 +620,7 @@ def rollback(
 def list_models(client: MlflowClient) -> list[dict]:
     """Registered models with their versions and aliases, for `contentml models list`."""
     listing = []
-    for model in client.search_registered_models(order_by=["name ASC"]):
+    for model in registered_models(client):
         versions = client.search_model_versions(f"name = '{model.name}'")
         listing.append(
             {

@@ -70,7 +70,7 @@ def model_status(settings: Settings, server_url: str | None = None) -> list[dict
     url = (server_url or settings.serving_url).rstrip("/")
     drift = last_drift_checks(client, settings)
     statuses = []
-    for model in client.search_registered_models(order_by=["name ASC"]):
+    for model in registry.registered_models(client):
         aliases = {alias: str(version) for alias, version in model.aliases.items()}
         champion = aliases.get(registry.Alias.CHAMPION.value)
         events = registry.history(client, model.name)

@@ -94,7 +94,7 @@ def console_router(settings: Settings, reviews: ReviewStore) -> APIRouter:
     def models() -> list[dict[str, Any]]:
         client = registry.connect(settings)
         found = []
-        for model in sorted(client.search_registered_models(), key=lambda m: m.name):
+        for model in registry.registered_models(client):
             changes = registry.history(client, model.name)[-HISTORY_SHOWN:][::-1]
             found.append({"name": model.name, "aliases": dict(model.aliases), "history": changes})
         return found
