@@ -26,7 +26,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from contentml import events
 from contentml.settings import Settings
-from entrypoints.cli import main
 from serving.admission import Admission, AdmissionMiddleware
 from serving.backend.capacity import CAPACITY_ROUTE, capacity_router
 from serving.caller import provider_usage
@@ -35,6 +34,7 @@ from serving.caller.provider_monitor import ProviderMonitor, register_provider_m
 from serving.caller.providers_config import ProviderConfig, ProviderConfigError
 from serving.caller.strategist import ContentStrategist, retry_after
 from tests.conftest import make_settings
+from tests.helpers.registry import cli
 
 # 2026-03-02 10:00 UTC: before the quota warning's 18:00.
 MORNING = datetime.datetime(2026, 3, 2, 10, tzinfo=datetime.UTC).timestamp()
@@ -238,13 +238,12 @@ def test_many_keys_some_answering_429_keep_answering_with_the_right_counts(
     assert status["capacity"]["rate"] == 1.0
 
     # The CLI says the same, from the same store, reading the keys file itself.
-    for name, value in settings.to_env().items():
-        monkeypatch.setenv(name, value)
-    assert main(["providers", "status", "--json"]) == 0
-    printed = capsys.readouterr().out
+    exit_code, printed, _ = cli(settings, monkeypatch, capsys, "providers", "status", "--json")
+    assert exit_code == 0
     assert json.loads(printed)["providers"][0]["keys_limited"] == [2, 5, 7]
-    assert main(["providers", "status"]) == 0
-    printed += capsys.readouterr().out
+    exit_code, table, _ = cli(settings, monkeypatch, capsys, "providers", "status")
+    assert exit_code == 0
+    printed += table
 
     registry = CollectorRegistry()
     register_provider_metrics(ProviderMonitor.from_settings(settings, environ={}), registry)
@@ -573,11 +572,9 @@ def test_status_with_an_unreadable_keys_file_exits_2(
     settings = chain(tmp_path, provider, f"sqlite:///{tmp_path / 'b.db'}", new_keys(1))
     keys_file = tmp_path / "hosted-keys.yaml"
     keys_file.write_text("- [not, a, key]\n")
-    for name, value in settings.to_env().items():
-        monkeypatch.setenv(name, value)
-
-    assert main(["providers", "status", "--json"]) == 2
-    assert "hosted-keys.yaml: key 0 must be printable ASCII" in capsys.readouterr().err
+    status, _, err = cli(settings, monkeypatch, capsys, "providers", "status", "--json")
+    assert status == 2
+    assert "hosted-keys.yaml: key 0 must be printable ASCII" in err
 
 
 def test_concurrent_calls_spread_over_the_keys(tmp_path: Path, provider: FakeProvider, build):

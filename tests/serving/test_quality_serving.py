@@ -18,11 +18,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from entrypoints.cli import main
+from contentml.settings import Settings
 from entrypoints.demo import free_port, model_server
 from serving.model_server.quality import MAX_TEXT_CHARS
 from tests.conftest import make_settings, run_cli, wait_until
 from tests.helpers.quality import CLEAN, TINY_RECIPE, sample_toxicity, write_csv
+from tests.helpers.registry import cli
 from training.data import TOXICITY_CLASSES
 from training.quality import split, steps
 from training.quality.pyfunc import PROBABILITY_COLUMNS
@@ -30,12 +31,6 @@ from training.quality.pyfunc import PROBABILITY_COLUMNS
 pytestmark = pytest.mark.slow
 
 PREDICTION_COLUMNS = ["class", *PROBABILITY_COLUMNS]
-
-
-def use_home(monkeypatch, home: Path) -> None:
-    """Point an in-process `main()` at `home`, as `run_cli(home, ...)` does a subprocess."""
-    for name, value in make_settings(home).to_env().items():
-        monkeypatch.setenv(name, value)
 
 
 def read_rows(path: Path) -> list[list[str]]:
@@ -152,9 +147,9 @@ def test_train_ends_with_the_summary_line(trained: dict):
 
 
 def test_trained_model_is_the_champion(trained: dict, home: Path, monkeypatch, capsys):
-    use_home(monkeypatch, home)
-    assert main(["models", "list", "--json"]) == 0
-    listed = json.loads(capsys.readouterr().out)
+    status, out, _ = cli(make_settings(home), monkeypatch, capsys, "models", "list", "--json")
+    assert status == 0
+    listed = json.loads(out)
     assert [m["name"] for m in listed] == ["quality"]
     assert listed[0]["aliases"] == {"challenger": "1", "champion": "1"}
 
@@ -188,9 +183,9 @@ def test_predict_reads_a_text_column_and_a_chosen_version(
         [["video_id", "text"], ["007", CLEAN], ["010", ""], ["3", "you are an idiot"]],
     )
     output = workdir / "text-predictions.csv"
-    use_home(monkeypatch, home)
     argv = ["quality", "predict", "--input", str(texts), "--output", str(output)]
-    assert main([*argv, "--version", "1"]) == 0, capsys.readouterr().err
+    status, _, err = cli(make_settings(home), monkeypatch, capsys, *argv, "--version", "1")
+    assert status == 0, err
     rows = read_rows(output)
     assert rows[0] == ["video_id", *PREDICTION_COLUMNS]
     assert [r[0] for r in rows[1:]] == ["007", "010", "3"]
@@ -199,9 +194,10 @@ def test_predict_reads_a_text_column_and_a_chosen_version(
 def test_evaluate_prints_the_model_and_its_ablations_on_the_evaluation_slice(
     trained: dict, home: Path, files: dict[str, Path], monkeypatch, capsys
 ):
-    use_home(monkeypatch, home)
-    assert main(["quality", "evaluate", "--data", str(files["small"])]) == 0
-    report = json.loads(capsys.readouterr().out)
+    argv = ["quality", "evaluate", "--data", str(files["small"])]
+    status, out, _ = cli(make_settings(home), monkeypatch, capsys, *argv)
+    assert status == 0
+    report = json.loads(out)
     assert (report["model"], report["version"]) == ("quality", "1")
     assert list(report["views"]) == ["stacked", "encoder", "lexical", "blend"]
     stacked = report["views"]["stacked"]["thresholded"]
@@ -214,10 +210,10 @@ def test_evaluate_prints_the_model_and_its_ablations_on_the_evaluation_slice(
 
 
 @pytest.fixture
-def cli_home(tmp_path: Path, monkeypatch) -> Path:
-    home = tmp_path / "state"
-    use_home(monkeypatch, home)
-    return home
+def cli_settings(tmp_path: Path) -> Settings:
+    """Made before the test: a process's first home logs MLflow's making of the empty registry
+    (`make_settings`), which the test's captured stderr must not hold."""
+    return make_settings(tmp_path / "state")
 
 
 @pytest.mark.parametrize(
@@ -240,12 +236,15 @@ def cli_home(tmp_path: Path, monkeypatch) -> Path:
         (["quality", "evaluate", "--data", "{tmp}/nope.csv"], "nope.csv: file not found"),
     ],
 )  # fmt: skip
-def test_cli_errors_exit_2_with_one_line(argv, problem, cli_home: Path, tmp_path: Path, capsys):
+def test_cli_errors_exit_2_with_one_line(
+    argv, problem, cli_settings: Settings, tmp_path: Path, monkeypatch, capsys
+):
     write_csv(tmp_path / "notext.csv", [["id", "body"], ["1", "hello"]])
     (tmp_path / "zero.yaml").write_text("epochs: 0\n")
     (tmp_path / "typo.yaml").write_text("epoch: 3\n")
-    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
-    err = capsys.readouterr().err
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    status, _, err = cli(cli_settings, monkeypatch, capsys, *argv)
+    assert status == 2
     assert err.count("\n") == 1, err
     assert err.startswith("contentml: error: ")
     assert problem in err
@@ -282,10 +281,9 @@ def test_predict_before_any_training_prints_only_the_error(predict_in_a_fresh_ho
 def test_predict_with_a_version_that_does_not_exist_exits_2(
     trained: dict, home: Path, files: dict[str, Path], workdir: Path, monkeypatch, capsys
 ):
-    use_home(monkeypatch, home)
     argv = ["quality", "predict", "--input", str(files["held"]), "--output", str(workdir / "v.csv")]
-    assert main([*argv, "--version", "2"]) == 2
-    err = capsys.readouterr().err
+    status, _, err = cli(make_settings(home), monkeypatch, capsys, *argv, "--version", "2")
+    assert status == 2
     assert err.count("\n") == 1 and "has no version '2'" in err
 
 
