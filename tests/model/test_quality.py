@@ -37,6 +37,7 @@ from training.quality.calibration import (
     hate_then_argmax,
 )
 from training.quality.config import ConfigError, QualityConfig, load_config
+from training.quality.ensemble import ENCODER_COLUMNS, Members
 from training.quality.gate import Decision, GateThresholds, decide
 from training.quality.policy import Check, Finding, Severity
 from training.quality.pyfunc import PROBABILITY_COLUMNS
@@ -528,6 +529,21 @@ def test_saved_model_predicts_class_and_probabilities_per_text(trained):
     assert set(predicted["class"]) <= {0, 1, 2}
     calibration = Calibration.load(model_dir / "artifacts" / "calibration.json")
     assert (predicted["class"].to_numpy() == calibration.classes(probabilities)).all()
+
+
+@pytest.mark.slow
+def test_fold_encoders_side_by_side_give_each_ones_own_log_probabilities(trained):
+    model_dir, _ = trained
+    artifacts = model_dir / "artifacts"
+    members = Members.load(artifacts / "classifier", artifacts / "lexical.joblib")
+    texts = ["you are an idiot", CLEAN * 10, "what a great video"]
+    each = [
+        log_softmax(classifier.predict_logits(model, tokenizer, texts), axis=1)
+        for model, tokenizer in members.encoders
+    ]
+    assert len(each) == TINY_RECIPE["folds"]
+    features = members.features(texts)
+    np.testing.assert_allclose(features[:, ENCODER_COLUMNS], np.mean(each, axis=0), atol=1e-5)
 
 
 @pytest.mark.slow

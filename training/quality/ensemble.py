@@ -7,6 +7,7 @@ the same features from models that saw as much data as the ones that made them."
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from scipy.special import log_softmax
 from sklearn.pipeline import Pipeline
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from contentml.runtime import one_native_thread
 from training.data import TOXICITY_CLASSES
 from training.quality import classifier, lexical
 from training.quality.config import QualityConfig
@@ -27,6 +29,13 @@ LEXICAL_COLUMNS = slice(len(TOXICITY_CLASSES), 2 * len(TOXICITY_CLASSES))
 """Feature columns holding the lexical model's log-probabilities."""
 
 
+FOLD_THREADS = ThreadPoolExecutor(thread_name_prefix="fold-encoder", initializer=one_native_thread)
+"""Where the served model's fold encoders run side by side, one native thread each. A
+predictor answers on one native thread (`serving.model_server.versions.PREDICT_THREADS`), one
+model call at a time, so the encoders otherwise took turns on one core: side by side they
+answered 64 texts in 0.55 of the time and one text in 0.7-0.8 of it on 2 cores."""
+
+
 @dataclass
 class Members:
     """One encoder and one lexical model per fold."""
@@ -36,11 +45,15 @@ class Members:
 
     def features(self, texts: list[str]) -> np.ndarray:
         """[texts, 6]: the encoders' log-probabilities, then the lexical models', each averaged
-        over the folds."""
-        encoder = [
-            log_softmax(classifier.predict_logits(model, tokenizer, texts), axis=1)
-            for model, tokenizer in self.encoders
-        ]
+        over the folds. Several encoders run side by side on `FOLD_THREADS`."""
+
+        def encode(fitted: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> np.ndarray:
+            return log_softmax(classifier.predict_logits(*fitted, texts), axis=1)
+
+        if len(self.encoders) == 1:  # a fold's own predictions in training: torch's threads
+            encoder = [encode(self.encoders[0])]
+        else:
+            encoder = list(FOLD_THREADS.map(encode, self.encoders))
         words = [lexical.log_probabilities(model, texts) for model in self.lexical]
         return np.hstack([np.mean(encoder, axis=0), np.mean(words, axis=0)])
 
