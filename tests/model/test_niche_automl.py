@@ -16,7 +16,12 @@ from contentml.names import niche_slug
 from entrypoints.cli import main
 from entrypoints.demo import free_port, model_server
 from feature_repo.niche_schema import FEATURES
-from serving.model_server.niche import TrendingVideo, _features, read_channel_histories
+from serving.model_server.niche import (
+    TrendingVideo,
+    _feature_rows,
+    own_features,
+    read_channel_histories,
+)
 from serving.model_server.refresh import HeldLookups
 from tests.conftest import DATA_DIR, make_settings
 from training.data import load_youtube_trending
@@ -158,8 +163,13 @@ def request_of(video: dict) -> dict:
 def test_served_features_are_the_features_training_saw(summary: dict, settings):
     video = a_real_video()
     assert video["expected_features"]["channel_prior_videos"] > 0  # Feast has a history
-    served = _features(held_histories(settings), [TrendingVideo.model_validate(request_of(video))])
-    assert served.iloc[0].to_dict() == pytest.approx(video["expected_features"])
+    own = HeldLookups(own_features)
+    request = TrendingVideo.model_validate(request_of(video))
+    (served,) = _feature_rows(held_histories(settings), own, [request])
+    assert served == pytest.approx(video["expected_features"])
+    assert list(served) == list(FEATURES)
+    # Held: a second request of the video reads its own features from memory.
+    assert len(own) == 1 and _feature_rows(held_histories(settings), own, [request]) == [served]
 
 
 def test_the_router_serves_a_known_niche_and_falls_back_for_an_unknown_one(server: str):
@@ -179,7 +189,7 @@ def test_a_channel_feast_does_not_know_is_served_as_new(server: str, settings):
     video = request_of(a_real_video())
     unknown_channel = {**video, "channel_id": "ch_000000000000"}
     requests = [TrendingVideo.model_validate(v) for v in (video, unknown_channel)]
-    known, new = _features(held_histories(settings), requests).to_dict("records")
+    known, new = _feature_rows(held_histories(settings), HeldLookups(own_features), requests)
     assert known["channel_is_new"] == 0
     assert new == {**known, **features.NEW_CHANNEL_HISTORY}
     response = httpx.post(
