@@ -336,7 +336,9 @@ def test_the_niche_router_logs_each_instance_under_its_niche_model(settings, mon
     monkeypatch.setattr(
         niche_model,
         "_feature_rows",
-        lambda histories, videos: [dict.fromkeys(FEATURES, float(i)) for i in range(len(videos))],
+        lambda histories, own, videos: [
+            dict.fromkeys(FEATURES, float(i)) for i in range(len(videos))
+        ],
     )
     video = {
         "channel_id": "c1",
@@ -355,7 +357,7 @@ def test_the_niche_router_logs_each_instance_under_its_niche_model(settings, mon
         for niche, value in (("global", 1.0), ("music", 2.0)):
             model = niche_model.NicheModel(f"niche-{niche}", settings, options)
             estimator = DummyRegressor(strategy="constant", constant=value).fit([[0.0]], [value])
-            model.histories, model.cache = None, None
+            model.histories, model.own_features, model.cache = None, None, None
             model._serving = Serving(niche_model.NicheVersion("3", estimator))
             model.ready = True
             router.niches[niche] = model
