@@ -127,7 +127,7 @@ class NicheModel(CachedPredictor[NicheVersion, TrendingVideo]):
         super().__init__(name, settings, options)
         self.refresher: Refresher | None = None
 
-    def load(self) -> bool:
+    def load(self, aliases: registry.Aliases | None = None) -> bool:
         self.store = features.feature_store(self.settings)
         # A channel's history is read from memory: read through on its first video, read
         # again every poll interval, so new materialized data is answered within it.
@@ -141,7 +141,7 @@ class NicheModel(CachedPredictor[NicheVersion, TrendingVideo]):
         self.refresher = Refresher(
             f"{self.name}-channels", self.histories.refresh, self.settings.serving_poll_seconds
         ).start()
-        return super().load()
+        return super().load(aliases)
 
     def stop(self) -> None:
         self._stop_refresher()
@@ -209,7 +209,8 @@ class NicheRouter(OffLoopModel):
                 continue
             model = NicheModel(model_name, self.settings, self.options)
             try:
-                model.load()  # not ready until it has a champion; `refresh` then serves it
+                # Not ready until it has a champion; `refresh` then serves it.
+                model.load(aliases)
             except Exception as e:  # a broken champion must not stop the other niches
                 logger.error("%s failed to load; retried at the next poll: %s", model_name, e)
             self.niches[niche] = model

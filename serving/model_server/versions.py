@@ -194,17 +194,19 @@ class VersionedModel(OffLoopModel, Generic[S]):
         """The version `settings.pinned_versions` fixes this model at (KServe's predictors)."""
         return self.settings.pinned().get(self.name)
 
-    def load(self) -> bool:
-        """Serve the champion; without one the model waits, not ready (KServe answers 503),
-        and `refresh` serves the first champion once there is one. A champion that fails to
-        load fails the start."""
+    def load(self, aliases: registry.Aliases | None = None) -> bool:
+        """Serve the champion that `aliases` (None: read them) name; without one the model
+        waits, not ready (KServe answers 503), and `refresh` serves the first champion once
+        there is one. A champion that fails to load fails the start."""
         client = registry.connect(self.settings)
+        if aliases is None:
+            aliases = registry.read_aliases(client)
         CANARY_PERCENT.labels(self.name).set(self.options.canary_percent)
-        champion = self.pinned_version or registry.alias_version(client, self.name, Alias.CHAMPION)
+        champion = self.pinned_version or aliases.version(self.name, Alias.CHAMPION)
         if champion is None:
             logger.warning("not serving %s yet: %s", self.name, self.not_ready_reason())
             return self.ready
-        self._start(client, self._load(client, champion))
+        self._start(client, aliases, self._load(client, champion))
         return self.ready
 
     def not_ready_reason(self) -> str:
@@ -212,9 +214,11 @@ class VersionedModel(OffLoopModel, Generic[S]):
             return f"it has no champion yet: train one with `{self.train_command}`"
         return super().not_ready_reason()
 
-    def _start(self, client: registry.RegistryClient, champion: S) -> None:
+    def _start(
+        self, client: registry.RegistryClient, aliases: registry.Aliases, champion: S
+    ) -> None:
         self._serving = Serving(champion)
-        self.refresh(client)  # the challenger, when the canary is on
+        self.refresh(client, aliases)  # the challenger, when the canary is on
         self._report()
         self.ready = True
 
@@ -242,7 +246,7 @@ class VersionedModel(OffLoopModel, Generic[S]):
             champion = self._follow(client, aliases, Alias.CHAMPION, None)
             if champion is None:
                 return False
-            self._start(client, champion)
+            self._start(client, aliases, champion)
             logger.info("%s now serves its first champion v%s", self.name, champion.version)
             return True
         if self.pinned_version is not None:
@@ -357,9 +361,9 @@ class CachedPredictor(VersionedModel[S], Generic[S, Request]):
     instance's model input, answer misses of the prediction cache with the version the split
     picks, and word the response. Subclasses implement the four steps."""
 
-    def load(self) -> bool:
+    def load(self, aliases: registry.Aliases | None = None) -> bool:
         self.cache: PredictionCache | None = make_cache(self.options.cache, self.name)
-        return super().load()
+        return super().load(aliases)
 
     def parse(self, payload: Any) -> list[Request]:
         """The validated instances of a V1 body or V2 `InferRequest` (`InvalidInput` if bad)."""

@@ -175,26 +175,28 @@ def test_a_swap_serves_the_new_version_and_a_rollback_finds_its_answers_cached(
     )
 
 
-def test_the_watcher_reads_the_registry_once_per_poll_for_every_model(
-    versions, settings, client, monkeypatch
-):
+def test_a_load_and_a_poll_each_read_the_registry_once(versions, settings, client, monkeypatch):
     champion_is(client, "1")
-    models = [loaded(settings), loaded(settings, canary_percent=CANARY_PERCENT)]
-    registry.promote(client, NAME, "2", reason="test")
     calls = {"search_registered_models": 0, "get_model_version_by_alias": 0}
 
     def counting(method: str):
-        read = getattr(client, method)
+        read = getattr(registry.RegistryClient, method)
 
-        def counted(*args, **kwargs):
+        def counted(self, *args, **kwargs):
             calls[method] += 1
-            return read(*args, **kwargs)
+            return read(self, *args, **kwargs)
 
         return counted
 
     for method in calls:
-        monkeypatch.setattr(client, method, counting(method))
+        monkeypatch.setattr(registry.RegistryClient, method, counting(method))
 
+    models = [loaded(settings), loaded(settings, canary_percent=CANARY_PERCENT)]
+    # The canary's challenger is found in the same read as the champion.
+    assert calls == {"search_registered_models": 2, "get_model_version_by_alias": 0}
+
+    registry.promote(client, NAME, "2", reason="test")
+    calls.update(dict.fromkeys(calls, 0))
     VersionWatcher(settings, models, POLL_SECONDS).poll_once(client)
 
     assert calls == {"search_registered_models": 1, "get_model_version_by_alias": 0}
