@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import os
 import shutil
 import socket
@@ -75,9 +76,9 @@ def make_settings(home: Path, **overrides: str) -> Settings:
     MLflow registry starts as a copy of an empty one (`empty_registry`)."""
     environ = {"CONTENTML_HOME": str(home), "CONTENTML_DATA_DIR": str(DATA_DIR), **overrides}
     settings = Settings.from_env(environ)
-    registry_file = home / "mlflow.db"
+    registry_file = settings.home / "mlflow.db"
     if settings.mlflow_tracking_uri == f"sqlite:///{registry_file}" and not registry_file.exists():
-        home.mkdir(parents=True, exist_ok=True)
+        settings.home.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(empty_registry(), registry_file)
     return settings
 
@@ -93,8 +94,16 @@ def empty_registry() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="contentml-empty-registry-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    # A client of its own: `registry.connect` would point this process's MLflow at it.
-    MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models()
+    # Quietly: MLflow logs its migrations to stderr, into the output of whichever test made
+    # the process's first home (a test of a command's one-line error, say).
+    migrations = logging.getLogger("mlflow.store.db.utils")
+    level = migrations.level
+    migrations.setLevel(logging.WARNING)
+    try:
+        # A client of its own: `registry.connect` would point this process's MLflow at it.
+        MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models()
+    finally:
+        migrations.setLevel(level)
     return folder / "mlflow.db"
 
 

@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from contentml.settings import Settings
 from entrypoints.demo import free_port, model_server
 from serving.model_server.quality import MAX_TEXT_CHARS
 from tests.conftest import make_settings, run_cli, wait_until
@@ -209,13 +208,6 @@ def test_evaluate_prints_the_model_and_its_ablations_on_the_evaluation_slice(
 # --- CLI errors -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cli_settings(tmp_path: Path) -> Settings:
-    """Made before the test: a process's first home logs MLflow's making of the empty registry
-    (`make_settings`), which the test's captured stderr must not hold."""
-    return make_settings(tmp_path / "state")
-
-
 @pytest.mark.parametrize(
     ("argv", "problem"),
     [
@@ -236,14 +228,12 @@ def cli_settings(tmp_path: Path) -> Settings:
         (["quality", "evaluate", "--data", "{tmp}/nope.csv"], "nope.csv: file not found"),
     ],
 )  # fmt: skip
-def test_cli_errors_exit_2_with_one_line(
-    argv, problem, cli_settings: Settings, tmp_path: Path, monkeypatch, capsys
-):
+def test_cli_errors_exit_2_with_one_line(argv, problem, tmp_path: Path, monkeypatch, capsys):
     write_csv(tmp_path / "notext.csv", [["id", "body"], ["1", "hello"]])
     (tmp_path / "zero.yaml").write_text("epochs: 0\n")
     (tmp_path / "typo.yaml").write_text("epoch: 3\n")
     argv = [a.format(tmp=tmp_path) for a in argv]
-    status, _, err = cli(cli_settings, monkeypatch, capsys, *argv)
+    status, _, err = cli(make_settings(tmp_path / "state"), monkeypatch, capsys, *argv)
     assert status == 2
     assert err.count("\n") == 1, err
     assert err.startswith("contentml: error: ")
